@@ -1,0 +1,1 @@
+//! I/O layer: io_uring ring, O_DIRECT files, aligned buffers.
