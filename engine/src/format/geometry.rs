@@ -50,7 +50,11 @@ impl Geometry {
                 format!("{refcount_order} is above 6 (64-bit refcounts)"),
             ));
         }
-        Ok(Geometry { cluster_bits, extended_l2, refcount_order })
+        Ok(Geometry {
+            cluster_bits,
+            extended_l2,
+            refcount_order,
+        })
     }
 
     /// Cluster size in bytes.
@@ -81,7 +85,11 @@ impl Geometry {
     /// Subcluster size in bytes (the cluster size without extended L2).
     #[inline]
     pub const fn subcluster_size(&self) -> u64 {
-        if self.extended_l2 { self.cluster_size() / SUBCLUSTERS as u64 } else { self.cluster_size() }
+        if self.extended_l2 {
+            self.cluster_size() / SUBCLUSTERS as u64
+        } else {
+            self.cluster_size()
+        }
     }
     /// Refcount width in bits.
     #[inline]
@@ -91,7 +99,11 @@ impl Geometry {
     /// Largest refcount value representable.
     #[inline]
     pub const fn refcount_max(&self) -> u64 {
-        if self.refcount_order == 6 { u64::MAX } else { (1u64 << self.refcount_bits()) - 1 }
+        if self.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << self.refcount_bits()) - 1
+        }
     }
     /// log2 of refcount entries per refcount block.
     #[inline]

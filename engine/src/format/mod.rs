@@ -2,16 +2,16 @@
 //! every function takes bytes and returns values or an [`Error`](crate::Error) naming the
 //! offending field.
 
-pub mod types;
-pub mod geometry;
-pub mod header;
+pub mod compress;
 pub mod extension;
 pub mod feature;
+pub mod geometry;
+pub mod header;
 pub mod l1;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
-pub mod compress;
+pub mod types;
 
 pub use geometry::Geometry;
 pub use types::*;
