@@ -12,8 +12,12 @@
 //!
 //! Front ends (the `quring` CLI, the fio plugin, the benches) sit on top.
 
+pub mod counters;
 pub mod error;
 pub mod format;
+pub mod image;
 pub mod io;
+pub mod meta;
+pub mod queue;
 
 pub use error::{Error, Result};

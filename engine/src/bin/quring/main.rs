@@ -1,1 +1,55 @@
-fn main() {}
+//! `quring`: qcow2 image tools on the quring engine, following qemu-img's conventions for
+//! options, output and exit codes.
+
+mod bench;
+mod convert;
+mod info;
+mod io_cmd;
+mod map;
+mod util;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "quring",
+    version,
+    about = "qcow2 image tools on the quring io_uring engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show information about an image (like `qemu-img info`).
+    Info(info::Args),
+    /// Show the mapping of guest ranges to files (like `qemu-img map`).
+    Map(map::Args),
+    /// Convert an image to raw or qcow2 (like `qemu-img convert`).
+    Convert(convert::Args),
+    /// Run qemu-io style commands (read, write, discard, flush) on an image.
+    Io(io_cmd::Args),
+    /// Benchmark reads or writes (like `qemu-img bench`).
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Info(a) => info::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Convert(a) => convert::run(a),
+        Cmd::Io(a) => io_cmd::run(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("quring: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `quring convert`: read an image through the engine and write it as raw (sparse: all-zero
+//! chunks are skipped) or qcow2.
+
+use crate::util::open_ro;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
+use std::io::IsTerminal;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+/// Arguments of `quring convert`.
+#[derive(Parser)]
+pub struct Args {
+    /// Source format (only qcow2).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format: raw or qcow2.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Output options (qcow2 output).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Force share.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Source image.
+    src: PathBuf,
+    /// Destination file.
+    dst: PathBuf,
+}
+
+/// Chunk size for reads.
+const CHUNK: usize = 2 << 20;
+/// Chunks in flight.
+const DEPTH: usize = 8;
+
+pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
+    if let Some(f) = &a.format {
+        if f != "qcow2" {
+            return Err(format!("unsupported source format '{f}'").into());
+        }
+    }
+    let img = open_ro(&a.src).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
+    match a.out_format.as_str() {
+        "raw" => {}
+        "qcow2" => {
+            return Err(
+                "convert -O qcow2 needs the write path, which is not implemented yet".into(),
+            );
+        }
+        o => return Err(format!("Unknown output format '{o}' (use raw or qcow2)").into()),
+    }
+    let size = img.size();
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&a.dst)
+        .map_err(|e| format!("Could not create '{}': {e}", a.dst.display()))?;
+    let pb = if a.progress || std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new(size);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes}",
+            )
+            .unwrap(),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let mut q = Queue::new(&img, &QueueOptions::default())?;
+    let mut bufs: Vec<quring::io::AlignedBuf> = (0..DEPTH)
+        .map(|_| quring::io::AlignedBuf::new(CHUNK))
+        .collect();
+    let mut free: Vec<usize> = (0..DEPTH).collect();
+    let mut offsets = vec![0u64; DEPTH];
+    let mut next = 0u64;
+    let mut inflight = 0usize;
+    let mut done: Vec<Completion> = Vec::new();
+    while next < size || inflight > 0 {
+        while next < size && !free.is_empty() {
+            let slot = free.pop().unwrap();
+            let len = ((size - next).min(CHUNK as u64)) as usize;
+            bufs[slot].set_len(len);
+            offsets[slot] = next;
+            let buf = bufs[slot].as_mut_ptr();
+            // SAFETY: bufs[slot] stays allocated and untouched until its completion.
+            unsafe {
+                q.submit(Request {
+                    op: Op::Read {
+                        offset: next,
+                        buf,
+                        len,
+                    },
+                    user_data: slot as u64,
+                })?
+            };
+            next += len as u64;
+            inflight += 1;
+        }
+        q.commit()?;
+        done.clear();
+        q.reap(&mut done, 1, None)?;
+        for c in done.drain(..) {
+            let slot = c.user_data as usize;
+            if c.result != 0 {
+                let e = q
+                    .error_detail(c.user_data)
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| std::io::Error::from_raw_os_error(-c.result).to_string());
+                return Err(format!("error while reading at offset {}: {e}", offsets[slot]).into());
+            }
+            let b = &bufs[slot];
+            if b.iter().any(|&x| x != 0) {
+                out.write_all_at(b, offsets[slot])
+                    .map_err(|e| format!("error while writing '{}': {e}", a.dst.display()))?;
+            }
+            if let Some(pb) = &pb {
+                pb.inc(b.len() as u64);
+            }
+            inflight -= 1;
+            free.push(slot);
+        }
+    }
+    out.set_len(size)?;
+    out.sync_all()?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(0)
+}

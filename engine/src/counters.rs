@@ -1,0 +1,89 @@
+//! Counters kept per image (and read by the CLI, the fio plugin and the benches): what each
+//! guest request cost on the device.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        /// Live atomic counters.
+        #[derive(Default, Debug)]
+        pub struct Counters { $($(#[$m])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`Counters`].
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct CounterSnapshot { $($(#[$m])* pub $name: u64,)* }
+
+        impl Counters {
+            /// Copies every counter.
+            pub fn snapshot(&self) -> CounterSnapshot {
+                CounterSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl CounterSnapshot {
+            /// (name, value) pairs in a stable order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+counters!(
+    /// Guest read requests completed.
+    guest_reads,
+    /// Guest write requests completed (including zero writes).
+    guest_writes,
+    /// Guest flush requests completed.
+    guest_flushes,
+    /// Guest discard requests completed.
+    guest_discards,
+    /// Guest bytes read.
+    read_bytes,
+    /// Guest bytes written.
+    write_bytes,
+    /// Data writes issued to the device.
+    data_writes,
+    /// L2 slice writes issued.
+    l2_writes,
+    /// Refcount block writes issued.
+    refblock_writes,
+    /// Refcount table writes issued.
+    reftable_writes,
+    /// L1 table writes issued.
+    l1_writes,
+    /// Header writes issued.
+    header_writes,
+    /// Flushes (fdatasync) issued to the device.
+    device_flushes,
+    /// Bytes copied for copy-on-write (backing file or shared cluster fill).
+    cow_bytes,
+    /// Clusters allocated.
+    clusters_allocated,
+    /// Metadata slices loaded from the device.
+    meta_loads,
+    /// L2 cache hits.
+    l2_hits,
+    /// L2 cache misses.
+    l2_misses,
+    /// L2 cache evictions.
+    l2_evictions,
+);
+
+impl Counters {
+    /// Adds `n` to a counter.
+    #[inline]
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Display for CounterSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (k, v) in self.fields() {
+            writeln!(f, "{k:>20}: {v}")?;
+        }
+        Ok(())
+    }
+}

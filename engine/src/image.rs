@@ -1,0 +1,433 @@
+//! The shared [`Image`]: opened once, used by every [`Queue`](crate::queue::Queue).
+//!
+//! Opening reads the header, the active L1 table and the snapshot table through io_uring
+//! with O_DIRECT, validates them, and opens the backing chain (qcow2 or raw files, relative
+//! names resolved against the directory of the image that names them, as QEMU does).
+
+use crate::counters::{CounterSnapshot, Counters};
+use crate::format::header::{CompressionType, Header};
+use crate::format::l1::{self, L1Entry};
+use crate::format::snapshot::{self, Snapshot};
+use crate::format::{Geometry, feature};
+use crate::io::{ImageFile, SyncRing};
+use crate::meta::MetaCache;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Deepest backing chain accepted (protects against loops).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+/// Default upper bound of the L2 cache (QEMU's default maximum).
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// How writes complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// A write completes when its data is on the device; metadata reaches the disk at flush.
+    #[default]
+    Writeback,
+    /// A write completes only when it and its metadata are durable.
+    Writethrough,
+}
+
+/// What to do with the backing chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    /// Open the whole chain.
+    #[default]
+    Open,
+    /// Do not open backing files: unallocated ranges read as zeros (`qemu-img -U`-like tools
+    /// that only inspect one layer).
+    Ignore,
+}
+
+/// Options for [`Image::open`]. Cache sizes are named as QEMU's runtime options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Cache mode for writes.
+    pub cache: CacheMode,
+    /// `l2-cache-size` in bytes (None: enough for the whole image, at most 32 MiB).
+    pub l2_cache_size: Option<u64>,
+    /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB).
+    pub refcount_cache_size: Option<u64>,
+    /// `l2-cache-entry-size` in bytes (None: min(cluster size, 4 KiB)).
+    pub l2_cache_entry_size: Option<u64>,
+    /// Share the image with other users (`-U`): no write lock expected.
+    pub force_share: bool,
+    /// Backing chain policy.
+    pub backing: BackingPolicy,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            l2_cache_size: None,
+            refcount_cache_size: None,
+            l2_cache_entry_size: None,
+            force_share: false,
+            backing: BackingPolicy::Open,
+        }
+    }
+}
+
+/// A raw backing file.
+pub struct RawBacking {
+    /// The file.
+    pub file: ImageFile,
+    /// Its size (reads beyond it are zeros).
+    pub size: u64,
+}
+
+/// The layer below an image.
+pub enum Backing {
+    /// A qcow2 image.
+    Qcow2(Arc<Image>),
+    /// A raw file.
+    Raw(RawBacking),
+}
+
+/// An open qcow2 image, shared by all queues (wrap in `Arc`).
+pub struct Image {
+    pub(crate) file: ImageFile,
+    pub(crate) sync: SyncRing,
+    pub(crate) header: Mutex<Header>,
+    pub(crate) geo: Geometry,
+    pub(crate) size: u64,
+    pub(crate) compression: CompressionType,
+    pub(crate) l1: Box<[AtomicU64]>,
+    pub(crate) l2_cache: MetaCache,
+    /// L2 entries per cache slot.
+    pub(crate) slice_entries: u64,
+    pub(crate) backing: Option<Backing>,
+    pub(crate) file_len: AtomicU64,
+    pub(crate) snapshots: Vec<Snapshot>,
+    pub(crate) counters: Counters,
+    pub(crate) read_only: bool,
+    pub(crate) opts: Options,
+    pub(crate) depth: usize,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.file.path())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Image {
+    /// Opens a qcow2 image and its backing chain.
+    pub fn open(path: &Path, opts: &Options) -> Result<Arc<Image>> {
+        Self::open_at_depth(path, opts, 0)
+    }
+
+    fn open_at_depth(path: &Path, opts: &Options, depth: usize) -> Result<Arc<Image>> {
+        if depth > MAX_CHAIN_DEPTH {
+            return Err(Error::InvalidRequest(format!(
+                "backing chain deeper than {MAX_CHAIN_DEPTH} at '{}' (a loop?)",
+                path.display()
+            )));
+        }
+        let file = ImageFile::open(path, !opts.read_only)?;
+        let sync = SyncRing::new()?;
+        let file_len = file.len()?;
+        let (first, valid) = sync.read(file.fd(), 0, 4096)?;
+        let cluster_size = Header::peek_cluster_size(&first[..valid])?;
+        let (c0, valid) = sync.read(file.fd(), 0, cluster_size as usize)?;
+        let header = Header::parse(&c0[..valid], file_len)?;
+        let geo = header.geometry();
+        if header.incompatible_features & feature::INCOMPAT_L2LESS != 0 {
+            return Err(Error::Unsupported(
+                "quring l2-less ranges (incompatible bit 61) are not implemented yet".into(),
+            ));
+        }
+        let read_only = opts.read_only;
+        if !read_only && header.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
+            return Err(Error::InvalidRequest(
+                "the image is marked corrupt (incompatible bit 1); it can only be opened read-only"
+                    .into(),
+            ));
+        }
+
+        // Active L1 table.
+        let l1_bytes = header.l1_size as usize * 8;
+        let raw_l1 = if l1_bytes > 0 {
+            sync.read_exact(file.fd(), header.l1_table_offset.0, l1_bytes, "L1 table")?
+        } else {
+            Vec::new()
+        };
+        let l2less = header.incompatible_features & feature::INCOMPAT_L2LESS != 0;
+        let entries = l1::decode_table(&raw_l1);
+        for (i, e) in entries.iter().enumerate() {
+            if e.0 != 0 {
+                e.validate(i as u64, geo.cluster_size(), l2less)?;
+            }
+        }
+        let l1: Box<[AtomicU64]> = entries.iter().map(|e| AtomicU64::new(e.0)).collect();
+
+        // Snapshot table (bounded reads: each entry's size is validated before use).
+        let snapshots = read_snapshots(&sync, &file, &header, file_len)?;
+
+        // L2 cache geometry.
+        let entry_size = match opts.l2_cache_entry_size {
+            Some(s) => {
+                if !s.is_power_of_two() || s < 512 || s > geo.cluster_size() {
+                    return Err(Error::InvalidRequest(format!(
+                        "l2-cache-entry-size {s} must be a power of two between 512 and the cluster size {}",
+                        geo.cluster_size()
+                    )));
+                }
+                s
+            }
+            None => geo.cluster_size().min(4096),
+        };
+        let whole = geo
+            .clusters_for(header.size)
+            .saturating_mul(geo.l2_entry_size());
+        let l2_bytes = opts
+            .l2_cache_size
+            .unwrap_or_else(|| whole.clamp(entry_size, DEFAULT_L2_CACHE_MAX));
+        let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);
+        let slice_entries = entry_size / geo.l2_entry_size();
+
+        // Backing chain.
+        let backing = if opts.backing == BackingPolicy::Ignore {
+            None
+        } else if let Some(name) = &header.backing_file {
+            Some(open_backing(
+                path,
+                name,
+                header.backing_format().as_deref(),
+                opts,
+                depth,
+            )?)
+        } else {
+            None
+        };
+
+        Ok(Arc::new(Image {
+            size: header.size,
+            compression: header.compression_type,
+            geo,
+            file,
+            sync,
+            l1,
+            l2_cache,
+            slice_entries,
+            backing,
+            file_len: AtomicU64::new(file_len),
+            snapshots,
+            counters: Counters::default(),
+            read_only,
+            opts: opts.clone(),
+            depth,
+            header: Mutex::new(header),
+        }))
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The image geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.header
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The path the image was opened with.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The backing layer, if any.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// Is the image open read-only?
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Counters (with the cache's hit/miss/eviction numbers folded in).
+    pub fn counters(&self) -> CounterSnapshot {
+        let mut s = self.counters.snapshot();
+        let (h, m, e) = self.l2_cache.stats();
+        s.l2_hits = h;
+        s.l2_misses = m;
+        s.l2_evictions = e;
+        s
+    }
+
+    /// Current L1 entry `i` (0 when out of range).
+    #[inline]
+    pub(crate) fn l1_entry(&self, i: u64) -> L1Entry {
+        self.l1
+            .get(i as usize)
+            .map(|a| L1Entry(a.load(Ordering::Acquire)))
+            .unwrap_or_default()
+    }
+
+    /// Reads host bytes synchronously (tools: check, map of metadata).
+    pub fn read_host(&self, off: u64, len: usize) -> Result<(Vec<u8>, usize)> {
+        self.sync.read(self.file.fd(), off, len)
+    }
+
+    /// Length of the image file.
+    pub fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// Depth of this image in its chain (0 = top).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Flushes metadata and closes the image cleanly.
+    pub fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn read_snapshots(
+    sync: &SyncRing,
+    file: &ImageFile,
+    h: &Header,
+    file_len: u64,
+) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset.0;
+    for i in 0..h.nb_snapshots {
+        if off
+            .checked_add(snapshot::FIXED_LEN as u64)
+            .is_none_or(|e| e > file_len)
+        {
+            return Err(Error::corrupt(
+                "snapshot table",
+                format!("entry {i} at {off:#x} lies past the end of the file"),
+            ));
+        }
+        let fixed = sync.read_exact(file.fd(), off, snapshot::FIXED_LEN, "snapshot table")?;
+        let len = snapshot::entry_len(&fixed)?;
+        let buf = sync.read_exact(file.fd(), off, len, "snapshot table")?;
+        let (s, _) = snapshot::parse_entry(&buf)?;
+        if s.l1_size as u64 * 8 > crate::format::geometry::MAX_L1_BYTES {
+            return Err(Error::corrupt(
+                "snapshot L1 size",
+                format!(
+                    "snapshot '{}' has {} L1 entries, more than the limit",
+                    s.name, s.l1_size
+                ),
+            ));
+        }
+        if !h.geometry().is_cluster_aligned(s.l1_table_offset.0) {
+            return Err(Error::corrupt(
+                "snapshot L1 offset",
+                format!(
+                    "snapshot '{}' L1 table offset {:#x} is not cluster aligned",
+                    s.name, s.l1_table_offset.0
+                ),
+            ));
+        }
+        out.push(s);
+        off += len as u64;
+    }
+    Ok(out)
+}
+
+/// Resolves a backing file name like QEMU: absolute names as they are, relative names
+/// against the directory of the image that names them.
+pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+fn open_backing(
+    image: &Path,
+    name: &str,
+    fmt: Option<&str>,
+    opts: &Options,
+    depth: usize,
+) -> Result<Backing> {
+    let path = resolve_backing_path(image, name);
+    let bopts = Options {
+        read_only: true,
+        ..opts.clone()
+    };
+    let fmt = match fmt {
+        Some(f) => f.to_string(),
+        None => probe_format(&path)?,
+    };
+    match fmt.as_str() {
+        "qcow2" => Ok(Backing::Qcow2(
+            Image::open_at_depth(&path, &bopts, depth + 1).map_err(|e| {
+                Error::InvalidRequest(format!(
+                    "Could not open backing file '{}': {e}",
+                    path.display()
+                ))
+            })?,
+        )),
+        "raw" => {
+            let file = ImageFile::open(&path, false).map_err(|e| {
+                Error::InvalidRequest(format!(
+                    "Could not open backing file '{}': {e}",
+                    path.display()
+                ))
+            })?;
+            let size = file.len()?;
+            Ok(Backing::Raw(RawBacking { file, size }))
+        }
+        other => Err(Error::Unsupported(format!(
+            "backing file format '{other}' (only qcow2 and raw are supported)"
+        ))),
+    }
+}
+
+/// Guesses a file's format from its first bytes (qcow2 magic, else raw), as QEMU's probe.
+pub fn probe_format(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    let mut magic = [0u8; 4];
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| Error::io(format!("read '{}'", path.display()), e))?;
+    Ok(
+        if n == 4 && u32::from_be_bytes(magic) == crate::format::header::MAGIC {
+            "qcow2".into()
+        } else {
+            "raw".into()
+        },
+    )
+}

@@ -1,0 +1,137 @@
+//! A small io_uring for synchronous administrative I/O (open, metadata loads in tools,
+//! create). Each call submits one SQE and waits for its CQE: the same O_DIRECT path as the
+//! data path, used where nothing else is in flight.
+
+use super::{AlignedBuf, SECTOR};
+use crate::{Error, Result};
+use io_uring::{IoUring, opcode, types};
+use std::sync::Mutex;
+
+/// A mutex-protected ring for blocking reads/writes/fsync.
+pub struct SyncRing {
+    ring: Mutex<IoUring>,
+}
+
+impl SyncRing {
+    /// Creates a ring with a few entries.
+    pub fn new() -> Result<Self> {
+        let ring = IoUring::new(8).map_err(|e| Error::io("io_uring_setup", e))?;
+        Ok(SyncRing {
+            ring: Mutex::new(ring),
+        })
+    }
+
+    fn run(&self, sqe: io_uring::squeue::Entry, what: &str) -> Result<i32> {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the buffers referenced by `sqe` are borrowed by our caller for the whole
+        // call, and we wait for this SQE's completion before returning.
+        unsafe {
+            ring.submission()
+                .push(&sqe)
+                .map_err(|_| Error::InvalidRequest("sync ring full".into()))?;
+        }
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(Error::io("io_uring_enter", e)),
+            }
+        }
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| Error::InvalidRequest("no completion".into()))?;
+        let res = cqe.result();
+        if res < 0 {
+            return Err(Error::errno(what.to_string(), -res));
+        }
+        Ok(res)
+    }
+
+    /// Reads `len` bytes at `off` (any alignment) from `fd`. Bytes past the end of the file
+    /// read as zero. Returns the buffer and the number of bytes that were really in the file.
+    pub fn read(&self, fd: i32, off: u64, len: usize) -> Result<(Vec<u8>, usize)> {
+        let start = off & !(SECTOR - 1);
+        let end = (off + len as u64).div_ceil(SECTOR) * SECTOR;
+        let mut buf = AlignedBuf::new((end - start) as usize);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let chunk = (buf.len() - done).min(1 << 30);
+            // SAFETY: pointer and length lie inside `buf`, alive for the call.
+            let ptr = unsafe { buf.as_mut_ptr().add(done) };
+            let sqe = opcode::Read::new(types::Fd(fd), ptr, chunk as u32)
+                .offset(start + done as u64)
+                .build();
+            let n = self.run(sqe, "read")? as usize;
+            if n == 0 {
+                break;
+            }
+            done += n;
+            if n % SECTOR as usize != 0 {
+                break; // end of file
+            }
+        }
+        let head = (off - start) as usize;
+        let valid = done.saturating_sub(head).min(len);
+        let mut out = buf[head..head + len].to_vec();
+        out[valid..].fill(0);
+        Ok((out, valid))
+    }
+
+    /// Reads exactly `len` bytes; fails naming `what` when the file is shorter.
+    pub fn read_exact(&self, fd: i32, off: u64, len: usize, what: &'static str) -> Result<Vec<u8>> {
+        let (buf, valid) = self.read(fd, off, len)?;
+        if valid < len {
+            return Err(Error::corrupt(
+                what,
+                format!("{len} bytes at offset {off:#x} extend past the end of the file"),
+            ));
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` at `off`. Offset and length must be 512-byte aligned when the file is
+    /// O_DIRECT; unaligned writes are done read-modify-write.
+    pub fn write(&self, fd: i32, off: u64, data: &[u8]) -> Result<()> {
+        let start = off & !(SECTOR - 1);
+        let end = (off + data.len() as u64).div_ceil(SECTOR) * SECTOR;
+        let mut buf = AlignedBuf::new((end - start) as usize);
+        if start != off || end != off + data.len() as u64 {
+            let (old, _) = self.read(fd, start, buf.len())?;
+            buf.copy_from_slice(&old);
+        }
+        let head = (off - start) as usize;
+        buf[head..head + data.len()].copy_from_slice(data);
+        let mut done = 0usize;
+        while done < buf.len() {
+            // SAFETY: pointer and length lie inside `buf`, alive for the call.
+            let ptr = unsafe { buf.as_ptr().add(done) };
+            let sqe = opcode::Write::new(types::Fd(fd), ptr, (buf.len() - done) as u32)
+                .offset(start + done as u64)
+                .build();
+            let n = self.run(sqe, "write")? as usize;
+            if n == 0 {
+                return Err(Error::errno("write", libc::EIO));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// fdatasync through io_uring.
+    pub fn fdatasync(&self, fd: i32) -> Result<()> {
+        let sqe = opcode::Fsync::new(types::Fd(fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        self.run(sqe, "fdatasync").map(|_| ())
+    }
+
+    /// fallocate through io_uring.
+    pub fn fallocate(&self, fd: i32, off: u64, len: u64, mode: i32) -> Result<()> {
+        let sqe = opcode::Fallocate::new(types::Fd(fd), len)
+            .offset(off)
+            .mode(mode)
+            .build();
+        self.run(sqe, "fallocate").map(|_| ())
+    }
+}

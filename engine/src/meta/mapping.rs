@@ -1,0 +1,112 @@
+//! Guest -> host translation through the active L1 table and the L2 cache (spec: "Cluster
+//! mapping"). The hit path is index math plus one or two atomic loads.
+
+use crate::format::l2::{self, Extent, L2Entry, SubclusterBitmap};
+use crate::format::types::GuestOffset;
+use crate::image::Image;
+use crate::{Error, Result};
+
+/// The result of translating a guest range in one image (one layer of a chain).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// What the first `len` bytes are.
+    Mapped { extent: Extent, len: u64 },
+    /// The L2 slice at host offset `key` is not cached: load it and retry.
+    Miss { key: u64 },
+}
+
+/// Where an L2 entry lives: cache key (slice host offset) and word index in the slice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Slot {
+    /// Host offset of the slice (cache key).
+    pub key: u64,
+    /// Index of the entry's first 64-bit word inside the slice.
+    pub word: usize,
+}
+
+impl Image {
+    /// Locates the L2 entry of the cluster at `off`; `None` when its L1 entry is empty.
+    #[inline]
+    pub(crate) fn l2_slot(&self, off: GuestOffset) -> Result<Option<L2Slot>> {
+        let g = &self.geo;
+        let c = g.guest_cluster(off);
+        let l1i = g.l1_index(c);
+        let l1e = self.l1_entry(l1i);
+        let l2_off = l1e.l2_offset().0;
+        if l2_off == 0 {
+            return Ok(None);
+        }
+        if l2_off
+            .checked_add(g.cluster_size())
+            .is_none_or(|e| e > self.file_len())
+        {
+            return Err(Error::corrupt(
+                "L1 entry",
+                format!(
+                    "entry {l1i} points to L2 table at {l2_off:#x}, past the end of the file ({} bytes)",
+                    self.file_len()
+                ),
+            ));
+        }
+        let idx = g.l2_index(c);
+        let slice = idx / self.slice_entries;
+        let in_slice = idx % self.slice_entries;
+        let key = l2_off + slice * self.l2_cache.slot_size() as u64;
+        let word = (in_slice * (g.l2_entry_size() / 8)) as usize;
+        Ok(Some(L2Slot { key, word }))
+    }
+
+    /// Translates up to `len` bytes at `off` (which must lie inside the image) in this layer
+    /// only, never past the end of the cluster.
+    #[inline]
+    pub(crate) fn lookup(&self, off: GuestOffset, len: u64) -> Result<Lookup> {
+        let g = &self.geo;
+        let in_cluster = g.offset_in_cluster(off.0);
+        let len = len
+            .min(g.cluster_size() - in_cluster)
+            .min(self.size - off.0);
+        let Some(slot) = self.l2_slot(off)? else {
+            return Ok(Lookup::Mapped {
+                extent: Extent::Unallocated,
+                len,
+            });
+        };
+        let (entry, bitmap) = if g.extended_l2 {
+            match self.l2_cache.read_pair(slot.key, slot.word) {
+                Some((e, b)) => (L2Entry(e), SubclusterBitmap(b)),
+                None => return Ok(Lookup::Miss { key: slot.key }),
+            }
+        } else {
+            match self.l2_cache.read_word(slot.key, slot.word) {
+                Some(e) => (L2Entry(e), SubclusterBitmap(0)),
+                None => return Ok(Lookup::Miss { key: slot.key }),
+            }
+        };
+        let (extent, len) =
+            l2::classify(g, entry, bitmap, in_cluster, len).map_err(|e| match e {
+                Error::Corrupt { what, detail } => Error::corrupt(
+                    what,
+                    format!(
+                        "{detail} (guest offset {:#x}, L2 slice at {:#x})",
+                        off.0, slot.key
+                    ),
+                ),
+                e => e,
+            })?;
+        if let Extent::Data(h) = extent {
+            if h.0
+                .checked_add(len)
+                .is_none_or(|e| e > self.file_len().div_ceil(g.cluster_size()) * g.cluster_size())
+            {
+                return Err(Error::corrupt(
+                    "L2 entry",
+                    format!(
+                        "guest offset {:#x} maps to host offset {:#x}, past the end of the file",
+                        off.0, h.0
+                    ),
+                ));
+            }
+        }
+        Ok(Lookup::Mapped { extent, len })
+    }
+}

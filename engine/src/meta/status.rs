@@ -1,0 +1,233 @@
+//! Block status (what `qemu-img map` reports): for a guest range, which layer of the chain
+//! provides it, and whether it is data, zeros, compressed, and where it is in that file.
+//! Mirrors QEMU's per-layer block status rules (format layer first, then the backing
+//! chain; raw files report holes as zeros via SEEK_DATA/SEEK_HOLE).
+
+use crate::format::l2::Extent;
+use crate::format::types::GuestOffset;
+use crate::image::{Backing, Image};
+use crate::meta::cache::Claim;
+use crate::meta::mapping::Lookup;
+use crate::{Error, Result};
+use std::sync::Arc;
+
+/// Status of a guest range, as `qemu-img map` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length of the range this status covers.
+    pub len: u64,
+    /// Chain depth of the layer that answered (0 = top).
+    pub depth: usize,
+    /// Allocated in that layer.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Holds data.
+    pub data: bool,
+    /// A compressed cluster.
+    pub compressed: bool,
+    /// Offset in the layer's file, when it has one.
+    pub offset: Option<u64>,
+    /// The file of that layer (only set with an offset).
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl Image {
+    /// Loads the L2 slice `key` into the cache synchronously (tools only).
+    pub(crate) fn load_slice_sync(&self, key: u64) -> Result<()> {
+        loop {
+            match self.l2_cache.claim(key) {
+                Claim::Present(_) => return Ok(()),
+                Claim::Busy => std::thread::yield_now(),
+                Claim::Load(slot) => {
+                    let len = self.l2_cache.slot_size();
+                    let r = self.sync.read(self.file.fd(), key, len);
+                    match r {
+                        Ok((buf, valid)) if valid == len => {
+                            // SAFETY: we own the slot in loading state; it holds `len` bytes.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    buf.as_ptr(),
+                                    self.l2_cache.slot_ptr(slot),
+                                    len,
+                                )
+                            };
+                            self.l2_cache.complete_load(slot);
+                            return Ok(());
+                        }
+                        Ok(_) => {
+                            self.l2_cache.abort_load(slot);
+                            return Err(Error::corrupt(
+                                "L2 table",
+                                format!("slice at {key:#x} extends past the end of the file"),
+                            ));
+                        }
+                        Err(e) => {
+                            self.l2_cache.abort_load(slot);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Translates in this layer only, loading L2 slices synchronously on a miss.
+    pub(crate) fn lookup_sync(&self, off: u64, len: u64) -> Result<(Extent, u64)> {
+        loop {
+            match self.lookup(GuestOffset(off), len)? {
+                Lookup::Mapped { extent, len } => return Ok((extent, len)),
+                Lookup::Miss { key } => self.load_slice_sync(key)?,
+            }
+        }
+    }
+
+    /// Block status of up to `len` bytes at `off` through the whole chain.
+    pub fn block_status(self: &Arc<Self>, off: u64, len: u64) -> Result<BlockStatus> {
+        let mut layer = self.clone();
+        let mut len = len;
+        let mut depth = 0;
+        loop {
+            // Past the end of this layer: zeros, not allocated.
+            if off >= layer.size {
+                return Ok(BlockStatus {
+                    len,
+                    depth,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: None,
+                    file: None,
+                });
+            }
+            let (ext, n) = layer.lookup_sync(off, len.min(layer.size - off))?;
+            let path = Some(layer.path().to_path_buf());
+            match ext {
+                Extent::Data(h) => {
+                    return Ok(BlockStatus {
+                        len: n,
+                        depth,
+                        present: true,
+                        zero: false,
+                        data: true,
+                        compressed: false,
+                        offset: Some(h.0),
+                        file: path,
+                    });
+                }
+                Extent::Zero => {
+                    // Zero clusters with a host offset report it (QEMU: ZERO_ALLOC).
+                    let offset = layer.zero_alloc_offset(off)?;
+                    let file = offset.and(path);
+                    return Ok(BlockStatus {
+                        len: n,
+                        depth,
+                        present: true,
+                        zero: true,
+                        data: false,
+                        compressed: false,
+                        offset,
+                        file,
+                    });
+                }
+                Extent::Compressed { .. } => {
+                    return Ok(BlockStatus {
+                        len: n,
+                        depth,
+                        present: true,
+                        zero: false,
+                        data: true,
+                        compressed: true,
+                        offset: None,
+                        file: None,
+                    });
+                }
+                Extent::Unallocated => match &layer.backing {
+                    None => {
+                        return Ok(BlockStatus {
+                            len: n,
+                            depth,
+                            present: false,
+                            zero: true,
+                            data: false,
+                            compressed: false,
+                            offset: None,
+                            file: None,
+                        });
+                    }
+                    Some(Backing::Raw(raw)) => {
+                        if off >= raw.size {
+                            return Ok(BlockStatus {
+                                len: n,
+                                depth,
+                                present: false,
+                                zero: true,
+                                data: false,
+                                compressed: false,
+                                offset: None,
+                                file: None,
+                            });
+                        }
+                        let n = n.min(raw.size - off);
+                        let (data, run) = seek_data_hole(raw.file.fd(), off, n, raw.size)?;
+                        return Ok(BlockStatus {
+                            len: run,
+                            depth: depth + 1,
+                            present: true,
+                            zero: !data,
+                            data,
+                            compressed: false,
+                            offset: Some(off),
+                            file: Some(raw.file.path().to_path_buf()),
+                        });
+                    }
+                    Some(Backing::Qcow2(b)) => {
+                        let b = b.clone();
+                        layer = b;
+                        len = n;
+                        depth += 1;
+                    }
+                },
+            }
+        }
+    }
+
+    /// The host offset of a zero cluster that keeps its allocation (standard L2 zero flag
+    /// with an offset, or extended L2 zero subclusters in an allocated cluster).
+    fn zero_alloc_offset(&self, off: u64) -> Result<Option<u64>> {
+        let Some(slot) = self.l2_slot(GuestOffset(off))? else {
+            return Ok(None);
+        };
+        self.load_slice_sync(slot.key)?;
+        let Some(e) = self.l2_cache.read_word(slot.key, slot.word) else {
+            return Ok(None);
+        };
+        let host = e & crate::format::geometry::OFFSET_MASK;
+        if host == 0 || e & crate::format::l2::L2_COMPRESSED != 0 {
+            return Ok(None);
+        }
+        Ok(Some(host + self.geo.offset_in_cluster(off)))
+    }
+}
+
+/// Data/hole status of `len` bytes at `off` in a raw file: (is data, run length).
+fn seek_data_hole(fd: i32, off: u64, len: u64, size: u64) -> Result<(bool, u64)> {
+    // SAFETY: lseek on a valid fd has no memory effects.
+    let data = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+    if data < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            return Ok((false, len)); // a hole up to EOF
+        }
+        return Ok((true, len)); // SEEK_DATA unsupported: everything is data
+    }
+    let data = data as u64;
+    if data > off {
+        return Ok((false, (data - off).min(len)));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, off as i64, libc::SEEK_HOLE) };
+    let hole = if hole < 0 { size } else { hole as u64 };
+    Ok((true, (hole.max(off + 1) - off).min(len)))
+}

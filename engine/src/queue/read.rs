@@ -1,0 +1,243 @@
+//! The read request state machine: walk the guest range, translate each piece through the
+//! backing chain, and issue one SQE per contiguous host run (zero pieces are filled in
+//! place). A piece whose L2 slice is missing parks the request on that slice.
+
+use super::{Io, Queue};
+use crate::format::l2::Extent;
+use crate::format::types::GuestOffset;
+use crate::image::{Backing, Image};
+use crate::io::AlignedBuf;
+use crate::meta::cache::Claim;
+use crate::meta::mapping::Lookup;
+use io_uring::{opcode, types};
+use std::sync::Arc;
+
+/// One resolved piece of a read.
+enum Piece {
+    /// `len` bytes of file `fd` at `host`.
+    Data { fd: i32, host: u64, len: u64 },
+    /// `len` bytes of zeros.
+    Zero { len: u64 },
+    /// Part of a compressed cluster of `layer`.
+    Compressed {
+        layer: Arc<Image>,
+        host: u64,
+        clen: u64,
+        in_cluster: u64,
+        len: u64,
+    },
+    /// `layer` needs the L2 slice at `key`.
+    Miss { layer: Arc<Image>, key: u64 },
+}
+
+/// Translates `len` bytes at `off` through the chain starting at `top`.
+fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
+    let mut layer = top.clone();
+    let mut len = len;
+    loop {
+        if off >= layer.size {
+            return Ok(Piece::Zero { len });
+        }
+        match layer.lookup(GuestOffset(off), len)? {
+            Lookup::Miss { key } => return Ok(Piece::Miss { layer, key }),
+            Lookup::Mapped { extent, len: n } => match extent {
+                Extent::Data(h) => {
+                    return Ok(Piece::Data {
+                        fd: layer.file.fd(),
+                        host: h.0,
+                        len: n,
+                    });
+                }
+                Extent::Zero => return Ok(Piece::Zero { len: n }),
+                Extent::Compressed { host, len: clen } => {
+                    let in_cluster = layer.geo.offset_in_cluster(off);
+                    return Ok(Piece::Compressed {
+                        layer,
+                        host: host.0,
+                        clen,
+                        in_cluster,
+                        len: n,
+                    });
+                }
+                Extent::Unallocated => match &layer.backing {
+                    None => return Ok(Piece::Zero { len: n }),
+                    Some(Backing::Raw(raw)) => {
+                        if off >= raw.size {
+                            return Ok(Piece::Zero { len: n });
+                        }
+                        return Ok(Piece::Data {
+                            fd: raw.file.fd(),
+                            host: off,
+                            len: n,
+                        });
+                    }
+                    Some(Backing::Qcow2(b)) => {
+                        let b = b.clone();
+                        layer = b;
+                        len = n;
+                    }
+                },
+            },
+        }
+    }
+}
+
+impl Queue {
+    /// Advances a read request as far as possible without waiting.
+    pub(crate) fn drive_read(&mut self, id: usize) {
+        let top = self.image.clone();
+        // A pending contiguous data run: (fd, host start, guest start, len).
+        let mut run: Option<(i32, u64, u64, u64)> = None;
+        loop {
+            let r = &self.reqs[id];
+            let end = r.offset + r.len;
+            if r.cursor >= end || r.error != 0 {
+                break;
+            }
+            let pos = r.cursor;
+            let piece = match resolve(&top, pos, end - pos) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail_with(id, e);
+                    break;
+                }
+            };
+            match piece {
+                Piece::Data { fd, host, len } => {
+                    match &mut run {
+                        Some((rfd, rhost, rguest, rlen))
+                            if *rfd == fd && *rhost + *rlen == host && *rguest + *rlen == pos =>
+                        {
+                            *rlen += len;
+                        }
+                        _ => {
+                            if let Some(r) = run.take() {
+                                self.issue_data(id, r);
+                            }
+                            run = Some((fd, host, pos, len));
+                        }
+                    }
+                    self.reqs[id].cursor += len;
+                }
+                Piece::Zero { len } => {
+                    let dst = self.dst(id, pos);
+                    // SAFETY: [pos, pos+len) lies inside the request, so inside its buffer.
+                    unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
+                    self.reqs[id].cursor += len;
+                }
+                Piece::Compressed {
+                    layer,
+                    host,
+                    clen,
+                    in_cluster,
+                    len,
+                } => {
+                    if let Some(r) = run.take() {
+                        self.issue_data(id, r);
+                    }
+                    let start = host & !511;
+                    let skip = (host - start) as usize;
+                    let total = (skip as u64 + clen).div_ceil(512) * 512;
+                    let mut buf = AlignedBuf::new(total as usize);
+                    let ptr = buf.as_mut_ptr();
+                    let fd = layer.file.fd();
+                    let dst = self.dst(id, pos);
+                    let io = self.ios.insert(Io::Compressed {
+                        req: id,
+                        buf,
+                        skip,
+                        clen: clen as usize,
+                        layer,
+                        in_cluster: in_cluster as usize,
+                        dst,
+                        len: len as usize,
+                    });
+                    let sqe = opcode::Read::new(types::Fd(fd), ptr, total as u32)
+                        .offset(start)
+                        .build()
+                        .user_data(io as u64);
+                    self.reqs[id].pending += 1;
+                    self.reqs[id].cursor += len;
+                    self.push(sqe);
+                }
+                Piece::Miss { layer, key } => {
+                    match layer.l2_cache.claim(key) {
+                        Claim::Present(_) => continue,
+                        Claim::Busy => {}
+                        Claim::Load(slot) => {
+                            let len = layer.l2_cache.slot_size();
+                            let ptr = layer.l2_cache.slot_ptr(slot);
+                            let fd = layer.file.fd();
+                            let io = self.ios.insert(Io::Load {
+                                layer,
+                                slot,
+                                key,
+                                len,
+                            });
+                            let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32)
+                                .offset(key)
+                                .build()
+                                .user_data(io as u64);
+                            self.push(sqe);
+                        }
+                    }
+                    self.reqs[id].parked = true;
+                    self.parked.push((id, key));
+                    break;
+                }
+            }
+        }
+        if let Some(r) = run.take() {
+            self.issue_data(id, r);
+        }
+        self.maybe_finish(id);
+    }
+
+    #[inline]
+    fn dst(&self, id: usize, pos: u64) -> *mut u8 {
+        let r = &self.reqs[id];
+        // SAFETY: pos lies within [offset, offset+len) of the request.
+        unsafe { r.buf.add((pos - r.offset) as usize) }
+    }
+
+    fn issue_data(&mut self, id: usize, (fd, host, guest, len): (i32, u64, u64, u64)) {
+        let dst = self.dst(id, guest);
+        let aligned = (dst as usize) % 512 == 0 && host % 512 == 0 && len % 512 == 0;
+        let (io, ptr, off, n) = if aligned {
+            (
+                self.ios.insert(Io::Data {
+                    req: id,
+                    dst,
+                    len: len as usize,
+                }),
+                dst,
+                host,
+                len,
+            )
+        } else {
+            let start = host & !511;
+            let skip = (host - start) as usize;
+            let total = (skip as u64 + len).div_ceil(512) * 512;
+            let mut buf = AlignedBuf::new(total as usize);
+            let ptr = buf.as_mut_ptr();
+            (
+                self.ios.insert(Io::Bounce {
+                    req: id,
+                    buf,
+                    skip,
+                    dst,
+                    len: len as usize,
+                }),
+                ptr,
+                start,
+                total,
+            )
+        };
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, n as u32)
+            .offset(off)
+            .build()
+            .user_data(io as u64);
+        self.reqs[id].pending += 1;
+        self.push(sqe);
+    }
+}
