@@ -118,7 +118,7 @@ impl Image {
                 }
                 Extent::Zero => {
                     // Zero clusters with a host offset report it (QEMU: ZERO_ALLOC).
-                    let offset = layer.zero_alloc_offset(off)?;
+                    let offset = layer.alloc_offset(off)?;
                     let file = offset.and(path);
                     return Ok(BlockStatus {
                         len: n,
@@ -145,6 +145,10 @@ impl Image {
                 }
                 Extent::Unallocated => match &layer.backing {
                     None => {
+                        // Extended L2: unallocated subclusters of an allocated cluster still
+                        // report the host offset (QEMU: UNALLOCATED_ALLOC).
+                        let offset = layer.alloc_offset(off)?;
+                        let file = offset.and(path);
                         return Ok(BlockStatus {
                             len: n,
                             depth,
@@ -152,8 +156,8 @@ impl Image {
                             zero: true,
                             data: false,
                             compressed: false,
-                            offset: None,
-                            file: None,
+                            offset,
+                            file,
                         });
                     }
                     Some(Backing::Raw(raw)) => {
@@ -193,9 +197,10 @@ impl Image {
         }
     }
 
-    /// The host offset of a zero cluster that keeps its allocation (standard L2 zero flag
-    /// with an offset, or extended L2 zero subclusters in an allocated cluster).
-    fn zero_alloc_offset(&self, off: u64) -> Result<Option<u64>> {
+    /// The host offset of `off` when its cluster has one although it does not read data
+    /// from it (zero flag with an offset; extended L2 zero or unallocated subclusters in an
+    /// allocated cluster).
+    fn alloc_offset(&self, off: u64) -> Result<Option<u64>> {
         let Some(slot) = self.l2_slot(GuestOffset(off))? else {
             return Ok(None);
         };
