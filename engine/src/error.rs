@@ -24,26 +24,17 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Builds a [`Error::Corrupt`].
     pub fn corrupt(what: &'static str, detail: impl Into<String>) -> Self {
-        Error::Corrupt {
-            what,
-            detail: detail.into(),
-        }
+        Error::Corrupt { what, detail: detail.into() }
     }
 
     /// Builds an [`Error::Io`] from an errno value.
     pub fn errno(op: impl Into<String>, errno: i32) -> Self {
-        Error::Io {
-            op: op.into(),
-            source: std::io::Error::from_raw_os_error(errno),
-        }
+        Error::Io { op: op.into(), source: std::io::Error::from_raw_os_error(errno) }
     }
 
     /// Builds an [`Error::Io`].
     pub fn io(op: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io {
-            op: op.into(),
-            source,
-        }
+        Error::Io { op: op.into(), source }
     }
 
     /// The positive errno value that best describes this error (for C front ends).

@@ -114,10 +114,7 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image")
-            .field("path", &self.file.path())
-            .field("size", &self.size)
-            .finish()
+        f.debug_struct("Image").field("path", &self.file.path()).field("size", &self.size).finish()
     }
 }
 
@@ -150,8 +147,7 @@ impl Image {
         let read_only = opts.read_only;
         if !read_only && header.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
             return Err(Error::InvalidRequest(
-                "the image is marked corrupt (incompatible bit 1); it can only be opened read-only"
-                    .into(),
+                "the image is marked corrupt (incompatible bit 1); it can only be opened read-only".into(),
             ));
         }
 
@@ -187,12 +183,8 @@ impl Image {
             }
             None => geo.cluster_size().min(4096),
         };
-        let whole = geo
-            .clusters_for(header.size)
-            .saturating_mul(geo.l2_entry_size());
-        let l2_bytes = opts
-            .l2_cache_size
-            .unwrap_or_else(|| whole.clamp(entry_size, DEFAULT_L2_CACHE_MAX));
+        let whole = geo.clusters_for(header.size).saturating_mul(geo.l2_entry_size());
+        let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| whole.clamp(entry_size, DEFAULT_L2_CACHE_MAX));
         let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);
         let slice_entries = entry_size / geo.l2_entry_size();
 
@@ -200,13 +192,7 @@ impl Image {
         let backing = if opts.backing == BackingPolicy::Ignore {
             None
         } else if let Some(name) = &header.backing_file {
-            Some(open_backing(
-                path,
-                name,
-                header.backing_format().as_deref(),
-                opts,
-                depth,
-            )?)
+            Some(open_backing(path, name, header.backing_format().as_deref(), opts, depth)?)
         } else {
             None
         };
@@ -243,10 +229,7 @@ impl Image {
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.header
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.header.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The internal snapshots.
@@ -287,10 +270,7 @@ impl Image {
     /// Current L1 entry `i` (0 when out of range).
     #[inline]
     pub(crate) fn l1_entry(&self, i: u64) -> L1Entry {
-        self.l1
-            .get(i as usize)
-            .map(|a| L1Entry(a.load(Ordering::Acquire)))
-            .unwrap_or_default()
+        self.l1.get(i as usize).map(|a| L1Entry(a.load(Ordering::Acquire))).unwrap_or_default()
     }
 
     /// Reads host bytes synchronously (tools: check, map of metadata).
@@ -314,19 +294,11 @@ impl Image {
     }
 }
 
-fn read_snapshots(
-    sync: &SyncRing,
-    file: &ImageFile,
-    h: &Header,
-    file_len: u64,
-) -> Result<Vec<Snapshot>> {
+fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
     let mut out = Vec::new();
     let mut off = h.snapshots_offset.0;
     for i in 0..h.nb_snapshots {
-        if off
-            .checked_add(snapshot::FIXED_LEN as u64)
-            .is_none_or(|e| e > file_len)
-        {
+        if off.checked_add(snapshot::FIXED_LEN as u64).is_none_or(|e| e > file_len) {
             return Err(Error::corrupt(
                 "snapshot table",
                 format!("entry {i} at {off:#x} lies past the end of the file"),
@@ -339,19 +311,13 @@ fn read_snapshots(
         if s.l1_size as u64 * 8 > crate::format::geometry::MAX_L1_BYTES {
             return Err(Error::corrupt(
                 "snapshot L1 size",
-                format!(
-                    "snapshot '{}' has {} L1 entries, more than the limit",
-                    s.name, s.l1_size
-                ),
+                format!("snapshot '{}' has {} L1 entries, more than the limit", s.name, s.l1_size),
             ));
         }
         if !h.geometry().is_cluster_aligned(s.l1_table_offset.0) {
             return Err(Error::corrupt(
                 "snapshot L1 offset",
-                format!(
-                    "snapshot '{}' L1 table offset {:#x} is not cluster aligned",
-                    s.name, s.l1_table_offset.0
-                ),
+                format!("snapshot '{}' L1 table offset {:#x} is not cluster aligned", s.name, s.l1_table_offset.0),
             ));
         }
         out.push(s);
@@ -373,61 +339,34 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_backing(
-    image: &Path,
-    name: &str,
-    fmt: Option<&str>,
-    opts: &Options,
-    depth: usize,
-) -> Result<Backing> {
+fn open_backing(image: &Path, name: &str, fmt: Option<&str>, opts: &Options, depth: usize) -> Result<Backing> {
     let path = resolve_backing_path(image, name);
-    let bopts = Options {
-        read_only: true,
-        ..opts.clone()
-    };
+    let bopts = Options { read_only: true, ..opts.clone() };
     let fmt = match fmt {
         Some(f) => f.to_string(),
         None => probe_format(&path)?,
     };
     match fmt.as_str() {
-        "qcow2" => Ok(Backing::Qcow2(
-            Image::open_at_depth(&path, &bopts, depth + 1).map_err(|e| {
-                Error::InvalidRequest(format!(
-                    "Could not open backing file '{}': {e}",
-                    path.display()
-                ))
-            })?,
-        )),
+        "qcow2" => {
+            Ok(Backing::Qcow2(Image::open_at_depth(&path, &bopts, depth + 1).map_err(|e| {
+                Error::InvalidRequest(format!("Could not open backing file '{}': {e}", path.display()))
+            })?))
+        }
         "raw" => {
-            let file = ImageFile::open(&path, false).map_err(|e| {
-                Error::InvalidRequest(format!(
-                    "Could not open backing file '{}': {e}",
-                    path.display()
-                ))
-            })?;
+            let file = ImageFile::open(&path, false)
+                .map_err(|e| Error::InvalidRequest(format!("Could not open backing file '{}': {e}", path.display())))?;
             let size = file.len()?;
             Ok(Backing::Raw(RawBacking { file, size }))
         }
-        other => Err(Error::Unsupported(format!(
-            "backing file format '{other}' (only qcow2 and raw are supported)"
-        ))),
+        other => Err(Error::Unsupported(format!("backing file format '{other}' (only qcow2 and raw are supported)"))),
     }
 }
 
 /// Guesses a file's format from its first bytes (qcow2 magic, else raw), as QEMU's probe.
 pub fn probe_format(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
     let mut magic = [0u8; 4];
-    let n = f
-        .read(&mut magic)
-        .map_err(|e| Error::io(format!("read '{}'", path.display()), e))?;
-    Ok(
-        if n == 4 && u32::from_be_bytes(magic) == crate::format::header::MAGIC {
-            "qcow2".into()
-        } else {
-            "raw".into()
-        },
-    )
+    let n = f.read(&mut magic).map_err(|e| Error::io(format!("read '{}'", path.display()), e))?;
+    Ok(if n == 4 && u32::from_be_bytes(magic) == crate::format::header::MAGIC { "qcow2".into() } else { "raw".into() })
 }

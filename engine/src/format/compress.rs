@@ -13,36 +13,21 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
             let mut d = flate2::Decompress::new(false);
             let status = d
                 .decompress(input, out, flate2::FlushDecompress::Finish)
-                .map_err(|e| {
-                    Error::corrupt(
-                        "compressed cluster",
-                        format!("deflate stream is invalid: {e}"),
-                    )
-                })?;
+                .map_err(|e| Error::corrupt("compressed cluster", format!("deflate stream is invalid: {e}")))?;
             if (d.total_out() as usize) < out.len() {
                 return Err(Error::corrupt(
                     "compressed cluster",
-                    format!(
-                        "deflate stream gave {} bytes, expected {} ({status:?})",
-                        d.total_out(),
-                        out.len()
-                    ),
+                    format!("deflate stream gave {} bytes, expected {} ({status:?})", d.total_out(), out.len()),
                 ));
             }
             Ok(())
         }
         CompressionType::Zstd => {
             let mut dec = zstd::stream::read::Decoder::with_buffer(input)
-                .map_err(|e| {
-                    Error::corrupt("compressed cluster", format!("zstd stream is invalid: {e}"))
-                })?
+                .map_err(|e| Error::corrupt("compressed cluster", format!("zstd stream is invalid: {e}")))?
                 .single_frame();
-            dec.read_exact(out).map_err(|e| {
-                Error::corrupt(
-                    "compressed cluster",
-                    format!("zstd stream is invalid or short: {e}"),
-                )
-            })
+            dec.read_exact(out)
+                .map_err(|e| Error::corrupt("compressed cluster", format!("zstd stream is invalid or short: {e}")))
         }
     }
 }
@@ -52,8 +37,7 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let out = match kind {
         CompressionType::Deflate => {
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
             let mut out = Vec::with_capacity(input.len());
             c.compress_vec(input, &mut out, flate2::FlushCompress::Finish)
                 .map_err(|e| Error::InvalidRequest(format!("deflate failed: {e}")))?;
@@ -62,15 +46,9 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> 
             }
             out
         }
-        CompressionType::Zstd => {
-            zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compress", e))?
-        }
+        CompressionType::Zstd => zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compress", e))?,
     };
-    Ok(if out.len() < input.len() {
-        Some(out)
-    } else {
-        None
-    })
+    Ok(if out.len() < input.len() { Some(out) } else { None })
 }
 
 #[cfg(test)]

@@ -53,10 +53,7 @@ pub fn parse_extensions(buf: &[u8], start: usize, end: usize) -> Result<(Vec<Ext
                 ),
             ));
         }
-        out.push(Extension {
-            kind,
-            data: buf[off..off + len].to_vec(),
-        });
+        out.push(Extension { kind, data: buf[off..off + len].to_vec() });
         off += len.div_ceil(8) * 8;
     }
 }

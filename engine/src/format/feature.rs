@@ -16,12 +16,8 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Incompatible bit 61: quring's L2-less (contiguous) L1 ranges, see `docs/l2-less.md`.
 pub const INCOMPAT_L2LESS: u64 = 1 << 61;
 /// The incompatible bits this implementation understands.
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
-    | INCOMPAT_CORRUPT
-    | INCOMPAT_DATA_FILE
-    | INCOMPAT_COMPRESSION
-    | INCOMPAT_EXTL2
-    | INCOMPAT_L2LESS;
+pub const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2 | INCOMPAT_L2LESS;
 
 /// Compatible bit 0: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
@@ -81,20 +77,14 @@ pub fn parse_feature_table(data: &[u8]) -> Result<Vec<FeatureName>> {
     if data.len() % FEATURE_ENTRY_SIZE != 0 {
         return Err(Error::corrupt(
             "feature name table",
-            format!(
-                "length {} is not a multiple of {FEATURE_ENTRY_SIZE}",
-                data.len()
-            ),
+            format!("length {} is not a multiple of {FEATURE_ENTRY_SIZE}", data.len()),
         ));
     }
     Ok(data
         .chunks_exact(FEATURE_ENTRY_SIZE)
         .map(|e| {
             let name_bytes = &e[2..];
-            let end = name_bytes
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(name_bytes.len());
+            let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
             FeatureName {
                 kind: FeatureKind::from_u8(e[0]),
                 raw_kind: e[0],
@@ -133,22 +123,13 @@ pub fn default_feature_table(with_l2less: bool) -> Vec<FeatureName> {
         fname(FeatureKind::Autoclear, 1, "raw external data"),
     ];
     if with_l2less {
-        v.push(fname(
-            FeatureKind::Incompatible,
-            61,
-            "quring l2-less ranges",
-        ));
+        v.push(fname(FeatureKind::Incompatible, 61, "quring l2-less ranges"));
     }
     v
 }
 
 fn fname(kind: FeatureKind, bit: u8, name: &str) -> FeatureName {
-    FeatureName {
-        kind: Some(kind),
-        raw_kind: kind.to_u8(),
-        bit,
-        name: name.to_string(),
-    }
+    FeatureName { kind: Some(kind), raw_kind: kind.to_u8(), bit, name: name.to_string() }
 }
 
 /// Describes the unknown incompatible bits in `bits`, naming each from `table` when it has

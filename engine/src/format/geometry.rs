@@ -45,16 +45,9 @@ impl Geometry {
             ));
         }
         if refcount_order > 6 {
-            return Err(Error::corrupt(
-                "refcount_order",
-                format!("{refcount_order} is above 6 (64-bit refcounts)"),
-            ));
+            return Err(Error::corrupt("refcount_order", format!("{refcount_order} is above 6 (64-bit refcounts)")));
         }
-        Ok(Geometry {
-            cluster_bits,
-            extended_l2,
-            refcount_order,
-        })
+        Ok(Geometry { cluster_bits, extended_l2, refcount_order })
     }
 
     /// Cluster size in bytes.
@@ -85,11 +78,7 @@ impl Geometry {
     /// Subcluster size in bytes (the cluster size without extended L2).
     #[inline]
     pub const fn subcluster_size(&self) -> u64 {
-        if self.extended_l2 {
-            self.cluster_size() / SUBCLUSTERS as u64
-        } else {
-            self.cluster_size()
-        }
+        if self.extended_l2 { self.cluster_size() / SUBCLUSTERS as u64 } else { self.cluster_size() }
     }
     /// Refcount width in bits.
     #[inline]
@@ -99,11 +88,7 @@ impl Geometry {
     /// Largest refcount value representable.
     #[inline]
     pub const fn refcount_max(&self) -> u64 {
-        if self.refcount_order == 6 {
-            u64::MAX
-        } else {
-            (1u64 << self.refcount_bits()) - 1
-        }
+        if self.refcount_order == 6 { u64::MAX } else { (1u64 << self.refcount_bits()) - 1 }
     }
     /// log2 of refcount entries per refcount block.
     #[inline]

@@ -2,9 +2,7 @@
 //! file name. Parsing validates every field before any of it is used; serializing keeps
 //! unknown header bytes (beyond byte 105) and unknown extensions byte for byte.
 
-use super::extension::{
-    self, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE, EXT_FEATURE_TABLE, Extension,
-};
+use super::extension::{self, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE, EXT_FEATURE_TABLE, Extension};
 use super::feature::{self, FeatureName};
 use super::geometry::{Geometry, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use super::types::HostOffset;
@@ -105,18 +103,12 @@ impl Header {
         if buf.len() < V2_HEADER_LENGTH as usize {
             return Err(Error::corrupt(
                 "header",
-                format!(
-                    "file is {} bytes, shorter than the {V2_HEADER_LENGTH}-byte qcow2 header",
-                    buf.len()
-                ),
+                format!("file is {} bytes, shorter than the {V2_HEADER_LENGTH}-byte qcow2 header", buf.len()),
             ));
         }
         let magic = be32(buf, 0);
         if magic != MAGIC {
-            return Err(Error::corrupt(
-                "magic",
-                format!("{magic:#010x} is not the qcow2 magic QFI\\xfb"),
-            ));
+            return Err(Error::corrupt("magic", format!("{magic:#010x} is not the qcow2 magic QFI\\xfb")));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
@@ -178,42 +170,25 @@ impl Header {
             if h.header_length < V3_MIN_HEADER_LENGTH {
                 return Err(Error::corrupt(
                     "header_length",
-                    format!(
-                        "{} is below the version 3 minimum of {V3_MIN_HEADER_LENGTH}",
-                        h.header_length
-                    ),
+                    format!("{} is below the version 3 minimum of {V3_MIN_HEADER_LENGTH}", h.header_length),
                 ));
             }
             if h.header_length % 8 != 0 {
-                return Err(Error::corrupt(
-                    "header_length",
-                    format!("{} is not a multiple of 8", h.header_length),
-                ));
+                return Err(Error::corrupt("header_length", format!("{} is not a multiple of 8", h.header_length)));
             }
             if h.header_length as u64 > cluster_size {
                 return Err(Error::corrupt(
                     "header_length",
-                    format!(
-                        "{} exceeds the cluster size {cluster_size}",
-                        h.header_length
-                    ),
+                    format!("{} exceeds the cluster size {cluster_size}", h.header_length),
                 ));
             }
             if buf.len() < h.header_length as usize {
                 return Err(Error::corrupt(
                     "header_length",
-                    format!(
-                        "{} runs past the end of the file ({} bytes)",
-                        h.header_length,
-                        buf.len()
-                    ),
+                    format!("{} runs past the end of the file ({} bytes)", h.header_length, buf.len()),
                 ));
             }
-            let ct = if h.header_length > V3_MIN_HEADER_LENGTH {
-                buf[V3_MIN_HEADER_LENGTH as usize]
-            } else {
-                0
-            };
+            let ct = if h.header_length > V3_MIN_HEADER_LENGTH { buf[V3_MIN_HEADER_LENGTH as usize] } else { 0 };
             if h.header_length > V3_MIN_HEADER_LENGTH {
                 h.extra = buf[V3_MIN_HEADER_LENGTH as usize + 1..h.header_length as usize].to_vec();
             }
@@ -234,19 +209,13 @@ impl Header {
                     ));
                 }
                 (n, _) => {
-                    return Err(Error::corrupt(
-                        "compression_type",
-                        format!("unknown compression type {n}"),
-                    ));
+                    return Err(Error::corrupt("compression_type", format!("unknown compression type {n}")));
                 }
             };
         }
         // Geometry validation (cluster_bits, refcount_order, extended L2 minimum).
-        let geometry = Geometry::new(
-            cluster_bits,
-            h.incompatible_features & feature::INCOMPAT_EXTL2 != 0,
-            h.refcount_order,
-        )?;
+        let geometry =
+            Geometry::new(cluster_bits, h.incompatible_features & feature::INCOMPAT_EXTL2 != 0, h.refcount_order)?;
 
         // Extensions live between header_length and the end of cluster 0.
         let ext_end = cs.min(buf.len());
@@ -266,9 +235,7 @@ impl Header {
         if h.incompatible_features & feature::INCOMPAT_DATA_FILE != 0
             || h.extensions.iter().any(|e| e.kind == EXT_DATA_FILE)
         {
-            return Err(Error::Unsupported(
-                "external data files (incompatible bit 2) are not supported".into(),
-            ));
+            return Err(Error::Unsupported("external data files (incompatible bit 2) are not supported".into()));
         }
         if h.crypt_method != 0 || h.extensions.iter().any(|e| e.kind == EXT_CRYPTO) {
             return Err(Error::Unsupported(format!(
@@ -282,15 +249,10 @@ impl Header {
             if h.backing_file_size > MAX_BACKING_NAME {
                 return Err(Error::corrupt(
                     "backing_file_size",
-                    format!(
-                        "backing file name is {} bytes, longer than {MAX_BACKING_NAME}",
-                        h.backing_file_size
-                    ),
+                    format!("backing file name is {} bytes, longer than {MAX_BACKING_NAME}", h.backing_file_size),
                 ));
             }
-            let end = h
-                .backing_file_offset
-                .checked_add(h.backing_file_size as u64);
+            let end = h.backing_file_offset.checked_add(h.backing_file_size as u64);
             match end {
                 Some(end) if end <= cluster_size && end <= buf.len() as u64 => {
                     let name = &buf[h.backing_file_offset as usize..end as usize];
@@ -311,18 +273,12 @@ impl Header {
         // Tables: alignment and size limits (the end-of-file check happens when read).
         let check_table = |what: &'static str, off: HostOffset, bytes: u64| -> Result<()> {
             if !geometry.is_cluster_aligned(off.0) {
-                return Err(Error::corrupt(
-                    what,
-                    format!("offset {:#x} is not cluster aligned", off.0),
-                ));
+                return Err(Error::corrupt(what, format!("offset {:#x} is not cluster aligned", off.0)));
             }
             match off.0.checked_add(bytes) {
                 Some(end) if end <= i64::MAX as u64 => {}
                 _ => {
-                    return Err(Error::corrupt(
-                        what,
-                        format!("offset {:#x} + {bytes} bytes overflows", off.0),
-                    ));
+                    return Err(Error::corrupt(what, format!("offset {:#x} + {bytes} bytes overflows", off.0)));
                 }
             }
             if bytes > 0 && off.0.saturating_add(bytes) > file_len {
@@ -340,11 +296,7 @@ impl Header {
         if l1_bytes > MAX_L1_BYTES {
             return Err(Error::corrupt(
                 "l1_size",
-                format!(
-                    "{} entries exceed the limit of {}",
-                    h.l1_size,
-                    MAX_L1_BYTES / 8
-                ),
+                format!("{} entries exceed the limit of {}", h.l1_size, MAX_L1_BYTES / 8),
             ));
         }
         let needed = geometry
@@ -353,19 +305,13 @@ impl Header {
         if needed > MAX_L1_BYTES / 8 || h.size > i64::MAX as u64 {
             return Err(Error::corrupt(
                 "size",
-                format!(
-                    "virtual size {} is too large for cluster size {cluster_size}",
-                    h.size
-                ),
+                format!("virtual size {} is too large for cluster size {cluster_size}", h.size),
             ));
         }
         if (h.l1_size as u64) < needed {
             return Err(Error::corrupt(
                 "l1_size",
-                format!(
-                    "{} entries are too few for virtual size {} (need {needed})",
-                    h.l1_size, h.size
-                ),
+                format!("{} entries are too few for virtual size {} (need {needed})", h.l1_size, h.size),
             ));
         }
         check_table("l1_table_offset", h.l1_table_offset, l1_bytes)?;
@@ -373,17 +319,11 @@ impl Header {
         if rt_bytes > MAX_REFTABLE_BYTES.max(cluster_size) {
             return Err(Error::corrupt(
                 "refcount_table_clusters",
-                format!(
-                    "{} clusters exceed the 8 MiB refcount table limit",
-                    h.refcount_table_clusters
-                ),
+                format!("{} clusters exceed the 8 MiB refcount table limit", h.refcount_table_clusters),
             ));
         }
         if h.refcount_table_clusters == 0 {
-            return Err(Error::corrupt(
-                "refcount_table_clusters",
-                "0: the image has no refcount table",
-            ));
+            return Err(Error::corrupt("refcount_table_clusters", "0: the image has no refcount table"));
         }
         check_table("refcount_table_offset", h.refcount_table_offset, rt_bytes)?;
         if h.nb_snapshots > MAX_SNAPSHOTS {
@@ -394,17 +334,10 @@ impl Header {
         }
         if h.nb_snapshots > 0 {
             // Entries are at least 40 bytes.
-            check_table(
-                "snapshots_offset",
-                h.snapshots_offset,
-                h.nb_snapshots as u64 * 40,
-            )?;
+            check_table("snapshots_offset", h.snapshots_offset, h.nb_snapshots as u64 * 40)?;
         }
         if h.version == 2 && h.refcount_order != 4 {
-            return Err(Error::corrupt(
-                "refcount_order",
-                "version 2 images must use 16-bit refcounts",
-            ));
+            return Err(Error::corrupt("refcount_order", "version 2 images must use 16-bit refcounts"));
         }
         Ok(h)
     }
@@ -429,26 +362,17 @@ impl Header {
 
     /// The backing file format from its extension, if present.
     pub fn backing_format(&self) -> Option<String> {
-        self.extensions
-            .iter()
-            .find(|e| e.kind == EXT_BACKING_FORMAT)
-            .map(|e| {
-                let end = e.data.iter().position(|&b| b == 0).unwrap_or(e.data.len());
-                String::from_utf8_lossy(&e.data[..end]).into_owned()
-            })
+        self.extensions.iter().find(|e| e.kind == EXT_BACKING_FORMAT).map(|e| {
+            let end = e.data.iter().position(|&b| b == 0).unwrap_or(e.data.len());
+            String::from_utf8_lossy(&e.data[..end]).into_owned()
+        })
     }
 
     /// Sets or removes the backing format extension.
     pub fn set_backing_format(&mut self, fmt: Option<&str>) {
         self.extensions.retain(|e| e.kind != EXT_BACKING_FORMAT);
         if let Some(f) = fmt {
-            self.extensions.insert(
-                0,
-                Extension {
-                    kind: EXT_BACKING_FORMAT,
-                    data: f.as_bytes().to_vec(),
-                },
-            );
+            self.extensions.insert(0, Extension { kind: EXT_BACKING_FORMAT, data: f.as_bytes().to_vec() });
         }
     }
 
@@ -487,10 +411,7 @@ impl Header {
                     CompressionType::Zstd => 1,
                 });
                 let mut extra = self.extra.clone();
-                extra.resize(
-                    self.header_length as usize - V3_MIN_HEADER_LENGTH as usize - 1,
-                    0,
-                );
+                extra.resize(self.header_length as usize - V3_MIN_HEADER_LENGTH as usize - 1, 0);
                 out.extend_from_slice(&extra);
             }
         }

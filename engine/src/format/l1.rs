@@ -38,11 +38,7 @@ impl L1Entry {
     }
     /// Reserved bits that are set, given whether the L2-less extension is enabled.
     pub fn reserved_bits(self, l2less: bool) -> u64 {
-        let mask = if l2less {
-            L1_RESERVED & !L1_CONTIGUOUS
-        } else {
-            L1_RESERVED
-        };
+        let mask = if l2less { L1_RESERVED & !L1_CONTIGUOUS } else { L1_RESERVED };
         self.0 & mask
     }
     /// Validates the entry against the image's cluster size and features.
@@ -51,19 +47,13 @@ impl L1Entry {
         if r != 0 {
             return Err(Error::corrupt(
                 "L1 entry",
-                format!(
-                    "entry {index} ({:#018x}) has reserved bits {r:#x} set",
-                    self.0
-                ),
+                format!("entry {index} ({:#018x}) has reserved bits {r:#x} set", self.0),
             ));
         }
         if self.l2_offset().0 % cluster_size != 0 {
             return Err(Error::corrupt(
                 "L1 entry",
-                format!(
-                    "entry {index} points to unaligned L2 table offset {:#x}",
-                    self.l2_offset().0
-                ),
+                format!("entry {index} points to unaligned L2 table offset {:#x}", self.l2_offset().0),
             ));
         }
         Ok(())
@@ -72,10 +62,7 @@ impl L1Entry {
 
 /// Decodes a big-endian L1 table.
 pub fn decode_table(bytes: &[u8]) -> Vec<L1Entry> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| L1Entry(u64::from_be_bytes(c.try_into().unwrap())))
-        .collect()
+    bytes.chunks_exact(8).map(|c| L1Entry(u64::from_be_bytes(c.try_into().unwrap()))).collect()
 }
 
 /// Encodes an L1 table as big-endian bytes.
@@ -107,16 +94,8 @@ mod tests {
     #[test]
     fn reserved_bits_refused() {
         assert!(L1Entry(0x30000 | 1).validate(3, 65536, false).is_err());
-        assert!(
-            L1Entry(0x30000 | L1_CONTIGUOUS)
-                .validate(3, 65536, false)
-                .is_err()
-        );
-        assert!(
-            L1Entry(0x30000 | L1_CONTIGUOUS)
-                .validate(3, 65536, true)
-                .is_ok()
-        );
+        assert!(L1Entry(0x30000 | L1_CONTIGUOUS).validate(3, 65536, false).is_err());
+        assert!(L1Entry(0x30000 | L1_CONTIGUOUS).validate(3, 65536, true).is_ok());
         assert!(L1Entry(0x30200).validate(3, 65536, false).is_err());
     }
 }

@@ -94,19 +94,12 @@ impl L2Entry {
             let host = e & ((1u64 << x) - 1);
             let sectors = ((e >> x) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
             let len = sectors * 512 - (host & 511);
-            return Ok(ClusterKind::Compressed {
-                host: HostOffset(host),
-                len,
-            });
+            return Ok(ClusterKind::Compressed { host: HostOffset(host), len });
         }
         let host = self.host_offset();
         let copied = self.copied();
         if !g.extended_l2 && e & L2_ZERO != 0 {
-            return Ok(if host.0 == 0 {
-                ClusterKind::ZeroPlain
-            } else {
-                ClusterKind::ZeroAlloc { host, copied }
-            });
+            return Ok(if host.0 == 0 { ClusterKind::ZeroPlain } else { ClusterKind::ZeroAlloc { host, copied } });
         }
         if host.0 == 0 {
             return Ok(ClusterKind::Unallocated);
@@ -114,10 +107,7 @@ impl L2Entry {
         if !g.is_cluster_aligned(host.0) {
             return Err(Error::corrupt(
                 "L2 entry",
-                format!(
-                    "entry {e:#018x} points to unaligned host offset {:#x}",
-                    host.0
-                ),
+                format!("entry {e:#018x} points to unaligned host offset {:#x}", host.0),
             ));
         }
         Ok(ClusterKind::Normal { host, copied })
@@ -163,10 +153,7 @@ pub fn classify(
     if entry.0 & L2_ZERO != 0 {
         return Err(Error::corrupt(
             "L2 entry",
-            format!(
-                "extended L2 entry {:#018x} has bit 0 (reserved with subclusters) set",
-                entry.0
-            ),
+            format!("extended L2 entry {:#018x} has bit 0 (reserved with subclusters) set", entry.0),
         ));
     }
     let alloc = bitmap.alloc();
@@ -232,22 +219,13 @@ pub fn read_entry(g: &Geometry, buf: &[u8], index: usize) -> (L2Entry, Subcluste
         )
     } else {
         let o = index * 8;
-        (
-            L2Entry(u64::from_be_bytes(buf[o..o + 8].try_into().unwrap())),
-            SubclusterBitmap(0),
-        )
+        (L2Entry(u64::from_be_bytes(buf[o..o + 8].try_into().unwrap())), SubclusterBitmap(0))
     }
 }
 
 /// Writes entry `index` into a raw big-endian L2 table buffer.
 #[inline]
-pub fn write_entry(
-    g: &Geometry,
-    buf: &mut [u8],
-    index: usize,
-    entry: L2Entry,
-    bitmap: SubclusterBitmap,
-) {
+pub fn write_entry(g: &Geometry, buf: &mut [u8], index: usize, entry: L2Entry, bitmap: SubclusterBitmap) {
     if g.extended_l2 {
         let o = index * 16;
         buf[o..o + 8].copy_from_slice(&entry.0.to_be_bytes());
@@ -333,17 +311,10 @@ mod tests {
         assert_eq!(L2Entry(1).decode(&g).unwrap(), ClusterKind::ZeroPlain);
         assert_eq!(
             L2Entry(0x50000 | 1 | L2_COPIED).decode(&g).unwrap(),
-            ClusterKind::ZeroAlloc {
-                host: HostOffset(0x50000),
-                copied: true
-            }
+            ClusterKind::ZeroAlloc { host: HostOffset(0x50000), copied: true }
         );
         assert!(L2Entry(0x50200).decode(&g).is_err());
-        assert!(
-            L2Entry(L2_COMPRESSED | L2_COPIED | 0x1234)
-                .decode(&g)
-                .is_err()
-        );
+        assert!(L2Entry(L2_COMPRESSED | L2_COPIED | 0x1234).decode(&g).is_err());
     }
 
     #[test]
@@ -354,9 +325,6 @@ mod tests {
         assert!(classify(&g, L2Entry(0), SubclusterBitmap::from_parts(1, 0), 0, 10).is_err());
         // qemu-img: 4 KiB write at 4 KiB in a 64 KiB cluster gives alloc mask 0xc.
         let (ext, run) = classify(&g, e, SubclusterBitmap::from_parts(0xc, 0), 4096, 8192).unwrap();
-        assert_eq!(
-            (ext, run),
-            (Extent::Data(HostOffset(0x100000 + 4096)), 4096)
-        );
+        assert_eq!((ext, run), (Extent::Data(HostOffset(0x100000 + 4096)), 4096));
     }
 }

@@ -62,11 +62,7 @@ pub fn set(block: &mut [u8], index: u64, order: u32, value: u64) {
 
 /// Largest refcount of width `1 << order`.
 pub fn max_value(order: u32) -> u64 {
-    if order >= 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1u32 << order)) - 1
-    }
+    if order >= 6 { u64::MAX } else { (1u64 << (1u32 << order)) - 1 }
 }
 
 /// One refcount table entry.
@@ -90,19 +86,13 @@ impl RefTableEntry {
         if self.0 % cluster_size != 0 {
             return Err(Error::corrupt(
                 "refcount table entry",
-                format!(
-                    "entry {index} points to unaligned refcount block offset {:#x}",
-                    self.0
-                ),
+                format!("entry {index} points to unaligned refcount block offset {:#x}", self.0),
             ));
         }
         if self.0 & !OFFSET_MASK & !0x1ff != 0 && self.0 > (1u64 << 56) {
             return Err(Error::corrupt(
                 "refcount table entry",
-                format!(
-                    "entry {index} offset {:#x} is beyond the addressable range",
-                    self.0
-                ),
+                format!("entry {index} offset {:#x} is beyond the addressable range", self.0),
             ));
         }
         Ok(())
@@ -111,10 +101,7 @@ impl RefTableEntry {
 
 /// Decodes a big-endian refcount table.
 pub fn decode_table(bytes: &[u8]) -> Vec<RefTableEntry> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| RefTableEntry(u64::from_be_bytes(c.try_into().unwrap())))
-        .collect()
+    bytes.chunks_exact(8).map(|c| RefTableEntry(u64::from_be_bytes(c.try_into().unwrap()))).collect()
 }
 
 /// Encodes a refcount table.

@@ -35,9 +35,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Virtual disk size recorded in the extra data, if present.
     pub fn disk_size(&self) -> Option<u64> {
-        self.extra
-            .get(8..16)
-            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+        self.extra.get(8..16).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
     }
 }
 
@@ -94,10 +92,7 @@ pub fn parse_table(buf: &[u8], n: u32) -> Result<Vec<Snapshot>> {
     let mut off = 0;
     for i in 0..n {
         if buf.len() < off + FIXED_LEN {
-            return Err(Error::corrupt(
-                "snapshot table",
-                format!("entry {i} lies past the end of the table"),
-            ));
+            return Err(Error::corrupt("snapshot table", format!("entry {i} lies past the end of the table")));
         }
         let (s, len) = parse_entry(&buf[off..])?;
         out.push(s);
@@ -157,11 +152,6 @@ mod tests {
         assert!(parse_table(&[0u8; 20], 1).is_err());
         let mut e = vec![0u8; 40];
         e[36..40].copy_from_slice(&5000u32.to_be_bytes());
-        assert!(
-            parse_table(&e, 1)
-                .unwrap_err()
-                .to_string()
-                .contains("extra_data_size")
-        );
+        assert!(parse_table(&e, 1).unwrap_err().to_string().contains("extra_data_size"));
     }
 }

@@ -21,28 +21,11 @@ impl ImageFile {
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
         let mut o = OpenOptions::new();
         o.read(true).write(writable);
-        match o
-            .clone()
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-            .open(path)
-        {
-            Ok(file) => Ok(ImageFile {
-                file,
-                path: path.to_path_buf(),
-                direct: true,
-                writable,
-            }),
+        match o.clone().custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path) {
+            Ok(file) => Ok(ImageFile { file, path: path.to_path_buf(), direct: true, writable }),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let file = o
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(path)
-                    .map_err(|e| open_err(path, e))?;
-                Ok(ImageFile {
-                    file,
-                    path: path.to_path_buf(),
-                    direct: false,
-                    writable,
-                })
+                let file = o.custom_flags(libc::O_CLOEXEC).open(path).map_err(|e| open_err(path, e))?;
+                Ok(ImageFile { file, path: path.to_path_buf(), direct: false, writable })
             }
             Err(e) => Err(open_err(path, e)),
         }
@@ -70,10 +53,7 @@ impl ImageFile {
 
     /// Current file length (fstat).
     pub fn len(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(format!("stat {}", self.path.display()), e))
+        self.file.metadata().map(|m| m.len()).map_err(|e| Error::io(format!("stat {}", self.path.display()), e))
     }
 
     /// Is the file empty?

@@ -16,9 +16,7 @@ impl SyncRing {
     /// Creates a ring with a few entries.
     pub fn new() -> Result<Self> {
         let ring = IoUring::new(8).map_err(|e| Error::io("io_uring_setup", e))?;
-        Ok(SyncRing {
-            ring: Mutex::new(ring),
-        })
+        Ok(SyncRing { ring: Mutex::new(ring) })
     }
 
     fn run(&self, sqe: io_uring::squeue::Entry, what: &str) -> Result<i32> {
@@ -26,9 +24,7 @@ impl SyncRing {
         // SAFETY: the buffers referenced by `sqe` are borrowed by our caller for the whole
         // call, and we wait for this SQE's completion before returning.
         unsafe {
-            ring.submission()
-                .push(&sqe)
-                .map_err(|_| Error::InvalidRequest("sync ring full".into()))?;
+            ring.submission().push(&sqe).map_err(|_| Error::InvalidRequest("sync ring full".into()))?;
         }
         loop {
             match ring.submit_and_wait(1) {
@@ -37,10 +33,7 @@ impl SyncRing {
                 Err(e) => return Err(Error::io("io_uring_enter", e)),
             }
         }
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| Error::InvalidRequest("no completion".into()))?;
+        let cqe = ring.completion().next().ok_or_else(|| Error::InvalidRequest("no completion".into()))?;
         let res = cqe.result();
         if res < 0 {
             return Err(Error::errno(what.to_string(), -res));
@@ -59,9 +52,7 @@ impl SyncRing {
             let chunk = (buf.len() - done).min(1 << 30);
             // SAFETY: pointer and length lie inside `buf`, alive for the call.
             let ptr = unsafe { buf.as_mut_ptr().add(done) };
-            let sqe = opcode::Read::new(types::Fd(fd), ptr, chunk as u32)
-                .offset(start + done as u64)
-                .build();
+            let sqe = opcode::Read::new(types::Fd(fd), ptr, chunk as u32).offset(start + done as u64).build();
             let n = self.run(sqe, "read")? as usize;
             if n == 0 {
                 break;
@@ -106,9 +97,8 @@ impl SyncRing {
         while done < buf.len() {
             // SAFETY: pointer and length lie inside `buf`, alive for the call.
             let ptr = unsafe { buf.as_ptr().add(done) };
-            let sqe = opcode::Write::new(types::Fd(fd), ptr, (buf.len() - done) as u32)
-                .offset(start + done as u64)
-                .build();
+            let sqe =
+                opcode::Write::new(types::Fd(fd), ptr, (buf.len() - done) as u32).offset(start + done as u64).build();
             let n = self.run(sqe, "write")? as usize;
             if n == 0 {
                 return Err(Error::errno("write", libc::EIO));
@@ -120,18 +110,13 @@ impl SyncRing {
 
     /// fdatasync through io_uring.
     pub fn fdatasync(&self, fd: i32) -> Result<()> {
-        let sqe = opcode::Fsync::new(types::Fd(fd))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
+        let sqe = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
         self.run(sqe, "fdatasync").map(|_| ())
     }
 
     /// fallocate through io_uring.
     pub fn fallocate(&self, fd: i32, off: u64, len: u64, mode: i32) -> Result<()> {
-        let sqe = opcode::Fallocate::new(types::Fd(fd), len)
-            .offset(off)
-            .mode(mode)
-            .build();
+        let sqe = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();
         self.run(sqe, "fallocate").map(|_| ())
     }
 }

@@ -109,11 +109,7 @@ impl MetaCache {
 
     /// (hits, misses, evictions) so far.
     pub fn stats(&self) -> (u64, u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-            self.evictions.load(Ordering::Relaxed),
-        )
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed), self.evictions.load(Ordering::Relaxed))
     }
 
     #[inline]
@@ -190,11 +186,7 @@ impl MetaCache {
         for s in range.clone() {
             let c = self.ctl[s].load(Ordering::Acquire);
             if c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK != ST_EMPTY {
-                return if c & ST_MASK == ST_VALID {
-                    Claim::Present(SlotId(s as u32))
-                } else {
-                    Claim::Busy
-                };
+                return if c & ST_MASK == ST_VALID { Claim::Present(SlotId(s as u32)) } else { Claim::Busy };
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -211,10 +203,7 @@ impl MetaCache {
             }
             let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
             let new = kb | g | ST_LOADING;
-            if self.ctl[s]
-                .compare_exchange(c, new, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
+            if self.ctl[s].compare_exchange(c, new, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                 if c & ST_MASK == ST_VALID {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -271,12 +260,7 @@ impl MetaCache {
                 if c & !(GEN_MASK | PIN_MASK) != kb | ST_VALID || c & PIN_MASK == PIN_MASK {
                     break;
                 }
-                match self.ctl[s].compare_exchange_weak(
-                    c,
-                    c + PIN_ONE,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
+                match self.ctl[s].compare_exchange_weak(c, c + PIN_ONE, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => return Some(SlotId(s as u32)),
                     Err(now) => c = now,
                 }
@@ -293,8 +277,7 @@ impl MetaCache {
 
     /// Stores big-endian word `word` into a pinned slot.
     pub fn store_word(&self, slot: SlotId, word: usize, value: u64) {
-        self.word_ptr(slot.0 as usize, word)
-            .store(value.to_be(), Ordering::Release);
+        self.word_ptr(slot.0 as usize, word).store(value.to_be(), Ordering::Release);
     }
 }
 
@@ -336,9 +319,7 @@ mod tests {
             load(&c, (k + 1) << 16, k * 1000);
             assert_eq!(c.read_word((k + 1) << 16, 1), Some(k * 1000 + 1));
         }
-        let live = (0..100u64)
-            .filter(|k| c.read_word((k + 1) << 16, 0).is_some())
-            .count();
+        let live = (0..100u64).filter(|k| c.read_word((k + 1) << 16, 0).is_some()).count();
         assert!(live <= WAYS);
         assert!(c.stats().2 >= 92);
     }

@@ -36,10 +36,7 @@ impl Image {
         if l2_off == 0 {
             return Ok(None);
         }
-        if l2_off
-            .checked_add(g.cluster_size())
-            .is_none_or(|e| e > self.file_len())
-        {
+        if l2_off.checked_add(g.cluster_size()).is_none_or(|e| e > self.file_len()) {
             return Err(Error::corrupt(
                 "L1 entry",
                 format!(
@@ -62,14 +59,9 @@ impl Image {
     pub(crate) fn lookup(&self, off: GuestOffset, len: u64) -> Result<Lookup> {
         let g = &self.geo;
         let in_cluster = g.offset_in_cluster(off.0);
-        let len = len
-            .min(g.cluster_size() - in_cluster)
-            .min(self.size - off.0);
+        let len = len.min(g.cluster_size() - in_cluster).min(self.size - off.0);
         let Some(slot) = self.l2_slot(off)? else {
-            return Ok(Lookup::Mapped {
-                extent: Extent::Unallocated,
-                len,
-            });
+            return Ok(Lookup::Mapped { extent: Extent::Unallocated, len });
         };
         let (entry, bitmap) = if g.extended_l2 {
             match self.l2_cache.read_pair(slot.key, slot.word) {
@@ -82,28 +74,17 @@ impl Image {
                 None => return Ok(Lookup::Miss { key: slot.key }),
             }
         };
-        let (extent, len) =
-            l2::classify(g, entry, bitmap, in_cluster, len).map_err(|e| match e {
-                Error::Corrupt { what, detail } => Error::corrupt(
-                    what,
-                    format!(
-                        "{detail} (guest offset {:#x}, L2 slice at {:#x})",
-                        off.0, slot.key
-                    ),
-                ),
-                e => e,
-            })?;
+        let (extent, len) = l2::classify(g, entry, bitmap, in_cluster, len).map_err(|e| match e {
+            Error::Corrupt { what, detail } => {
+                Error::corrupt(what, format!("{detail} (guest offset {:#x}, L2 slice at {:#x})", off.0, slot.key))
+            }
+            e => e,
+        })?;
         if let Extent::Data(h) = extent {
-            if h.0
-                .checked_add(len)
-                .is_none_or(|e| e > self.file_len().div_ceil(g.cluster_size()) * g.cluster_size())
-            {
+            if h.0.checked_add(len).is_none_or(|e| e > self.file_len().div_ceil(g.cluster_size()) * g.cluster_size()) {
                 return Err(Error::corrupt(
                     "L2 entry",
-                    format!(
-                        "guest offset {:#x} maps to host offset {:#x}, past the end of the file",
-                        off.0, h.0
-                    ),
+                    format!("guest offset {:#x} maps to host offset {:#x}, past the end of the file", off.0, h.0),
                 ));
             }
         }

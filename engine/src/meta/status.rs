@@ -45,13 +45,7 @@ impl Image {
                     match r {
                         Ok((buf, valid)) if valid == len => {
                             // SAFETY: we own the slot in loading state; it holds `len` bytes.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    buf.as_ptr(),
-                                    self.l2_cache.slot_ptr(slot),
-                                    len,
-                                )
-                            };
+                            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.l2_cache.slot_ptr(slot), len) };
                             self.l2_cache.complete_load(slot);
                             return Ok(());
                         }

@@ -31,11 +31,7 @@ pub struct QueueOptions {
 
 impl Default for QueueOptions {
     fn default() -> Self {
-        QueueOptions {
-            ring_entries: 256,
-            sqpoll: false,
-            register_buffers: false,
-        }
+        QueueOptions { ring_entries: 256, sqpoll: false, register_buffers: false }
     }
 }
 
@@ -43,17 +39,9 @@ impl Default for QueueOptions {
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
     /// Read `len` bytes at `offset` into `buf`.
-    Read {
-        offset: u64,
-        buf: *mut u8,
-        len: usize,
-    },
+    Read { offset: u64, buf: *mut u8, len: usize },
     /// Write `len` bytes at `offset` from `buf`.
-    Write {
-        offset: u64,
-        buf: *const u8,
-        len: usize,
-    },
+    Write { offset: u64, buf: *const u8, len: usize },
     /// Make every completed write durable.
     Flush,
     /// Discard a range (reads zeros or backing data afterwards).
@@ -108,19 +96,9 @@ pub(crate) enum ReqKind {
 /// What one SQE is for.
 pub(crate) enum Io {
     /// Data read straight into the guest buffer.
-    Data {
-        req: usize,
-        dst: *mut u8,
-        len: usize,
-    },
+    Data { req: usize, dst: *mut u8, len: usize },
     /// Data read through an aligned bounce buffer.
-    Bounce {
-        req: usize,
-        buf: AlignedBuf,
-        skip: usize,
-        dst: *mut u8,
-        len: usize,
-    },
+    Bounce { req: usize, buf: AlignedBuf, skip: usize, dst: *mut u8, len: usize },
     /// A compressed cluster read; decompressed into `dst` on completion.
     Compressed {
         req: usize,
@@ -133,12 +111,7 @@ pub(crate) enum Io {
         len: usize,
     },
     /// An L2 slice load into a cache slot.
-    Load {
-        layer: Arc<Image>,
-        slot: SlotId,
-        key: u64,
-        len: usize,
-    },
+    Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
     /// An fdatasync for a flush request.
     Flush { req: usize },
 }
@@ -160,14 +133,20 @@ pub struct Queue {
 impl Queue {
     /// Creates a queue with its own io_uring on `image`.
     pub fn new(image: &Arc<Image>, opts: &QueueOptions) -> Result<Queue> {
-        let mut b = IoUring::builder();
-        b.setup_cqsize(opts.ring_entries.max(8) * 4);
-        if opts.sqpoll {
-            b.setup_sqpoll(1000);
-        }
-        let ring = b
-            .build(opts.ring_entries.max(8))
-            .map_err(|e| Error::io("io_uring_setup", e))?;
+        let entries = opts.ring_entries.max(8);
+        let build = |defer: bool| {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(entries * 4);
+            if opts.sqpoll {
+                b.setup_sqpoll(1000);
+            } else if defer {
+                // Completions are posted when this thread asks for them: no IPIs from io-wq
+                // workers, and task work batches with our own io_uring_enter calls.
+                b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_defer_taskrun();
+            }
+            b.build(entries)
+        };
+        let ring = build(true).or_else(|_| build(false)).map_err(|e| Error::io("io_uring_setup", e))?;
         Ok(Queue {
             image: image.clone(),
             ring,
@@ -266,7 +245,9 @@ impl Queue {
 
     /// Pushes queued SQEs to the kernel (one `io_uring_enter`). Never blocks.
     pub fn commit(&mut self) -> Result<()> {
-        if self.unsubmitted == 0 {
+        // Enter the kernel when SQEs are queued, or when deferred task work (completions)
+        // is waiting to be posted.
+        if self.unsubmitted == 0 && !self.ring.submission().taskrun() {
             return Ok(());
         }
         loop {
@@ -285,14 +266,10 @@ impl Queue {
 
     /// Moves finished requests into `out`, waiting until at least `min` are available or
     /// `timeout` passes (`None`: no limit; `Some(ZERO)`: do not wait). Returns the count.
-    pub fn reap(
-        &mut self,
-        out: &mut Vec<Completion>,
-        min: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
+    pub fn reap(&mut self, out: &mut Vec<Completion>, min: usize, timeout: Option<Duration>) -> Result<usize> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
+            self.commit()?;
             self.process_cqes();
             self.retry_parked();
             self.commit()?;
@@ -309,9 +286,7 @@ impl Queue {
             // regularly to retry them.
             let mut wait = deadline.map(|d| d - now);
             if !self.parked.is_empty() && self.ios.is_empty() {
-                wait = Some(wait.map_or(Duration::from_micros(50), |w| {
-                    w.min(Duration::from_micros(50))
-                }));
+                wait = Some(wait.map_or(Duration::from_micros(50), |w| w.min(Duration::from_micros(50))));
             }
             self.wait_cqe(wait)?;
         }
@@ -324,23 +299,14 @@ impl Queue {
         let r = match wait {
             None => self.ring.submit_and_wait(1),
             Some(d) => {
-                let ts = io_uring::types::Timespec::new()
-                    .sec(d.as_secs())
-                    .nsec(d.subsec_nanos());
+                let ts = io_uring::types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
                 let args = io_uring::types::SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(1, &args)
             }
         };
         match r {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY)) => Ok(()),
             Err(e) => Err(Error::io("io_uring_enter", e)),
         }
     }
@@ -394,13 +360,7 @@ impl Queue {
                 }
                 self.io_done(req);
             }
-            Io::Bounce {
-                req,
-                buf,
-                skip,
-                dst,
-                len,
-            } => {
+            Io::Bounce { req, buf, skip, dst, len } => {
                 if res < 0 {
                     self.fail(req, res);
                 } else {
@@ -413,54 +373,30 @@ impl Queue {
                 }
                 self.io_done(req);
             }
-            Io::Compressed {
-                req,
-                buf,
-                skip,
-                clen,
-                layer,
-                in_cluster,
-                dst,
-                len,
-            } => {
+            Io::Compressed { req, buf, skip, clen, layer, in_cluster, dst, len } => {
                 if res < 0 {
                     self.fail(req, res);
                 } else {
                     let avail = (res as usize).saturating_sub(skip).min(clen);
                     let mut cluster = vec![0u8; layer.geo.cluster_size() as usize];
-                    match crate::format::compress::decompress(
-                        layer.compression,
-                        &buf[skip..skip + avail],
-                        &mut cluster,
-                    ) {
+                    match crate::format::compress::decompress(layer.compression, &buf[skip..skip + avail], &mut cluster)
+                    {
                         Ok(()) => {
                             // SAFETY: dst..dst+len is inside the guest buffer.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    cluster.as_ptr().add(in_cluster),
-                                    dst,
-                                    len,
-                                )
-                            };
+                            unsafe { std::ptr::copy_nonoverlapping(cluster.as_ptr().add(in_cluster), dst, len) };
                         }
                         Err(_) => self.fail(req, -libc::EIO),
                     }
                 }
                 self.io_done(req);
             }
-            Io::Load {
-                layer,
-                slot,
-                key,
-                len,
-            } => {
+            Io::Load { layer, slot, key, len } => {
                 if res < 0 || (res as usize) < len {
                     layer.l2_cache.abort_load(slot);
                     // Fail the requests parked on this slice.
                     let err = if res < 0 { res } else { -libc::EIO };
-                    let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
-                        .into_iter()
-                        .partition(|&(_, k)| k == key);
+                    let (hit, keep): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut self.parked).into_iter().partition(|&(_, k)| k == key);
                     self.parked = keep;
                     for (id, _) in hit {
                         self.reqs[id].parked = false;
@@ -537,10 +473,7 @@ impl Queue {
             }
             self.details.push_back((r.user_data, d));
         }
-        self.done.push(Completion {
-            user_data: r.user_data,
-            result: r.error,
-        });
+        self.done.push(Completion { user_data: r.user_data, result: r.error });
     }
 
     fn retry_parked(&mut self) {
@@ -557,11 +490,7 @@ impl Queue {
 
     /// Blocking helper: reads `buf.len()` bytes at `offset`.
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let op = Op::Read {
-            offset,
-            buf: buf.as_mut_ptr(),
-            len: buf.len(),
-        };
+        let op = Op::Read { offset, buf: buf.as_mut_ptr(), len: buf.len() };
         self.run_one(op)
     }
 
@@ -584,9 +513,7 @@ impl Queue {
                 if c.result == 0 {
                     return Ok(());
                 }
-                return Err(self
-                    .error_detail(TAG)
-                    .unwrap_or_else(|| Error::errno("request", -c.result)));
+                return Err(self.error_detail(TAG).unwrap_or_else(|| Error::errno("request", -c.result)));
             }
         }
     }
@@ -607,14 +534,10 @@ impl Drop for Queue {
 
 fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     if offset % 512 != 0 || len % 512 != 0 {
-        return Err(Error::InvalidRequest(format!(
-            "offset {offset} and length {len} must be multiples of 512"
-        )));
+        return Err(Error::InvalidRequest(format!("offset {offset} and length {len} must be multiples of 512")));
     }
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(Error::InvalidRequest(format!(
-            "range {offset}+{len} is past the end of the image ({size} bytes)"
-        ))),
+        _ => Err(Error::InvalidRequest(format!("range {offset}+{len} is past the end of the image ({size} bytes)"))),
     }
 }

@@ -19,13 +19,7 @@ enum Piece {
     /// `len` bytes of zeros.
     Zero { len: u64 },
     /// Part of a compressed cluster of `layer`.
-    Compressed {
-        layer: Arc<Image>,
-        host: u64,
-        clen: u64,
-        in_cluster: u64,
-        len: u64,
-    },
+    Compressed { layer: Arc<Image>, host: u64, clen: u64, in_cluster: u64, len: u64 },
     /// `layer` needs the L2 slice at `key`.
     Miss { layer: Arc<Image>, key: u64 },
 }
@@ -42,22 +36,12 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
             Lookup::Miss { key } => return Ok(Piece::Miss { layer, key }),
             Lookup::Mapped { extent, len: n } => match extent {
                 Extent::Data(h) => {
-                    return Ok(Piece::Data {
-                        fd: layer.file.fd(),
-                        host: h.0,
-                        len: n,
-                    });
+                    return Ok(Piece::Data { fd: layer.file.fd(), host: h.0, len: n });
                 }
                 Extent::Zero => return Ok(Piece::Zero { len: n }),
                 Extent::Compressed { host, len: clen } => {
                     let in_cluster = layer.geo.offset_in_cluster(off);
-                    return Ok(Piece::Compressed {
-                        layer,
-                        host: host.0,
-                        clen,
-                        in_cluster,
-                        len: n,
-                    });
+                    return Ok(Piece::Compressed { layer, host: host.0, clen, in_cluster, len: n });
                 }
                 Extent::Unallocated => match &layer.backing {
                     None => return Ok(Piece::Zero { len: n }),
@@ -65,11 +49,7 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
                         if off >= raw.size {
                             return Ok(Piece::Zero { len: n });
                         }
-                        return Ok(Piece::Data {
-                            fd: raw.file.fd(),
-                            host: off,
-                            len: n,
-                        });
+                        return Ok(Piece::Data { fd: raw.file.fd(), host: off, len: n });
                     }
                     Some(Backing::Qcow2(b)) => {
                         let b = b.clone();
@@ -125,13 +105,7 @@ impl Queue {
                     unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
                     self.reqs[id].cursor += len;
                 }
-                Piece::Compressed {
-                    layer,
-                    host,
-                    clen,
-                    in_cluster,
-                    len,
-                } => {
+                Piece::Compressed { layer, host, clen, in_cluster, len } => {
                     if let Some(r) = run.take() {
                         self.issue_data(id, r);
                     }
@@ -152,10 +126,8 @@ impl Queue {
                         dst,
                         len: len as usize,
                     });
-                    let sqe = opcode::Read::new(types::Fd(fd), ptr, total as u32)
-                        .offset(start)
-                        .build()
-                        .user_data(io as u64);
+                    let sqe =
+                        opcode::Read::new(types::Fd(fd), ptr, total as u32).offset(start).build().user_data(io as u64);
                     self.reqs[id].pending += 1;
                     self.reqs[id].cursor += len;
                     self.push(sqe);
@@ -168,12 +140,7 @@ impl Queue {
                             let len = layer.l2_cache.slot_size();
                             let ptr = layer.l2_cache.slot_ptr(slot);
                             let fd = layer.file.fd();
-                            let io = self.ios.insert(Io::Load {
-                                layer,
-                                slot,
-                                key,
-                                len,
-                            });
+                            let io = self.ios.insert(Io::Load { layer, slot, key, len });
                             let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32)
                                 .offset(key)
                                 .build()
@@ -204,39 +171,16 @@ impl Queue {
         let dst = self.dst(id, guest);
         let aligned = (dst as usize) % 512 == 0 && host % 512 == 0 && len % 512 == 0;
         let (io, ptr, off, n) = if aligned {
-            (
-                self.ios.insert(Io::Data {
-                    req: id,
-                    dst,
-                    len: len as usize,
-                }),
-                dst,
-                host,
-                len,
-            )
+            (self.ios.insert(Io::Data { req: id, dst, len: len as usize }), dst, host, len)
         } else {
             let start = host & !511;
             let skip = (host - start) as usize;
             let total = (skip as u64 + len).div_ceil(512) * 512;
             let mut buf = AlignedBuf::new(total as usize);
             let ptr = buf.as_mut_ptr();
-            (
-                self.ios.insert(Io::Bounce {
-                    req: id,
-                    buf,
-                    skip,
-                    dst,
-                    len: len as usize,
-                }),
-                ptr,
-                start,
-                total,
-            )
+            (self.ios.insert(Io::Bounce { req: id, buf, skip, dst, len: len as usize }), ptr, start, total)
         };
-        let sqe = opcode::Read::new(types::Fd(fd), ptr, n as u32)
-            .offset(off)
-            .build()
-            .user_data(io as u64);
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, n as u32).offset(off).build().user_data(io as u64);
         self.reqs[id].pending += 1;
         self.push(sqe);
     }

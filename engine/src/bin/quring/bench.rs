@@ -72,24 +72,14 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         "writethrough" => quring::image::CacheMode::Writethrough,
         c => return Err(format!("Invalid cache mode '{c}'").into()),
     };
-    let cache = if a.cache == "directsync" {
-        quring::image::CacheMode::Writethrough
-    } else {
-        cache
-    };
-    let opts = Options {
-        read_only: !a.write,
-        cache,
-        ..Options::default()
-    };
-    let img = Image::open(&a.image, &opts)
-        .map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    let cache = if a.cache == "directsync" { quring::image::CacheMode::Writethrough } else { cache };
+    let opts = Options { read_only: !a.write, cache, ..Options::default() };
+    let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let size = img.size();
     if bufsize == 0 || bufsize > size || bufsize % 512 != 0 {
-        return Err(format!(
-            "request size {bufsize} must be a non-zero multiple of 512 no larger than the image"
-        )
-        .into());
+        return Err(
+            format!("request size {bufsize} must be a non-zero multiple of 512 no larger than the image").into()
+        );
     }
     if !a.quiet {
         println!(
@@ -102,10 +92,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let mut q = Queue::new(
         &img,
-        &QueueOptions {
-            ring_entries: (a.depth as u32 * 2).next_power_of_two().max(64),
-            ..Default::default()
-        },
+        &QueueOptions { ring_entries: (a.depth as u32 * 2).next_power_of_two().max(64), ..Default::default() },
     )?;
     let depth = a.depth.max(1);
     let mut bufs: Vec<AlignedBuf> = (0..depth)
@@ -143,26 +130,13 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             let Some(slot) = free.pop() else { break };
             let off = next_off(&mut rng);
             let op = if a.write {
-                Op::Write {
-                    offset: off,
-                    buf: bufs[slot].as_ptr(),
-                    len: bufsize as usize,
-                }
+                Op::Write { offset: off, buf: bufs[slot].as_ptr(), len: bufsize as usize }
             } else {
-                Op::Read {
-                    offset: off,
-                    buf: bufs[slot].as_mut_ptr(),
-                    len: bufsize as usize,
-                }
+                Op::Read { offset: off, buf: bufs[slot].as_mut_ptr(), len: bufsize as usize }
             };
             started[slot] = Instant::now();
             // SAFETY: bufs[slot] is not touched again until its completion is reaped.
-            unsafe {
-                q.submit(Request {
-                    op,
-                    user_data: slot as u64,
-                })?
-            };
+            unsafe { q.submit(Request { op, user_data: slot as u64 })? };
             issued += 1;
         }
         q.commit()?;

@@ -48,9 +48,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     match a.out_format.as_str() {
         "raw" => {}
         "qcow2" => {
-            return Err(
-                "convert -O qcow2 needs the write path, which is not implemented yet".into(),
-            );
+            return Err("convert -O qcow2 needs the write path, which is not implemented yet".into());
         }
         o => return Err(format!("Unknown output format '{o}' (use raw or qcow2)").into()),
     }
@@ -64,19 +62,14 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let pb = if a.progress || std::io::stderr().is_terminal() {
         let pb = ProgressBar::new(size);
         pb.set_style(
-            ProgressStyle::with_template(
-                "    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes}",
-            )
-            .unwrap(),
+            ProgressStyle::with_template("    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes}").unwrap(),
         );
         Some(pb)
     } else {
         None
     };
     let mut q = Queue::new(&img, &QueueOptions::default())?;
-    let mut bufs: Vec<quring::io::AlignedBuf> = (0..DEPTH)
-        .map(|_| quring::io::AlignedBuf::new(CHUNK))
-        .collect();
+    let mut bufs: Vec<quring::io::AlignedBuf> = (0..DEPTH).map(|_| quring::io::AlignedBuf::new(CHUNK)).collect();
     let mut free: Vec<usize> = (0..DEPTH).collect();
     let mut offsets = vec![0u64; DEPTH];
     let mut next = 0u64;
@@ -90,16 +83,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             offsets[slot] = next;
             let buf = bufs[slot].as_mut_ptr();
             // SAFETY: bufs[slot] stays allocated and untouched until its completion.
-            unsafe {
-                q.submit(Request {
-                    op: Op::Read {
-                        offset: next,
-                        buf,
-                        len,
-                    },
-                    user_data: slot as u64,
-                })?
-            };
+            unsafe { q.submit(Request { op: Op::Read { offset: next, buf, len }, user_data: slot as u64 })? };
             next += len as u64;
             inflight += 1;
         }

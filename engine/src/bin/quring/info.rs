@@ -30,8 +30,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             return Err(format!("unsupported format '{f}' (quring handles qcow2)").into());
         }
     }
-    let img =
-        open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    let img = open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let v = info_json(&img, &a.image)?;
     match a.output.as_str() {
         "json" => println!("{}", serde_json::to_string_pretty(&v)?),
@@ -54,14 +53,8 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
         data.insert("compression-type".into(), json!(h.compression_type.name()));
         data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
         data.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
-        data.insert(
-            "corrupt".into(),
-            json!(h.incompatible_features & feature::INCOMPAT_CORRUPT != 0),
-        );
-        data.insert(
-            "extended-l2".into(),
-            json!(h.incompatible_features & feature::INCOMPAT_EXTL2 != 0),
-        );
+        data.insert("corrupt".into(), json!(h.incompatible_features & feature::INCOMPAT_CORRUPT != 0));
+        data.insert("extended-l2".into(), json!(h.incompatible_features & feature::INCOMPAT_EXTL2 != 0));
     }
     let mut v = Map::new();
     if !img.snapshots().is_empty() {
@@ -69,10 +62,7 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
             .snapshots()
             .iter()
             .map(|s| {
-                let icount = s
-                    .extra
-                    .get(16..24)
-                    .map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+                let icount = s.extra.get(16..24).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
                 let mut m = Map::new();
                 if let Some(ic) = icount {
                     if ic != u64::MAX {
@@ -87,15 +77,9 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
                 m.insert("vm-state-size".into(), json!(vmsize));
                 m.insert("date-sec".into(), json!(s.date_sec));
                 m.insert("date-nsec".into(), json!(s.date_nsec));
-                m.insert(
-                    "vm-clock-nsec".into(),
-                    json!(s.vm_clock_nsec % 1_000_000_000),
-                );
+                m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
                 m.insert("name".into(), json!(s.name));
-                m.insert(
-                    "vm-clock-sec".into(),
-                    json!(s.vm_clock_nsec / 1_000_000_000),
-                );
+                m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
                 m.insert("id".into(), json!(s.id));
                 Value::Object(m)
             })
@@ -112,22 +96,13 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
     v.insert("cluster-size".into(), json!(img.geometry().cluster_size()));
     v.insert("format".into(), json!("qcow2"));
     v.insert("actual-size".into(), json!(md.blocks() * 512));
-    v.insert(
-        "format-specific".into(),
-        json!({"type": "qcow2", "data": Value::Object(data)}),
-    );
+    v.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(data)}));
     if let Some(b) = &h.backing_file {
         let full = quring::image::resolve_backing_path(path, b);
-        v.insert(
-            "full-backing-filename".into(),
-            json!(full.display().to_string()),
-        );
+        v.insert("full-backing-filename".into(), json!(full.display().to_string()));
         v.insert("backing-filename".into(), json!(b));
     }
-    v.insert(
-        "dirty-flag".into(),
-        json!(h.incompatible_features & feature::INCOMPAT_DIRTY != 0),
-    );
+    v.insert("dirty-flag".into(), json!(h.incompatible_features & feature::INCOMPAT_DIRTY != 0));
     Ok(Value::Object(v))
 }
 
@@ -137,10 +112,7 @@ fn human(img: &Image, v: &Value) -> String {
     s += &format!("image: {}\n", v["filename"].as_str().unwrap_or(""));
     s += "file format: qcow2\n";
     s += &format!("virtual size: {} ({size} bytes)\n", human_size(size));
-    s += &format!(
-        "disk size: {}\n",
-        human_size(v["actual-size"].as_u64().unwrap_or(0))
-    );
+    s += &format!("disk size: {}\n", human_size(v["actual-size"].as_u64().unwrap_or(0)));
     s += &format!("cluster_size: {}\n", img.geometry().cluster_size());
     if let Some(b) = v.get("backing-filename").and_then(|b| b.as_str()) {
         s += &format!("backing file: {b}");
@@ -155,10 +127,8 @@ fn human(img: &Image, v: &Value) -> String {
     }
     if !img.snapshots().is_empty() {
         s += "Snapshot list:\n";
-        s += &format!(
-            "{:<4} {:<17} {:>8} {:>19} {:>15} {:>10}\n",
-            "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
-        );
+        s +=
+            &format!("{:<4} {:<17} {:>8} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
         for sn in img.snapshots() {
             s += &format!(
                 "{:<4} {:<17} {:>8} {:>19} {:>15}\n",

@@ -30,25 +30,9 @@ pub struct Args {
 }
 
 enum Cmd {
-    Read {
-        pattern: Option<u8>,
-        off: u64,
-        len: u64,
-        quiet: bool,
-    },
-    Write {
-        pattern: u8,
-        zero: bool,
-        unmap: bool,
-        off: u64,
-        len: u64,
-        quiet: bool,
-    },
-    Discard {
-        off: u64,
-        len: u64,
-        quiet: bool,
-    },
+    Read { pattern: Option<u8>, off: u64, len: u64, quiet: bool },
+    Write { pattern: u8, zero: bool, unmap: bool, off: u64, len: u64, quiet: bool },
+    Discard { off: u64, len: u64, quiet: bool },
     Flush,
 }
 
@@ -80,10 +64,7 @@ fn parse_cmd(c: &str) -> Result<Cmd, String> {
             "-u" => unmap = true,
             "-q" => quiet = true,
             "-v" | "-C" | "-F" | "-f" | "-n" | "-a" | "-p" => {}
-            w if w.starts_with('-')
-                && w.len() > 1
-                && !w[1..].starts_with(|c: char| c.is_ascii_digit()) =>
-            {
+            w if w.starts_with('-') && w.len() > 1 && !w[1..].starts_with(|c: char| c.is_ascii_digit()) => {
                 return Err(format!("{name}: unsupported option '{w}'"));
             }
             w => pos.push(w),
@@ -99,35 +80,21 @@ fn parse_cmd(c: &str) -> Result<Cmd, String> {
     match *name {
         "read" => {
             let (off, len) = two(&pos)?;
-            Ok(Cmd::Read {
-                pattern,
-                off,
-                len,
-                quiet,
-            })
+            Ok(Cmd::Read { pattern, off, len, quiet })
         }
         "write" => {
             let (off, len) = two(&pos)?;
             if unmap && !zero {
                 return Err("write: -u requires -z".into());
             }
-            Ok(Cmd::Write {
-                pattern: pattern.unwrap_or(0xcd),
-                zero,
-                unmap,
-                off,
-                len,
-                quiet,
-            })
+            Ok(Cmd::Write { pattern: pattern.unwrap_or(0xcd), zero, unmap, off, len, quiet })
         }
         "discard" => {
             let (off, len) = two(&pos)?;
             Ok(Cmd::Discard { off, len, quiet })
         }
         "flush" => Ok(Cmd::Flush),
-        other => Err(format!(
-            "command '{other}' is not supported (read, write, discard, flush)"
-        )),
+        other => Err(format!("command '{other}' is not supported (read, write, discard, flush)")),
     }
 }
 
@@ -148,39 +115,22 @@ fn report(verb: &str, off: u64, len: u64, t: f64) {
 }
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    let cmds: Vec<Cmd> = a
-        .cmds
-        .iter()
-        .map(|c| parse_cmd(c))
-        .collect::<Result<_, _>>()?;
+    let cmds: Vec<Cmd> = a.cmds.iter().map(|c| parse_cmd(c)).collect::<Result<_, _>>()?;
     let writes = cmds.iter().any(|c| !matches!(c, Cmd::Read { .. }));
-    let opts = Options {
-        read_only: a.read_only || !writes,
-        force_share: a.force_share,
-        ..Options::default()
-    };
-    let img = Image::open(&a.image, &opts)
-        .map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
+    let opts = Options { read_only: a.read_only || !writes, force_share: a.force_share, ..Options::default() };
+    let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
     let mut q = Queue::new(&img, &QueueOptions::default())?;
     let mut status = 0u8;
     for c in cmds {
         match c {
-            Cmd::Read {
-                pattern,
-                off,
-                len,
-                quiet,
-            } => {
+            Cmd::Read { pattern, off, len, quiet } => {
                 let mut buf = AlignedBuf::new(len as usize);
                 let t = Instant::now();
                 match q.read_at(&mut buf, off) {
                     Ok(()) => {
                         if let Some(p) = pattern {
                             if let Some(bad) = buf.iter().position(|&b| b != p) {
-                                println!(
-                                    "Pattern verification failed at offset {}, {len} bytes",
-                                    off + bad as u64
-                                );
+                                println!("Pattern verification failed at offset {}, {len} bytes", off + bad as u64);
                                 status = 1;
                             }
                         }
@@ -199,9 +149,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
                 if img.read_only() {
                     eprintln!("quring: Block node is read-only");
                 } else {
-                    eprintln!(
-                        "write failed: writes are not implemented yet (they come with the write path)"
-                    );
+                    eprintln!("write failed: writes are not implemented yet (they come with the write path)");
                 }
                 status = 1;
             }

@@ -12,11 +12,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "quring",
-    version,
-    about = "qcow2 image tools on the quring io_uring engine"
-)]
+#[command(name = "quring", version, about = "qcow2 image tools on the quring io_uring engine")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -40,8 +40,7 @@ fn mergeable(a: &Entry, b: &Entry) -> bool {
 }
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    let img =
-        open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    let img = open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let json = match a.output.as_str() {
         "json" => true,
         "human" => false,
@@ -52,11 +51,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if json {
         out.push('[');
     } else {
-        let _ = writeln!(
-            out,
-            "{:<16}{:<16}{:<16}{}",
-            "Offset", "Length", "Mapped to", "File"
-        );
+        let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
     }
     let mut cur: Option<Entry> = None;
     let mut first = true;
@@ -105,23 +100,12 @@ fn dump(out: &mut String, e: &Entry, json: bool, first: &mut bool) {
         out.push('}');
     } else if s.data {
         if let (Some(o), Some(f)) = (s.offset, &s.file) {
-            let _ = writeln!(
-                out,
-                "{:<16}{:<16}{:<16}{}",
-                hx(e.start),
-                hx(s.len),
-                hx(o),
-                f.display()
-            );
+            let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", hx(e.start), hx(s.len), hx(o), f.display());
         }
     }
 }
 
 /// printf's `%#x`: "0" for zero, "0x..." otherwise.
 fn hx(v: u64) -> String {
-    if v == 0 {
-        "0".into()
-    } else {
-        format!("{v:#x}")
-    }
+    if v == 0 { "0".into() } else { format!("{v:#x}") }
 }

@@ -25,9 +25,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .ok_or_else(|| format!("Invalid size '{s}': too large"));
+        return n.checked_mul(mult).ok_or_else(|| format!("Invalid size '{s}': too large"));
     }
     let f: f64 = num.parse().map_err(|_| format!("Invalid size '{s}'"))?;
     if !(f >= 0.0) || f * mult as f64 > u64::MAX as f64 {
@@ -41,9 +39,7 @@ pub fn parse_opts(list: &[String]) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
     for l in list {
         for kv in l.split(',').filter(|s| !s.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("Invalid option '{kv}': expected key=value"))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("Invalid option '{kv}': expected key=value"))?;
             out.retain(|(ok, _)| ok != k);
             out.push((k.to_string(), v.to_string()));
         }
@@ -53,13 +49,7 @@ pub fn parse_opts(list: &[String]) -> Result<Vec<(String, String)>, String> {
 
 /// Opens an image read-only for inspection tools.
 pub fn open_ro(path: &Path) -> quring::Result<Arc<Image>> {
-    Image::open(
-        path,
-        &Options {
-            read_only: true,
-            ..Options::default()
-        },
-    )
+    Image::open(path, &Options { read_only: true, ..Options::default() })
 }
 
 /// Formats a byte count like qemu-img ("4 MiB", "1.5 GiB", "324 KiB").
@@ -82,11 +72,7 @@ pub fn human_size(n: u64) -> String {
     } else {
         format!("{v:.2}")
     };
-    let s = if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    };
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
     format!("{s} {}", UNITS[u])
 }
 
