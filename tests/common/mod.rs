@@ -211,9 +211,11 @@ where
     c
 }
 
-/// Path of the quring binary under test.
-pub fn quring_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_quring")
+/// Path of the quring binary under test: `$QURING_BIN` if set (e.g. a shim
+/// that forwards to qemu-img/qemu-io, to validate the tests themselves),
+/// otherwise the binary cargo built.
+pub fn quring_bin() -> String {
+    std::env::var("QURING_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_quring").to_string())
 }
 
 pub fn qemu_img<I, S>(args: I) -> Run
