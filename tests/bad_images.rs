@@ -44,12 +44,19 @@ fn sanity(case: &BadCase, r: &Run, errs: &mut Vec<String>) {
     }
 }
 
-fn names_problem(case: &BadCase, r: &Run) -> bool {
-    let e = r.stderr.to_lowercase();
+/// Whether stderr names the problem. File names are removed first: they
+/// contain the case name (and random temp-dir characters), which must not
+/// count as naming the problem.
+fn names_problem(case: &BadCase, r: &Run, paths: &[&str]) -> bool {
+    let mut e = r.stderr.clone();
+    for p in paths {
+        e = e.replace(p, "");
+    }
+    let e = e.to_lowercase().replace(case.name, "");
     case.expect.iter().any(|w| e.contains(w))
 }
 
-fn must_fail(case: &BadCase, what: &str, r: &Run, errs: &mut Vec<String>) {
+fn must_fail(case: &BadCase, what: &str, r: &Run, paths: &[&str], errs: &mut Vec<String>) {
     if r.success() {
         errs.push(format!(
             "[{}] ({}) `{what}` must fail but exited 0:\n{}",
@@ -57,7 +64,7 @@ fn must_fail(case: &BadCase, what: &str, r: &Run, errs: &mut Vec<String>) {
             case.what,
             r.describe()
         ));
-    } else if !names_problem(case, r) {
+    } else if !names_problem(case, r, paths) {
         errs.push(format!(
             "[{}] ({}) `{what}` stderr names none of {:?}:\n{}",
             case.name,
@@ -72,29 +79,31 @@ fn run_case(case: &BadCase, scratch: &Path) -> Vec<String> {
     let mut errs = Vec::new();
     let img = s(&case.path);
     let out = scratch.join(format!("{}.raw", case.name));
+    let out_s = s(&out);
+    let paths = [img.as_str(), out_s.as_str()];
 
     let info = quring(["info", &img]);
     sanity(case, &info, &mut errs);
     if case.info == Must::Fail {
-        must_fail(case, "info", &info, &mut errs);
+        must_fail(case, "info", &info, &paths, &mut errs);
     }
 
     let info_json = quring(["info", "--output=json", &img]);
     sanity(case, &info_json, &mut errs);
     if case.info == Must::Fail {
-        must_fail(case, "info --output=json", &info_json, &mut errs);
+        must_fail(case, "info --output=json", &info_json, &paths, &mut errs);
     }
 
     let map = quring(["map", "--output=json", &img]);
     sanity(case, &map, &mut errs);
     if case.info == Must::Fail {
-        must_fail(case, "map", &map, &mut errs);
+        must_fail(case, "map", &map, &paths, &mut errs);
     }
 
-    let convert = quring(["convert", "-O", "raw", &img, &s(&out)]);
+    let convert = quring(["convert", "-O", "raw", &img, &out_s]);
     sanity(case, &convert, &mut errs);
     if case.convert == Must::Fail {
-        must_fail(case, "convert -O raw", &convert, &mut errs);
+        must_fail(case, "convert -O raw", &convert, &paths, &mut errs);
     }
     let _ = std::fs::remove_file(&out);
 
@@ -102,7 +111,7 @@ fn run_case(case: &BadCase, scratch: &Path) -> Vec<String> {
     sanity(case, &check, &mut errs);
     match case.check {
         Must::Fail => {
-            must_fail(case, "check", &check, &mut errs);
+            must_fail(case, "check", &check, &paths, &mut errs);
             if check.code == Some(0) || check.code == Some(3) {
                 errs.push(format!(
                     "[{}] `check` exit {:?}, want 1 or 2 for an image that cannot be opened",
@@ -228,6 +237,38 @@ const QEMU_OPENS: &[&str] = &[
     "refcount_table_offset_past_eof",
     "truncated_to_one_cluster",
 ];
+
+/// The process runner itself: exit codes, signals, per-child peak RSS.
+#[test]
+fn runner_reports_status_signal_and_rss() {
+    let r = run(std::process::Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]));
+    assert_eq!((r.code, r.signal), (Some(3), None), "{}", r.describe());
+    assert_eq!((r.stdout.trim(), r.stderr.trim()), ("out", "err"));
+    let r = run(std::process::Command::new("sh").args(["-c", "kill -SEGV $$"]));
+    assert_eq!(
+        (r.code, r.signal),
+        (None, Some(libc::SIGSEGV)),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(r.status(), 128 + libc::SIGSEGV);
+    let r = qemu_img(["--version"]).ok();
+    assert!(r.maxrss_kib > 1024, "implausible maxrss: {}", r.describe());
+    // A child using ~100 MiB is measured as such, and a later small child is
+    // not charged for it (wait4 is per child, unlike RUSAGE_CHILDREN).
+    let big = run(std::process::Command::new("sh").args([
+        "-c",
+        "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
+    ]));
+    assert!(big.maxrss_kib > 90 * 1024, "{}", big.describe());
+    let small = run(&mut std::process::Command::new("true"));
+    assert!(small.maxrss_kib < 16 * 1024, "{}", small.describe());
+    let slow = run_with_timeout(
+        std::process::Command::new("sleep").arg("10"),
+        std::time::Duration::from_millis(200),
+    );
+    assert!(slow.timed_out && slow.signal == Some(libc::SIGKILL));
+}
 
 /// `QURING_CORPUS_DIR=/path cargo test --test bad_images -- --ignored dump`
 /// writes the corpus there (fuzzer seeds).

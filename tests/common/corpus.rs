@@ -64,8 +64,14 @@ const CLUSTER: &[&str] = &[
     "cluster_size",
 ];
 const L1: &[&str] = &["l1"];
-const REFCOUNT: &[&str] = &["refcount"];
-const HEADER_LENGTH: &[&str] = &["header_length", "header length", "header size"];
+const REFCOUNT: &[&str] = &["refcount", "reference count"];
+const HEADER_LENGTH: &[&str] = &[
+    "header_length",
+    "header length",
+    "header size",
+    "header too short",
+    "header exceeds",
+];
 const BACKING: &[&str] = &["backing"];
 const COMPRESS: &[&str] = &["compress"];
 const SNAPSHOT: &[&str] = &["snapshot"];
@@ -661,7 +667,7 @@ fn specs() -> Vec<Spec> {
         header_case!(
             "virtual_size_2p63",
             plain,
-            &["size"],
+            &["size", "too big", "too large"],
             "virtual size 2^63",
             |p| patch_be64(p, H_SIZE, 1 << 63)
         ),
@@ -683,7 +689,7 @@ fn specs() -> Vec<Spec> {
         check_case!(
             "l2_table_is_refcount_block",
             plain,
-            &["l2", "refcount", "overlap"],
+            &["l2", "refcount", "reference count", "overlap"],
             "L1[0] points at the refcount block",
             |p| {
                 let rb = refblock_offset(p);

@@ -9,6 +9,7 @@ pub mod corpus;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -130,6 +131,19 @@ pub fn run(cmd: &mut Command) -> Run {
 
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Run {
     let line = cmdline(cmd);
+    // No core dumps from crashing children (quring under test, or qemu-io's
+    // `abort` command used to leave images dirty).
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the hook.
+    unsafe {
+        cmd.pre_exec(|| {
+            let zero = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &zero);
+            Ok(())
+        });
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
