@@ -181,6 +181,11 @@ fn verify(b: &Built) -> Vec<String> {
     let r = quring_in(cwd, ["convert", "-O", "raw", img, &s(&r_raw)]);
     if !r.success() {
         errs.push(format!("quring convert failed:\n{}", r.describe()));
+    } else if !r_raw.exists() {
+        errs.push(format!(
+            "quring convert exited 0 but wrote no output file:\n{}",
+            r.describe()
+        ));
     } else {
         match first_difference(&r_raw, &q_raw) {
             Ok(None) => {}

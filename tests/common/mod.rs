@@ -28,8 +28,13 @@ pub struct Run {
     pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
-    /// Peak resident set size of this child in KiB (from `wait4`).
+    /// Peak resident set size of this child in KiB (`ru_maxrss` from
+    /// `wait4`). Linux folds the RSS of the pre-`exec` copy of the parent
+    /// into this value, so it is really max(child peak, ~parent RSS at
+    /// spawn); see [`Run::rss_exceeds`].
     pub maxrss_kib: u64,
+    /// This (test) process's VmRSS in KiB just before spawning the child.
+    pub parent_rss_kib: u64,
     pub timed_out: bool,
 }
 
@@ -40,6 +45,20 @@ impl Run {
             (Some(c), _) => c,
             (None, Some(s)) => 128 + s,
             (None, None) => -1,
+        }
+    }
+
+    /// `Some(true)` if the child's own peak RSS certainly exceeded
+    /// `limit_kib`, `Some(false)` if it certainly did not, `None` if the
+    /// measurement is inconclusive because the test process itself was
+    /// at least that large when it forked the child.
+    pub fn rss_exceeds(&self, limit_kib: u64) -> Option<bool> {
+        if self.maxrss_kib <= limit_kib {
+            Some(false)
+        } else if self.parent_rss_kib < limit_kib {
+            Some(true)
+        } else {
+            None
         }
     }
 
@@ -59,12 +78,13 @@ impl Run {
     /// Multi-line description for assertion messages.
     pub fn describe(&self) -> String {
         format!(
-            "  $ {}\n  exit: {:?} signal: {:?} timed_out: {} maxrss: {} KiB\n  stdout: {}\n  stderr: {}",
+            "  $ {}\n  exit: {:?} signal: {:?} timed_out: {} maxrss: {} KiB (parent {} KiB)\n  stdout: {}\n  stderr: {}",
             self.cmdline,
             self.code,
             self.signal,
             self.timed_out,
             self.maxrss_kib,
+            self.parent_rss_kib,
             truncate_for_msg(&self.stdout),
             truncate_for_msg(&self.stderr),
         )
@@ -147,6 +167,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Run {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let parent_rss_kib = self_rss_kib();
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot spawn `{line}`: {e}"));
@@ -209,8 +230,21 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Run {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         maxrss_kib: usage.ru_maxrss.max(0) as u64,
+        parent_rss_kib,
         timed_out,
     }
+}
+
+/// VmRSS of the current process in KiB (0 if unknown).
+pub fn self_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn command<I, S>(prog: impl AsRef<OsStr>, args: I) -> Command
