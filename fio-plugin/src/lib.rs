@@ -137,7 +137,9 @@ struct Job {
     image_cfg: ImageConfig,
     queue_cfg: QueueConfig,
     io_u_count: usize,
-    /// Open images (one queue each); `fio_file.engine_data` holds index + 1.
+    /// Images this job holds a registry reference on (released in cleanup).
+    held: Vec<(PathBuf, SharedImage)>,
+    /// Open files (one queue each); `fio_file.engine_data` holds index + 1.
     slots: Vec<Slot>,
     /// Valid descriptor handed to fio as `f->fd` (fio asserts on -1 while open).
     fake_fd: Option<OwnedFd>,
@@ -247,6 +249,51 @@ impl FromBytesCompat for std::ffi::OsStr {
 // ---------------------------------------------------------------------------------------
 // ioengine callbacks.
 
+/// Files seen by get_file_size, per td, for init to open early.
+static SIZED: LazyLock<Mutex<HashMap<usize, Vec<PathBuf>>>> = LazyLock::new(Default::default);
+
+fn sized_files() -> MutexGuard<'static, HashMap<usize, Vec<PathBuf>>> {
+    SIZED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes (or reuses) this job's reference on the image at `key`. On failure the error
+/// has been logged and its errno is returned.
+fn hold_image(job: &mut Job, key: &Path) -> Result<SharedImage, c_int> {
+    if let Some((_, image)) = job.held.iter().find(|(k, _)| k == key) {
+        return Ok(image.clone());
+    }
+    match acquire_image(key, &job.image_cfg) {
+        Ok(image) => {
+            job.held.push((key.to_path_buf(), image.clone()));
+            Ok(image)
+        }
+        Err(e) => {
+            log(
+                true,
+                &format!("quring: cannot open {}: {}\n", key.display(), e.msg),
+            );
+            if e.is_lock_conflict() {
+                log(
+                    true,
+                    "quring: the image is in use by another process. Without thread=1 fio runs \
+                     every job (and every numjobs clone) in its own process, and only one process \
+                     may open an image for writing. Add thread=1 (--thread) so all jobs share one \
+                     image inside one process.\n",
+                );
+            }
+            Err(e.errno)
+        }
+    }
+}
+
+/// Drops this job's image references; the last user of an image closes it.
+fn release_all(job: &mut Job) {
+    for (key, image) in job.held.drain(..) {
+        drop(image);
+        release_image(&key);
+    }
+}
+
 unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
     let (image_cfg, queue_cfg) = match read_config(td) {
         Ok(c) => c,
@@ -259,6 +306,7 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
         image_cfg,
         queue_cfg,
         io_u_count: 0,
+        held: Vec::new(),
         slots: Vec::new(),
         fake_fd: None,
         uncommitted: false,
@@ -266,6 +314,16 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
         scratch: Vec::new(),
         events: Vec::new(),
     });
+    let mut job = job;
+    // Open the images now when fio already told us the job's files (get_file_size runs
+    // before init, in the parent in fork mode), so a lock conflict fails the job visibly.
+    let known = sized_files().remove(&(td as usize)).unwrap_or_default();
+    for key in known {
+        if let Err(errno) = hold_image(&mut job, &key) {
+            release_all(&mut job);
+            return errno;
+        }
+    }
     let old = jobs().insert(td as usize, Box::into_raw(job) as usize);
     if let Some(old) = old {
         // SAFETY: `old` came from Box::into_raw for this td and was just unlinked.
@@ -309,24 +367,9 @@ unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int 
     let idx = match job.slots.iter().position(|s| s.key == key) {
         Some(i) => i,
         None => {
-            let image = match acquire_image(&key, &job.image_cfg) {
+            let image = match hold_image(job, &key) {
                 Ok(i) => i,
-                Err(e) => {
-                    log(
-                        true,
-                        &format!("quring: cannot open {}: {}\n", key.display(), e.msg),
-                    );
-                    if e.is_lock_conflict() {
-                        log(
-                            true,
-                            "quring: the image is in use by another process. Without thread=1 fio \
-                             runs every job (and every numjobs clone) in its own process, and only \
-                             one process may open an image for writing. Add thread=1 (--thread) so \
-                             all jobs share one image inside one process.\n",
-                        );
-                    }
-                    return e.errno;
-                }
+                Err(errno) => return errno,
             };
             let mut qcfg = job.queue_cfg.clone();
             if qcfg.ring_entries == 0 {
@@ -340,7 +383,6 @@ unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int 
                         true,
                         &format!("quring: creating queue for {}: {}\n", key.display(), e.msg),
                     );
-                    release_image(&key);
                     return e.errno;
                 }
             };
@@ -368,7 +410,7 @@ unsafe extern "C" fn q_close_file(_td: *mut ThreadData, f: *mut FioFile) -> c_in
     0
 }
 
-unsafe extern "C" fn q_get_file_size(_td: *mut ThreadData, f: *mut FioFile) -> c_int {
+unsafe extern "C" fn q_get_file_size(td: *mut ThreadData, f: *mut FioFile) -> c_int {
     // SAFETY: fio passes a valid fio_file for the whole call.
     let f = unsafe { &mut *f };
     let key = match file_key(f) {
@@ -406,6 +448,11 @@ unsafe extern "C" fn q_get_file_size(_td: *mut ThreadData, f: *mut FioFile) -> c
     };
     f.real_file_size = size;
     f.flags |= FIO_FILE_SIZE_KNOWN;
+    let mut sized = sized_files();
+    let list = sized.entry(td as usize).or_default();
+    if !list.contains(&key) {
+        list.push(key);
+    }
     0
 }
 
@@ -618,10 +665,9 @@ unsafe extern "C" fn q_cleanup(td: *mut ThreadData) {
             }
             sink.clear();
         }
-        let Slot { key, queue } = slot;
-        drop(queue);
-        release_image(&key);
+        drop(slot);
     }
+    release_all(&mut job);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -141,21 +141,32 @@ pub fn read_c_string(ptr: *const c_char) -> Option<String> {
     String::from_utf8(buf[..end].to_vec()).ok()
 }
 
+/// Is the block plausibly this job's [`EngineOptions`]?
+///
+/// fio 3.33 leaves the first word NULL for a job's own option block (observed with
+/// Debian's binary, despite what the option-struct convention suggests) and may set it
+/// to `td` elsewhere, so both are accepted. `cache` always points to a short string
+/// because its option has a default, which is what makes a match specific.
 fn plausible(td: *mut ThreadData, o: &EngineOptions) -> bool {
-    o.td == td
+    (o.td == td || o.td.is_null())
         && o.reserved == 0
         && o.sqpoll <= 1
         && o.register_buffers <= 1
         && u64::from(o.ring_entries) <= MAX_RING_ENTRIES
-        && (o.cache.is_null() || read_c_string(o.cache).is_some())
+        && read_c_string(o.cache)
+            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()))
 }
 
 fn looks_like_pointer(v: usize) -> bool {
     (0x10000..(1usize << 47)).contains(&v) && v.is_multiple_of(8)
 }
 
-/// Offset of `eo` inside `struct thread_data`, once found (usize::MAX = unknown).
-static EO_OFFSET: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// Where `td->eo` was found in Debian's fio 3.33 (x86_64); tried first, then validated.
+const EO_OFFSET_FIO_3_33: usize = 4216;
+
+/// Offset of `eo` inside `struct thread_data` (starts at the fio 3.33 value; replaced by
+/// the scan result if that does not validate).
+static EO_OFFSET: AtomicUsize = AtomicUsize::new(EO_OFFSET_FIO_3_33);
 
 /// How far into `struct thread_data` to look for `eo`.
 const SCAN_LIMIT: usize = 512 * 1024;
@@ -175,9 +186,7 @@ fn candidate_at(td: *mut ThreadData, off: usize) -> Option<EngineOptions> {
 /// Finds this job's engine options (a copy) and the offset of `td->eo` it was found at.
 pub fn locate(td: *mut ThreadData) -> Option<(EngineOptions, usize)> {
     let known = EO_OFFSET.load(Ordering::Relaxed);
-    if known != usize::MAX
-        && let Some(o) = candidate_at(td, known)
-    {
+    if let Some(o) = candidate_at(td, known) {
         return Some((o, known));
     }
     let mut chunk = vec![0u8; 64 * 1024];
