@@ -372,6 +372,16 @@ unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int 
                 Err(errno) => return errno,
             };
             let mut qcfg = job.queue_cfg.clone();
+            if qcfg.ring_entries != 0 && (qcfg.ring_entries as usize) < job.io_u_count {
+                log(
+                    true,
+                    &format!(
+                        "quring: ring_entries={} < iodepth={}: the engine will report BUSY and fio \
+                         will requeue; with fio 3.33 that breaks verify of mixed read/write jobs\n",
+                        qcfg.ring_entries, job.io_u_count
+                    ),
+                );
+            }
             if qcfg.ring_entries == 0 {
                 let depth = (job.io_u_count.max(1) as u32).next_power_of_two();
                 qcfg.ring_entries = JobQueue::default_ring_entries().max(depth);
