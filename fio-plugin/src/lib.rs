@@ -1,1 +1,724 @@
+//! fio external ioengine "quring": runs fio jobs against a qcow2 image through the quring
+//! engine (or, until it lands, the raw-file stub; see `engine_glue.rs`).
+//!
+//! Load with `ioengine=external:/path/to/libquring_fio.so`.
+//!
+//! Design:
+//! * **Per-job state** lives in a [`Job`] kept in a process-wide map keyed by the job's
+//!   `td` pointer (fio's `struct thread_data` layout is not relied upon for this), with a
+//!   one-entry thread-local cache in front of the map so the hot path takes no lock.
+//!   The engine sets `FIO_NO_OFFLOAD`, so each `td` is only ever driven by its own thread.
+//! * **Images** are shared: a process-wide registry keyed by canonical path holds one
+//!   engine image plus a user count. With `thread=1`, every job thread on the same file
+//!   uses that one image and owns its own queue. The last job to finish closes the image
+//!   and prints its counters.
+//! * **Engine options** are read from the job's option block (`td->eo`), found as
+//!   described in `options.rs`.
 
+pub mod abi;
+mod engine_glue;
+pub mod options;
+pub mod stub_engine;
+
+use abi::*;
+use engine_glue::{
+    Done, GlueError, ImageConfig, IoKind, JobQueue, QueueConfig, SharedImage, SubmitError,
+};
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{CStr, CString, c_char, c_int, c_uint};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------
+// Logging through fio (its binary exports log_info/log_err), falling back to stderr.
+
+type LogFn = unsafe extern "C" fn(*const c_char, ...) -> isize;
+
+fn fio_log_fn(name: &CStr) -> Option<LogFn> {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up; a non-null result for these
+    // names in a fio process is fio's `ssize_t log_xxx(const char *fmt, ...)`.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: p is the address of fio's variadic logging function (see above).
+        Some(unsafe { std::mem::transmute::<*mut libc::c_void, LogFn>(p) })
+    }
+}
+
+static LOG_INFO: LazyLock<Option<LogFn>> = LazyLock::new(|| fio_log_fn(c"log_info"));
+static LOG_ERR: LazyLock<Option<LogFn>> = LazyLock::new(|| fio_log_fn(c"log_err"));
+
+fn log(err: bool, msg: &str) {
+    let f = if err { *LOG_ERR } else { *LOG_INFO };
+    match (f, CString::new(msg.replace('\0', " "))) {
+        (Some(f), Ok(c)) => {
+            // SAFETY: "%s" consumes exactly the one C string argument we pass.
+            unsafe { f(c"%s".as_ptr(), c.as_ptr()) };
+        }
+        _ => eprint!("{msg}"),
+    }
+}
+
+fn debug_enabled() -> bool {
+    static ON: LazyLock<bool> = LazyLock::new(|| std::env::var_os("QURING_FIO_DEBUG").is_some());
+    *ON
+}
+
+// ---------------------------------------------------------------------------------------
+// Process-wide image registry.
+
+struct ImageEntry {
+    image: SharedImage,
+    users: usize,
+}
+
+static IMAGES: LazyLock<Mutex<HashMap<PathBuf, ImageEntry>>> = LazyLock::new(Default::default);
+
+fn images() -> MutexGuard<'static, HashMap<PathBuf, ImageEntry>> {
+    IMAGES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn acquire_image(key: &Path, cfg: &ImageConfig) -> Result<SharedImage, GlueError> {
+    let mut map = images();
+    if let Some(e) = map.get_mut(key) {
+        e.users += 1;
+        return Ok(e.image.clone());
+    }
+    let image = SharedImage::open(key, cfg)?;
+    map.insert(
+        key.to_path_buf(),
+        ImageEntry {
+            image: image.clone(),
+            users: 1,
+        },
+    );
+    Ok(image)
+}
+
+fn release_image(key: &Path) {
+    let last = {
+        let mut map = images();
+        match map.get_mut(key) {
+            Some(e) if e.users > 1 => {
+                e.users -= 1;
+                None
+            }
+            Some(_) => map.remove(key).map(|e| e.image),
+            None => None,
+        }
+    };
+    if let Some(image) = last {
+        if let Err(e) = image.close() {
+            log(
+                true,
+                &format!("quring: closing {}: {}\n", key.display(), e.msg),
+            );
+        }
+        log(
+            false,
+            &format!("quring: {}:\n{}\n", key.display(), image.counters_text()),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-job state.
+
+struct Slot {
+    key: PathBuf,
+    queue: JobQueue,
+}
+
+struct Job {
+    image_cfg: ImageConfig,
+    queue_cfg: QueueConfig,
+    io_u_count: usize,
+    /// Images this job holds a registry reference on (released in cleanup).
+    held: Vec<(PathBuf, SharedImage)>,
+    /// Open files (one queue each); `fio_file.engine_data` holds index + 1.
+    slots: Vec<Slot>,
+    /// Valid descriptor handed to fio as `f->fd` (fio asserts on -1 while open).
+    fake_fd: Option<OwnedFd>,
+    uncommitted: bool,
+    /// Reaped completions not yet handed to fio.
+    pending: VecDeque<Done>,
+    scratch: Vec<Done>,
+    /// The batch returned by the last getevents, indexed by `event(i)`.
+    events: Vec<*mut IoU>,
+}
+
+static JOBS: LazyLock<Mutex<HashMap<usize, usize>>> = LazyLock::new(Default::default);
+
+thread_local! {
+    /// (td, job) of the last lookup on this thread.
+    static LAST_JOB: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
+
+fn jobs() -> MutexGuard<'static, HashMap<usize, usize>> {
+    JOBS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn job_ptr(td: *mut ThreadData) -> *mut Job {
+    let key = td as usize;
+    let (k, p) = LAST_JOB.get();
+    if k == key && p != 0 {
+        return p as *mut Job;
+    }
+    let p = jobs().get(&key).copied().unwrap_or(0);
+    if p != 0 {
+        LAST_JOB.set((key, p));
+    }
+    p as *mut Job
+}
+
+/// The job of `td`, if `init` ran for it.
+///
+/// # Safety
+/// Must only be called from the thread driving `td` (guaranteed by fio without offload,
+/// which `FIO_NO_OFFLOAD` forbids), and the reference must not outlive the callback.
+unsafe fn job<'a>(td: *mut ThreadData) -> Option<&'a mut Job> {
+    let p = job_ptr(td);
+    // SAFETY: p came from Box::into_raw in `init` and stays valid until `cleanup` removes
+    // it; only td's own thread dereferences it and callbacks do not nest, so this is
+    // the only live reference.
+    unsafe { p.as_mut() }
+}
+
+fn read_config(td: *mut ThreadData) -> Result<(ImageConfig, QueueConfig), String> {
+    let mut image = ImageConfig::default();
+    let mut queue = QueueConfig::default();
+    let Some((o, off)) = options::locate(td) else {
+        log(
+            true,
+            "quring: could not locate this job's engine options; using defaults\n",
+        );
+        return Ok((image, queue));
+    };
+    if debug_enabled() {
+        log(
+            false,
+            &format!("quring: td {td:p}: engine options at td+{off}: {o:?}\n"),
+        );
+    }
+    match options::read_c_string(o.cache).as_deref() {
+        None | Some("") | Some("writeback") => {}
+        Some("writethrough") => image.writethrough = true,
+        Some(other) => {
+            return Err(format!(
+                "quring: cache={other} is invalid (use writeback or writethrough)\n"
+            ));
+        }
+    }
+    image.l2_cache_size = (o.l2_cache_size != 0).then_some(o.l2_cache_size);
+    image.refcount_cache_size = (o.refcount_cache_size != 0).then_some(o.refcount_cache_size);
+    queue.ring_entries = o.ring_entries;
+    queue.sqpoll = o.sqpoll != 0;
+    queue.register_buffers = o.register_buffers != 0;
+    Ok((image, queue))
+}
+
+fn file_key(f: &FioFile) -> Result<PathBuf, (i32, String)> {
+    if f.file_name.is_null() {
+        return Err((libc::EINVAL, "quring: file has no name\n".into()));
+    }
+    // SAFETY: fio's file_name is a NUL-terminated string owned by the fio_file.
+    let name = unsafe { CStr::from_ptr(f.file_name) };
+    let path = Path::new(std::ffi::OsStr::from_bytes_compat(name.to_bytes()));
+    std::fs::canonicalize(path).map_err(|e| {
+        (
+            e.raw_os_error().unwrap_or(libc::ENOENT),
+            format!("quring: {}: {e}\n", path.display()),
+        )
+    })
+}
+
+/// `OsStr::from_bytes` without importing the extension trait at every use.
+trait FromBytesCompat {
+    fn from_bytes_compat(b: &[u8]) -> &Self;
+}
+impl FromBytesCompat for std::ffi::OsStr {
+    fn from_bytes_compat(b: &[u8]) -> &Self {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// ioengine callbacks.
+
+/// Files seen by get_file_size, per td, for init to open early.
+static SIZED: LazyLock<Mutex<HashMap<usize, Vec<PathBuf>>>> = LazyLock::new(Default::default);
+
+fn sized_files() -> MutexGuard<'static, HashMap<usize, Vec<PathBuf>>> {
+    SIZED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes (or reuses) this job's reference on the image at `key`. On failure the error
+/// has been logged and its errno is returned.
+fn hold_image(job: &mut Job, key: &Path) -> Result<SharedImage, c_int> {
+    if let Some((_, image)) = job.held.iter().find(|(k, _)| k == key) {
+        return Ok(image.clone());
+    }
+    match acquire_image(key, &job.image_cfg) {
+        Ok(image) => {
+            job.held.push((key.to_path_buf(), image.clone()));
+            Ok(image)
+        }
+        Err(e) => {
+            log(
+                true,
+                &format!("quring: cannot open {}: {}\n", key.display(), e.msg),
+            );
+            if e.is_lock_conflict() {
+                log(
+                    true,
+                    "quring: the image is in use by another process. Without thread=1 fio runs \
+                     every job (and every numjobs clone) in its own process, and only one process \
+                     may open an image for writing. Add thread=1 (--thread) so all jobs share one \
+                     image inside one process.\n",
+                );
+            }
+            Err(e.errno)
+        }
+    }
+}
+
+/// Drops this job's image references; the last user of an image closes it.
+fn release_all(job: &mut Job) {
+    for (key, image) in job.held.drain(..) {
+        drop(image);
+        release_image(&key);
+    }
+}
+
+unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
+    let (image_cfg, queue_cfg) = match read_config(td) {
+        Ok(c) => c,
+        Err(msg) => {
+            log(true, &msg);
+            return 1;
+        }
+    };
+    let job = Box::new(Job {
+        image_cfg,
+        queue_cfg,
+        io_u_count: 0,
+        held: Vec::new(),
+        slots: Vec::new(),
+        fake_fd: None,
+        uncommitted: false,
+        pending: VecDeque::new(),
+        scratch: Vec::new(),
+        events: Vec::new(),
+    });
+    let mut job = job;
+    // Open the images now when fio already told us the job's files (get_file_size runs
+    // before init, in the parent in fork mode), so a lock conflict fails the job visibly.
+    let known = sized_files().remove(&(td as usize)).unwrap_or_default();
+    for key in known {
+        if let Err(errno) = hold_image(&mut job, &key) {
+            release_all(&mut job);
+            return errno;
+        }
+    }
+    let old = jobs().insert(td as usize, Box::into_raw(job) as usize);
+    if let Some(old) = old {
+        // SAFETY: `old` came from Box::into_raw for this td and was just unlinked.
+        drop(unsafe { Box::from_raw(old as *mut Job) });
+    }
+    LAST_JOB.set((0, 0));
+    0
+}
+
+unsafe extern "C" fn q_io_u_init(td: *mut ThreadData, _io_u: *mut IoU) -> c_int {
+    // SAFETY: called on td's own thread, no other Job reference is live.
+    if let Some(job) = unsafe { job(td) } {
+        job.io_u_count += 1;
+    }
+    0
+}
+
+fn memfd() -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a valid C string; on success we own the new descriptor.
+    let fd = unsafe { libc::memfd_create(c"quring-fio".as_ptr(), libc::MFD_CLOEXEC) };
+    // SAFETY: fd >= 0 is a fresh descriptor nobody else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int {
+    // SAFETY: fio passes a valid fio_file owned by this td for the whole call.
+    let f = unsafe { &mut *f };
+    // SAFETY: called on td's own thread, no other Job reference is live.
+    let Some(job) = (unsafe { job(td) }) else {
+        log(true, "quring: open_file before init\n");
+        return libc::EINVAL;
+    };
+    let key = match file_key(f) {
+        Ok(k) => k,
+        Err((errno, msg)) => {
+            log(true, &msg);
+            return errno;
+        }
+    };
+    let idx = match job.slots.iter().position(|s| s.key == key) {
+        Some(i) => i,
+        None => {
+            let image = match hold_image(job, &key) {
+                Ok(i) => i,
+                Err(errno) => return errno,
+            };
+            let mut qcfg = job.queue_cfg.clone();
+            if qcfg.ring_entries != 0 && (qcfg.ring_entries as usize) < job.io_u_count {
+                log(
+                    true,
+                    &format!(
+                        "quring: ring_entries={} < iodepth={}: the engine will report BUSY and fio \
+                         will requeue; with fio 3.33 that breaks verify of mixed read/write jobs\n",
+                        qcfg.ring_entries, job.io_u_count
+                    ),
+                );
+            }
+            if qcfg.ring_entries == 0 {
+                let depth = (job.io_u_count.max(1) as u32).next_power_of_two();
+                qcfg.ring_entries = JobQueue::default_ring_entries().max(depth);
+            }
+            let queue = match JobQueue::new(&image, &qcfg) {
+                Ok(q) => q,
+                Err(e) => {
+                    log(
+                        true,
+                        &format!("quring: creating queue for {}: {}\n", key.display(), e.msg),
+                    );
+                    return e.errno;
+                }
+            };
+            job.slots.push(Slot { key, queue });
+            job.slots.len() - 1
+        }
+    };
+    if job.fake_fd.is_none() {
+        job.fake_fd = memfd();
+    }
+    let Some(fd) = job.fake_fd.as_ref().map(|fd| fd.as_raw_fd()) else {
+        log(true, "quring: memfd_create failed\n");
+        return libc::EMFILE;
+    };
+    f.fd = fd;
+    f.engine_data = (idx + 1) as *mut libc::c_void;
+    0
+}
+
+unsafe extern "C" fn q_close_file(_td: *mut ThreadData, f: *mut FioFile) -> c_int {
+    // SAFETY: fio passes a valid fio_file owned by this td for the whole call.
+    let f = unsafe { &mut *f };
+    // The image and queue stay with the job until cleanup (fio may reopen the file).
+    f.fd = -1;
+    0
+}
+
+unsafe extern "C" fn q_get_file_size(td: *mut ThreadData, f: *mut FioFile) -> c_int {
+    // SAFETY: fio passes a valid fio_file for the whole call.
+    let f = unsafe { &mut *f };
+    let key = match file_key(f) {
+        Ok(k) => k,
+        Err((errno, msg)) => {
+            log(true, &msg);
+            return errno;
+        }
+    };
+    let shared = images().get(&key).map(|e| e.image.clone());
+    let size = match shared {
+        Some(image) => image.size(),
+        None => {
+            // Probe without locking: this may run in fio's parent process before fork.
+            let cfg = ImageConfig {
+                read_only: true,
+                force_share: true,
+                ..Default::default()
+            };
+            match SharedImage::open(&key, &cfg) {
+                Ok(image) => {
+                    let size = image.size();
+                    let _ = image.close();
+                    size
+                }
+                Err(e) => {
+                    log(
+                        true,
+                        &format!("quring: cannot open {}: {}\n", key.display(), e.msg),
+                    );
+                    return e.errno;
+                }
+            }
+        }
+    };
+    f.real_file_size = size;
+    f.flags |= FIO_FILE_SIZE_KNOWN;
+    let mut sized = sized_files();
+    let list = sized.entry(td as usize).or_default();
+    if !list.contains(&key) {
+        list.push(key);
+    }
+    0
+}
+
+unsafe extern "C" fn q_invalidate(_td: *mut ThreadData, _f: *mut FioFile) -> c_int {
+    0
+}
+
+unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
+    // SAFETY: fio passes a valid io_u it owns until we complete it.
+    let u = unsafe { &mut *io_u };
+    // SAFETY: called on td's own thread, no other Job reference is live.
+    let Some(job) = (unsafe { job(td) }) else {
+        u.error = libc::EINVAL as c_uint;
+        return FIO_Q_COMPLETED;
+    };
+    // SAFETY: io_u->file is the open fio_file this io targets.
+    let slot_idx = unsafe { u.file.as_ref() }.map_or(0, |f| f.engine_data as usize);
+    let Some(slot) = slot_idx.checked_sub(1).and_then(|i| job.slots.get_mut(i)) else {
+        u.error = libc::EBADF as c_uint;
+        return FIO_Q_COMPLETED;
+    };
+    let kind = match u.ddir {
+        DDIR_READ => IoKind::Read {
+            offset: u.offset,
+            buf: u.xfer_buf.cast(),
+            len: u.xfer_buflen as usize,
+        },
+        DDIR_WRITE => IoKind::Write {
+            offset: u.offset,
+            buf: u.xfer_buf.cast_const().cast(),
+            len: u.xfer_buflen as usize,
+        },
+        DDIR_TRIM => IoKind::Discard {
+            offset: u.offset,
+            len: u.xfer_buflen,
+        },
+        DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => IoKind::Flush,
+        _ => {
+            u.error = libc::EINVAL as c_uint;
+            return FIO_Q_COMPLETED;
+        }
+    };
+    // SAFETY: fio keeps the io_u and its xfer_buf alive and untouched until the io_u is
+    // handed back through event(); the token is the io_u pointer itself.
+    match unsafe { slot.queue.submit(kind, io_u as u64) } {
+        Ok(()) => {
+            job.uncommitted = true;
+            FIO_Q_QUEUED
+        }
+        Err(SubmitError::Full) if slot.queue.in_flight() > 0 || !job.pending.is_empty() => {
+            FIO_Q_BUSY
+        }
+        Err(SubmitError::Full) => {
+            u.error = libc::EAGAIN as c_uint;
+            FIO_Q_COMPLETED
+        }
+        Err(SubmitError::Failed(errno)) => {
+            u.error = errno as c_uint;
+            u.resid = u.xfer_buflen;
+            FIO_Q_COMPLETED
+        }
+    }
+}
+
+fn commit_all(job: &mut Job) -> c_int {
+    job.uncommitted = false;
+    for s in &mut job.slots {
+        if let Err(e) = s.queue.commit() {
+            return -e.errno;
+        }
+    }
+    0
+}
+
+unsafe extern "C" fn q_commit(td: *mut ThreadData) -> c_int {
+    // SAFETY: called on td's own thread, no other Job reference is live.
+    match unsafe { job(td) } {
+        Some(job) if job.uncommitted => commit_all(job),
+        _ => 0,
+    }
+}
+
+/// Moves finished requests into `job.pending` until at least `min` are there, the
+/// deadline passes, or nothing is left in flight.
+fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), GlueError> {
+    loop {
+        // Cheap non-blocking sweep of every queue.
+        for s in job.slots.iter_mut().filter(|s| s.queue.in_flight() > 0) {
+            s.queue.reap(&mut job.scratch, 0, Some(Duration::ZERO))?;
+        }
+        job.pending.extend(job.scratch.drain(..));
+        if job.pending.len() >= min {
+            return Ok(());
+        }
+        let busy: Vec<usize> = (0..job.slots.len())
+            .filter(|&i| job.slots[i].queue.in_flight() > 0)
+            .collect();
+        let Some(&first) = busy.first() else {
+            return Ok(());
+        };
+        let remaining = match deadline {
+            None => None,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(r) if !r.is_zero() => Some(r),
+                _ => return Ok(()),
+            },
+        };
+        let need = min - job.pending.len();
+        if busy.len() == 1 {
+            // One queue: let the engine wait for us.
+            job.slots[first]
+                .queue
+                .reap(&mut job.scratch, need, remaining)?;
+        } else {
+            // Several images in one job: the API can only wait on one queue at a time,
+            // so wait briefly on the busiest and sweep again.
+            let slice = Duration::from_micros(100);
+            let wait = remaining.map_or(slice, |r| r.min(slice));
+            let i = busy
+                .iter()
+                .copied()
+                .max_by_key(|&i| job.slots[i].queue.in_flight())
+                .unwrap_or(first);
+            job.slots[i].queue.reap(&mut job.scratch, 1, Some(wait))?;
+        }
+        job.pending.extend(job.scratch.drain(..));
+        if job.pending.len() >= min || deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+    }
+}
+
+unsafe extern "C" fn q_getevents(
+    td: *mut ThreadData,
+    min: c_uint,
+    max: c_uint,
+    t: *const libc::timespec,
+) -> c_int {
+    // SAFETY: called on td's own thread, no other Job reference is live.
+    let Some(job) = (unsafe { job(td) }) else {
+        return -libc::EINVAL;
+    };
+    job.events.clear();
+    // SAFETY: t is NULL or points to a timespec fio owns for the duration of the call.
+    let deadline = unsafe { t.as_ref() }.map(|t| {
+        Instant::now()
+            + Duration::new(
+                t.tv_sec.max(0) as u64,
+                t.tv_nsec.clamp(0, 999_999_999) as u32,
+            )
+    });
+    if min > 0 && job.uncommitted {
+        let rc = commit_all(job);
+        if rc != 0 {
+            return rc;
+        }
+    }
+    let in_flight: usize = job.slots.iter().map(|s| s.queue.in_flight()).sum();
+    let min = (min as usize).min(job.pending.len() + in_flight);
+    let max = (max as usize).max(min);
+    if let Err(e) = collect(job, min, deadline) {
+        return -e.errno;
+    }
+    while job.events.len() < max {
+        let Some(d) = job.pending.pop_front() else {
+            break;
+        };
+        let io_u = d.token as *mut IoU;
+        // SAFETY: the token is an io_u pointer submitted in q_queue; fio keeps it alive
+        // until we return it from event().
+        let u = unsafe { &mut *io_u };
+        if d.res < 0 {
+            u.error = (-d.res) as c_uint;
+            u.resid = u.xfer_buflen;
+        } else {
+            u.error = 0;
+            u.resid = 0;
+        }
+        job.events.push(io_u);
+    }
+    job.events.len() as c_int
+}
+
+unsafe extern "C" fn q_event(td: *mut ThreadData, i: c_int) -> *mut IoU {
+    // SAFETY: called on td's own thread, no other Job reference is live.
+    let Some(job) = (unsafe { job(td) }) else {
+        return std::ptr::null_mut();
+    };
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| job.events.get(i).copied())
+        .unwrap_or(std::ptr::null_mut())
+}
+
+unsafe extern "C" fn q_cleanup(td: *mut ThreadData) {
+    let p = jobs().remove(&(td as usize));
+    if LAST_JOB.get().0 == td as usize {
+        LAST_JOB.set((0, 0));
+    }
+    let Some(p) = p else { return };
+    // SAFETY: p came from Box::into_raw in q_init and was just unlinked from the map,
+    // so this is the sole owner.
+    let mut job = unsafe { Box::from_raw(p as *mut Job) };
+    for mut slot in job.slots.drain(..) {
+        // Nothing should be in flight here; drain anyway so no buffer is left referenced.
+        let mut sink = Vec::new();
+        while slot.queue.in_flight() > 0 {
+            if slot.queue.commit().is_err() || slot.queue.reap(&mut sink, 1, None).is_err() {
+                break;
+            }
+            sink.clear();
+        }
+        drop(slot);
+    }
+    release_all(&mut job);
+}
+
+// ---------------------------------------------------------------------------------------
+// The exported engine.
+
+/// The engine descriptor fio looks up with `dlsym("ioengine")`. fio writes into it
+/// (`dlhandle`, `flags`), hence `static mut`.
+#[allow(non_upper_case_globals)]
+#[unsafe(no_mangle)]
+pub static mut ioengine: IoengineOps = IoengineOps {
+    list: [std::ptr::null_mut(); 2],
+    name: c"quring".as_ptr(),
+    version: FIO_IOOPS_VERSION,
+    flags: FIO_DISKLESSIO | FIO_NODISKUTIL | FIO_NOEXTEND | FIO_NO_OFFLOAD,
+    dlhandle: std::ptr::null_mut(),
+    setup: None,
+    init: Some(q_init),
+    post_init: None,
+    prep: None,
+    queue: Some(q_queue),
+    commit: Some(q_commit),
+    getevents: Some(q_getevents),
+    event: Some(q_event),
+    errdetails: None,
+    cancel: None,
+    cleanup: Some(q_cleanup),
+    open_file: Some(q_open_file),
+    close_file: Some(q_close_file),
+    invalidate: Some(q_invalidate),
+    unlink_file: None,
+    get_file_size: Some(q_get_file_size),
+    prepopulate_file: None,
+    terminate: None,
+    iomem_alloc: None,
+    iomem_free: None,
+    io_u_init: Some(q_io_u_init),
+    io_u_free: None,
+    get_zoned_model: None,
+    report_zones: None,
+    reset_wp: None,
+    get_max_open_zones: None,
+    option_struct_size: std::mem::size_of::<options::EngineOptions>() as c_int,
+    options: (&raw mut options::OPTIONS).cast::<FioOption>(),
+};
