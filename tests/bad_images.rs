@@ -20,32 +20,19 @@ fn sanity(case: &BadCase, r: &Run, errs: &mut Vec<String>) {
         errs.push(format!("[{}] panicked:\n{}", case.name, r.describe()));
     }
     if let Some(sig) = r.signal {
-        errs.push(format!(
-            "[{}] killed by signal {sig}:\n{}",
-            case.name,
-            r.describe()
-        ));
+        errs.push(format!("[{}] killed by signal {sig}:\n{}", case.name, r.describe()));
     }
     match r.rss_exceeds(MAX_RSS_KIB) {
         Some(false) => {}
-        Some(true) => errs.push(format!(
-            "[{}] peak RSS {} KiB > {} KiB:\n{}",
-            case.name,
-            r.maxrss_kib,
-            MAX_RSS_KIB,
-            r.describe()
-        )),
-        None => eprintln!(
-            "[{}] warning: RSS limit not verifiable, test process has {} KiB",
-            case.name, r.parent_rss_kib
-        ),
+        Some(true) => {
+            errs.push(format!("[{}] peak RSS {} KiB > {} KiB:\n{}", case.name, r.maxrss_kib, MAX_RSS_KIB, r.describe()))
+        }
+        None => {
+            eprintln!("[{}] warning: RSS limit not verifiable, test process has {} KiB", case.name, r.parent_rss_kib)
+        }
     }
     if !r.success() && r.stderr.trim().is_empty() {
-        errs.push(format!(
-            "[{}] failed without a message on stderr:\n{}",
-            case.name,
-            r.describe()
-        ));
+        errs.push(format!("[{}] failed without a message on stderr:\n{}", case.name, r.describe()));
     }
 }
 
@@ -63,12 +50,7 @@ fn names_problem(case: &BadCase, r: &Run, paths: &[&str]) -> bool {
 
 fn must_fail(case: &BadCase, what: &str, r: &Run, paths: &[&str], errs: &mut Vec<String>) {
     if r.success() {
-        errs.push(format!(
-            "[{}] ({}) `{what}` must fail but exited 0:\n{}",
-            case.name,
-            case.what,
-            r.describe()
-        ));
+        errs.push(format!("[{}] ({}) `{what}` must fail but exited 0:\n{}", case.name, case.what, r.describe()));
     } else if !names_problem(case, r, paths) {
         errs.push(format!(
             "[{}] ({}) `{what}` stderr names none of {:?}:\n{}",
@@ -170,22 +152,12 @@ fn bad_images_are_refused_cleanly() {
             .iter()
             .map(|chunk| {
                 let scratch = &scratch;
-                sc.spawn(move || {
-                    chunk
-                        .iter()
-                        .flat_map(|c| run_case(c, scratch))
-                        .collect::<Vec<_>>()
-                })
+                sc.spawn(move || chunk.iter().flat_map(|c| run_case(c, scratch)).collect::<Vec<_>>())
             })
             .collect();
         hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    assert!(
-        errs.is_empty(),
-        "{} problem(s) with malformed images:\n\n{}",
-        errs.len(),
-        errs.join("\n\n")
-    );
+    assert!(errs.is_empty(), "{} problem(s) with malformed images:\n\n{}", errs.len(), errs.join("\n\n"));
 }
 
 /// Cross-checks the corpus itself against QEMU: each image whose header
@@ -250,34 +222,20 @@ fn runner_reports_status_signal_and_rss() {
     assert_eq!((r.code, r.signal), (Some(3), None), "{}", r.describe());
     assert_eq!((r.stdout.trim(), r.stderr.trim()), ("out", "err"));
     let r = run(std::process::Command::new("sh").args(["-c", "kill -SEGV $$"]));
-    assert_eq!(
-        (r.code, r.signal),
-        (None, Some(libc::SIGSEGV)),
-        "{}",
-        r.describe()
-    );
+    assert_eq!((r.code, r.signal), (None, Some(libc::SIGSEGV)), "{}", r.describe());
     assert_eq!(r.status(), 128 + libc::SIGSEGV);
     let r = qemu_img(["--version"]).ok();
     assert!(r.maxrss_kib > 1024, "implausible maxrss: {}", r.describe());
     // A child using ~100 MiB is measured as such, and a later small child is
     // not charged for it (wait4 is per child, unlike RUSAGE_CHILDREN).
-    let big = run(std::process::Command::new("sh").args([
-        "-c",
-        "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
-    ]));
+    let big =
+        run(std::process::Command::new("sh").args(["-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}"]));
     assert!(big.maxrss_kib > 90 * 1024, "{}", big.describe());
     // ru_maxrss includes the pre-exec copy of this process, but no more.
     let small = run(&mut std::process::Command::new("true"));
-    assert!(
-        small.maxrss_kib < (small.parent_rss_kib + 4096).max(16 * 1024),
-        "{}",
-        small.describe()
-    );
+    assert!(small.maxrss_kib < (small.parent_rss_kib + 4096).max(16 * 1024), "{}", small.describe());
     assert_eq!(small.rss_exceeds(64 * 1024), Some(false));
-    let slow = run_with_timeout(
-        std::process::Command::new("sleep").arg("10"),
-        std::time::Duration::from_millis(200),
-    );
+    let slow = run_with_timeout(std::process::Command::new("sleep").arg("10"), std::time::Duration::from_millis(200));
     assert!(slow.timed_out && slow.signal == Some(libc::SIGKILL));
 }
 

@@ -86,11 +86,7 @@ fn workload(cs: u64, size: u64, seed: usize, pat_file: &Path, ext_l2: bool) -> V
     let l2_cover = cs * (cs / if ext_l2 { 16 } else { 8 });
     if l2_cover + 2000 < size - cs - 333 && l2_cover > slot(17) {
         c.push(format!("write -P {} {} 1400", p(9), l2_cover - 700));
-        c.push(format!(
-            "write -s {pf} {} {}",
-            3 * l2_cover / 2 + 11,
-            cs + 5
-        ));
+        c.push(format!("write -s {pf} {} {}", 3 * l2_cover / 2 + 11, cs + 5));
     }
     if size > 4 * slot(17) {
         c.push(format!("write -P {} {} 4000", p(10), size / 2 + 4097));
@@ -114,37 +110,19 @@ fn standard(opts: Qcow2Opts, size: u64, extra: &[String]) -> Built {
     let mut cmds = workload(cs, size, 1, &pf, opts.extended_l2);
     cmds.extend_from_slice(extra);
     build_qcow2(&img, &opts, size, &cmds);
-    Built {
-        _dir: d,
-        img: s(&img),
-        cwd: elsewhere,
-        scratch,
-    }
+    Built { _dir: d, img: s(&img), cwd: elsewhere, scratch }
 }
 
 fn opts(cs: u32, refcount_bits: u32) -> Qcow2Opts {
-    Qcow2Opts {
-        cluster_size: cs,
-        refcount_bits,
-        ..Default::default()
-    }
+    Qcow2Opts { cluster_size: cs, refcount_bits, ..Default::default() }
 }
 
 fn v2(cs: u32) -> Qcow2Opts {
-    Qcow2Opts {
-        cluster_size: cs,
-        compat: Compat::V010,
-        ..Default::default()
-    }
+    Qcow2Opts { cluster_size: cs, compat: Compat::V010, ..Default::default() }
 }
 
 fn extl2(cs: u32, refcount_bits: u32) -> Qcow2Opts {
-    Qcow2Opts {
-        cluster_size: cs,
-        refcount_bits,
-        extended_l2: true,
-        ..Default::default()
-    }
+    Qcow2Opts { cluster_size: cs, refcount_bits, extended_l2: true, ..Default::default() }
 }
 
 // ---------------------------------------------------------------------------
@@ -182,10 +160,7 @@ fn verify(b: &Built) -> Vec<String> {
     if !r.success() {
         errs.push(format!("quring convert failed:\n{}", r.describe()));
     } else if !r_raw.exists() {
-        errs.push(format!(
-            "quring convert exited 0 but wrote no output file:\n{}",
-            r.describe()
-        ));
+        errs.push(format!("quring convert exited 0 but wrote no output file:\n{}", r.describe()));
     } else {
         match first_difference(&r_raw, &q_raw) {
             Ok(None) => {}
@@ -207,19 +182,13 @@ fn verify(b: &Built) -> Vec<String> {
         errs.push(format!("quring map failed:\n{}", rm.describe()));
     } else {
         match serde_json::from_str::<Value>(&rm.stdout) {
-            Err(e) => errs.push(format!(
-                "quring map output is not JSON ({e}):\n{}",
-                rm.describe()
-            )),
+            Err(e) => errs.push(format!("quring map output is not JSON ({e}):\n{}", rm.describe())),
             Ok(rv) => {
                 let qv = qm.json();
                 if rv != qv {
                     let mut d = Vec::new();
                     json_diff("map", &rv, &qv, &mut d);
-                    errs.push(format!(
-                        "map differs from qemu-img map:\n  {}",
-                        d.join("\n  ")
-                    ));
+                    errs.push(format!("map differs from qemu-img map:\n  {}", d.join("\n  ")));
                 }
             }
         }
@@ -239,44 +208,26 @@ fn verify(b: &Built) -> Vec<String> {
     }
 
     // Info.
-    let qi = run_in(cwd, "qemu-img", ["info", "--output=json", img])
-        .ok()
-        .json();
+    let qi = run_in(cwd, "qemu-img", ["info", "--output=json", img]).ok().json();
     let ri = quring_in(cwd, ["info", "--output=json", img]);
     if !ri.success() {
         errs.push(format!("quring info failed:\n{}", ri.describe()));
     } else {
         match serde_json::from_str::<Value>(&ri.stdout) {
-            Err(e) => errs.push(format!(
-                "quring info output is not JSON ({e}):\n{}",
-                ri.describe()
-            )),
+            Err(e) => errs.push(format!("quring info output is not JSON ({e}):\n{}", ri.describe())),
             Ok(rv) => {
                 for k in ["virtual-size", "cluster-size", "format"] {
                     if rv.get(k) != qi.get(k) {
-                        errs.push(format!(
-                            "info {k}: quring {:?} / qemu {:?}",
-                            rv.get(k),
-                            qi.get(k)
-                        ));
+                        errs.push(format!("info {k}: quring {:?} / qemu {:?}", rv.get(k), qi.get(k)));
                     }
                 }
                 let qd = &qi["format-specific"]["data"];
                 let rd = &rv["format-specific"]["data"];
-                for k in [
-                    "compat",
-                    "refcount-bits",
-                    "extended-l2",
-                    "lazy-refcounts",
-                    "compression-type",
-                ] {
+                for k in ["compat", "refcount-bits", "extended-l2", "lazy-refcounts", "compression-type"] {
                     if let Some(qv) = qd.get(k)
                         && rd.get(k) != Some(qv)
                     {
-                        errs.push(format!(
-                            "info format-specific.data.{k}: quring {:?} / qemu {qv}",
-                            rd.get(k)
-                        ));
+                        errs.push(format!("info format-specific.data.{k}: quring {:?} / qemu {qv}", rd.get(k)));
                     }
                 }
             }
@@ -302,18 +253,14 @@ fn assert_interop(name: &str, b: Built) {
 // Sanity checks that an image really exercises what its test is about.
 
 fn qemu_map(b: &Built) -> Vec<Value> {
-    let v = run_in(&b.cwd, "qemu-img", ["map", "--output=json", &b.img])
-        .ok()
-        .json();
+    let v = run_in(&b.cwd, "qemu-img", ["map", "--output=json", &b.img]).ok().json();
     v.as_array().expect("map is an array").clone()
 }
 
 #[track_caller]
 fn assert_has_compressed(b: &Built) {
     assert!(
-        qemu_map(b)
-            .iter()
-            .any(|e| e["compressed"] == Value::Bool(true)),
+        qemu_map(b).iter().any(|e| e["compressed"] == Value::Bool(true)),
         "test image {} has no compressed clusters",
         b.img
     );
@@ -339,11 +286,7 @@ fn assert_snapshots(img: &Path, n: usize) {
 
 #[track_caller]
 fn assert_max_depth(b: &Built, depth: u64) {
-    let max = qemu_map(b)
-        .iter()
-        .filter_map(|e| e["depth"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let max = qemu_map(b).iter().filter_map(|e| e["depth"].as_u64()).max().unwrap_or(0);
     assert_eq!(max, depth, "deepest map layer of {}", b.img);
 }
 
@@ -361,18 +304,9 @@ fn c512_r1_multi_cluster_l1() {
     // 64 MiB with 512-byte clusters: 2048 L1 entries (32-cluster L1 table),
     // each L2 table covers only 32 KiB.
     let extra: Vec<String> = (0..12)
-        .map(|i| {
-            format!(
-                "write -P 0x{:02x} {} 1536",
-                pattern_byte(100 + i),
-                i as u64 * 5 * MIB + 32 * KIB - 700
-            )
-        })
+        .map(|i| format!("write -P 0x{:02x} {} 1536", pattern_byte(100 + i), i as u64 * 5 * MIB + 32 * KIB - 700))
         .collect();
-    assert_interop(
-        "c512_r1_multi_cluster_l1",
-        standard(opts(512, 1), 64 * MIB, &extra),
-    );
+    assert_interop("c512_r1_multi_cluster_l1", standard(opts(512, 1), 64 * MIB, &extra));
 }
 
 #[test]
@@ -403,22 +337,10 @@ fn c4k_r2_snapshots() {
     qemu_io_cmds(
         &img,
         "qcow2",
-        &[
-            "write -P 0x99 0 12k".into(),
-            "discard 32768 8192".into(),
-            "write -z 40960 4096".into(),
-        ],
+        &["write -P 0x99 0 12k".into(), "discard 32768 8192".into(), "write -z 40960 4096".into()],
     );
     assert_snapshots(&img, 2);
-    assert_interop(
-        "c4k_r2_snapshots",
-        Built {
-            _dir: d,
-            img: s(&img),
-            cwd: elsewhere,
-            scratch,
-        },
-    );
+    assert_interop("c4k_r2_snapshots", Built { _dir: d, img: s(&img), cwd: elsewhere, scratch });
 }
 
 #[test]
@@ -427,10 +349,7 @@ fn c4k_r8_lazy_dirty() {
     // and the refcounts are stale (qemu-img check reports corruption).
     let (d, imgdir, elsewhere, scratch) = layout();
     let img = imgdir.join("dirty.qcow2");
-    let o = Qcow2Opts {
-        lazy_refcounts: true,
-        ..opts(4096, 8)
-    };
+    let o = Qcow2Opts { lazy_refcounts: true, ..opts(4096, 8) };
     create_qcow2(&img, &o, 4 * MIB);
     let pf = pattern_file(&scratch, 4, 4096);
     let mut args = vec!["-f".to_string(), "qcow2".into()];
@@ -443,23 +362,12 @@ fn c4k_r8_lazy_dirty() {
     assert_eq!(r.signal, Some(libc::SIGABRT), "{}", r.describe());
     let info = qemu_img(["info", "--output=json", &s(&img)]).ok().json();
     assert_eq!(info["dirty-flag"], Value::Bool(true), "image is not dirty");
-    assert_interop(
-        "c4k_r8_lazy_dirty",
-        Built {
-            _dir: d,
-            img: s(&img),
-            cwd: elsewhere,
-            scratch,
-        },
-    );
+    assert_interop("c4k_r8_lazy_dirty", Built { _dir: d, img: s(&img), cwd: elsewhere, scratch });
 }
 
 #[test]
 fn c4k_r16_lazy_clean() {
-    let o = Qcow2Opts {
-        lazy_refcounts: true,
-        ..opts(4096, 16)
-    };
+    let o = Qcow2Opts { lazy_refcounts: true, ..opts(4096, 16) };
     let b = standard(o, 16 * MIB, &[]);
     assert_has_zero_flag(&b);
     assert_interop("c4k_r16_lazy_clean", b);
@@ -467,10 +375,7 @@ fn c4k_r16_lazy_clean() {
 
 #[test]
 fn c4k_r32_prealloc_metadata() {
-    let o = Qcow2Opts {
-        preallocation: Some("metadata"),
-        ..opts(4096, 32)
-    };
+    let o = Qcow2Opts { preallocation: Some("metadata"), ..opts(4096, 32) };
     assert_interop("c4k_r32_prealloc_metadata", standard(o, 8 * MIB, &[]));
 }
 
@@ -479,32 +384,15 @@ fn c4k_compat010_snapshot() {
     let (d, imgdir, elsewhere, scratch) = layout();
     let img = imgdir.join("v2snap.qcow2");
     let pf = pattern_file(&scratch, 5, 4096);
-    build_qcow2(
-        &img,
-        &v2(4096),
-        4 * MIB,
-        &workload(4096, 4 * MIB, 5, &pf, false),
-    );
+    build_qcow2(&img, &v2(4096), 4 * MIB, &workload(4096, 4 * MIB, 5, &pf, false));
     qemu_img(["snapshot", "-q", "-c", "s1", &s(&img)]).ok();
     qemu_io_cmds(
         &img,
         "qcow2",
-        &[
-            "write -P 0x3c 2048 8192".into(),
-            "write -z 32768 4096".into(),
-            "discard 49152 4096".into(),
-        ],
+        &["write -P 0x3c 2048 8192".into(), "write -z 32768 4096".into(), "discard 49152 4096".into()],
     );
     assert_snapshots(&img, 1);
-    assert_interop(
-        "c4k_compat010_snapshot",
-        Built {
-            _dir: d,
-            img: s(&img),
-            cwd: elsewhere,
-            scratch,
-        },
-    );
+    assert_interop("c4k_compat010_snapshot", Built { _dir: d, img: s(&img), cwd: elsewhere, scratch });
 }
 
 #[test]
@@ -540,19 +428,13 @@ fn c64k_extl2_r4_subclusters() {
 
 #[test]
 fn c64k_r64_prealloc_falloc() {
-    let o = Qcow2Opts {
-        preallocation: Some("falloc"),
-        ..opts(65536, 64)
-    };
+    let o = Qcow2Opts { preallocation: Some("falloc"), ..opts(65536, 64) };
     assert_interop("c64k_r64_prealloc_falloc", standard(o, 16 * MIB, &[]));
 }
 
 #[test]
 fn c4k_r16_prealloc_full() {
-    let o = Qcow2Opts {
-        preallocation: Some("full"),
-        ..opts(4096, 16)
-    };
+    let o = Qcow2Opts { preallocation: Some("full"), ..opts(4096, 16) };
     assert_interop("c4k_r16_prealloc_full", standard(o, 4 * MIB, &[]));
 }
 
@@ -573,32 +455,15 @@ fn c64k_extl2_r4_snapshot() {
     let (d, imgdir, elsewhere, scratch) = layout();
     let img = imgdir.join("extsnap.qcow2");
     let pf = pattern_file(&scratch, 6, 65536);
-    build_qcow2(
-        &img,
-        &extl2(65536, 4),
-        8 * MIB,
-        &workload(65536, 8 * MIB, 6, &pf, true),
-    );
+    build_qcow2(&img, &extl2(65536, 4), 8 * MIB, &workload(65536, 8 * MIB, 6, &pf, true));
     qemu_img(["snapshot", "-q", "-c", "s1", &s(&img)]).ok();
     qemu_io_cmds(
         &img,
         "qcow2",
-        &[
-            "write -P 0x3d 4096 4096".into(),
-            "write -z 65536 2048".into(),
-            "write -P 0x3e 200000 70000".into(),
-        ],
+        &["write -P 0x3d 4096 4096".into(), "write -z 65536 2048".into(), "write -P 0x3e 200000 70000".into()],
     );
     assert_snapshots(&img, 1);
-    assert_interop(
-        "c64k_extl2_r4_snapshot",
-        Built {
-            _dir: d,
-            img: s(&img),
-            cwd: elsewhere,
-            scratch,
-        },
-    );
+    assert_interop("c64k_extl2_r4_snapshot", Built { _dir: d, img: s(&img), cwd: elsewhere, scratch });
 }
 
 /// Builds a source image with the standard workload and converts it with
@@ -609,33 +474,12 @@ fn compressed_convert(target: Qcow2Opts, size: u64, after: &[String]) -> Built {
     let src = imgdir.join("src.qcow2");
     let cs = target.cluster_size as u64;
     let pf = pattern_file(&scratch, 7, cs);
-    build_qcow2(
-        &src,
-        &Qcow2Opts::cluster(target.cluster_size),
-        size,
-        &workload(cs, size, 7, &pf, false),
-    );
+    build_qcow2(&src, &Qcow2Opts::cluster(target.cluster_size), size, &workload(cs, size, 7, &pf, false));
     let dst = imgdir.join("compressed.qcow2");
-    qemu_img([
-        "convert",
-        "-q",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        &target.create_options(),
-        &s(&src),
-        &s(&dst),
-    ])
-    .ok();
+    qemu_img(["convert", "-q", "-c", "-O", "qcow2", "-o", &target.create_options(), &s(&src), &s(&dst)]).ok();
     std::fs::remove_file(&src).unwrap();
     qemu_io_cmds(&dst, "qcow2", after);
-    Built {
-        _dir: d,
-        img: s(&dst),
-        cwd: elsewhere,
-        scratch,
-    }
+    Built { _dir: d, img: s(&dst), cwd: elsewhere, scratch }
 }
 
 #[test]
@@ -660,10 +504,7 @@ fn c64k_deflate_convert_c_then_writes() {
 
 #[test]
 fn c64k_zstd_extl2_convert_c() {
-    let o = Qcow2Opts {
-        compression_type: Some("zstd"),
-        ..extl2(65536, 8)
-    };
+    let o = Qcow2Opts { compression_type: Some("zstd"), ..extl2(65536, 8) };
     let after = vec!["write -P 0x62 70000 3000".to_string()];
     let b = compressed_convert(o, 16 * MIB, &after);
     assert_has_compressed(&b);
@@ -677,18 +518,12 @@ fn c2m_r16() {
 
 #[test]
 fn c2m_extl2_r32() {
-    assert_interop(
-        "c2m_extl2_r32",
-        standard(extl2(2 * MIB as u32, 32), 40 * MIB, &[]),
-    );
+    assert_interop("c2m_extl2_r32", standard(extl2(2 * MIB as u32, 32), 40 * MIB, &[]));
 }
 
 #[test]
 fn c2m_zstd_convert_c() {
-    let o = Qcow2Opts {
-        compression_type: Some("zstd"),
-        ..opts(2 * MIB as u32, 2)
-    };
+    let o = Qcow2Opts { compression_type: Some("zstd"), ..opts(2 * MIB as u32, 2) };
     let b = compressed_convert(o, 40 * MIB, &[]);
     assert_has_compressed(&b);
     assert_interop("c2m_zstd_convert_c", b);
@@ -709,36 +544,19 @@ fn chain_layout() -> (tempfile::TempDir, PathBuf, PathBuf) {
 }
 
 fn backed(o: Qcow2Opts, backing: &str, fmt: &str) -> Qcow2Opts {
-    Qcow2Opts {
-        backing: Some((backing.to_string(), fmt.to_string())),
-        ..o
-    }
+    Qcow2Opts { backing: Some((backing.to_string(), fmt.to_string())), ..o }
 }
 
 fn assert_chain(name: &str, d: tempfile::TempDir, scratch: PathBuf) {
     let root = d.path().to_path_buf();
     let abs = s(&root.join("chain/top.qcow2"));
     assert_max_depth(
-        &Built {
-            _dir: tempdir(),
-            img: abs.clone(),
-            cwd: root.join("elsewhere"),
-            scratch: scratch.clone(),
-        },
+        &Built { _dir: tempdir(), img: abs.clone(), cwd: root.join("elsewhere"), scratch: scratch.clone() },
         3,
     );
-    let errs_rel = verify(&Built {
-        _dir: tempdir(),
-        img: "chain/top.qcow2".into(),
-        cwd: root.clone(),
-        scratch: scratch.clone(),
-    });
-    let errs_abs = verify(&Built {
-        _dir: tempdir(),
-        img: abs,
-        cwd: root.join("elsewhere"),
-        scratch,
-    });
+    let errs_rel =
+        verify(&Built { _dir: tempdir(), img: "chain/top.qcow2".into(), cwd: root.clone(), scratch: scratch.clone() });
+    let errs_abs = verify(&Built { _dir: tempdir(), img: abs, cwd: root.join("elsewhere"), scratch });
     assert!(
         errs_rel.is_empty() && errs_abs.is_empty(),
         "[{name}] relative-path run: {errs_rel:#?}\nabsolute-path run: {errs_abs:#?}"
@@ -759,12 +577,7 @@ fn chain_raw_4k_64kextl2_512() {
 
     let mid1 = chain.join("mid1.qcow2");
     let pf1 = pattern_file(&scratch, 11, 4096);
-    build_qcow2(
-        &mid1,
-        &backed(opts(4096, 16), "base.raw", "raw"),
-        size,
-        &workload(4096, size, 11, &pf1, false),
-    );
+    build_qcow2(&mid1, &backed(opts(4096, 16), "base.raw", "raw"), size, &workload(4096, size, 11, &pf1, false));
     let mid2 = chain.join("mid2.qcow2");
     build_qcow2(
         &mid2,
@@ -807,11 +620,7 @@ fn chain_short_raw_v2_2m_16kextl2() {
     let base_size = 3 * MIB + 4096;
     let pf = scratch.join("base.bin");
     write_pattern_file(&pf, 20, base_size as usize);
-    build_raw(
-        &base,
-        base_size,
-        &[format!("write -s {} 0 {base_size}", s(&pf))],
-    );
+    build_raw(&base, base_size, &[format!("write -s {} 0 {base_size}", s(&pf))]);
 
     // compat 0.10: no zero flag, discard leaves holes that show the backing.
     let a = chain.join("a.qcow2");
@@ -830,31 +639,14 @@ fn chain_short_raw_v2_2m_16kextl2() {
     let bpf = pattern_file(&scratch, 21, 2 * MIB);
     build_qcow2(
         &b,
-        &backed(
-            Qcow2Opts {
-                compression_type: Some("zstd"),
-                ..opts(2 * MIB as u32, 4)
-            },
-            "a.qcow2",
-            "qcow2",
-        ),
+        &backed(Qcow2Opts { compression_type: Some("zstd"), ..opts(2 * MIB as u32, 4) }, "a.qcow2", "qcow2"),
         size,
-        &[
-            format!("write -c -s {} 2097152 2097152", s(&bpf)),
-            "write -P 0xb1 6291456 1000".into(),
-        ],
+        &[format!("write -c -s {} 2097152 2097152", s(&bpf)), "write -P 0xb1 6291456 1000".into()],
     );
     let top = chain.join("top.qcow2");
     build_qcow2(
         &top,
-        &backed(
-            Qcow2Opts {
-                lazy_refcounts: true,
-                ..extl2(16384, 16)
-            },
-            "b.qcow2",
-            "qcow2",
-        ),
+        &backed(Qcow2Opts { lazy_refcounts: true, ..extl2(16384, 16) }, "b.qcow2", "qcow2"),
         size,
         &[
             "write -P 0xc1 1024 1024".into(),
@@ -877,11 +669,7 @@ fn io_read_pattern_verification() {
         &img,
         &opts(4096, 16),
         4 * MIB,
-        &[
-            "write -P 0x5a 0 65536".into(),
-            "write -P 0xa5 6000 10000".into(),
-            "write -z 32768 4096".into(),
-        ],
+        &["write -P 0x5a 0 65536".into(), "write -P 0xa5 6000 10000".into(), "write -z 32768 4096".into()],
     );
     let img = s(&img);
     // Sanity: qemu-io agrees with the expectations.
@@ -897,18 +685,10 @@ fn io_read_pattern_verification() {
         assert_eq!(q.success(), good, "qemu-io disagrees:\n{}", q.describe());
         let r = quring_in(&elsewhere, ["io", "-c", cmd, &img]);
         let all = format!("{}{}", r.stdout, r.stderr);
-        assert!(
-            !all.contains("panicked") && r.code != Some(101),
-            "{}",
-            r.describe()
-        );
+        assert!(!all.contains("panicked") && r.code != Some(101), "{}", r.describe());
         if good {
             assert!(r.success(), "quring io must succeed:\n{}", r.describe());
-            assert!(
-                !all.contains("Pattern verification failed"),
-                "{}",
-                r.describe()
-            );
+            assert!(!all.contains("Pattern verification failed"), "{}", r.describe());
         } else {
             assert!(!r.success(), "quring io must fail:\n{}", r.describe());
             assert!(
@@ -919,14 +699,7 @@ fn io_read_pattern_verification() {
         }
     }
     // Several commands in one invocation; one bad read fails the run.
-    let r = quring([
-        "io",
-        "-c",
-        "read -P 0x5a 0 4096",
-        "-c",
-        "read -P 0xa5 8192 4096",
-        &img,
-    ]);
+    let r = quring(["io", "-c", "read -P 0x5a 0 4096", "-c", "read -P 0xa5 8192 4096", &img]);
     assert!(r.success(), "{}", r.describe());
     let r = quring([
         "io",
@@ -939,9 +712,5 @@ fn io_read_pattern_verification() {
         &img,
     ]);
     assert!(!r.success(), "{}", r.describe());
-    assert!(
-        format!("{}{}", r.stdout, r.stderr).contains("Pattern verification failed"),
-        "{}",
-        r.describe()
-    );
+    assert!(format!("{}{}", r.stdout, r.stderr).contains("Pattern verification failed"), "{}", r.describe());
 }

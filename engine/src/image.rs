@@ -110,6 +110,8 @@ pub struct Image {
     pub(crate) read_only: bool,
     pub(crate) opts: Options,
     pub(crate) depth: usize,
+    /// QEMU's "metadata preallocation" detection result (block status only).
+    pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -213,6 +215,7 @@ impl Image {
             read_only,
             opts: opts.clone(),
             depth,
+            prealloc_detected: std::sync::OnceLock::new(),
             header: Mutex::new(header),
         }))
     }

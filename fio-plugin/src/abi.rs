@@ -74,8 +74,7 @@ pub const FIO_OPT_G_INVALID: u64 = 1 << 40;
 pub type SetupFn = unsafe extern "C" fn(*mut ThreadData) -> c_int;
 pub type PrepFn = unsafe extern "C" fn(*mut ThreadData, *mut IoU) -> c_int;
 pub type QueueFn = unsafe extern "C" fn(*mut ThreadData, *mut IoU) -> c_int;
-pub type GeteventsFn =
-    unsafe extern "C" fn(*mut ThreadData, c_uint, c_uint, *const libc::timespec) -> c_int;
+pub type GeteventsFn = unsafe extern "C" fn(*mut ThreadData, c_uint, c_uint, *const libc::timespec) -> c_int;
 pub type EventFn = unsafe extern "C" fn(*mut ThreadData, c_int) -> *mut IoU;
 pub type ErrdetailsFn = unsafe extern "C" fn(*mut IoU) -> *mut c_char;
 pub type CleanupFn = unsafe extern "C" fn(*mut ThreadData);
@@ -361,15 +360,7 @@ mod tests {
     fn constants() {
         assert_eq!(FIO_IOOPS_VERSION, 31);
         assert_eq!(
-            [
-                DDIR_READ,
-                DDIR_WRITE,
-                DDIR_TRIM,
-                DDIR_SYNC,
-                DDIR_DATASYNC,
-                DDIR_SYNC_FILE_RANGE,
-                DDIR_WAIT
-            ],
+            [DDIR_READ, DDIR_WRITE, DDIR_TRIM, DDIR_SYNC, DDIR_DATASYNC, DDIR_SYNC_FILE_RANGE, DDIR_WAIT],
             [0, 1, 2, 3, 4, 5, 6]
         );
         assert_eq!((FIO_Q_COMPLETED, FIO_Q_QUEUED, FIO_Q_BUSY), (0, 1, 2));
@@ -380,16 +371,7 @@ mod tests {
         assert_eq!(FIO_NO_OFFLOAD, 1 << 15);
         assert_eq!(FIO_ASYNCIO_SETS_ISSUE_TIME, 1 << 16);
         assert_eq!(FIO_FILE_SIZE_KNOWN, 16);
-        assert_eq!(
-            (
-                FIO_OPT_STR,
-                FIO_OPT_STR_STORE,
-                FIO_OPT_INT,
-                FIO_OPT_BOOL,
-                FIO_OPT_STR_SET
-            ),
-            (1, 6, 8, 10, 12)
-        );
+        assert_eq!((FIO_OPT_STR, FIO_OPT_STR_STORE, FIO_OPT_INT, FIO_OPT_BOOL, FIO_OPT_STR_SET), (1, 6, 8, 10, 12));
         assert_eq!(FIO_OPT_C_ENGINE, 64);
         assert_eq!(FIO_OPT_G_INVALID, 1u64 << 40);
     }

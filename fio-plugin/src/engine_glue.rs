@@ -22,10 +22,7 @@ pub struct GlueError {
 
 impl GlueError {
     fn from_engine(e: engine::Error) -> Self {
-        GlueError {
-            errno: e.raw_os_error(),
-            msg: e.to_string(),
-        }
+        GlueError { errno: e.raw_os_error(), msg: e.to_string() }
     }
 
     /// The engine reports "image locked by another process" as EAGAIN.
@@ -60,18 +57,12 @@ impl SharedImage {
     pub fn open(path: &Path, cfg: &ImageConfig) -> Result<SharedImage, GlueError> {
         let opts = Options {
             read_only: cfg.read_only,
-            cache: if cfg.writethrough {
-                CacheMode::Writethrough
-            } else {
-                CacheMode::Writeback
-            },
+            cache: if cfg.writethrough { CacheMode::Writethrough } else { CacheMode::Writeback },
             l2_cache_size: cfg.l2_cache_size,
             refcount_cache_size: cfg.refcount_cache_size,
             force_share: cfg.force_share,
         };
-        Image::open(path, &opts)
-            .map(SharedImage)
-            .map_err(GlueError::from_engine)
+        Image::open(path, &opts).map(SharedImage).map_err(GlueError::from_engine)
     }
 
     /// Virtual size in bytes.
@@ -93,21 +84,10 @@ impl SharedImage {
 /// What fio asks for, already translated from its ddir.
 #[derive(Clone, Copy, Debug)]
 pub enum IoKind {
-    Read {
-        offset: u64,
-        buf: *mut u8,
-        len: usize,
-    },
-    Write {
-        offset: u64,
-        buf: *const u8,
-        len: usize,
-    },
+    Read { offset: u64, buf: *mut u8, len: usize },
+    Write { offset: u64, buf: *const u8, len: usize },
     Flush,
-    Discard {
-        offset: u64,
-        len: u64,
-    },
+    Discard { offset: u64, len: u64 },
 }
 
 /// Why a submission was not accepted.
@@ -141,10 +121,7 @@ impl JobQueue {
         opts.sqpoll = cfg.sqpoll;
         opts.register_buffers = cfg.register_buffers;
         let q = Queue::new(&image.0, &opts).map_err(GlueError::from_engine)?;
-        Ok(JobQueue {
-            q,
-            scratch: Vec::with_capacity(opts.ring_entries as usize),
-        })
+        Ok(JobQueue { q, scratch: Vec::with_capacity(opts.ring_entries as usize) })
     }
 
     /// The engine's default ring size (used when the user did not choose one).
@@ -165,12 +142,7 @@ impl JobQueue {
             IoKind::Discard { offset, len } => Op::Discard { offset, len },
         };
         // SAFETY: forwarded caller contract: buffers outlive the request.
-        let r = unsafe {
-            self.q.submit(Request {
-                op,
-                user_data: token,
-            })
-        };
+        let r = unsafe { self.q.submit(Request { op, user_data: token }) };
         r.map_err(|e| match e.raw_os_error() {
             libc::EAGAIN | libc::EBUSY => SubmitError::Full,
             errno => SubmitError::Failed(errno),
@@ -184,21 +156,10 @@ impl JobQueue {
 
     /// Appends finished requests to `out`, waiting for at least `min` up to `timeout`
     /// (None = forever). Returns how many were appended.
-    pub fn reap(
-        &mut self,
-        out: &mut Vec<Done>,
-        min: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize, GlueError> {
+    pub fn reap(&mut self, out: &mut Vec<Done>, min: usize, timeout: Option<Duration>) -> Result<usize, GlueError> {
         self.scratch.clear();
-        let n = self
-            .q
-            .reap(&mut self.scratch, min, timeout)
-            .map_err(GlueError::from_engine)?;
-        out.extend(self.scratch.drain(..).map(|c| Done {
-            token: c.user_data,
-            res: c.result,
-        }));
+        let n = self.q.reap(&mut self.scratch, min, timeout).map_err(GlueError::from_engine)?;
+        out.extend(self.scratch.drain(..).map(|c| Done { token: c.user_data, res: c.result }));
         Ok(n)
     }
 

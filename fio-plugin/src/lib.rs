@@ -21,9 +21,7 @@ pub mod options;
 pub mod stub_engine;
 
 use abi::*;
-use engine_glue::{
-    Done, GlueError, ImageConfig, IoKind, JobQueue, QueueConfig, SharedImage, SubmitError,
-};
+use engine_glue::{Done, GlueError, ImageConfig, IoKind, JobQueue, QueueConfig, SharedImage, SubmitError};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, c_char, c_int, c_uint};
@@ -89,13 +87,7 @@ fn acquire_image(key: &Path, cfg: &ImageConfig) -> Result<SharedImage, GlueError
         return Ok(e.image.clone());
     }
     let image = SharedImage::open(key, cfg)?;
-    map.insert(
-        key.to_path_buf(),
-        ImageEntry {
-            image: image.clone(),
-            users: 1,
-        },
-    );
+    map.insert(key.to_path_buf(), ImageEntry { image: image.clone(), users: 1 });
     Ok(image)
 }
 
@@ -113,15 +105,9 @@ fn release_image(key: &Path) {
     };
     if let Some(image) = last {
         if let Err(e) = image.close() {
-            log(
-                true,
-                &format!("quring: closing {}: {}\n", key.display(), e.msg),
-            );
+            log(true, &format!("quring: closing {}: {}\n", key.display(), e.msg));
         }
-        log(
-            false,
-            &format!("quring: {}:\n{}\n", key.display(), image.counters_text()),
-        );
+        log(false, &format!("quring: {}:\n{}\n", key.display(), image.counters_text()));
     }
 }
 
@@ -192,25 +178,17 @@ fn read_config(td: *mut ThreadData) -> Result<(ImageConfig, QueueConfig), String
     let mut image = ImageConfig::default();
     let mut queue = QueueConfig::default();
     let Some((o, off)) = options::locate(td) else {
-        log(
-            true,
-            "quring: could not locate this job's engine options; using defaults\n",
-        );
+        log(true, "quring: could not locate this job's engine options; using defaults\n");
         return Ok((image, queue));
     };
     if debug_enabled() {
-        log(
-            false,
-            &format!("quring: td {td:p}: engine options at td+{off}: {o:?}\n"),
-        );
+        log(false, &format!("quring: td {td:p}: engine options at td+{off}: {o:?}\n"));
     }
     match options::read_c_string(o.cache).as_deref() {
         None | Some("") | Some("writeback") => {}
         Some("writethrough") => image.writethrough = true,
         Some(other) => {
-            return Err(format!(
-                "quring: cache={other} is invalid (use writeback or writethrough)\n"
-            ));
+            return Err(format!("quring: cache={other} is invalid (use writeback or writethrough)\n"));
         }
     }
     image.l2_cache_size = (o.l2_cache_size != 0).then_some(o.l2_cache_size);
@@ -228,12 +206,8 @@ fn file_key(f: &FioFile) -> Result<PathBuf, (i32, String)> {
     // SAFETY: fio's file_name is a NUL-terminated string owned by the fio_file.
     let name = unsafe { CStr::from_ptr(f.file_name) };
     let path = Path::new(std::ffi::OsStr::from_bytes_compat(name.to_bytes()));
-    std::fs::canonicalize(path).map_err(|e| {
-        (
-            e.raw_os_error().unwrap_or(libc::ENOENT),
-            format!("quring: {}: {e}\n", path.display()),
-        )
-    })
+    std::fs::canonicalize(path)
+        .map_err(|e| (e.raw_os_error().unwrap_or(libc::ENOENT), format!("quring: {}: {e}\n", path.display())))
 }
 
 /// `OsStr::from_bytes` without importing the extension trait at every use.
@@ -268,10 +242,7 @@ fn hold_image(job: &mut Job, key: &Path) -> Result<SharedImage, c_int> {
             Ok(image)
         }
         Err(e) => {
-            log(
-                true,
-                &format!("quring: cannot open {}: {}\n", key.display(), e.msg),
-            );
+            log(true, &format!("quring: cannot open {}: {}\n", key.display(), e.msg));
             if e.is_lock_conflict() {
                 log(
                     true,
@@ -389,10 +360,7 @@ unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int 
             let queue = match JobQueue::new(&image, &qcfg) {
                 Ok(q) => q,
                 Err(e) => {
-                    log(
-                        true,
-                        &format!("quring: creating queue for {}: {}\n", key.display(), e.msg),
-                    );
+                    log(true, &format!("quring: creating queue for {}: {}\n", key.display(), e.msg));
                     return e.errno;
                 }
             };
@@ -435,11 +403,7 @@ unsafe extern "C" fn q_get_file_size(td: *mut ThreadData, f: *mut FioFile) -> c_
         Some(image) => image.size(),
         None => {
             // Probe without locking: this may run in fio's parent process before fork.
-            let cfg = ImageConfig {
-                read_only: true,
-                force_share: true,
-                ..Default::default()
-            };
+            let cfg = ImageConfig { read_only: true, force_share: true, ..Default::default() };
             match SharedImage::open(&key, &cfg) {
                 Ok(image) => {
                     let size = image.size();
@@ -447,10 +411,7 @@ unsafe extern "C" fn q_get_file_size(td: *mut ThreadData, f: *mut FioFile) -> c_
                     size
                 }
                 Err(e) => {
-                    log(
-                        true,
-                        &format!("quring: cannot open {}: {}\n", key.display(), e.msg),
-                    );
+                    log(true, &format!("quring: cannot open {}: {}\n", key.display(), e.msg));
                     return e.errno;
                 }
             }
@@ -485,20 +446,11 @@ unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
         return FIO_Q_COMPLETED;
     };
     let kind = match u.ddir {
-        DDIR_READ => IoKind::Read {
-            offset: u.offset,
-            buf: u.xfer_buf.cast(),
-            len: u.xfer_buflen as usize,
-        },
-        DDIR_WRITE => IoKind::Write {
-            offset: u.offset,
-            buf: u.xfer_buf.cast_const().cast(),
-            len: u.xfer_buflen as usize,
-        },
-        DDIR_TRIM => IoKind::Discard {
-            offset: u.offset,
-            len: u.xfer_buflen,
-        },
+        DDIR_READ => IoKind::Read { offset: u.offset, buf: u.xfer_buf.cast(), len: u.xfer_buflen as usize },
+        DDIR_WRITE => {
+            IoKind::Write { offset: u.offset, buf: u.xfer_buf.cast_const().cast(), len: u.xfer_buflen as usize }
+        }
+        DDIR_TRIM => IoKind::Discard { offset: u.offset, len: u.xfer_buflen },
         DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => IoKind::Flush,
         _ => {
             u.error = libc::EINVAL as c_uint;
@@ -512,9 +464,7 @@ unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
             job.uncommitted = true;
             FIO_Q_QUEUED
         }
-        Err(SubmitError::Full) if slot.queue.in_flight() > 0 || !job.pending.is_empty() => {
-            FIO_Q_BUSY
-        }
+        Err(SubmitError::Full) if slot.queue.in_flight() > 0 || !job.pending.is_empty() => FIO_Q_BUSY,
         Err(SubmitError::Full) => {
             u.error = libc::EAGAIN as c_uint;
             FIO_Q_COMPLETED
@@ -557,9 +507,7 @@ fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), G
         if job.pending.len() >= min {
             return Ok(());
         }
-        let busy: Vec<usize> = (0..job.slots.len())
-            .filter(|&i| job.slots[i].queue.in_flight() > 0)
-            .collect();
+        let busy: Vec<usize> = (0..job.slots.len()).filter(|&i| job.slots[i].queue.in_flight() > 0).collect();
         let Some(&first) = busy.first() else {
             return Ok(());
         };
@@ -573,19 +521,13 @@ fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), G
         let need = min - job.pending.len();
         if busy.len() == 1 {
             // One queue: let the engine wait for us.
-            job.slots[first]
-                .queue
-                .reap(&mut job.scratch, need, remaining)?;
+            job.slots[first].queue.reap(&mut job.scratch, need, remaining)?;
         } else {
             // Several images in one job: the API can only wait on one queue at a time,
             // so wait briefly on the busiest and sweep again.
             let slice = Duration::from_micros(100);
             let wait = remaining.map_or(slice, |r| r.min(slice));
-            let i = busy
-                .iter()
-                .copied()
-                .max_by_key(|&i| job.slots[i].queue.in_flight())
-                .unwrap_or(first);
+            let i = busy.iter().copied().max_by_key(|&i| job.slots[i].queue.in_flight()).unwrap_or(first);
             job.slots[i].queue.reap(&mut job.scratch, 1, Some(wait))?;
         }
         job.pending.extend(job.scratch.drain(..));
@@ -595,25 +537,15 @@ fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), G
     }
 }
 
-unsafe extern "C" fn q_getevents(
-    td: *mut ThreadData,
-    min: c_uint,
-    max: c_uint,
-    t: *const libc::timespec,
-) -> c_int {
+unsafe extern "C" fn q_getevents(td: *mut ThreadData, min: c_uint, max: c_uint, t: *const libc::timespec) -> c_int {
     // SAFETY: called on td's own thread, no other Job reference is live.
     let Some(job) = (unsafe { job(td) }) else {
         return -libc::EINVAL;
     };
     job.events.clear();
     // SAFETY: t is NULL or points to a timespec fio owns for the duration of the call.
-    let deadline = unsafe { t.as_ref() }.map(|t| {
-        Instant::now()
-            + Duration::new(
-                t.tv_sec.max(0) as u64,
-                t.tv_nsec.clamp(0, 999_999_999) as u32,
-            )
-    });
+    let deadline = unsafe { t.as_ref() }
+        .map(|t| Instant::now() + Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32));
     if min > 0 && job.uncommitted {
         let rc = commit_all(job);
         if rc != 0 {
@@ -651,10 +583,7 @@ unsafe extern "C" fn q_event(td: *mut ThreadData, i: c_int) -> *mut IoU {
     let Some(job) = (unsafe { job(td) }) else {
         return std::ptr::null_mut();
     };
-    usize::try_from(i)
-        .ok()
-        .and_then(|i| job.events.get(i).copied())
-        .unwrap_or(std::ptr::null_mut())
+    usize::try_from(i).ok().and_then(|i| job.events.get(i).copied()).unwrap_or(std::ptr::null_mut())
 }
 
 unsafe extern "C" fn q_cleanup(td: *mut ThreadData) {

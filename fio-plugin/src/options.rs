@@ -10,9 +10,7 @@
 //! reports unreadable addresses as an error instead of faulting, so a wrong guess cannot
 //! crash fio. The offset found first is cached and re-validated for every later job.
 
-use crate::abi::{
-    FIO_OPT_INT, FIO_OPT_STR_SET, FIO_OPT_STR_STORE, FIO_OPT_STR_VAL, FioOption, ThreadData,
-};
+use crate::abi::{FIO_OPT_INT, FIO_OPT_STR_SET, FIO_OPT_STR_STORE, FIO_OPT_STR_VAL, FioOption, ThreadData};
 use std::ffi::{c_char, c_void};
 use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,14 +102,8 @@ pub static mut OPTIONS: [FioOption; 7] = [
 /// Copies `buf.len()` bytes from our own address `addr` without risking a fault.
 /// Returns how many bytes were readable (0 if none).
 fn safe_read(addr: usize, buf: &mut [u8]) -> usize {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast::<c_void>(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut c_void,
-        iov_len: buf.len(),
-    };
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast::<c_void>(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut c_void, iov_len: buf.len() };
     // SAFETY: `local` describes our own writable buffer; the remote side is only read by
     // the kernel, which fails with EFAULT (or returns a short count) for unmapped
     // addresses instead of faulting.
@@ -153,8 +145,7 @@ fn plausible(td: *mut ThreadData, o: &EngineOptions) -> bool {
         && o.sqpoll <= 1
         && o.register_buffers <= 1
         && u64::from(o.ring_entries) <= MAX_RING_ENTRIES
-        && read_c_string(o.cache)
-            .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()))
+        && read_c_string(o.cache).is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()))
 }
 
 fn looks_like_pointer(v: usize) -> bool {
@@ -218,10 +209,7 @@ mod tests {
     #[test]
     fn option_struct_layout() {
         assert_eq!(offset_of!(EngineOptions, td), 0);
-        assert!(
-            offset_of!(EngineOptions, cache) >= 8,
-            "first 8 bytes belong to fio"
-        );
+        assert!(offset_of!(EngineOptions, cache) >= 8, "first 8 bytes belong to fio");
         assert_eq!(offset_of!(EngineOptions, l2_cache_size), 16);
         assert_eq!(offset_of!(EngineOptions, ring_entries), 32);
         assert_eq!(size_of::<EngineOptions>(), 48);
@@ -260,10 +248,6 @@ mod tests {
         // SAFETY: tests only read the table; nothing else mutates it in this process.
         let opts = unsafe { &*table };
         assert!(opts.last().is_some_and(|o| o.name.is_null()));
-        assert!(
-            opts[..opts.len() - 1]
-                .iter()
-                .all(|o| !o.name.is_null() && o.off1 >= 8)
-        );
+        assert!(opts[..opts.len() - 1].iter().all(|o| !o.name.is_null() && o.off1 >= 8));
     }
 }

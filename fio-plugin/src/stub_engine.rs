@@ -27,16 +27,8 @@ pub mod counters {
     impl fmt::Display for CounterSnapshot {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             writeln!(f, "stub engine (raw file, synchronous):")?;
-            writeln!(
-                f,
-                "  reads        {:>12} ({} bytes)",
-                self.reads, self.bytes_read
-            )?;
-            writeln!(
-                f,
-                "  writes       {:>12} ({} bytes)",
-                self.writes, self.bytes_written
-            )?;
+            writeln!(f, "  reads        {:>12} ({} bytes)", self.reads, self.bytes_read)?;
+            writeln!(f, "  writes       {:>12} ({} bytes)", self.writes, self.bytes_written)?;
             writeln!(f, "  flushes      {:>12}", self.flushes)?;
             writeln!(f, "  discards     {:>12}", self.discards)?;
             write!(f, "  write_zeroes {:>12}", self.write_zeroes)
@@ -104,33 +96,20 @@ pub mod image {
                 .read(true)
                 .write(!opts.read_only)
                 .open(path)
-                .map_err(|e| {
-                    crate::stub_engine::Error::io(format!("open {}", path.display()), e)
-                })?;
+                .map_err(|e| crate::stub_engine::Error::io(format!("open {}", path.display()), e))?;
             if !opts.force_share {
-                let how = if opts.read_only {
-                    libc::LOCK_SH
-                } else {
-                    libc::LOCK_EX
-                };
+                let how = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
                 // SAFETY: flock on an fd we own; no memory is passed.
                 let rc = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
                 if rc != 0 {
                     return Err(crate::stub_engine::Error::Locked(format!(
                         "{} is locked by another process (failed to get an {} lock)",
                         path.display(),
-                        if opts.read_only {
-                            "shared"
-                        } else {
-                            "exclusive"
-                        }
+                        if opts.read_only { "shared" } else { "exclusive" }
                     )));
                 }
             }
-            let size = file
-                .metadata()
-                .map_err(|e| crate::stub_engine::Error::io("fstat", e))?
-                .len();
+            let size = file.metadata().map_err(|e| crate::stub_engine::Error::io("fstat", e))?.len();
             Ok(Arc::new(Image {
                 file,
                 size,
@@ -161,9 +140,7 @@ pub mod image {
             if self.read_only {
                 return Ok(());
             }
-            self.file
-                .sync_all()
-                .map_err(|e| crate::stub_engine::Error::io("fsync", e))
+            self.file.sync_all().map_err(|e| crate::stub_engine::Error::io("fsync", e))
         }
     }
 }
@@ -185,35 +162,16 @@ pub mod queue {
 
     impl Default for QueueOptions {
         fn default() -> Self {
-            QueueOptions {
-                ring_entries: 128,
-                sqpoll: false,
-                register_buffers: false,
-            }
+            QueueOptions { ring_entries: 128, sqpoll: false, register_buffers: false }
         }
     }
 
     pub enum Op {
-        Read {
-            offset: u64,
-            buf: *mut u8,
-            len: usize,
-        },
-        Write {
-            offset: u64,
-            buf: *const u8,
-            len: usize,
-        },
+        Read { offset: u64, buf: *mut u8, len: usize },
+        Write { offset: u64, buf: *const u8, len: usize },
         Flush,
-        Discard {
-            offset: u64,
-            len: u64,
-        },
-        WriteZeroes {
-            offset: u64,
-            len: u64,
-            unmap: bool,
-        },
+        Discard { offset: u64, len: u64 },
+        WriteZeroes { offset: u64, len: u64, unmap: bool },
     }
 
     pub struct Request {
@@ -235,17 +193,13 @@ pub mod queue {
     }
 
     fn errno() -> i32 {
-        std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
     }
 
     impl Queue {
         pub fn new(image: &Arc<Image>, opts: &QueueOptions) -> crate::stub_engine::Result<Queue> {
             if opts.ring_entries == 0 {
-                return Err(crate::stub_engine::Error::InvalidRequest(
-                    "ring_entries must be > 0".into(),
-                ));
+                return Err(crate::stub_engine::Error::InvalidRequest("ring_entries must be > 0".into()));
             }
             Ok(Queue {
                 image: Arc::clone(image),
@@ -259,17 +213,11 @@ pub mod queue {
         /// Buffers must stay valid until the completion is returned.
         pub unsafe fn submit(&mut self, req: Request) -> crate::stub_engine::Result<()> {
             if self.done.len() >= self.entries {
-                return Err(crate::stub_engine::Error::errno(
-                    "submit: queue full",
-                    libc::EAGAIN,
-                ));
+                return Err(crate::stub_engine::Error::errno("submit: queue full", libc::EAGAIN));
             }
             // SAFETY: the caller guarantees the request's buffer is valid for its length.
             let result = unsafe { self.execute(&req.op) };
-            self.done.push_back(Completion {
-                user_data: req.user_data,
-                result,
-            });
+            self.done.push_back(Completion { user_data: req.user_data, result });
             Ok(())
         }
 
@@ -291,14 +239,8 @@ pub mod queue {
                     while done < len {
                         // SAFETY: buf is valid for len bytes (caller contract); we write
                         // only inside [done, len).
-                        let n = unsafe {
-                            libc::pread(
-                                fd,
-                                buf.add(done).cast(),
-                                len - done,
-                                (offset + done as u64) as i64,
-                            )
-                        };
+                        let n =
+                            unsafe { libc::pread(fd, buf.add(done).cast(), len - done, (offset + done as u64) as i64) };
                         if n < 0 {
                             let e = errno();
                             if e == libc::EINTR {
@@ -329,12 +271,7 @@ pub mod queue {
                     while done < len {
                         // SAFETY: buf is valid for len bytes (caller contract).
                         let n = unsafe {
-                            libc::pwrite(
-                                fd,
-                                buf.add(done).cast(),
-                                len - done,
-                                (offset + done as u64) as i64,
-                            )
+                            libc::pwrite(fd, buf.add(done).cast(), len - done, (offset + done as u64) as i64)
                         };
                         if n < 0 {
                             let e = errno();
@@ -358,11 +295,7 @@ pub mod queue {
                 Op::Flush => {
                     c.flushes.fetch_add(1, Ordering::Relaxed);
                     // SAFETY: plain syscall on an fd we own.
-                    if unsafe { libc::fdatasync(fd) } != 0 {
-                        -errno()
-                    } else {
-                        0
-                    }
+                    if unsafe { libc::fdatasync(fd) } != 0 { -errno() } else { 0 }
                 }
                 Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
                     if img.read_only {
@@ -379,11 +312,7 @@ pub mod queue {
                         libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                     };
                     // SAFETY: plain syscall on an fd we own.
-                    if unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) } != 0 {
-                        -errno()
-                    } else {
-                        0
-                    }
+                    if unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) } != 0 { -errno() } else { 0 }
                 }
             }
         }

@@ -57,34 +57,16 @@ pub const H_COMPRESSION_TYPE: u64 = 104;
 /// Feature name table extension magic.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 
-const CLUSTER: &[&str] = &[
-    "cluster_bits",
-    "cluster bits",
-    "cluster size",
-    "cluster_size",
-];
+const CLUSTER: &[&str] = &["cluster_bits", "cluster bits", "cluster size", "cluster_size"];
 const L1: &[&str] = &["l1"];
 const REFCOUNT: &[&str] = &["refcount", "reference count"];
-const HEADER_LENGTH: &[&str] = &[
-    "header_length",
-    "header length",
-    "header size",
-    "header too short",
-    "header exceeds",
-];
+const HEADER_LENGTH: &[&str] = &["header_length", "header length", "header size", "header too short", "header exceeds"];
 const BACKING: &[&str] = &["backing"];
 const COMPRESS: &[&str] = &["compress"];
 const SNAPSHOT: &[&str] = &["snapshot"];
 const VERSION: &[&str] = &["version"];
 /// A data/table reference outside the file.
-const PAST_EOF: &[&str] = &[
-    "past",
-    "beyond",
-    "end of file",
-    "eof",
-    "outside",
-    "truncated",
-];
+const PAST_EOF: &[&str] = &["past", "beyond", "end of file", "eof", "outside", "truncated"];
 
 /// Offset of the L1 table, read from the header.
 pub fn l1_offset(p: &Path) -> u64 {
@@ -164,50 +146,23 @@ fn make_bases() -> Bases {
         &plain,
         &Qcow2Opts::default(),
         1 << 20,
-        &[
-            "write -P 0x5a 0 64k".into(),
-            "write -P 0xa5 128k 64k".into(),
-        ],
+        &["write -P 0x5a 0 64k".into(), "write -P 0xa5 128k 64k".into()],
     );
     let compressed = dir.path().join("compressed.qcow2");
-    qemu_img([
-        "convert",
-        "-q",
-        "-c",
-        "-O",
-        "qcow2",
-        &s(&plain),
-        &s(&compressed),
-    ])
-    .ok();
+    qemu_img(["convert", "-q", "-c", "-O", "qcow2", &s(&plain), &s(&compressed)]).ok();
     let extl2 = dir.path().join("extl2.qcow2");
     build_qcow2(
         &extl2,
-        &Qcow2Opts {
-            extended_l2: true,
-            ..Default::default()
-        },
+        &Qcow2Opts { extended_l2: true, ..Default::default() },
         1 << 20,
         &["write -P 0x5a 0 4k".into()],
     );
     let small_cluster = dir.path().join("small.qcow2");
-    build_qcow2(
-        &small_cluster,
-        &Qcow2Opts::cluster(4096),
-        1 << 20,
-        &["write -P 0x5a 0 8k".into()],
-    );
+    build_qcow2(&small_cluster, &Qcow2Opts::cluster(4096), 1 << 20, &["write -P 0x5a 0 8k".into()]);
     let snap = dir.path().join("snap.qcow2");
     std::fs::copy(&plain, &snap).unwrap();
     qemu_img(["snapshot", "-q", "-c", "s1", &s(&snap)]).ok();
-    Bases {
-        _dir: dir,
-        plain,
-        compressed,
-        extl2,
-        small_cluster,
-        snap,
-    }
+    Bases { _dir: dir, plain, compressed, extl2, small_cluster, snap }
 }
 
 type Patch = fn(&Path);
@@ -299,44 +254,22 @@ fn specs() -> Vec<Spec> {
         header_case!(
             "empty_file",
             no_base,
-            &[
-                "empty",
-                "header",
-                "magic",
-                "truncated",
-                "too small",
-                "short"
-            ],
+            &["empty", "header", "magic", "truncated", "too small", "short"],
             "zero-length file",
             |p| std::fs::write(p, b"").unwrap()
         ),
         header_case!(
             "truncated_header_50",
             plain,
-            &[
-                "header",
-                "truncated",
-                "short",
-                "too small",
-                "eof",
-                "end of file"
-            ],
+            &["header", "truncated", "short", "too small", "eof", "end of file"],
             "file cut to 50 bytes, inside the header",
             |p| truncate_file(p, 50)
         ),
-        header_case!(
-            "bad_magic",
-            plain,
-            &["magic", "not a qcow2", "not in qcow2 format"],
-            "magic QFJ\\xfb",
-            |p| patch_bytes(p, H_MAGIC, b"QFJ\xfb")
-        ),
-        header_case!("version_1", plain, VERSION, "version 1", |p| patch_be32(
-            p, H_VERSION, 1
-        )),
-        header_case!("version_4", plain, VERSION, "version 4", |p| patch_be32(
-            p, H_VERSION, 4
-        )),
+        header_case!("bad_magic", plain, &["magic", "not a qcow2", "not in qcow2 format"], "magic QFJ\\xfb", |p| {
+            patch_bytes(p, H_MAGIC, b"QFJ\xfb")
+        }),
+        header_case!("version_1", plain, VERSION, "version 1", |p| patch_be32(p, H_VERSION, 1)),
+        header_case!("version_4", plain, VERSION, "version 4", |p| patch_be32(p, H_VERSION, 4)),
         header_case!(
             "cluster_bits_8",
             plain,
@@ -344,47 +277,25 @@ fn specs() -> Vec<Spec> {
             "cluster_bits 8 (256-byte clusters, below the minimum 9)",
             |p| patch_be32(p, H_CLUSTER_BITS, 8)
         ),
-        header_case!("cluster_bits_31", plain, CLUSTER, "cluster_bits 31", |p| {
-            patch_be32(p, H_CLUSTER_BITS, 31)
+        header_case!("cluster_bits_31", plain, CLUSTER, "cluster_bits 31", |p| { patch_be32(p, H_CLUSTER_BITS, 31) }),
+        header_case!("cluster_bits_22", plain, CLUSTER, "cluster_bits 22 (4 MiB, above QEMU's 2 MiB cap)", |p| {
+            patch_be32(p, H_CLUSTER_BITS, 22)
         }),
-        header_case!(
-            "cluster_bits_22",
-            plain,
-            CLUSTER,
-            "cluster_bits 22 (4 MiB, above QEMU's 2 MiB cap)",
-            |p| patch_be32(p, H_CLUSTER_BITS, 22)
-        ),
-        header_case!("l1_size_2p31", plain, L1, "l1_size 2^31 entries", |p| {
-            patch_be32(p, H_L1_SIZE, 0x8000_0000)
+        header_case!("l1_size_2p31", plain, L1, "l1_size 2^31 entries", |p| { patch_be32(p, H_L1_SIZE, 0x8000_0000) }),
+        header_case!("l1_size_too_small", plain, L1, "l1_size 0 for a 1 MiB disk (needs 1)", |p| patch_be32(
+            p, H_L1_SIZE, 0
+        )),
+        header_case!("l1_offset_misaligned", plain, L1, "l1_table_offset 0x30200 (not cluster aligned)", |p| {
+            patch_be64(p, H_L1_OFFSET, 0x30200)
         }),
-        header_case!(
-            "l1_size_too_small",
-            plain,
-            L1,
-            "l1_size 0 for a 1 MiB disk (needs 1)",
-            |p| patch_be32(p, H_L1_SIZE, 0)
-        ),
-        header_case!(
-            "l1_offset_misaligned",
-            plain,
-            L1,
-            "l1_table_offset 0x30200 (not cluster aligned)",
-            |p| patch_be64(p, H_L1_OFFSET, 0x30200)
-        ),
-        header_case!(
-            "l1_offset_past_eof",
-            plain,
-            L1,
-            "l1_table_offset 256 MiB, file is 448 KiB",
-            |p| patch_be64(p, H_L1_OFFSET, 0x1000_0000)
-        ),
-        header_case!(
-            "refcount_table_offset_misaligned",
-            plain,
-            REFCOUNT,
-            "refcount_table_offset 0x10200",
-            |p| patch_be64(p, H_RT_OFFSET, 0x10200)
-        ),
+        header_case!("l1_offset_past_eof", plain, L1, "l1_table_offset 256 MiB, file is 448 KiB", |p| patch_be64(
+            p,
+            H_L1_OFFSET,
+            0x1000_0000
+        )),
+        header_case!("refcount_table_offset_misaligned", plain, REFCOUNT, "refcount_table_offset 0x10200", |p| {
+            patch_be64(p, H_RT_OFFSET, 0x10200)
+        }),
         header_case!(
             "refcount_table_offset_past_eof",
             plain,
@@ -399,34 +310,22 @@ fn specs() -> Vec<Spec> {
             "refcount_table_clusters 2^31-1",
             |p| patch_be32(p, H_RT_CLUSTERS, 0x7fff_ffff)
         ),
-        header_case!(
-            "refcount_order_7",
-            plain,
-            REFCOUNT,
-            "refcount_order 7 (128-bit refcounts)",
-            |p| patch_be32(p, H_REFCOUNT_ORDER, 7)
-        ),
-        header_case!(
-            "header_length_96",
-            plain,
-            HEADER_LENGTH,
-            "v3 header_length 96 (< 104)",
-            |p| patch_be32(p, H_HEADER_LENGTH, 96)
-        ),
-        header_case!(
-            "header_length_108",
-            plain,
-            HEADER_LENGTH,
-            "header_length 108 (not a multiple of 8)",
-            |p| patch_be32(p, H_HEADER_LENGTH, 108)
-        ),
-        header_case!(
-            "header_length_gt_cluster",
-            plain,
-            HEADER_LENGTH,
-            "header_length 0x10008 (> cluster size)",
-            |p| patch_be32(p, H_HEADER_LENGTH, 0x10008)
-        ),
+        header_case!("refcount_order_7", plain, REFCOUNT, "refcount_order 7 (128-bit refcounts)", |p| patch_be32(
+            p,
+            H_REFCOUNT_ORDER,
+            7
+        )),
+        header_case!("header_length_96", plain, HEADER_LENGTH, "v3 header_length 96 (< 104)", |p| patch_be32(
+            p,
+            H_HEADER_LENGTH,
+            96
+        )),
+        header_case!("header_length_108", plain, HEADER_LENGTH, "header_length 108 (not a multiple of 8)", |p| {
+            patch_be32(p, H_HEADER_LENGTH, 108)
+        }),
+        header_case!("header_length_gt_cluster", plain, HEADER_LENGTH, "header_length 0x10008 (> cluster size)", |p| {
+            patch_be32(p, H_HEADER_LENGTH, 0x10008)
+        }),
         header_case!(
             "extension_overruns_cluster0",
             plain,
@@ -465,24 +364,16 @@ fn specs() -> Vec<Spec> {
             "L1[0] points to an L2 table at 256 MiB, file is 448 KiB",
             |p| patch_be64(p, l1_offset(p), 0x8000_0000_1000_0000)
         ),
-        data_case!(
-            "l1_entry_reserved_bits",
-            plain,
-            &["l1", "reserved"],
-            "L1[0] has reserved bit 60 set",
-            |p| {
-                let o = l1_offset(p);
-                let v = read_be64(p, o);
-                patch_be64(p, o, v | 1 << 60);
-            }
-        ),
-        data_case!(
-            "l2_entry_past_eof",
-            plain,
-            PAST_EOF,
-            "L2[0] points to a data cluster at 256 MiB",
-            |p| patch_be64(p, l2_offset(p), 0x8000_0000_1000_0000)
-        ),
+        data_case!("l1_entry_reserved_bits", plain, &["l1", "reserved"], "L1[0] has reserved bit 60 set", |p| {
+            let o = l1_offset(p);
+            let v = read_be64(p, o);
+            patch_be64(p, o, v | 1 << 60);
+        }),
+        data_case!("l2_entry_past_eof", plain, PAST_EOF, "L2[0] points to a data cluster at 256 MiB", |p| patch_be64(
+            p,
+            l2_offset(p),
+            0x8000_0000_1000_0000
+        )),
         data_case!(
             "l2_entry_misaligned",
             plain,
@@ -490,17 +381,11 @@ fn specs() -> Vec<Spec> {
             "L2[0] data offset 0x50200 (not cluster aligned)",
             |p| patch_be64(p, l2_offset(p), 0x8000_0000_0005_0200)
         ),
-        data_case!(
-            "l2_entry_reserved_bits",
-            plain,
-            &["l2", "reserved"],
-            "L2[0] has reserved bit 56 set",
-            |p| {
-                let o = l2_offset(p);
-                let v = read_be64(p, o);
-                patch_be64(p, o, v | 1 << 56);
-            }
-        ),
+        data_case!("l2_entry_reserved_bits", plain, &["l2", "reserved"], "L2[0] has reserved bit 56 set", |p| {
+            let o = l2_offset(p);
+            let v = read_be64(p, o);
+            patch_be64(p, o, v | 1 << 56);
+        }),
         data_case!(
             "compressed_with_copied",
             compressed,
@@ -516,14 +401,7 @@ fn specs() -> Vec<Spec> {
         data_case!(
             "compressed_past_eof",
             compressed,
-            &[
-                "compress",
-                "past",
-                "beyond",
-                "end of file",
-                "eof",
-                "outside"
-            ],
+            &["compress", "past", "beyond", "end of file", "eof", "outside"],
             "compressed L2[0] host offset 256 MiB",
             |p| {
                 let o = l2_offset(p);
@@ -576,23 +454,11 @@ fn specs() -> Vec<Spec> {
             "compression_type 1 (zstd) but incompatible bit 3 clear",
             |p| patch_u8(p, H_COMPRESSION_TYPE, 1)
         ),
-        header_case!(
-            "compression_type_2",
-            plain,
-            COMPRESS,
-            "compression_type 2 with incompatible bit 3 set",
-            |p| {
-                patch_u8(p, H_COMPRESSION_TYPE, 2);
-                patch_be64(p, H_INCOMPAT, 1 << 3);
-            }
-        ),
-        header_case!(
-            "crypt_method_aes",
-            plain,
-            &["crypt"],
-            "crypt_method 1 (AES)",
-            |p| patch_be32(p, H_CRYPT, 1)
-        ),
+        header_case!("compression_type_2", plain, COMPRESS, "compression_type 2 with incompatible bit 3 set", |p| {
+            patch_u8(p, H_COMPRESSION_TYPE, 2);
+            patch_be64(p, H_INCOMPAT, 1 << 3);
+        }),
+        header_case!("crypt_method_aes", plain, &["crypt"], "crypt_method 1 (AES)", |p| patch_be32(p, H_CRYPT, 1)),
         header_case!(
             "external_data_file_bit",
             plain,
@@ -607,36 +473,18 @@ fn specs() -> Vec<Spec> {
             "incompatible bit 4 (extended L2) with 4 KiB clusters",
             |p| patch_be64(p, H_INCOMPAT, 1 << 4)
         ),
-        header_case!(
-            "nb_snapshots_huge",
-            plain,
-            SNAPSHOT,
-            "nb_snapshots 2^32-1, snapshots_offset 256 MiB",
-            |p| {
-                patch_be32(p, H_NB_SNAPSHOTS, 0xffff_ffff);
-                patch_be64(p, H_SNAPSHOTS_OFFSET, 0x1000_0000);
-            }
-        ),
-        header_case!(
-            "snapshots_offset_misaligned",
-            snap,
-            SNAPSHOT,
-            "snapshots_offset moved by 0x200",
-            |p| {
-                let o = read_be64(p, H_SNAPSHOTS_OFFSET);
-                patch_be64(p, H_SNAPSHOTS_OFFSET, o + 0x200);
-            }
-        ),
-        check_case!(
-            "snapshot_l1_size_huge",
-            snap,
-            SNAPSHOT,
-            "snapshot 1 has l1_size 2^31-1",
-            |p| {
-                let o = read_be64(p, H_SNAPSHOTS_OFFSET);
-                patch_be32(p, o + 8, 0x7fff_ffff);
-            }
-        ),
+        header_case!("nb_snapshots_huge", plain, SNAPSHOT, "nb_snapshots 2^32-1, snapshots_offset 256 MiB", |p| {
+            patch_be32(p, H_NB_SNAPSHOTS, 0xffff_ffff);
+            patch_be64(p, H_SNAPSHOTS_OFFSET, 0x1000_0000);
+        }),
+        header_case!("snapshots_offset_misaligned", snap, SNAPSHOT, "snapshots_offset moved by 0x200", |p| {
+            let o = read_be64(p, H_SNAPSHOTS_OFFSET);
+            patch_be64(p, H_SNAPSHOTS_OFFSET, o + 0x200);
+        }),
+        check_case!("snapshot_l1_size_huge", snap, SNAPSHOT, "snapshot 1 has l1_size 2^31-1", |p| {
+            let o = read_be64(p, H_SNAPSHOTS_OFFSET);
+            patch_be32(p, o + 8, 0x7fff_ffff);
+        }),
         // qemu-img check gives up on this one (exit 1, "Check failed"), so
         // quring's check may report either 1 or 2.
         Spec {
@@ -664,25 +512,13 @@ fn specs() -> Vec<Spec> {
                 patch_be64(p, o + 8, 0x0000_0001_0000_0003);
             }
         ),
-        header_case!(
-            "virtual_size_2p63",
-            plain,
-            &["size", "too big", "too large"],
-            "virtual size 2^63",
-            |p| patch_be64(p, H_SIZE, 1 << 63)
-        ),
+        header_case!("virtual_size_2p63", plain, &["size", "too big", "too large"], "virtual size 2^63", |p| {
+            patch_be64(p, H_SIZE, 1 << 63)
+        }),
         header_case!(
             "truncated_to_one_cluster",
             plain,
-            &[
-                "l1",
-                "refcount",
-                "truncated",
-                "past",
-                "beyond",
-                "end of file",
-                "eof"
-            ],
+            &["l1", "refcount", "truncated", "past", "beyond", "end of file", "eof"],
             "file cut to 64 KiB: every table is past EOF",
             |p| truncate_file(p, 0x10000)
         ),

@@ -115,10 +115,7 @@ fn truncate_for_msg(s: &str) -> String {
 
 fn shell_quote(s: &OsStr) -> String {
     let s = s.to_string_lossy();
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_=./,:+@%".contains(c))
-    {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=./,:+@%".contains(c)) {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -156,21 +153,14 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Run {
     // SAFETY: setrlimit is async-signal-safe; nothing else runs in the hook.
     unsafe {
         cmd.pre_exec(|| {
-            let zero = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
+            let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             libc::setrlimit(libc::RLIMIT_CORE, &zero);
             Ok(())
         });
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let parent_rss_kib = self_rss_kib();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn `{line}`: {e}"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn `{line}`: {e}"));
     let pid = child.id() as libc::pid_t;
     let mut out = child.stdout.take().expect("stdout piped");
     let mut err = child.stderr.take().expect("stderr piped");
@@ -240,9 +230,7 @@ pub fn self_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|st| {
-            st.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            st.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
@@ -311,10 +299,7 @@ where
 
 /// A fresh temporary directory, removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("quring-test-")
-        .tempdir()
-        .expect("create temp dir")
+    tempfile::Builder::new().prefix("quring-test-").tempdir().expect("create temp dir")
 }
 
 /// Converts a path to a `String` argument.
@@ -408,10 +393,7 @@ impl Default for Qcow2Opts {
 
 impl Qcow2Opts {
     pub fn cluster(cluster_size: u32) -> Self {
-        Qcow2Opts {
-            cluster_size,
-            ..Default::default()
-        }
+        Qcow2Opts { cluster_size, ..Default::default() }
     }
 
     /// The `-o` option string for `qemu-img create` (without backing options).
@@ -422,14 +404,8 @@ impl Qcow2Opts {
             format!("compat={}", self.compat.as_str()),
         ];
         if self.compat == Compat::V11 {
-            o.push(format!(
-                "extended_l2={}",
-                if self.extended_l2 { "on" } else { "off" }
-            ));
-            o.push(format!(
-                "lazy_refcounts={}",
-                if self.lazy_refcounts { "on" } else { "off" }
-            ));
+            o.push(format!("extended_l2={}", if self.extended_l2 { "on" } else { "off" }));
+            o.push(format!("lazy_refcounts={}", if self.lazy_refcounts { "on" } else { "off" }));
             if let Some(ct) = self.compression_type {
                 o.push(format!("compression_type={ct}"));
             }
@@ -444,14 +420,8 @@ impl Qcow2Opts {
 /// `qemu-img create -f qcow2 -o OPTS [-b B -F F] path size`.
 #[track_caller]
 pub fn create_qcow2(path: &Path, opts: &Qcow2Opts, size: u64) {
-    let mut args = vec![
-        "create".to_string(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-o".into(),
-        opts.create_options(),
-    ];
+    let mut args =
+        vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into(), "-o".into(), opts.create_options()];
     if let Some((b, f)) = &opts.backing {
         args.extend(["-b".into(), b.clone(), "-F".into(), f.clone()]);
     }
@@ -476,11 +446,7 @@ pub fn qemu_io_cmds(path: &Path, fmt: &str, cmds: &[String]) {
     let r = qemu_io(&args).ok();
     // qemu-io reports some command failures only on stdout with exit 0.
     for bad in ["failed", "Error", "error:"] {
-        assert!(
-            !r.stdout.contains(bad) && !r.stderr.contains(bad),
-            "qemu-io reported an error:\n{}",
-            r.describe()
-        );
+        assert!(!r.stdout.contains(bad) && !r.stderr.contains(bad), "qemu-io reported an error:\n{}", r.describe());
     }
 }
 
@@ -568,8 +534,7 @@ pub fn read_bytes(path: &Path, off: u64, len: usize) -> Vec<u8> {
     let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.seek(SeekFrom::Start(off)).unwrap();
     let mut v = vec![0u8; len];
-    f.read_exact(&mut v)
-        .unwrap_or_else(|e| panic!("read {}@{off}+{len}: {e}", path.display()));
+    f.read_exact(&mut v).unwrap_or_else(|e| panic!("read {}@{off}+{len}: {e}", path.display()));
     v
 }
 

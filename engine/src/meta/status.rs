@@ -99,6 +99,27 @@ impl Image {
             let path = Some(layer.path().to_path_buf());
             match ext {
                 Extent::Data(h) => {
+                    // QEMU recurses into the file for images it detects as metadata-
+                    // preallocated: holes in the file then report as zeros.
+                    if layer.metadata_preallocated()? {
+                        let flen = layer.file_len();
+                        let (data, run) = if h.0 >= flen {
+                            (false, n)
+                        } else {
+                            seek_data_hole(layer.file.fd(), h.0, n.min(flen - h.0), flen)?
+                        };
+                        let run = if h.0 < flen && h.0 + run >= flen && !data { n } else { run };
+                        return Ok(BlockStatus {
+                            len: run.min(n),
+                            depth,
+                            present: true,
+                            zero: !data,
+                            data: true,
+                            compressed: false,
+                            offset: Some(h.0),
+                            file: path,
+                        });
+                    }
                     return Ok(BlockStatus {
                         len: n,
                         depth,
@@ -189,6 +210,55 @@ impl Image {
                 },
             }
         }
+    }
+
+    /// QEMU's metadata-preallocation heuristic: the image refcounts clearly more clusters
+    /// (>= max(10/9 of them, +2)) than the file really has allocated on the filesystem.
+    pub fn metadata_preallocated(&self) -> Result<bool> {
+        if let Some(v) = self.prealloc_detected.get() {
+            return Ok(*v);
+        }
+        let v = self.detect_metadata_preallocation()?;
+        let _ = self.prealloc_detected.set(v);
+        Ok(v)
+    }
+
+    fn detect_metadata_preallocation(&self) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let md = self.file.file().metadata().map_err(|e| Error::io("stat", e))?;
+        let real_clusters = md.blocks() * 512 / self.geo.cluster_size();
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = self.geo.clusters_for(self.file_len());
+        let h = self.header();
+        let rt = self
+            .sync
+            .read(
+                self.file.fd(),
+                h.refcount_table_offset.0,
+                h.refcount_table_clusters as usize * self.geo.cluster_size() as usize,
+            )?
+            .0;
+        let per_block = self.geo.refblock_entries();
+        let mut count = 0u64;
+        let mut i = 0u64;
+        while i < end && count < threshold {
+            let ti = (i / per_block) as usize;
+            let Some(e) = rt.get(ti * 8..ti * 8 + 8) else { break };
+            let block = u64::from_be_bytes(e.try_into().unwrap()) & !0x1ff;
+            let span_end = ((ti as u64 + 1) * per_block).min(end);
+            if block == 0 {
+                i = span_end;
+                continue;
+            }
+            let (b, _) = self.sync.read(self.file.fd(), block, self.geo.cluster_size() as usize)?;
+            while i < span_end && count < threshold {
+                if crate::format::refcount::get(&b, i % per_block, self.geo.refcount_order) != 0 {
+                    count += 1;
+                }
+                i += 1;
+            }
+        }
+        Ok(count >= threshold)
     }
 
     /// The host offset of `off` when its cluster has one although it does not read data
