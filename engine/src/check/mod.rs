@@ -218,6 +218,15 @@ fn read_zero_fill(r: &dyn MetaRead, off: u64, buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// C's `%#x`: no `0x` prefix for zero.
+fn c_alt_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
 fn be32(b: &[u8], o: usize) -> u32 {
     b.get(o..o + 4)
         .and_then(|s| s.try_into().ok())
@@ -323,7 +332,10 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
     let rt_bytes = h.refcount_table_clusters as u64 * cs;
     let mut rt = vec![0u8; rt_bytes as usize];
     read_zero_fill(r, h.refcount_table_offset.0, &mut rt)?;
-    c.reftable = refcount::decode_table(&rt).into_iter().map(|e| e.0).collect();
+    c.reftable = refcount::decode_table(&rt)
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
 
     let snaps = c.read_snapshot_table(nb_snapshots, snapshots_offset)?;
 
@@ -435,7 +447,9 @@ impl Checker<'_> {
             nb = MAX_SNAPSHOTS;
         }
         let table_min = nb as u64 * snapshot::FIXED_LEN as u64;
-        if offset.checked_add(table_min).is_none_or(|e| e > i64::MAX as u64)
+        if offset
+            .checked_add(table_min)
+            .is_none_or(|e| e > i64::MAX as u64)
             || !self.g.is_cluster_aligned(offset)
         {
             return Err(Error::corrupt(
@@ -619,8 +633,7 @@ impl Checker<'_> {
             if offset == 0 {
                 if !zero_flag && bitmap & BITMAP_ALL_ALLOC != 0 {
                     self.rep.corrupt(
-                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
-                            .into(),
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
                     );
                 }
                 continue;
@@ -679,7 +692,10 @@ impl Checker<'_> {
         // Limits of QEMU's bitmap_list_load(): 64 MiB directory, cluster-aligned.
         if dir_size > 64 << 20 || !self.g.is_cluster_aligned(dir_offset) {
             self.rep.corruptions += 1;
-            return Err(Error::corrupt("bitmap directory", "invalid bitmap directory"));
+            return Err(Error::corrupt(
+                "bitmap directory",
+                "invalid bitmap directory",
+            ));
         }
         let mut dir = vec![0u8; dir_size as usize];
         read_zero_fill(self.r, dir_offset, &mut dir)?;
@@ -773,7 +789,9 @@ impl Checker<'_> {
             if !self.signaled_corruption {
                 self.signaled_corruption = true;
                 self.rep.messages.push(format!(
-                    "qcow2: Marking image as corrupt: Refblock offset {off:#x} unaligned (reftable index: {idx:#x}); further corruption events will be suppressed"
+                    "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
+                    c_alt_hex(off),
+                    c_alt_hex(idx)
                 ));
             }
             return Ok(Stored::Eio);
