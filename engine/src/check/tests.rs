@@ -724,3 +724,85 @@ fn report_formats() {
         "a\\\"b\\\\c\\n\\u0001\\u00E9"
     );
 }
+
+#[test]
+fn bitmaps_header_fields_and_snapshot_tables() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    // Persistent dirty bitmaps: directory, tables and data clusters are referenced.
+    for cs in ["64k", "4k"] {
+        let p = create(
+            d.path(),
+            &format!("bm{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+            "64M",
+        );
+        let ps = p.to_str().unwrap();
+        run("qemu-img", &["bitmap", "--add", ps, "b0"]);
+        run("qemu-img", &["bitmap", "--add", "-g", "512k", ps, "b1"]);
+        qio(&p, &["write -P 1 0 1M", "write -P 1 30M 1M"]);
+        assert_eq!(agree(&p).exit_code(), 0);
+        let h = header(&p);
+        assert_ne!(h.autoclear_features & AUTOCLEAR_BITMAPS, 0);
+    }
+    // The corrupt bit alone changes nothing for check.
+    let p = fresh(d.path(), "corruptbit.qcow2", "");
+    wr64(&p, 72, 2);
+    assert_eq!(agree(&p).exit_code(), 0);
+    // Tables beyond the end of the file (QEMU opens such images, reading zeros).
+    let p = fresh(d.path(), "l1far.qcow2", "");
+    wr64(&p, 40, 1 << 30);
+    assert_eq!(agree(&p).exit_code(), 2);
+    let p = fresh(d.path(), "rtfar.qcow2", "");
+    wr64(&p, 48, 1 << 30);
+    agree(&p);
+    // Virtual size not a multiple of 512.
+    let p = fresh(d.path(), "oddsize.qcow2", "cluster_size=512");
+    wr64(&p, 24, (64 << 20) - 700);
+    assert_eq!(agree(&p).exit_code(), 0);
+    // Snapshot L1 entry pointing past the end of the file / with reserved bits.
+    let p = create(d.path(), "snapl1.qcow2", "", "64M");
+    let ps = p.to_str().unwrap();
+    qio(&p, &["write -P 1 0 1M"]);
+    run("qemu-img", &["snapshot", "-c", "s1", ps]);
+    let h = header(&p);
+    let sl1 = rd64(&p, h.snapshots_offset.0);
+    wr64(&p, sl1, file_len(&p) + (1 << 24));
+    assert_eq!(agree(&p).exit_code(), 2);
+    let p = create(d.path(), "snapl1b.qcow2", "", "64M");
+    let ps = p.to_str().unwrap();
+    qio(&p, &["write -P 1 0 1M"]);
+    run("qemu-img", &["snapshot", "-c", "s1", ps]);
+    run("qemu-img", &["snapshot", "-c", "s2", ps]);
+    let h = header(&p);
+    let sl1 = rd64(&p, h.snapshots_offset.0);
+    wr64(&p, sl1, rd64(&p, sl1) | 0x100);
+    assert_eq!(agree(&p).exit_code(), 2);
+}
+
+#[test]
+fn unopenable_images_fail_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let cases: Vec<(&str, fn(&Path))> = vec![
+        ("badcb", |p| wr64(p, 16, 30 << 32)),
+        ("l1small", |p| wr64(p, 32, 0)),
+        ("l1unaligned", |p| wr64(p, 40, 0x30100)),
+        ("rtunaligned", |p| wr64(p, 48, 0x10100)),
+        ("badversion", |p| wr64(p, 0, 0x5146_49fb_0000_0007)),
+    ];
+    for (name, patch) in cases {
+        let p = fresh(d.path(), &format!("{name}.qcow2"), "");
+        patch(&p);
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(ours(&p).is_err(), "{name}");
+    }
+}
