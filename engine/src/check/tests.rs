@@ -788,7 +788,8 @@ fn unopenable_images_fail_like_qemu() {
         return;
     }
     let d = tmp();
-    let cases: Vec<(&str, fn(&Path))> = vec![
+    type Patch = fn(&Path);
+    let cases: Vec<(&str, Patch)> = vec![
         ("badcb", |p| wr64(p, 16, 30 << 32)),
         ("l1small", |p| wr64(p, 32, 0)),
         ("l1unaligned", |p| wr64(p, 40, 0x30100)),
