@@ -12,6 +12,7 @@
 //!
 //! Front ends (the `quring` CLI, the fio plugin, the benches) sit on top.
 
+pub mod check;
 pub mod counters;
 pub mod error;
 pub mod format;
