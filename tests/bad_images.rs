@@ -6,7 +6,7 @@ mod common;
 
 use common::corpus::{BadCase, Must, write_corpus};
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Peak RSS allowed for one quring process.
 const MAX_RSS_KIB: u64 = 64 * 1024;
@@ -134,7 +134,10 @@ fn run_case(case: &BadCase, scratch: &Path) -> Vec<String> {
 #[test]
 fn bad_images_are_refused_cleanly() {
     let dir = tempdir();
-    let corpus = write_corpus(&dir.path().join("corpus"));
+    // QURING_CORPUS_DIR=/path also keeps a copy of the corpus there (fuzzer seeds).
+    let corpus_dir =
+        std::env::var_os("QURING_CORPUS_DIR").map(PathBuf::from).unwrap_or_else(|| dir.path().join("corpus"));
+    let corpus = write_corpus(&corpus_dir);
     assert!(corpus.len() >= 35, "corpus has only {} cases", corpus.len());
     let scratch = dir.path().join("out");
     std::fs::create_dir_all(&scratch).unwrap();
@@ -237,16 +240,4 @@ fn runner_reports_status_signal_and_rss() {
     assert_eq!(small.rss_exceeds(64 * 1024), Some(false));
     let slow = run_with_timeout(std::process::Command::new("sleep").arg("10"), std::time::Duration::from_millis(200));
     assert!(slow.timed_out && slow.signal == Some(libc::SIGKILL));
-}
-
-/// `QURING_CORPUS_DIR=/path cargo test --test bad_images -- --ignored dump`
-/// writes the corpus there (fuzzer seeds).
-#[test]
-#[ignore]
-fn dump_corpus() {
-    let dir = std::env::var("QURING_CORPUS_DIR").expect("set QURING_CORPUS_DIR");
-    let cases = write_corpus(Path::new(&dir));
-    for c in cases {
-        println!("{}\t{}", c.path.display(), c.what);
-    }
 }

@@ -130,11 +130,7 @@ impl CheckReport {
                 );
             }
             if self.check_errors > 0 {
-                let _ = write!(
-                    out,
-                    "\n{} internal errors have occurred during the check.\n",
-                    self.check_errors
-                );
+                let _ = write!(out, "\n{} internal errors have occurred during the check.\n", self.check_errors);
             }
         }
         if self.total_clusters != 0 && self.allocated_clusters != 0 {
@@ -220,24 +216,14 @@ fn read_zero_fill(r: &dyn MetaRead, off: u64, buf: &mut [u8]) -> Result<()> {
 
 /// C's `%#x`: no `0x` prefix for zero.
 fn c_alt_hex(v: u64) -> String {
-    if v == 0 {
-        "0".into()
-    } else {
-        format!("{v:#x}")
-    }
+    if v == 0 { "0".into() } else { format!("{v:#x}") }
 }
 
 fn be32(b: &[u8], o: usize) -> u32 {
-    b.get(o..o + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_be_bytes)
-        .unwrap_or(0)
+    b.get(o..o + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0)
 }
 fn be64(b: &[u8], o: usize) -> u64 {
-    b.get(o..o + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
+    b.get(o..o + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
 }
 
 /// Reserved bits of a standard (non-compressed) L2 entry (QEMU's `L2E_STD_RESERVED_MASK`).
@@ -307,9 +293,7 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
     let g = h.geometry();
     let nb = file_len.div_ceil(cs);
     if nb > i32::MAX as u64 {
-        return Err(Error::Unsupported(format!(
-            "image file of {file_len} bytes has too many clusters to check"
-        )));
+        return Err(Error::Unsupported(format!("image file of {file_len} bytes has too many clusters to check")));
     }
     let mut c = Checker {
         r,
@@ -332,17 +316,12 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
     let rt_bytes = h.refcount_table_clusters as u64 * cs;
     let mut rt = vec![0u8; rt_bytes as usize];
     read_zero_fill(r, h.refcount_table_offset.0, &mut rt)?;
-    c.reftable = refcount::decode_table(&rt)
-        .into_iter()
-        .map(|e| e.0)
-        .collect();
+    c.reftable = refcount::decode_table(&rt).into_iter().map(|e| e.0).collect();
 
     let snaps = c.read_snapshot_table(nb_snapshots, snapshots_offset)?;
 
     let bytes = c.refs_bytes(nb + 1)?;
-    c.refs
-        .try_reserve_exact(bytes)
-        .map_err(|_| Error::Unsupported("out of memory for the refcount array".into()))?;
+    c.refs.try_reserve_exact(bytes).map_err(|_| Error::Unsupported("out of memory for the refcount array".into()))?;
     c.refs.resize(c.refs_bytes(nb)?, 0);
 
     // calculate_refcounts()
@@ -377,9 +356,7 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
         let stored = match c.stored_refcount(i)? {
             Stored::Value(v) => v,
             Stored::Eio => {
-                c.rep.messages.push(format!(
-                    "Can't get refcount for cluster {i}: Input/output error"
-                ));
+                c.rep.messages.push(format!("Can't get refcount for cluster {i}: Input/output error"));
                 c.rep.check_errors += 1;
                 continue;
             }
@@ -390,9 +367,7 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
         }
         if stored != computed {
             let what = if stored < computed { "ERROR" } else { "Leaked" };
-            c.rep.messages.push(format!(
-                "{what} cluster {i} refcount={stored} reference={computed}"
-            ));
+            c.rep.messages.push(format!("{what} cluster {i} refcount={stored} reference={computed}"));
             if stored < computed {
                 c.rep.corruptions += 1;
             } else {
@@ -419,8 +394,7 @@ impl Checker<'_> {
         let bits = clusters
             .checked_mul(self.g.refcount_bits() as u64)
             .ok_or_else(|| Error::Unsupported("refcount array too large".into()))?;
-        usize::try_from(bits.div_ceil(8))
-            .map_err(|_| Error::Unsupported("refcount array too large".into()))
+        usize::try_from(bits.div_ceil(8)).map_err(|_| Error::Unsupported("refcount array too large".into()))
     }
 
     fn get_ref(&self, k: u64) -> u64 {
@@ -432,26 +406,17 @@ impl Checker<'_> {
 
     /// QEMU's `qcow2_read_snapshots()` in check mode (`qcow2_check_read_snapshot_table()`).
     fn read_snapshot_table(&mut self, nb: u32, offset: u64) -> Result<SnapTable> {
-        let mut t = SnapTable {
-            list: Vec::new(),
-            offset,
-            size: 0,
-            corruptions: 0,
-        };
+        let mut t = SnapTable { list: Vec::new(), offset, size: 0, corruptions: 0 };
         let mut nb = nb;
         if nb > MAX_SNAPSHOTS {
-            self.rep.messages.push(format!(
-                "ERROR The snapshot table exceeds the maximum of {MAX_SNAPSHOTS} snapshots"
-            ));
+            self.rep
+                .messages
+                .push(format!("ERROR The snapshot table exceeds the maximum of {MAX_SNAPSHOTS} snapshots"));
             t.corruptions += 1;
             nb = MAX_SNAPSHOTS;
         }
         let table_min = nb as u64 * snapshot::FIXED_LEN as u64;
-        if offset
-            .checked_add(table_min)
-            .is_none_or(|e| e > i64::MAX as u64)
-            || !self.g.is_cluster_aligned(offset)
-        {
+        if offset.checked_add(table_min).is_none_or(|e| e > i64::MAX as u64) || !self.g.is_cluster_aligned(offset) {
             return Err(Error::corrupt(
                 "snapshots_offset",
                 format!("the snapshot table offset {offset:#x} is invalid"),
@@ -460,17 +425,13 @@ impl Checker<'_> {
         let mut pos = offset;
         let mut len = 0u64;
         for i in 0..nb {
-            pos = pos
-                .checked_next_multiple_of(8)
-                .ok_or_else(|| Error::corrupt("snapshot table", "offset overflows"))?;
+            pos =
+                pos.checked_next_multiple_of(8).ok_or_else(|| Error::corrupt("snapshot table", "offset overflows"))?;
             len = len.next_multiple_of(8);
             let mut fixed = [0u8; snapshot::FIXED_LEN];
             read_zero_fill(self.r, pos, &mut fixed)?;
             let padded = snapshot::entry_len(&fixed).map_err(|_| {
-                Error::corrupt(
-                    "snapshot table",
-                    format!("too much extra metadata in snapshot table entry {i}"),
-                )
+                Error::corrupt("snapshot table", format!("too much extra metadata in snapshot table entry {i}"))
             })?;
             let mut ent = vec![0u8; padded];
             read_zero_fill(self.r, pos, &mut ent)?;
@@ -479,22 +440,12 @@ impl Checker<'_> {
                 + be32(&fixed, 36) as u64
                 + u16::from_be_bytes([fixed[12], fixed[13]]) as u64
                 + u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
-            pos = pos
-                .checked_add(unpadded)
-                .ok_or_else(|| Error::corrupt("snapshot table", "offset overflows"))?;
+            pos = pos.checked_add(unpadded).ok_or_else(|| Error::corrupt("snapshot table", "offset overflows"))?;
             len += unpadded;
             if len > MAX_SNAPSHOTS_SIZE {
-                return Err(Error::corrupt(
-                    "snapshot table",
-                    "snapshot table is too big",
-                ));
+                return Err(Error::corrupt("snapshot table", "snapshot table is too big"));
             }
-            t.list.push(Snap {
-                id: s.id,
-                name: s.name,
-                l1_offset: s.l1_table_offset.0,
-                l1_size: s.l1_size,
-            });
+            t.list.push(Snap { id: s.id, name: s.name, l1_offset: s.l1_table_offset.0, l1_size: s.l1_size });
         }
         t.size = len;
         Ok(t)
@@ -530,10 +481,7 @@ impl Checker<'_> {
             }
             let rc = refcount::get(&self.refs, k, self.g.refcount_order);
             if rc == max {
-                self.rep.corrupt(format!(
-                    "ERROR: overflow cluster offset={:#x}",
-                    k << self.g.cluster_bits
-                ));
+                self.rep.corrupt(format!("ERROR: overflow cluster offset={:#x}", k << self.g.cluster_bits));
                 self.rep.messages.push(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
                 );
@@ -572,9 +520,7 @@ impl Checker<'_> {
             }
             let e = L1Entry(raw);
             if raw & L1_RESERVED != 0 {
-                self.rep.corrupt(format!(
-                    "ERROR found L1 entry with reserved bits set: {raw:x}"
-                ));
+                self.rep.corrupt(format!("ERROR found L1 entry with reserved bits set: {raw:x}"));
             }
             let l2_offset = e.l2_offset().0;
             self.inc(l2_offset, self.cs)?;
@@ -611,8 +557,7 @@ impl Checker<'_> {
                     ));
                     continue;
                 }
-                let ClusterKind::Compressed { host, len } = L2Entry(raw & !L2_COPIED).decode(&g)?
-                else {
+                let ClusterKind::Compressed { host, len } = L2Entry(raw & !L2_COPIED).decode(&g)? else {
                     continue;
                 };
                 self.inc(host.0, len)?;
@@ -624,17 +569,13 @@ impl Checker<'_> {
                 continue;
             }
             if raw & L2_STD_RESERVED != 0 {
-                self.rep.corrupt(format!(
-                    "ERROR found l2 entry with reserved bits set: {raw:x}"
-                ));
+                self.rep.corrupt(format!("ERROR found l2 entry with reserved bits set: {raw:x}"));
             }
             let offset = entry.host_offset().0;
             let zero_flag = !g.extended_l2 && raw & L2_ZERO != 0;
             if offset == 0 {
                 if !zero_flag && bitmap & BITMAP_ALL_ALLOC != 0 {
-                    self.rep.corrupt(
-                        "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
-                    );
+                    self.rep.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
                 }
                 continue;
             }
@@ -645,15 +586,9 @@ impl Checker<'_> {
                 ));
             }
             if !g.is_cluster_aligned(offset) {
-                let contains_data = if g.extended_l2 {
-                    bitmap & BITMAP_ALL_ALLOC != 0
-                } else {
-                    !zero_flag
-                };
+                let contains_data = if g.extended_l2 { bitmap & BITMAP_ALL_ALLOC != 0 } else { !zero_flag };
                 self.rep.corrupt(if contains_data {
-                    format!(
-                        "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
-                    )
+                    format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
                 } else {
                     format!(
                         "ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
@@ -692,10 +627,7 @@ impl Checker<'_> {
         // Limits of QEMU's bitmap_list_load(): 64 MiB directory, cluster-aligned.
         if dir_size > 64 << 20 || !self.g.is_cluster_aligned(dir_offset) {
             self.rep.corruptions += 1;
-            return Err(Error::corrupt(
-                "bitmap directory",
-                "invalid bitmap directory",
-            ));
+            return Err(Error::corrupt("bitmap directory", "invalid bitmap directory"));
         }
         let mut dir = vec![0u8; dir_size as usize];
         read_zero_fill(self.r, dir_offset, &mut dir)?;
@@ -725,10 +657,7 @@ impl Checker<'_> {
             for e in t.chunks_exact(8).map(|c| be64(c, 0)) {
                 let data = e & OFFSET_MASK;
                 // check_table_entry(): reserved bits, alignment, "all ones" only without data.
-                if e & 0xff00_0000_0000_01fe != 0
-                    || !self.g.is_cluster_aligned(data)
-                    || (data != 0 && e & 1 != 0)
-                {
+                if e & 0xff00_0000_0000_01fe != 0 || !self.g.is_cluster_aligned(data) || (data != 0 && e & 1 != 0) {
                     self.rep.corruptions += 1;
                     continue;
                 }
@@ -747,9 +676,7 @@ impl Checker<'_> {
             let offset = raw & !REFT_RESERVED;
             let cluster = offset >> self.g.cluster_bits;
             if raw & REFT_RESERVED != 0 {
-                self.rep.corrupt(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
+                self.rep.corrupt(format!("ERROR refcount table entry {i} has reserved bits set"));
                 continue;
             }
             if !self.g.is_cluster_aligned(offset) {
@@ -759,16 +686,14 @@ impl Checker<'_> {
                 continue;
             }
             if cluster >= self.nb_clusters {
-                self.rep
-                    .corrupt(format!("ERROR refcount block {i} is outside image"));
+                self.rep.corrupt(format!("ERROR refcount block {i} is outside image"));
                 continue;
             }
             if offset != 0 {
                 self.inc(offset, self.cs)?;
                 let rc = self.get_ref(cluster);
                 if rc != 1 {
-                    self.rep
-                        .corrupt(format!("ERROR refcount block {i} refcount={rc}"));
+                    self.rep.corrupt(format!("ERROR refcount block {i} refcount={rc}"));
                 }
             }
         }
@@ -806,11 +731,7 @@ impl Checker<'_> {
             return Ok(Stored::Value(0));
         };
         let i = self.g.refblock_index(crate::format::HostCluster(cluster));
-        Ok(Stored::Value(refcount::get(
-            block,
-            i,
-            self.g.refcount_order,
-        )))
+        Ok(Stored::Value(refcount::get(block, i, self.g.refcount_order)))
     }
 
     /// QEMU's `check_oflag_copied()` (without repairs), on the active L1 table.
@@ -844,9 +765,7 @@ impl Checker<'_> {
                 if let Stored::Value(rc) = self.stored_refcount(data >> g.cluster_bits)?
                     && (rc == 1) != entry.copied()
                 {
-                    self.rep.corrupt(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
-                    ));
+                    self.rep.corrupt(format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"));
                 }
             }
         }

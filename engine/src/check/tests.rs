@@ -26,11 +26,7 @@ fn have_qemu() -> bool {
 
 fn run(prog: &str, args: &[&str]) {
     let out = Command::new(prog).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
@@ -64,14 +60,8 @@ struct Qemu {
 
 fn qemu_check(p: &Path) -> Qemu {
     let ps = p.to_str().unwrap();
-    let j = Command::new("qemu-img")
-        .args(["check", "--output=json", ps])
-        .output()
-        .unwrap();
-    let h = Command::new("qemu-img")
-        .args(["check", ps])
-        .output()
-        .unwrap();
+    let j = Command::new("qemu-img").args(["check", "--output=json", ps]).output().unwrap();
+    let h = Command::new("qemu-img").args(["check", ps]).output().unwrap();
     assert_eq!(j.status.code(), h.status.code());
     let json_text = String::from_utf8(j.stdout).unwrap();
     Qemu {
@@ -104,11 +94,7 @@ fn agree(p: &Path) -> CheckReport {
         r.to_human()
     );
     assert_eq!(r.exit_code(), q.code, "exit code: {ctx}");
-    for (k, v) in [
-        ("corruptions", r.corruptions),
-        ("leaks", r.leaks),
-        ("check-errors", r.check_errors),
-    ] {
+    for (k, v) in [("corruptions", r.corruptions), ("leaks", r.leaks), ("check-errors", r.check_errors)] {
         assert_eq!(q.json[k].as_u64().unwrap_or(0), v, "{k}: {ctx}");
     }
     let mut mine: serde_json::Value = serde_json::from_str(&r.to_json("x")).unwrap();
@@ -116,11 +102,7 @@ fn agree(p: &Path) -> CheckReport {
     mine.as_object_mut().unwrap().remove("filename");
     theirs.as_object_mut().unwrap().remove("filename");
     assert_eq!(mine, theirs, "json: {ctx}");
-    assert_eq!(
-        r.to_json(p.to_str().unwrap()),
-        q.json_text,
-        "json text: {ctx}"
-    );
+    assert_eq!(r.to_json(p.to_str().unwrap()), q.json_text, "json text: {ctx}");
     assert_eq!(r.summary_human(), q.human, "human: {ctx}");
     assert_eq!(r.messages, q.messages, "messages: {ctx}");
     r
@@ -198,12 +180,7 @@ fn clean_cluster_sizes() {
     }
     let d = tmp();
     for cs in ["512", "1k", "4k", "16k", "64k", "256k", "2M"] {
-        let p = create(
-            d.path(),
-            &format!("cs{cs}.qcow2"),
-            &format!("cluster_size={cs}"),
-            "64M",
-        );
+        let p = create(d.path(), &format!("cs{cs}.qcow2"), &format!("cluster_size={cs}"), "64M");
         assert_eq!(agree(&p).exit_code(), 0);
         qio(&p, WRITES);
         let r = agree(&p);
@@ -239,12 +216,7 @@ fn clean_extended_l2() {
     }
     let d = tmp();
     for cs in ["16k", "64k", "2M"] {
-        let p = create(
-            d.path(),
-            &format!("ext{cs}.qcow2"),
-            &format!("extended_l2=on,cluster_size={cs}"),
-            "64M",
-        );
+        let p = create(d.path(), &format!("ext{cs}.qcow2"), &format!("extended_l2=on,cluster_size={cs}"), "64M");
         qio(
             &p,
             &[
@@ -286,19 +258,7 @@ fn clean_compressed_and_v2_and_prealloc() {
         ("crb1.qcow2", "refcount_bits=1"),
     ] {
         let p = d.path().join(name);
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-O",
-                "qcow2",
-                "-o",
-                opts,
-                rs,
-                p.to_str().unwrap(),
-            ],
-        );
+        run("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", opts, rs, p.to_str().unwrap()]);
         let r = agree(&p);
         assert_eq!(r.exit_code(), 0);
         assert!(r.compressed_clusters > 0);
@@ -328,13 +288,7 @@ fn clean_snapshots_and_backing() {
         return;
     }
     let d = tmp();
-    for opts in [
-        "",
-        "refcount_bits=2",
-        "extended_l2=on",
-        "compat=0.10",
-        "cluster_size=4k",
-    ] {
+    for opts in ["", "refcount_bits=2", "extended_l2=on", "compat=0.10", "cluster_size=4k"] {
         let p = create(d.path(), "snap.qcow2", opts, "64M");
         let ps = p.to_str().unwrap();
         qio(&p, &["write -P 1 0 1M", "write -P 2 8M 64k"]);
@@ -352,17 +306,7 @@ fn clean_snapshots_and_backing() {
     let ov = d.path().join("ov.qcow2");
     run(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            ov.to_str().unwrap(),
-        ],
+        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap(), ov.to_str().unwrap()],
     );
     assert_eq!(agree(&ov).exit_code(), 0);
     qio(&ov, &["write -P 2 1M 64k", "write -z 2M 64k"]);
@@ -370,16 +314,7 @@ fn clean_snapshots_and_backing() {
     // Lazy refcounts, dirty (qemu-io aborted): refcounts were never written.
     let p = create(d.path(), "lazy.qcow2", "lazy_refcounts=on", "64M");
     let _ = Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 64k",
-            "-c",
-            "write -P 2 1M 64k",
-            "-c",
-            "abort",
-        ])
+        .args(["-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k", "-c", "abort"])
         .arg(&p)
         .output()
         .unwrap();
@@ -389,14 +324,7 @@ fn clean_snapshots_and_backing() {
 
 fn fresh(d: &Path, name: &str, opts: &str) -> PathBuf {
     let p = create(d, name, opts, "64M");
-    qio(
-        &p,
-        &[
-            "write -P 1 0 128k",
-            "write -P 2 1M 64k",
-            "write -P 3 40M 64k",
-        ],
-    );
+    qio(&p, &["write -P 1 0 128k", "write -P 2 1M 64k", "write -P 3 40M 64k"]);
     p
 }
 
@@ -419,30 +347,16 @@ fn refcount_mismatches() {
     // Leaked cluster within the file, no COPIED involvement: leaks only -> 3.
     let p = fresh(d.path(), "c.qcow2", "");
     let len = file_len(&p);
-    OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_len(len + 65536)
-        .unwrap();
+    OpenOptions::new().write(true).open(&p).unwrap().set_len(len + 65536).unwrap();
     set_refcount(&p, len >> 16, 1);
     set_refcount(&p, 0, 3);
     let r = agree(&p);
     assert_eq!((r.exit_code(), r.leaks), (3, 2));
     // Same with narrow refcounts.
     for bits in [1, 2, 4, 64] {
-        let p = fresh(
-            d.path(),
-            &format!("n{bits}.qcow2"),
-            &format!("refcount_bits={bits}"),
-        );
+        let p = fresh(d.path(), &format!("n{bits}.qcow2"), &format!("refcount_bits={bits}"));
         let len = file_len(&p);
-        OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_len(len + 65536)
-            .unwrap();
+        OpenOptions::new().write(true).open(&p).unwrap().set_len(len + 65536).unwrap();
         set_refcount(&p, len >> 16, 1);
         assert_eq!(agree(&p).exit_code(), 3);
         set_refcount(&p, data >> 16, 0);
@@ -559,30 +473,15 @@ fn entry_corruptions() {
         }),
         ("truncated", "", |p| {
             let len = file_len(p);
-            OpenOptions::new()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_len(len - 100_000)
-                .unwrap();
+            OpenOptions::new().write(true).open(p).unwrap().set_len(len - 100_000).unwrap();
         }),
         ("truncated-unaligned", "", |p| {
             let len = file_len(p);
-            OpenOptions::new()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_len(len - 3000)
-                .unwrap();
+            OpenOptions::new().write(true).open(p).unwrap().set_len(len - 3000).unwrap();
         }),
         ("extended-past-eof", "", |p| {
             let len = file_len(p);
-            OpenOptions::new()
-                .write(true)
-                .open(p)
-                .unwrap()
-                .set_len(len + 5000)
-                .unwrap();
+            OpenOptions::new().write(true).open(p).unwrap().set_len(len + 5000).unwrap();
         }),
     ];
     for (name, opts, patch) in cases {
@@ -590,13 +489,7 @@ fn entry_corruptions() {
         patch(&p);
         let r = agree(&p);
         assert!(
-            r.exit_code() != 0
-                || [
-                    "extended-past-eof",
-                    "ext-zero-flag-bit0",
-                    "truncated-unaligned"
-                ]
-                .contains(&name),
+            r.exit_code() != 0 || ["extended-past-eof", "ext-zero-flag-bit0", "truncated-unaligned"].contains(&name),
             "{name}: {}",
             r.to_human()
         );
@@ -618,19 +511,7 @@ fn compressed_and_snapshot_corruptions() {
     }
     let mk = |name: &str, opts: &str| {
         let p = d.path().join(name);
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-O",
-                "qcow2",
-                "-o",
-                opts,
-                raw.to_str().unwrap(),
-                p.to_str().unwrap(),
-            ],
-        );
+        run("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", opts, raw.to_str().unwrap(), p.to_str().unwrap()]);
         p
     };
     let p = mk("cc.qcow2", "cluster_size=64k");
@@ -719,10 +600,7 @@ fn report_formats() {
         r.to_json("c.qcow2"),
         "{\n    \"image-end-offset\": 524288,\n    \"compressed-clusters\": 1,\n    \"total-clusters\": 1024,\n    \"corruptions\": 3,\n    \"check-errors\": 0,\n    \"leaks\": 1,\n    \"allocated-clusters\": 3,\n    \"filename\": \"c.qcow2\",\n    \"format\": \"qcow2\",\n    \"fragmented-clusters\": 2\n}\n"
     );
-    assert_eq!(
-        json_escape("a\"b\\c\n\u{1}é"),
-        "a\\\"b\\\\c\\n\\u0001\\u00E9"
-    );
+    assert_eq!(json_escape("a\"b\\c\n\u{1}é"), "a\\\"b\\\\c\\n\\u0001\\u00E9");
 }
 
 #[test]
@@ -733,12 +611,7 @@ fn bitmaps_header_fields_and_snapshot_tables() {
     let d = tmp();
     // Persistent dirty bitmaps: directory, tables and data clusters are referenced.
     for cs in ["64k", "4k"] {
-        let p = create(
-            d.path(),
-            &format!("bm{cs}.qcow2"),
-            &format!("cluster_size={cs}"),
-            "64M",
-        );
+        let p = create(d.path(), &format!("bm{cs}.qcow2"), &format!("cluster_size={cs}"), "64M");
         let ps = p.to_str().unwrap();
         run("qemu-img", &["bitmap", "--add", ps, "b0"]);
         run("qemu-img", &["bitmap", "--add", "-g", "512k", ps, "b1"]);
@@ -799,10 +672,7 @@ fn unopenable_images_fail_like_qemu() {
     for (name, patch) in cases {
         let p = fresh(d.path(), &format!("{name}.qcow2"), "");
         patch(&p);
-        let out = Command::new("qemu-img")
-            .args(["check", "-f", "qcow2", p.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let out = Command::new("qemu-img").args(["check", "-f", "qcow2", p.to_str().unwrap()]).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{name}");
         assert!(ours(&p).is_err(), "{name}");
     }
@@ -818,15 +688,8 @@ fn random_metadata_damage_agrees() {
     use rand::{Rng, SeedableRng};
     let d = tmp();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x51c0);
-    for (i, opts) in [
-        "cluster_size=4k",
-        "extended_l2=on",
-        "refcount_bits=4,cluster_size=1k",
-    ]
-    .iter()
-    .cycle()
-    .take(150)
-    .enumerate()
+    for (i, opts) in
+        ["cluster_size=4k", "extended_l2=on", "refcount_bits=4,cluster_size=1k"].iter().cycle().take(150).enumerate()
     {
         let p = fresh(d.path(), &format!("fuzz{i}.qcow2"), opts);
         let h = header(&p);

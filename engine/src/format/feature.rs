@@ -74,7 +74,7 @@ pub const FEATURE_ENTRY_SIZE: usize = 48;
 
 /// Parses the feature name table extension payload.
 pub fn parse_feature_table(data: &[u8]) -> Result<Vec<FeatureName>> {
-    if data.len() % FEATURE_ENTRY_SIZE != 0 {
+    if !data.len().is_multiple_of(FEATURE_ENTRY_SIZE) {
         return Err(Error::corrupt(
             "feature name table",
             format!("length {} is not a multiple of {FEATURE_ENTRY_SIZE}", data.len()),

@@ -173,7 +173,7 @@ impl Header {
                     format!("{} is below the version 3 minimum of {V3_MIN_HEADER_LENGTH}", h.header_length),
                 ));
             }
-            if h.header_length % 8 != 0 {
+            if !h.header_length.is_multiple_of(8) {
                 return Err(Error::corrupt("header_length", format!("{} is not a multiple of 8", h.header_length)));
             }
             if h.header_length as u64 > cluster_size {

@@ -50,7 +50,7 @@ impl L1Entry {
                 format!("entry {index} ({:#018x}) has reserved bits {r:#x} set", self.0),
             ));
         }
-        if self.l2_offset().0 % cluster_size != 0 {
+        if !self.l2_offset().0.is_multiple_of(cluster_size) {
             return Err(Error::corrupt(
                 "L1 entry",
                 format!("entry {index} points to unaligned L2 table offset {:#x}", self.l2_offset().0),

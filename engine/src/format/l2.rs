@@ -12,6 +12,8 @@ pub const L2_COPIED: u64 = 1 << 63;
 pub const L2_COMPRESSED: u64 = 1 << 62;
 /// Bit 0: reads as zero (standard entries, v3).
 pub const L2_ZERO: u64 = 1;
+/// Reserved bits of an uncompressed entry (1-8 and 56-61).
+pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 
 /// One raw L2 entry word (the whole entry for standard L2, the first half for extended).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
@@ -98,6 +100,12 @@ impl L2Entry {
         }
         let host = self.host_offset();
         let copied = self.copied();
+        if e & L2_RESERVED != 0 {
+            return Err(Error::corrupt(
+                "L2 entry",
+                format!("entry {e:#018x} has reserved bits {:#x} set", e & L2_RESERVED),
+            ));
+        }
         if !g.extended_l2 && e & L2_ZERO != 0 {
             return Ok(if host.0 == 0 { ClusterKind::ZeroPlain } else { ClusterKind::ZeroAlloc { host, copied } });
         }
@@ -248,7 +256,7 @@ mod tests {
         match e.decode(&g).unwrap() {
             ClusterKind::Compressed { host, len } => {
                 assert_eq!(host, HostOffset(0x50123));
-                assert!(len >= 3000 && len < 3000 + 512, "{len}");
+                assert!((3000..3000 + 512).contains(&len), "{len}");
             }
             k => panic!("{k:?}"),
         }

@@ -83,7 +83,7 @@ impl RefTableEntry {
                 format!("entry {index} ({:#x}) has reserved bits 0-8 set", self.0),
             ));
         }
-        if self.0 % cluster_size != 0 {
+        if !self.0.is_multiple_of(cluster_size) {
             return Err(Error::corrupt(
                 "refcount table entry",
                 format!("entry {index} points to unaligned refcount block offset {:#x}", self.0),

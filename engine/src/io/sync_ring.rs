@@ -58,7 +58,7 @@ impl SyncRing {
                 break;
             }
             done += n;
-            if n % SECTOR as usize != 0 {
+            if !n.is_multiple_of(SECTOR as usize) {
                 break; // end of file
             }
         }

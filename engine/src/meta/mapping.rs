@@ -80,13 +80,13 @@ impl Image {
             }
             e => e,
         })?;
-        if let Extent::Data(h) = extent {
-            if h.0.checked_add(len).is_none_or(|e| e > self.file_len().div_ceil(g.cluster_size()) * g.cluster_size()) {
-                return Err(Error::corrupt(
-                    "L2 entry",
-                    format!("guest offset {:#x} maps to host offset {:#x}, past the end of the file", off.0, h.0),
-                ));
-            }
+        if let Extent::Data(h) = extent
+            && h.0.checked_add(len).is_none_or(|e| e > self.file_len().div_ceil(g.cluster_size()) * g.cluster_size())
+        {
+            return Err(Error::corrupt(
+                "L2 entry",
+                format!("guest offset {:#x} maps to host offset {:#x}, past the end of the file", off.0, h.0),
+            ));
         }
         Ok(Lookup::Mapped { extent, len })
     }

@@ -277,10 +277,10 @@ impl Queue {
                 break;
             }
             let now = std::time::Instant::now();
-            if let Some(d) = deadline {
-                if now >= d {
-                    break;
-                }
+            if let Some(d) = deadline
+                && now >= d
+            {
+                break;
             }
             // Wait for one CQE; when requests are parked on another queue's load, wake up
             // regularly to retry them.
@@ -385,7 +385,7 @@ impl Queue {
                             // SAFETY: dst..dst+len is inside the guest buffer.
                             unsafe { std::ptr::copy_nonoverlapping(cluster.as_ptr().add(in_cluster), dst, len) };
                         }
-                        Err(_) => self.fail(req, -libc::EIO),
+                        Err(e) => self.fail_with(req, e),
                     }
                 }
                 self.io_done(req);
@@ -533,7 +533,7 @@ impl Drop for Queue {
 }
 
 fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
-    if offset % 512 != 0 || len % 512 != 0 {
+    if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
         return Err(Error::InvalidRequest(format!("offset {offset} and length {len} must be multiples of 512")));
     }
     match offset.checked_add(len) {

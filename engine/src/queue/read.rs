@@ -40,6 +40,16 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
                 }
                 Extent::Zero => return Ok(Piece::Zero { len: n }),
                 Extent::Compressed { host, len: clen } => {
+                    if host.0 >= layer.file_len() {
+                        return Err(crate::Error::corrupt(
+                            "compressed cluster",
+                            format!(
+                                "guest offset {off:#x} maps to compressed data at {:#x}, past the end of the file ({} bytes)",
+                                host.0,
+                                layer.file_len()
+                            ),
+                        ));
+                    }
                     let in_cluster = layer.geo.offset_in_cluster(off);
                     return Ok(Piece::Compressed { layer, host: host.0, clen, in_cluster, len: n });
                 }
@@ -169,7 +179,7 @@ impl Queue {
 
     fn issue_data(&mut self, id: usize, (fd, host, guest, len): (i32, u64, u64, u64)) {
         let dst = self.dst(id, guest);
-        let aligned = (dst as usize) % 512 == 0 && host % 512 == 0 && len % 512 == 0;
+        let aligned = (dst as usize).is_multiple_of(512) && host % 512 == 0 && len % 512 == 0;
         let (io, ptr, off, n) = if aligned {
             (self.ios.insert(Io::Data { req: id, dst, len: len as usize }), dst, host, len)
         } else {

@@ -39,10 +39,10 @@ const CHUNK: usize = 2 << 20;
 const DEPTH: usize = 8;
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    if let Some(f) = &a.format {
-        if f != "qcow2" {
-            return Err(format!("unsupported source format '{f}'").into());
-        }
+    if let Some(f) = &a.format
+        && f != "qcow2"
+    {
+        return Err(format!("unsupported source format '{f}'").into());
     }
     let img = open_ro(&a.src).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
     match a.out_format.as_str() {
@@ -71,7 +71,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let mut q = Queue::new(&img, &QueueOptions::default())?;
     let mut bufs: Vec<quring::io::AlignedBuf> = (0..DEPTH).map(|_| quring::io::AlignedBuf::new(CHUNK)).collect();
     let mut free: Vec<usize> = (0..DEPTH).collect();
-    let mut offsets = vec![0u64; DEPTH];
+    let mut offsets = [0u64; DEPTH];
     let mut next = 0u64;
     let mut inflight = 0usize;
     let mut done: Vec<Completion> = Vec::new();

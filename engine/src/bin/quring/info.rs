@@ -25,10 +25,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    if let Some(f) = &a.format {
-        if f != "qcow2" {
-            return Err(format!("unsupported format '{f}' (quring handles qcow2)").into());
-        }
+    if let Some(f) = &a.format
+        && f != "qcow2"
+    {
+        return Err(format!("unsupported format '{f}' (quring handles qcow2)").into());
     }
     let img = open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let v = info_json(&img, &a.image)?;
@@ -64,10 +64,10 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
             .map(|s| {
                 let icount = s.extra.get(16..24).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
                 let mut m = Map::new();
-                if let Some(ic) = icount {
-                    if ic != u64::MAX {
-                        m.insert("icount".into(), json!(ic));
-                    }
+                if let Some(ic) = icount
+                    && ic != u64::MAX
+                {
+                    m.insert("icount".into(), json!(ic));
                 }
                 let vmsize = s
                     .extra
@@ -86,10 +86,10 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
             .collect();
         v.insert("snapshots".into(), Value::Array(snaps));
     }
-    if let Some(b) = &h.backing_file {
-        if let Some(f) = h.backing_format() {
-            v.insert("backing-filename-format".into(), json!(f));
-        }
+    if let Some(_b) = &h.backing_file
+        && let Some(f) = h.backing_format()
+    {
+        v.insert("backing-filename-format".into(), json!(f));
     }
     v.insert("virtual-size".into(), json!(img.size()));
     v.insert("filename".into(), json!(path.display().to_string()));

@@ -124,15 +124,21 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     for c in cmds {
         match c {
             Cmd::Read { pattern, off, len, quiet } => {
-                let mut buf = AlignedBuf::new(len as usize);
+                // The engine takes 512-byte aligned requests; qemu-io takes any byte range.
+                let start = off & !511;
+                let end = (off + len).div_ceil(512) * 512;
+                let mut abuf = AlignedBuf::new((end - start) as usize);
                 let t = Instant::now();
-                match q.read_at(&mut buf, off) {
+                let r = q.read_at(&mut abuf, start);
+                let head = (off - start) as usize;
+                let buf = &abuf[head..head + len as usize];
+                match r {
                     Ok(()) => {
-                        if let Some(p) = pattern {
-                            if let Some(bad) = buf.iter().position(|&b| b != p) {
-                                println!("Pattern verification failed at offset {}, {len} bytes", off + bad as u64);
-                                status = 1;
-                            }
+                        if let Some(p) = pattern
+                            && let Some(bad) = buf.iter().position(|&b| b != p)
+                        {
+                            println!("Pattern verification failed at offset {}, {len} bytes", off + bad as u64);
+                            status = 1;
                         }
                         if !quiet {
                             report("read", off, len, t.elapsed().as_secs_f64());

@@ -2,6 +2,7 @@
 //! options, output and exit codes.
 
 mod bench;
+mod check;
 mod convert;
 mod info;
 mod io_cmd;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check an image for consistency (like `qemu-img check`).
+    Check(check::Args),
     /// Show information about an image (like `qemu-img info`).
     Info(info::Args),
     /// Show the mapping of guest ranges to files (like `qemu-img map`).
@@ -35,6 +38,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::Check(a) => check::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Convert(a) => convert::run(a),

@@ -51,7 +51,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if json {
         out.push('[');
     } else {
-        let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
+        let _ = writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
     }
     let mut cur: Option<Entry> = None;
     let mut first = true;
@@ -98,10 +98,10 @@ fn dump(out: &mut String, e: &Entry, json: bool, first: &mut bool) {
             let _ = write!(out, ", \"offset\": {o}");
         }
         out.push('}');
-    } else if s.data {
-        if let (Some(o), Some(f)) = (s.offset, &s.file) {
-            let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", hx(e.start), hx(s.len), hx(o), f.display());
-        }
+    } else if s.data
+        && let (Some(o), Some(f)) = (s.offset, &s.file)
+    {
+        let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", hx(e.start), hx(s.len), hx(o), f.display());
     }
 }
 

@@ -28,7 +28,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return n.checked_mul(mult).ok_or_else(|| format!("Invalid size '{s}': too large"));
     }
     let f: f64 = num.parse().map_err(|_| format!("Invalid size '{s}'"))?;
-    if !(f >= 0.0) || f * mult as f64 > u64::MAX as f64 {
+    if f.is_nan() || f < 0.0 || f * mult as f64 > u64::MAX as f64 {
         return Err(format!("Invalid size '{s}'"));
     }
     Ok((f * mult as f64) as u64)
