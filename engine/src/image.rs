@@ -91,6 +91,20 @@ pub enum Backing {
     Raw(RawBacking),
 }
 
+/// Metadata state that writers change under the image's metadata mutex (see
+/// [`crate::meta::refcount`]): refcounts, the L1/dirty-bit bookkeeping.
+pub(crate) struct MetaState {
+    pub rc: crate::meta::refcount::Refcounts,
+    /// The in-memory L1 table has entries not yet written.
+    pub l1_dirty: bool,
+    /// Lazy refcounts (compatible bit 0) are in use.
+    pub lazy: bool,
+    /// The dirty bit is set on disk.
+    pub dirty_bit_set: bool,
+    /// close() already ran.
+    pub closed: bool,
+}
+
 /// An open qcow2 image, shared by all queues (wrap in `Arc`).
 pub struct Image {
     pub(crate) file: ImageFile,
@@ -112,6 +126,13 @@ pub struct Image {
     pub(crate) depth: usize,
     /// QEMU's "metadata preallocation" detection result (block status only).
     pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
+    /// Writer state (None when read-only).
+    pub(crate) meta: Option<Mutex<MetaState>>,
+    /// Data writes submitted and not completed, over all queues (a freed cluster may be
+    /// reused only when none is in flight).
+    pub(crate) writes_in_flight: AtomicU64,
+    /// The cache mode.
+    pub(crate) cache_mode: CacheMode,
 }
 
 impl std::fmt::Debug for Image {
@@ -199,6 +220,45 @@ impl Image {
             None
         };
 
+        // Writer state: refcounts, lazy-refcount bookkeeping, autoclear bits.
+        let mut header = header;
+        let meta = if read_only {
+            None
+        } else {
+            if header.incompatible_features & feature::INCOMPAT_DIRTY != 0 {
+                return Err(Error::Unsupported(
+                    "the image has the dirty bit set (lazy refcounts after a crash); repair it with \
+                     'qemu-img check -r all' before opening it for writing"
+                        .into(),
+                ));
+            }
+            if header.autoclear_features != 0 && header.version >= 3 {
+                // Autoclear bits we do not maintain (bitmaps, unknown ones) are cleared on
+                // the first read-write open, as the spec requires.
+                header.autoclear_features = 0;
+                let bytes = header.serialize()?;
+                sync.write(file.fd(), 0, &bytes)?;
+                sync.fdatasync(file.fd())?;
+            }
+            let io = crate::meta::refcount::MetaIo { ring: &sync, fd: file.fd() };
+            let rc_bytes = opts.refcount_cache_size.unwrap_or((l2_bytes / 4).max(256 << 10));
+            let rc = crate::meta::refcount::Refcounts::open(
+                geo,
+                &io,
+                header.refcount_table_offset.0,
+                header.refcount_table_clusters as u64,
+                file_len,
+                rc_bytes,
+            )?;
+            Some(Mutex::new(MetaState {
+                rc,
+                l1_dirty: false,
+                lazy: header.lazy_refcounts(),
+                dirty_bit_set: false,
+                closed: false,
+            }))
+        };
+
         Ok(Arc::new(Image {
             size: header.size,
             compression: header.compression_type,
@@ -216,6 +276,9 @@ impl Image {
             opts: opts.clone(),
             depth,
             prealloc_detected: std::sync::OnceLock::new(),
+            meta,
+            writes_in_flight: AtomicU64::new(0),
+            cache_mode: opts.cache,
             header: Mutex::new(header),
         }))
     }
@@ -291,9 +354,40 @@ impl Image {
         self.depth
     }
 
-    /// Flushes metadata and closes the image cleanly.
+    /// Makes every completed write durable (metadata write-back in dependency order plus
+    /// device flushes). Blocks the calling thread; queues use [`Op::Flush`](crate::queue::Op)
+    /// instead.
+    pub fn flush(&self) -> Result<()> {
+        let Some(m) = &self.meta else { return Ok(()) };
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_metadata(&mut st, false)
+    }
+
+    /// Flushes metadata and closes the image cleanly (clears the lazy-refcount dirty bit).
+    /// Call when the last queue is gone; dropping the last `Arc` does it too, ignoring
+    /// errors.
     pub fn close(&self) -> Result<()> {
+        let Some(m) = &self.meta else { return Ok(()) };
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed {
+            return Ok(());
+        }
+        self.close_metadata(&mut st)?;
+        st.closed = true;
         Ok(())
+    }
+
+    /// The cache mode writes use.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache_mode
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            eprintln!("quring: closing '{}' failed: {e}", self.path().display());
+        }
     }
 }
 

@@ -6,8 +6,8 @@
 //! scheme is needed. Each slot has one atomic control word:
 //!
 //! ```text
-//!  63            17 16      9 8     2 1  0
-//! [ key >> 9 (47b) | gen (8b)| pins  | st ]   st: 0 empty, 1 loading, 2 valid
+//!  63            24 23      16 15      2 1  0
+//! [ key >> 9 (40b) | gen (8b) | pins 14b | st ]   st: 0 empty, 1 loading, 2 valid
 //! ```
 //!
 //! The hit path is a seqlock read: load the control word (Acquire), check key and state,
@@ -30,14 +30,18 @@ const ST_EMPTY: u64 = 0;
 const ST_LOADING: u64 = 1;
 const ST_VALID: u64 = 2;
 const PIN_SHIFT: u32 = 2;
-const PIN_MASK: u64 = 0x7f << PIN_SHIFT;
+const PIN_MASK: u64 = 0x3fff << PIN_SHIFT;
 const PIN_ONE: u64 = 1 << PIN_SHIFT;
-const GEN_SHIFT: u32 = 9;
+const GEN_SHIFT: u32 = 16;
 const GEN_MASK: u64 = 0xff << GEN_SHIFT;
-const KEY_SHIFT: u32 = 17;
+const KEY_SHIFT: u32 = 24;
+
+/// Largest key (host offset) the cache can hold: 2^49 bytes (512 TiB).
+pub const MAX_KEY: u64 = (1 << 49) - 1;
 
 #[inline]
 fn key_bits(key: u64) -> u64 {
+    debug_assert!(key <= MAX_KEY);
     (key >> 9) << KEY_SHIFT
 }
 
@@ -63,6 +67,7 @@ pub struct MetaCache {
     sets: usize,
     ctl: Box<[AtomicU64]>,
     used: Box<[AtomicU8]>,
+    dirty: Box<[AtomicU8]>,
     hand: Box<[AtomicU8]>,
     mem: AlignedBuf,
     hits: AtomicU64,
@@ -89,6 +94,7 @@ impl MetaCache {
             sets,
             ctl: (0..n).map(|_| AtomicU64::new(ST_EMPTY)).collect(),
             used: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            dirty: (0..n).map(|_| AtomicU8::new(0)).collect(),
             hand: (0..sets).map(|_| AtomicU8::new(0)).collect(),
             mem: AlignedBuf::new(n * slot_size),
             hits: AtomicU64::new(0),
@@ -195,7 +201,7 @@ impl MetaCache {
             let h = self.hand[set].fetch_add(1, Ordering::Relaxed) as usize % WAYS;
             let s = range.start + h;
             let c = self.ctl[s].load(Ordering::Acquire);
-            if c & ST_MASK == ST_LOADING || c & PIN_MASK != 0 {
+            if c & ST_MASK == ST_LOADING || c & PIN_MASK != 0 || self.dirty[s].load(Ordering::Acquire) != 0 {
                 continue;
             }
             if c & ST_MASK == ST_VALID && self.used[s].swap(0, Ordering::Relaxed) != 0 {
@@ -204,6 +210,12 @@ impl MetaCache {
             let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
             let new = kb | g | ST_LOADING;
             if self.ctl[s].compare_exchange(c, new, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                if self.dirty[s].load(Ordering::Acquire) != 0 {
+                    // Marked dirty between our check and the CAS: the writer held no pin
+                    // (it must), so give the slot back.
+                    self.ctl[s].store(c, Ordering::Release);
+                    continue;
+                }
                 if c & ST_MASK == ST_VALID {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -275,9 +287,65 @@ impl MetaCache {
         debug_assert!(prev & PIN_MASK != 0);
     }
 
-    /// Stores big-endian word `word` into a pinned slot.
+    /// Stores word `word` (host-endian value, stored big-endian) into a pinned slot and
+    /// marks the slot dirty.
     pub fn store_word(&self, slot: SlotId, word: usize, value: u64) {
+        self.dirty[slot.0 as usize].store(1, Ordering::Release);
         self.word_ptr(slot.0 as usize, word).store(value.to_be(), Ordering::Release);
+    }
+
+    /// Reads word `word` of a pinned slot.
+    pub fn load_word(&self, slot: SlotId, word: usize) -> u64 {
+        u64::from_be(self.word_ptr(slot.0 as usize, word).load(Ordering::Acquire))
+    }
+
+    /// Compare-and-swap of word `word` of a pinned slot (values host-endian). Marks the
+    /// slot dirty on success. This is how a queue publishes a new L2 entry without a lock.
+    pub fn cas_word(&self, slot: SlotId, word: usize, old: u64, new: u64) -> bool {
+        self.dirty[slot.0 as usize].store(1, Ordering::Release);
+        self.word_ptr(slot.0 as usize, word)
+            .compare_exchange(old.to_be(), new.to_be(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The key of a valid slot.
+    pub fn slot_key(&self, slot: SlotId) -> Option<u64> {
+        let c = self.ctl[slot.0 as usize].load(Ordering::Acquire);
+        (c & ST_MASK == ST_VALID).then_some((c >> KEY_SHIFT) << 9)
+    }
+
+    /// Slots currently marked dirty.
+    pub fn dirty_slots(&self) -> Vec<SlotId> {
+        (0..self.ctl.len()).filter(|&s| self.dirty[s].load(Ordering::Acquire) != 0).map(|s| SlotId(s as u32)).collect()
+    }
+
+    /// Clears a slot's dirty mark before its contents are written back; a store after this
+    /// marks it dirty again (and the next write-back writes it again).
+    pub fn clear_dirty(&self, slot: SlotId) {
+        self.dirty[slot.0 as usize].store(0, Ordering::Release);
+    }
+
+    /// Re-marks a slot dirty (its write-back failed).
+    pub fn mark_dirty(&self, slot: SlotId) {
+        self.dirty[slot.0 as usize].store(1, Ordering::Release);
+    }
+
+    /// Are any slots dirty?
+    pub fn any_dirty(&self) -> bool {
+        self.dirty.iter().any(|d| d.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Drops a cached key (used when the cluster it lived in is freed), if not pinned/dirty.
+    pub fn forget(&self, key: u64) {
+        let set = self.set_of(key);
+        let kb = key_bits(key);
+        for s in set * WAYS..(set + 1) * WAYS {
+            let c = self.ctl[s].load(Ordering::Acquire);
+            if c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK == ST_VALID && c & PIN_MASK == 0 {
+                let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
+                let _ = self.ctl[s].compare_exchange(c, g | ST_EMPTY, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
     }
 }
 

@@ -1,8 +1,11 @@
 //! Metadata layer: the shared lock-free cache of L2 slices and refcount blocks, and the
 //! guest -> host mapping through L1 and L2.
 
+pub(crate) mod alloc;
 pub mod cache;
 pub mod mapping;
+pub(crate) mod refcount;
 pub mod status;
+pub(crate) mod writeback;
 
 pub use cache::MetaCache;

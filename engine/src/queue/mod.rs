@@ -7,6 +7,7 @@
 //! serving other requests meanwhile. The request completes when its last SQE does.
 
 mod read;
+mod write;
 
 use crate::image::Image;
 use crate::io::AlignedBuf;
@@ -85,11 +86,33 @@ pub(crate) struct Req {
     pub parked: bool,
     /// The error behind `error`, when the engine knows more than an errno.
     pub detail: Option<Error>,
+    /// Who waits for this request: the caller, or (internal requests) a job or request.
+    pub parent: Parent,
+    /// Writethrough: flush before completing.
+    pub wt_flush: bool,
+    /// Counted in the image's `writes_in_flight`.
+    pub counted: bool,
+    /// Data done; the writethrough flush runs now.
+    pub flushing: bool,
+}
+
+/// The waiter of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Parent {
+    /// A guest request: completes to the caller.
+    Caller,
+    /// A copy-on-write fill read for an allocation job.
+    Job(usize),
+    /// A piece of another request (retried allocation, zero data write).
+    Req(usize),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReqKind {
     Read,
+    Write,
+    Zero { unmap: bool },
+    Discard,
     Flush,
 }
 
@@ -112,8 +135,12 @@ pub(crate) enum Io {
     },
     /// An L2 slice load into a cache slot.
     Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
-    /// An fdatasync for a flush request.
-    Flush { req: usize },
+    /// A data write straight from the guest buffer.
+    Write { req: usize },
+    /// A data write from an aligned copy of an unaligned guest buffer.
+    WriteBounce { req: usize, _buf: AlignedBuf },
+    /// An allocation job's data write (from its bounce buffer or the guest buffer).
+    JobWrite { job: usize },
 }
 
 /// One I/O queue: use one per thread. Not `Send`-shared: it owns its ring.
@@ -128,6 +155,18 @@ pub struct Queue {
     pub(crate) unsubmitted: usize,
     /// Detailed errors of failed requests, by user_data (the most recent few).
     pub(crate) details: std::collections::VecDeque<(u64, Error)>,
+    /// Allocation jobs (copy-on-write writes of one cluster).
+    pub(crate) jobs: Slab<write::Job>,
+    /// Host clusters reserved for this queue (refcount already 1).
+    pub(crate) batch: Vec<u64>,
+    /// Requests waiting for the metadata lock.
+    pub(crate) lock_parked: Vec<usize>,
+    /// Jobs waiting for the metadata lock to commit.
+    pub(crate) job_parked: Vec<usize>,
+    /// Refcount decrements found without the lock, handed over when it is next taken.
+    pub(crate) local_frees: Vec<(u64, u64)>,
+    /// A cluster of zeros (zero writes that cannot use the zero flag).
+    pub(crate) zeros: AlignedBuf,
 }
 
 impl Queue {
@@ -156,6 +195,12 @@ impl Queue {
             done: Vec::new(),
             unsubmitted: 0,
             details: std::collections::VecDeque::new(),
+            jobs: Slab::new(),
+            batch: Vec::new(),
+            lock_parked: Vec::new(),
+            job_parked: Vec::new(),
+            local_frees: Vec::new(),
+            zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
         })
     }
 
@@ -184,62 +229,72 @@ impl Queue {
     /// until the request's completion is returned by [`Queue::reap`].
     pub unsafe fn submit(&mut self, req: Request) -> Result<()> {
         let size = self.image.size;
-        match req.op {
-            Op::Read { offset, buf, len } => {
-                check_range(offset, len as u64, size)?;
-                if buf.is_null() && len > 0 {
-                    return Err(Error::InvalidRequest("null buffer".into()));
-                }
-                let id = self.reqs.insert(Req {
-                    user_data: req.user_data,
-                    kind: ReqKind::Read,
-                    offset,
-                    len: len as u64,
-                    buf,
-                    cursor: offset,
-                    pending: 0,
-                    error: 0,
-                    parked: false,
-                    detail: None,
-                });
-                self.drive_read(id);
-                Ok(())
-            }
-            Op::Flush => {
-                let id = self.reqs.insert(Req {
-                    user_data: req.user_data,
-                    kind: ReqKind::Flush,
-                    offset: 0,
-                    len: 0,
-                    buf: std::ptr::null_mut(),
-                    cursor: 0,
-                    pending: 0,
-                    error: 0,
-                    parked: false,
-                    detail: None,
-                });
-                if self.image.read_only {
-                    self.finish(id);
-                } else {
-                    let fd = self.image.file.fd();
-                    let io = self.ios.insert(Io::Flush { req: id });
-                    let sqe = io_uring::opcode::Fsync::new(io_uring::types::Fd(fd))
-                        .flags(io_uring::types::FsyncFlags::DATASYNC)
-                        .build()
-                        .user_data(io as u64);
-                    self.reqs[id].pending += 1;
-                    crate::counters::Counters::add(&self.image.counters.device_flushes, 1);
-                    self.push(sqe);
-                }
-                Ok(())
-            }
-            Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. } => {
-                if self.image.read_only {
-                    Err(Error::InvalidRequest("the image is open read-only".into()))
-                } else {
-                    Err(Error::Unsupported("writes are not implemented yet".into()))
-                }
-            }
+        let (kind, offset, len, buf) = match req.op {
+            Op::Read { offset, buf, len } => (ReqKind::Read, offset, len as u64, buf),
+            Op::Write { offset, buf, len } => (ReqKind::Write, offset, len as u64, buf as *mut u8),
+            Op::WriteZeroes { offset, len, unmap } => (ReqKind::Zero { unmap }, offset, len, std::ptr::null_mut()),
+            Op::Discard { offset, len } => (ReqKind::Discard, offset, len, std::ptr::null_mut()),
+            Op::Flush => (ReqKind::Flush, 0, 0, std::ptr::null_mut()),
+        };
+        if kind != ReqKind::Flush {
+            check_range(offset, len, size)?;
+        }
+        if matches!(kind, ReqKind::Read | ReqKind::Write) && buf.is_null() && len > 0 {
+            return Err(Error::InvalidRequest("null buffer".into()));
+        }
+        let writes = matches!(kind, ReqKind::Write | ReqKind::Zero { .. } | ReqKind::Discard);
+        if writes {
+            self.image.check_writable()?;
+        }
+        let id = self.new_req(req.user_data, kind, offset, len, buf, Parent::Caller);
+        if writes {
+            self.reqs[id].counted = true;
+            self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.reqs[id].wt_flush = self.image.cache_mode == crate::image::CacheMode::Writethrough;
+        }
+        self.drive(id);
+        Ok(())
+    }
+
+    /// Creates a request in the slab.
+    pub(crate) fn new_req(
+        &mut self,
+        user_data: u64,
+        kind: ReqKind,
+        offset: u64,
+        len: u64,
+        buf: *mut u8,
+        parent: Parent,
+    ) -> usize {
+        self.reqs.insert(Req {
+            user_data,
+            kind,
+            offset,
+            len,
+            buf,
+            cursor: offset,
+            pending: 0,
+            error: 0,
+            parked: false,
+            detail: None,
+            parent,
+            wt_flush: false,
+            counted: false,
+            flushing: false,
+        })
+    }
+
+    /// Advances a request of any kind.
+    pub(crate) fn drive(&mut self, id: usize) {
+        if self.reqs[id].flushing {
+            self.drive_flush(id);
+            return;
+        }
+        match self.reqs[id].kind {
+            ReqKind::Read => self.drive_read(id),
+            ReqKind::Write => self.drive_write(id),
+            ReqKind::Zero { .. } | ReqKind::Discard => self.drive_zero(id),
+            ReqKind::Flush => self.drive_flush(id),
         }
     }
 
@@ -285,7 +340,8 @@ impl Queue {
             // Wait for one CQE; when requests are parked on another queue's load, wake up
             // regularly to retry them.
             let mut wait = deadline.map(|d| d - now);
-            if !self.parked.is_empty() && self.ios.is_empty() {
+            let waiting = !self.parked.is_empty() || !self.lock_parked.is_empty() || !self.job_parked.is_empty();
+            if waiting && self.ios.is_empty() {
                 wait = Some(wait.map_or(Duration::from_micros(50), |w| w.min(Duration::from_micros(50))));
             }
             self.wait_cqe(wait)?;
@@ -409,12 +465,13 @@ impl Queue {
                 crate::counters::Counters::add(&layer.counters.meta_loads, 1);
                 self.retry_parked();
             }
-            Io::Flush { req } => {
+            Io::Write { req } | Io::WriteBounce { req, .. } => {
                 if res < 0 {
                     self.fail(req, res);
                 }
                 self.io_done(req);
             }
+            Io::JobWrite { job } => self.job_write_done(job, res),
         }
     }
 
@@ -441,7 +498,7 @@ impl Queue {
         }
     }
 
-    fn io_done(&mut self, req: usize) {
+    pub(crate) fn io_done(&mut self, req: usize) {
         self.reqs[req].pending -= 1;
         self.maybe_finish(req);
     }
@@ -451,39 +508,83 @@ impl Queue {
         let r = &self.reqs[req];
         let walked = r.cursor >= r.offset + r.len || r.error != 0;
         if r.pending == 0 && walked && !r.parked {
+            if r.wt_flush && r.error == 0 {
+                // Writethrough: the data is written; now make it and its metadata durable.
+                self.reqs[req].wt_flush = false;
+                self.reqs[req].flushing = true;
+                self.uncount(req);
+                self.drive_flush(req);
+                return;
+            }
             self.finish(req);
         }
     }
 
-    fn finish(&mut self, req: usize) {
+    /// Drops a request from the image's in-flight write count.
+    fn uncount(&mut self, req: usize) {
+        if std::mem::replace(&mut self.reqs[req].counted, false) {
+            self.image.writes_in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    pub(crate) fn finish(&mut self, req: usize) {
+        self.uncount(req);
         let r = self.reqs.remove(req);
         let c = &self.image.counters;
-        if r.error == 0 {
+        use crate::counters::Counters;
+        if r.error == 0 && r.parent == Parent::Caller {
             match r.kind {
                 ReqKind::Read => {
-                    crate::counters::Counters::add(&c.guest_reads, 1);
-                    crate::counters::Counters::add(&c.read_bytes, r.len);
+                    Counters::add(&c.guest_reads, 1);
+                    Counters::add(&c.read_bytes, r.len);
                 }
-                ReqKind::Flush => crate::counters::Counters::add(&c.guest_flushes, 1),
+                ReqKind::Write | ReqKind::Zero { .. } => {
+                    Counters::add(&c.guest_writes, 1);
+                    Counters::add(&c.write_bytes, r.len);
+                }
+                ReqKind::Discard => Counters::add(&c.guest_discards, 1),
+                ReqKind::Flush => Counters::add(&c.guest_flushes, 1),
             }
         }
-        if let Some(d) = r.detail {
-            if self.details.len() >= 64 {
-                self.details.pop_front();
+        match r.parent {
+            Parent::Caller => {
+                if let Some(d) = r.detail {
+                    if self.details.len() >= 64 {
+                        self.details.pop_front();
+                    }
+                    self.details.push_back((r.user_data, d));
+                }
+                self.done.push(Completion { user_data: r.user_data, result: r.error });
             }
-            self.details.push_back((r.user_data, d));
+            Parent::Req(p) => {
+                if r.error != 0 {
+                    match r.detail {
+                        Some(d) => self.fail_with(p, d),
+                        None => self.fail(p, r.error),
+                    }
+                }
+                self.io_done(p);
+            }
+            Parent::Job(j) => self.job_read_done(j, r.error, r.detail),
         }
-        self.done.push(Completion { user_data: r.user_data, result: r.error });
     }
 
     fn retry_parked(&mut self) {
-        if self.parked.is_empty() {
-            return;
-        }
         for (id, _) in std::mem::take(&mut self.parked) {
             if let Some(r) = self.reqs.get_mut(id) {
                 r.parked = false;
-                self.drive_read(id);
+                self.drive(id);
+            }
+        }
+        for id in std::mem::take(&mut self.lock_parked) {
+            if let Some(r) = self.reqs.get_mut(id) {
+                r.parked = false;
+                self.drive(id);
+            }
+        }
+        for j in std::mem::take(&mut self.job_parked) {
+            if self.jobs.contains(j) {
+                self.job_commit(j);
             }
         }
     }
@@ -492,6 +593,21 @@ impl Queue {
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let op = Op::Read { offset, buf: buf.as_mut_ptr(), len: buf.len() };
         self.run_one(op)
+    }
+
+    /// Blocking helper: writes `buf` at `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.run_one(Op::Write { offset, buf: buf.as_ptr(), len: buf.len() })
+    }
+
+    /// Blocking helper: writes zeros (`unmap`: clusters may be deallocated).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.run_one(Op::WriteZeroes { offset, len, unmap })
+    }
+
+    /// Blocking helper: discards.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.run_one(Op::Discard { offset, len })
     }
 
     /// Blocking helper: flushes.
@@ -521,6 +637,7 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        self.release_batch();
         // Wait for every SQE to finish: the kernel may still write into our buffers.
         while !self.ios.is_empty() {
             if self.ring.submit_and_wait(1).is_err() {

@@ -75,6 +75,9 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
 impl Queue {
     /// Advances a read request as far as possible without waiting.
     pub(crate) fn drive_read(&mut self, id: usize) {
+        // Hold the request open while we walk it: a nested completion (a child request
+        // that finishes at once) must not finish it under our feet.
+        self.reqs[id].pending += 1;
         let top = self.image.clone();
         // A pending contiguous data run: (fd, host start, guest start, len).
         let mut run: Option<(i32, u64, u64, u64)> = None;
@@ -167,6 +170,7 @@ impl Queue {
         if let Some(r) = run.take() {
             self.issue_data(id, r);
         }
+        self.reqs[id].pending -= 1;
         self.maybe_finish(id);
     }
 

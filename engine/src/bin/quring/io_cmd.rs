@@ -150,14 +150,42 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
                     }
                 }
             }
-            Cmd::Write { off, len, .. } | Cmd::Discard { off, len, .. } => {
-                let _ = (off, len);
-                if img.read_only() {
-                    eprintln!("quring: Block node is read-only");
+            Cmd::Write { pattern, zero, unmap, off, len, quiet } => {
+                let t = Instant::now();
+                let r = if zero && off % 512 == 0 && len % 512 == 0 {
+                    q.write_zeroes(off, len, unmap)
                 } else {
-                    eprintln!("write failed: writes are not implemented yet (they come with the write path)");
+                    write_bytes(&mut q, off, len, if zero { 0 } else { pattern })
+                };
+                match r {
+                    Ok(()) => {
+                        if !quiet {
+                            report("wrote", off, len, t.elapsed().as_secs_f64());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("write failed: {e}");
+                        status = 1;
+                    }
                 }
-                status = 1;
+            }
+            Cmd::Discard { off, len, quiet } => {
+                let t = Instant::now();
+                // Discard is advisory: shrink to whole sectors.
+                let a = off.div_ceil(512) * 512;
+                let b = (off + len) / 512 * 512;
+                let r = if b > a { q.discard(a, b - a) } else { Ok(()) };
+                match r {
+                    Ok(()) => {
+                        if !quiet {
+                            report("discard", off, len, t.elapsed().as_secs_f64());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("discard failed: {e}");
+                        status = 1;
+                    }
+                }
             }
             Cmd::Flush => {
                 if let Err(e) = q.flush() {
@@ -168,4 +196,18 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         }
     }
     Ok(status)
+}
+
+/// Writes `len` bytes of `byte` at any byte offset: whole sectors directly, partial
+/// sectors read-modify-write (as QEMU's block layer does for qemu-io).
+fn write_bytes(q: &mut Queue, off: u64, len: u64, byte: u8) -> quring::Result<()> {
+    let start = off & !511;
+    let end = (off + len).div_ceil(512) * 512;
+    let mut buf = AlignedBuf::new((end - start) as usize);
+    if start != off || end != off + len {
+        q.read_at(&mut buf, start)?;
+    }
+    let head = (off - start) as usize;
+    buf[head..head + len as usize].fill(byte);
+    q.write_at(&buf, start)
 }

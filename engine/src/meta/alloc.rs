@@ -1,0 +1,104 @@
+//! Host cluster allocation for writers: per-queue batches reserved from the shared
+//! refcounts (one short critical section per batch, none per write), L2 table allocation
+//! and L2 table copy-on-write (tables shared with an internal snapshot).
+
+use super::refcount::MetaIo;
+use crate::format::l1::L1Entry;
+use crate::image::{Image, MetaState};
+use crate::{Error, Result};
+use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
+
+impl Image {
+    pub(crate) fn meta_io(&self) -> MetaIo<'_> {
+        MetaIo { ring: &self.sync, fd: self.file.fd() }
+    }
+
+    /// Takes the metadata lock without waiting (None: another queue holds it; park).
+    pub(crate) fn try_meta(&self) -> Result<Option<MutexGuard<'_, MetaState>>> {
+        let Some(m) = &self.meta else {
+            return Err(Error::InvalidRequest("the image is open read-only".into()));
+        };
+        match m.try_lock() {
+            Ok(g) => Ok(Some(g)),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(None),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(Some(p.into_inner())),
+        }
+    }
+
+    /// Sets the dirty bit before the first refcount-skipping write (lazy refcounts).
+    pub(crate) fn mark_dirty_for_lazy(&self, st: &mut MetaState) -> Result<()> {
+        if st.lazy && !st.dirty_bit_set {
+            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            h.incompatible_features |= crate::format::feature::INCOMPAT_DIRTY;
+            let bytes = h.serialize()?;
+            drop(h);
+            self.sync.write(self.file.fd(), 0, &bytes)?;
+            self.sync.fdatasync(self.file.fd())?;
+            crate::counters::Counters::add(&self.counters.header_writes, 1);
+            crate::counters::Counters::add(&self.counters.device_flushes, 1);
+            st.dirty_bit_set = true;
+        }
+        Ok(())
+    }
+
+    /// Records the logical end of the file (allocated clusters may not be written yet).
+    pub(crate) fn note_end(&self, st: &MetaState) {
+        let end = st.rc.end_cluster << self.geo.cluster_bits;
+        self.file_len.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Reserves `n` host clusters (refcount 1) for a queue's batch.
+    pub(crate) fn reserve_clusters(&self, st: &mut MetaState, n: u64, out: &mut Vec<u64>) -> Result<()> {
+        self.mark_dirty_for_lazy(st)?;
+        let io = self.meta_io();
+        st.rc.alloc_batch(&io, n, out)?;
+        self.note_end(st);
+        crate::counters::Counters::add(&self.counters.clusters_allocated, n);
+        Ok(())
+    }
+
+    /// Returns unused batch clusters (never referenced, so freed at once).
+    pub(crate) fn unreserve_clusters(&self, st: &mut MetaState, clusters: &[u64]) -> Result<()> {
+        let io = self.meta_io();
+        for &c in clusters {
+            st.rc.add(&io, c, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Makes L1 entry `l1i` point to a private (COPIED) L2 table: allocates a zeroed table
+    /// when there is none, or copies a table shared with a snapshot. The new table is on
+    /// disk before the L1 entry changes in memory (the L1 write happens at flush time).
+    pub(crate) fn ensure_l2_table(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
+        let old = self.l1_entry(l1i);
+        if old.l2_offset().0 != 0 && old.copied() {
+            return Ok(()); // another queue did it
+        }
+        if l1i as usize >= self.l1.len() {
+            return Err(Error::InvalidRequest(format!("L1 index {l1i} is beyond the L1 table")));
+        }
+        self.mark_dirty_for_lazy(st)?;
+        let io = self.meta_io();
+        let cs = self.geo.cluster_size() as usize;
+        let c = st.rc.alloc_contiguous(&io, 1)?;
+        self.note_end(st);
+        let off = c << self.geo.cluster_bits;
+        let mut table = crate::io::AlignedBuf::new(cs);
+        if old.l2_offset().0 != 0 {
+            let data = self.sync.read_exact(self.file.fd(), old.l2_offset().0, cs, "L2 table")?;
+            table.copy_from_slice(&data);
+            // Slices of the old table that we changed in cache were written... they cannot
+            // be dirty: writes never modify a shared table in place.
+        }
+        self.sync.write(self.file.fd(), off, &table)?;
+        crate::counters::Counters::add(&self.counters.l2_writes, 1);
+        crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
+        if old.l2_offset().0 != 0 {
+            st.rc.free_later(old.l2_offset().0 >> self.geo.cluster_bits, 1);
+        }
+        self.l1[l1i as usize].store(L1Entry::new(crate::format::HostOffset(off), true).0, Ordering::Release);
+        st.l1_dirty = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! Refcount bookkeeping for writers (spec: "Host cluster management"): the refcount table in
+//! memory, a bounded cache of refcount blocks, updates at every width 1..64, growth of
+//! refcount blocks and of the table (self-describing blocks included), and deferred
+//! decrements.
+//!
+//! All of it lives behind the image's metadata mutex ([`crate::image::Image`]'s `meta`),
+//! which the allocating paths take with `try_lock` (a queue never waits for it: it parks the
+//! request). The hot paths (reads, overwrites of allocated clusters, per-queue allocation
+//! from a reserved batch) do not touch it.
+//!
+//! Durable-state rule: an increase may reach the disk at any time (it can only leak); a
+//! decrease is queued in `pending_free` and applied only by the flush, after the L2/L1
+//! change that dropped the reference is durable.
+
+use crate::format::Geometry;
+use crate::format::refcount as rc;
+use crate::io::{AlignedBuf, SyncRing};
+use crate::{Error, Result};
+use std::collections::HashMap;
+
+/// The I/O a refcount operation may need (loading a block).
+pub(crate) struct MetaIo<'a> {
+    pub ring: &'a SyncRing,
+    pub fd: i32,
+}
+
+struct Block {
+    buf: AlignedBuf,
+    dirty: bool,
+    used: u64,
+}
+
+/// Refcount state of one image.
+pub(crate) struct Refcounts {
+    geo: Geometry,
+    /// Refcount table entries (block offsets; 0 = none).
+    pub table: Vec<u64>,
+    /// Where the table lives and how many clusters it has.
+    pub table_offset: u64,
+    pub table_clusters: u64,
+    /// The table (or its location) changed since the last write-back.
+    pub table_dirty: bool,
+    /// The table moved: the header must be rewritten (after the table is durable).
+    pub table_moved: bool,
+    /// Clusters of a table that was replaced, freed once the header points elsewhere.
+    pub old_table: Option<(u64, u64)>,
+    blocks: HashMap<u64, Block>,
+    cap: usize,
+    tick: u64,
+    /// No cluster below this index is free (allocation scan start).
+    free_hint: u64,
+    /// One past the highest cluster in use or reserved (the logical end of the file).
+    pub end_cluster: u64,
+    /// Decrements waiting for the reference drop to be durable: (cluster, count).
+    pub pending_free: Vec<(u64, u64)>,
+    /// Clusters whose refcount dropped to zero in the last applied batch (to punch).
+    pub freed: Vec<u64>,
+}
+
+impl Refcounts {
+    /// Loads the refcount table.
+    pub fn open(
+        geo: Geometry,
+        io: &MetaIo,
+        table_offset: u64,
+        table_clusters: u64,
+        file_len: u64,
+        cache_bytes: u64,
+    ) -> Result<Self> {
+        let bytes = (table_clusters * geo.cluster_size()) as usize;
+        let raw = io.ring.read_exact(io.fd, table_offset, bytes, "refcount table")?;
+        let table: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap())).collect();
+        for (i, &e) in table.iter().enumerate() {
+            rc::RefTableEntry(e).validate(i as u64, geo.cluster_size())?;
+        }
+        Ok(Refcounts {
+            geo,
+            table,
+            table_offset,
+            table_clusters,
+            table_dirty: false,
+            table_moved: false,
+            old_table: None,
+            blocks: HashMap::new(),
+            cap: ((cache_bytes / geo.cluster_size()) as usize).max(4),
+            tick: 0,
+            free_hint: 0,
+            end_cluster: geo.clusters_for(file_len),
+            pending_free: Vec::new(),
+            freed: Vec::new(),
+        })
+    }
+
+    fn block(&mut self, io: &MetaIo, off: u64) -> Result<&mut Block> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.blocks.contains_key(&off) {
+            if self.blocks.len() >= self.cap {
+                self.evict(io)?;
+            }
+            let cs = self.geo.cluster_size() as usize;
+            let (data, valid) = io.ring.read(io.fd, off, cs)?;
+            let mut buf = AlignedBuf::new(cs);
+            buf[..valid].copy_from_slice(&data[..valid]);
+            self.blocks.insert(off, Block { buf, dirty: false, used: tick });
+        }
+        let b = self.blocks.get_mut(&off).expect("block just inserted");
+        b.used = tick;
+        Ok(b)
+    }
+
+    /// Evicts the least recently used block; a dirty one is written first (an increase
+    /// reaching the disk early is safe; decreases are only applied at flush time).
+    fn evict(&mut self, io: &MetaIo) -> Result<()> {
+        let Some((&off, _)) = self.blocks.iter().min_by_key(|(_, b)| b.used) else { return Ok(()) };
+        let b = self.blocks.remove(&off).expect("present");
+        if b.dirty {
+            io.ring.write(io.fd, off, &b.buf)?;
+        }
+        Ok(())
+    }
+
+    /// The refcount of a host cluster (0 when no block covers it).
+    pub fn get(&mut self, io: &MetaIo, cluster: u64) -> Result<u64> {
+        let ti = (cluster >> self.geo.refblock_bits()) as usize;
+        let Some(&e) = self.table.get(ti) else { return Ok(0) };
+        let off = e & !0x1ff;
+        if off == 0 {
+            return Ok(0);
+        }
+        let idx = cluster & (self.geo.refblock_entries() - 1);
+        let order = self.geo.refcount_order;
+        Ok(rc::get(&self.block(io, off)?.buf, idx, order))
+    }
+
+    /// Sets the refcount of a host cluster, creating refcount blocks (and growing the
+    /// table) as needed.
+    pub fn set(&mut self, io: &MetaIo, cluster: u64, value: u64) -> Result<()> {
+        if value > self.geo.refcount_max() {
+            return Err(Error::InvalidRequest(format!(
+                "refcount of cluster {cluster} would overflow the {}-bit refcount width",
+                self.geo.refcount_bits()
+            )));
+        }
+        let off = self.ensure_block(io, cluster)?;
+        let idx = cluster & (self.geo.refblock_entries() - 1);
+        let order = self.geo.refcount_order;
+        let b = self.block(io, off)?;
+        rc::set(&mut b.buf, idx, order, value);
+        b.dirty = true;
+        if cluster >= self.end_cluster && value > 0 {
+            self.end_cluster = cluster + 1;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` (may be negative) to a cluster's refcount.
+    pub fn add(&mut self, io: &MetaIo, cluster: u64, delta: i64) -> Result<u64> {
+        let cur = self.get(io, cluster)?;
+        let new = cur.checked_add_signed(delta).ok_or_else(|| {
+            Error::corrupt("refcount", format!("cluster {cluster}: refcount {cur} cannot change by {delta}"))
+        })?;
+        self.set(io, cluster, new)?;
+        if new == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(new)
+    }
+
+    /// Returns the offset of the refcount block covering `cluster`, allocating it.
+    fn ensure_block(&mut self, io: &MetaIo, cluster: u64) -> Result<u64> {
+        let ti = (cluster >> self.geo.refblock_bits()) as usize;
+        if ti >= self.table.len() {
+            self.grow_table(io, ti)?;
+        }
+        let e = self.table[ti] & !0x1ff;
+        if e != 0 {
+            return Ok(e);
+        }
+        // A new block at the end of the file. If it falls in the range it describes it
+        // counts itself; otherwise its own refcount lives in another block (recursion,
+        // which terminates: each level moves to a later cluster).
+        let bc = self.end_cluster;
+        self.end_cluster += 1;
+        let off = bc << self.geo.cluster_bits;
+        self.tick += 1;
+        let cs = self.geo.cluster_size() as usize;
+        self.blocks.insert(off, Block { buf: AlignedBuf::new(cs), dirty: true, used: self.tick });
+        self.table[ti] = off;
+        self.table_dirty = true;
+        self.set(io, bc, 1)?;
+        Ok(off)
+    }
+
+    /// Moves the refcount table to a larger place at the end of the file.
+    fn grow_table(&mut self, io: &MetaIo, need_index: usize) -> Result<()> {
+        let per_cluster = self.geo.reftable_entries_per_cluster() as usize;
+        let want = (need_index + 1).max(self.table.len() * 3 / 2).div_ceil(per_cluster) * per_cluster;
+        let clusters = (want / per_cluster) as u64;
+        if clusters * self.geo.cluster_size() > crate::format::geometry::MAX_REFTABLE_BYTES.max(self.geo.cluster_size())
+        {
+            return Err(Error::InvalidRequest("the refcount table would exceed its 8 MiB limit".into()));
+        }
+        let start = self.end_cluster;
+        self.end_cluster += clusters;
+        let old = (self.table_offset, self.table_clusters);
+        self.table.resize(want, 0);
+        self.table_offset = start << self.geo.cluster_bits;
+        self.table_clusters = clusters;
+        self.table_dirty = true;
+        self.table_moved = true;
+        // The old table is freed once the header points to the new one (flush).
+        if let Some((o, n)) = self.old_table.replace(old) {
+            // A table from an earlier growth that was never made durable: never referenced
+            // by the header, so it can simply be freed with the others.
+            self.pending_free.extend((0..n).map(|i| ((o >> self.geo.cluster_bits) + i, 1)));
+        }
+        for c in start..start + clusters {
+            self.set(io, c, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1). Returns the first cluster index.
+    pub fn alloc_contiguous(&mut self, io: &MetaIo, n: u64) -> Result<u64> {
+        let mut start = self.free_hint;
+        'search: loop {
+            if start >= self.end_cluster {
+                start = self.end_cluster;
+                break;
+            }
+            for i in 0..n {
+                let c = start + i;
+                if c >= self.end_cluster {
+                    break 'search;
+                }
+                if self.get(io, c)? != 0 {
+                    start = c + 1;
+                    continue 'search;
+                }
+            }
+            break;
+        }
+        if start == self.free_hint {
+            self.free_hint = start + n;
+        }
+        for c in start..start + n {
+            self.set(io, c, 1)?;
+        }
+        if start + n > self.end_cluster {
+            self.end_cluster = start + n;
+        }
+        Ok(start)
+    }
+
+    /// Allocates up to `n` clusters, contiguous where possible.
+    pub fn alloc_batch(&mut self, io: &MetaIo, n: u64, out: &mut Vec<u64>) -> Result<()> {
+        let first = self.alloc_contiguous(io, n)?;
+        out.extend(first..first + n);
+        Ok(())
+    }
+
+    /// Queues a decrement to be applied after the reference drop is durable.
+    pub fn free_later(&mut self, cluster: u64, count: u64) {
+        self.pending_free.push((cluster, count));
+    }
+
+    /// Applies the queued decrements (the flush calls this once the L2/L1 changes that
+    /// dropped the references are durable).
+    pub fn apply_pending(&mut self, io: &MetaIo) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending_free);
+        for (c, n) in pending {
+            if self.add(io, c, -(n as i64))? == 0 {
+                self.freed.push(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Are there unwritten changes?
+    pub fn dirty(&self) -> bool {
+        self.table_dirty || self.blocks.values().any(|b| b.dirty)
+    }
+
+    /// Writes every dirty refcount block and, when changed, the table. Returns the number of
+    /// (block, table) writes issued.
+    pub fn write_back(&mut self, io: &MetaIo) -> Result<(u64, u64)> {
+        let mut nb = 0;
+        for (&off, b) in self.blocks.iter_mut() {
+            if b.dirty {
+                io.ring.write(io.fd, off, &b.buf)?;
+                b.dirty = false;
+                nb += 1;
+            }
+        }
+        let mut nt = 0;
+        if self.table_dirty {
+            let mut bytes = vec![0u8; (self.table_clusters * self.geo.cluster_size()) as usize];
+            for (i, e) in self.table.iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            io.ring.write(io.fd, self.table_offset, &bytes)?;
+            self.table_dirty = false;
+            nt = 1;
+        }
+        Ok((nb, nt))
+    }
+}

@@ -1,0 +1,124 @@
+//! Metadata write-back in the order that keeps the durable-state rule (QEMU's cache
+//! dependencies): refcount increases, then the refcount table and header when the table
+//! moved, then L2 slices, then the L1 table; refcount decreases only after the references
+//! they drop are durable. Each stage ends with a device flush when it wrote anything.
+
+use crate::Result;
+use crate::counters::Counters;
+use crate::image::{Image, MetaState};
+use std::sync::atomic::Ordering;
+
+impl Image {
+    fn device_flush(&self) -> Result<()> {
+        Counters::add(&self.counters.device_flushes, 1);
+        self.sync.fdatasync(self.file.fd())
+    }
+
+    /// Writes all dirty metadata and makes it durable. With lazy refcounts the refcount
+    /// stages are skipped (the dirty bit covers them) unless `clean_close`.
+    pub(crate) fn flush_metadata(&self, st: &mut MetaState, clean_close: bool) -> Result<()> {
+        let io = self.meta_io();
+        let c = &self.counters;
+        let write_refcounts = !st.lazy || clean_close;
+        let mut need_flush = false;
+        // 1. Refcount increases (and a moved table), durable before anything refers to them.
+        if write_refcounts && st.rc.dirty() {
+            let (b, t) = st.rc.write_back(&io)?;
+            Counters::add(&c.refblock_writes, b);
+            Counters::add(&c.reftable_writes, t);
+            self.device_flush()?;
+        }
+        if st.rc.table_moved && write_refcounts {
+            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            h.refcount_table_offset = crate::format::HostOffset(st.rc.table_offset);
+            h.refcount_table_clusters = st.rc.table_clusters as u32;
+            let bytes = h.serialize()?;
+            drop(h);
+            self.sync.write(self.file.fd(), 0, &bytes)?;
+            Counters::add(&c.header_writes, 1);
+            self.device_flush()?;
+            st.rc.table_moved = false;
+            if let Some((o, n)) = st.rc.old_table.take() {
+                for i in 0..n {
+                    st.rc.free_later((o >> self.geo.cluster_bits) + i, 1);
+                }
+            }
+        }
+        // 2. L2 slices (data they point to was written before the entries changed, and the
+        //    device flush above made it durable).
+        let cache = &self.l2_cache;
+        for slot in cache.dirty_slots() {
+            let Some(key) = cache.slot_key(slot) else { continue };
+            cache.clear_dirty(slot);
+            let len = cache.slot_size();
+            // SAFETY: the slot is valid and, being dirty until just now, cannot have been
+            // evicted; concurrent CAS updates of single words may race with this copy,
+            // which then sees the old or the new word, and re-marks the slot dirty.
+            let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(slot), len) }.to_vec();
+            if let Err(e) = self.sync.write(self.file.fd(), key, &bytes) {
+                cache.mark_dirty(slot);
+                return Err(e);
+            }
+            Counters::add(&c.l2_writes, 1);
+            need_flush = true;
+        }
+        if need_flush {
+            self.device_flush()?;
+            need_flush = false;
+        }
+        // 3. The L1 table.
+        if st.l1_dirty {
+            let h = self.header();
+            let mut bytes = Vec::with_capacity(self.l1.len() * 8);
+            for e in self.l1.iter() {
+                bytes.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
+            }
+            self.sync.write(self.file.fd(), h.l1_table_offset.0, &bytes)?;
+            Counters::add(&c.l1_writes, 1);
+            st.l1_dirty = false;
+            need_flush = true;
+        }
+        if need_flush {
+            self.device_flush()?;
+        }
+        // 4. Refcount decreases, now that nothing durable refers to those clusters. Only
+        //    when no data write is in flight that could still target a freed cluster.
+        if !st.rc.pending_free.is_empty() && self.writes_in_flight.load(Ordering::Acquire) == 0 {
+            st.rc.apply_pending(&io)?;
+            for cl in std::mem::take(&mut st.rc.freed) {
+                let off = cl << self.geo.cluster_bits;
+                self.l2_cache.forget(off);
+                // Punch the freed cluster so it reads as zeros and frees space.
+                let _ = self.sync.fallocate(
+                    self.file.fd(),
+                    off,
+                    self.geo.cluster_size(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                );
+            }
+            if write_refcounts {
+                let (b, t) = st.rc.write_back(&io)?;
+                Counters::add(&c.refblock_writes, b);
+                Counters::add(&c.reftable_writes, t);
+                self.device_flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clean close: all metadata durable, lazy-refcount dirty bit cleared.
+    pub(crate) fn close_metadata(&self, st: &mut MetaState) -> Result<()> {
+        self.flush_metadata(st, true)?;
+        if st.dirty_bit_set {
+            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            h.incompatible_features &= !crate::format::feature::INCOMPAT_DIRTY;
+            let bytes = h.serialize()?;
+            drop(h);
+            self.sync.write(self.file.fd(), 0, &bytes)?;
+            Counters::add(&self.counters.header_writes, 1);
+            self.device_flush()?;
+            st.dirty_bit_set = false;
+        }
+        Ok(())
+    }
+}
