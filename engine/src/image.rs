@@ -226,11 +226,9 @@ impl Image {
             None
         } else {
             if header.incompatible_features & feature::INCOMPAT_DIRTY != 0 {
-                return Err(Error::Unsupported(
-                    "the image has the dirty bit set (lazy refcounts after a crash); repair it with \
-                     'qemu-img check -r all' before opening it for writing"
-                        .into(),
-                ));
+                // Lazy refcounts were in use when the image was last left: refcounts may
+                // be stale. Rebuild them before the first write.
+                crate::meta::rebuild::rebuild_refcounts(&sync, &file, &mut header)?;
             }
             if header.autoclear_features != 0 && header.version >= 3 {
                 // Autoclear bits we do not maintain (bitmaps, unknown ones) are cleared on
@@ -240,6 +238,7 @@ impl Image {
                 sync.write(file.fd(), 0, &bytes)?;
                 sync.fdatasync(file.fd())?;
             }
+            let file_len = file.len()?; // a rebuild may have grown the file
             let io = crate::meta::refcount::MetaIo { ring: &sync, fd: file.fd() };
             let rc_bytes = opts.refcount_cache_size.unwrap_or((l2_bytes / 4).max(256 << 10));
             let rc = crate::meta::refcount::Refcounts::open(
@@ -259,6 +258,7 @@ impl Image {
             }))
         };
 
+        let file_len = file.len()?;
         Ok(Arc::new(Image {
             size: header.size,
             compression: header.compression_type,
@@ -404,7 +404,7 @@ fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) 
         let fixed = sync.read_exact(file.fd(), off, snapshot::FIXED_LEN, "snapshot table")?;
         let len = snapshot::entry_len(&fixed)?;
         let buf = sync.read_exact(file.fd(), off, len, "snapshot table")?;
-        let (s, _) = snapshot::parse_entry(&buf)?;
+        let (s, padded) = snapshot::parse_entry(&buf)?;
         if s.l1_size as u64 * 8 > crate::format::geometry::MAX_L1_BYTES {
             return Err(Error::corrupt(
                 "snapshot L1 size",
@@ -418,7 +418,7 @@ fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) 
             ));
         }
         out.push(s);
-        off += len as u64;
+        off += padded as u64;
     }
     Ok(out)
 }

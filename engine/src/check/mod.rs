@@ -272,6 +272,28 @@ struct Checker<'a> {
 /// image cannot be checked at all (unreadable or unsupported header, broken snapshot table,
 /// I/O error), which qemu-img reports with exit status 1.
 pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
+    check_inner(r, false).map(|(rep, _)| rep)
+}
+
+/// The reference count of every host cluster as the image's tables (header, active and
+/// snapshot L1/L2 tables, data, snapshot table) imply, ignoring the refcount structures
+/// themselves: what a refcount rebuild writes. Fails when the tables are inconsistent.
+pub fn reference_counts(r: &dyn MetaRead) -> Result<Vec<u64>> {
+    let (rep, counts) = check_inner(r, true)?;
+    if rep.corruptions > 0 || rep.check_errors > 0 {
+        return Err(Error::corrupt(
+            "L1/L2 tables",
+            format!(
+                "{} corruption(s) found while counting references; refusing to rebuild refcounts: {}",
+                rep.corruptions + rep.check_errors,
+                rep.messages.join("; ")
+            ),
+        ));
+    }
+    Ok(counts)
+}
+
+fn check_inner(r: &dyn MetaRead, counts_only: bool) -> Result<(CheckReport, Vec<u64>)> {
     let file_len = r.len();
     let mut first = [0u8; 512];
     read_zero_fill(r, 0, &mut first)?;
@@ -346,6 +368,11 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
         c.check_l1(s.l1_offset, s.l1_size, false)?;
     }
     c.inc(snaps.offset, snaps.size)?;
+    if counts_only {
+        let counts = (0..c.nb_clusters).map(|i| c.get_ref(i)).collect();
+        c.rep.corruptions += snaps.corruptions;
+        return Ok((c.rep, counts));
+    }
     c.inc(h.refcount_table_offset.0, rt_bytes)?;
     c.check_bitmaps(&h)?;
     c.check_refblocks()?;
@@ -379,7 +406,7 @@ pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
     c.check_oflag_copied(h.l1_table_offset.0, l1_bytes)?;
     c.rep.image_end_offset = (highest + 1) * cs;
     c.rep.corruptions += snaps.corruptions;
-    Ok(c.rep)
+    Ok((c.rep, Vec::new()))
 }
 
 struct SnapTable {

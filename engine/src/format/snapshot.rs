@@ -39,7 +39,8 @@ impl Snapshot {
     }
 }
 
-/// Total length of an entry (with padding) given its fixed part.
+/// Length of an entry without its trailing padding, given its fixed part (QEMU does not
+/// write the padding after the last entry, so the table may end unpadded).
 pub fn entry_len(fixed: &[u8]) -> Result<usize> {
     if fixed.len() < FIXED_LEN {
         return Err(Error::corrupt("snapshot table", "entry is truncated"));
@@ -53,10 +54,11 @@ pub fn entry_len(fixed: &[u8]) -> Result<usize> {
             format!("{extra} bytes exceed the limit of {MAX_EXTRA}"),
         ));
     }
-    Ok((FIXED_LEN + extra as usize + id_len + name_len).div_ceil(8) * 8)
+    Ok(FIXED_LEN + extra as usize + id_len + name_len)
 }
 
-/// Parses one entry from `buf`, which must hold at least [`entry_len`] bytes.
+/// Parses one entry from `buf`, which must hold at least [`entry_len`] bytes. Returns the
+/// entry and its padded length (the offset of the next entry).
 pub fn parse_entry(buf: &[u8]) -> Result<(Snapshot, usize)> {
     let len = entry_len(buf)?;
     if buf.len() < len {
@@ -83,7 +85,7 @@ pub fn parse_entry(buf: &[u8]) -> Result<(Snapshot, usize)> {
         vm_state_size: be32(32),
         extra,
     };
-    Ok((s, len))
+    Ok((s, len.div_ceil(8) * 8))
 }
 
 /// Parses a whole table of `n` entries from `buf`.

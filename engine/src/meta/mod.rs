@@ -4,6 +4,7 @@
 pub(crate) mod alloc;
 pub mod cache;
 pub mod mapping;
+pub(crate) mod rebuild;
 pub(crate) mod refcount;
 pub mod status;
 pub(crate) mod writeback;

@@ -244,11 +244,13 @@ impl Refcounts {
         if start == self.free_hint {
             self.free_hint = start + n;
         }
-        for c in start..start + n {
-            self.set(io, c, 1)?;
-        }
+        // Claim the range before setting refcounts: a refcount block created on the way is
+        // placed at the end of the file and must not land inside it.
         if start + n > self.end_cluster {
             self.end_cluster = start + n;
+        }
+        for c in start..start + n {
+            self.set(io, c, 1)?;
         }
         Ok(start)
     }

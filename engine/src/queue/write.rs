@@ -754,7 +754,8 @@ impl Queue {
             }
             let has_backing = img.backing.is_some();
             let (ne, free) = if discard {
-                let ne = if has_backing || allocated || compressed { l2::L2_ZERO } else { 0 };
+                let v3 = img.header().version >= 3;
+                let ne = if v3 && (has_backing || allocated || compressed) { l2::L2_ZERO } else { 0 };
                 (ne, allocated || compressed)
             } else {
                 let drop_it = compressed || (unmap && allocated);

@@ -1,0 +1,94 @@
+//! Refcount rebuild for images opened with the dirty bit set (lazy refcounts after a crash,
+//! spec: "dirty bit"): count every reference from the header, L1/L2 tables, data and
+//! snapshots, write a fresh refcount table and blocks after the end of the file (covering
+//! themselves), make them durable, then point the header at them and clear the dirty bit.
+//! Until the header is rewritten the old (stale) structures stay in place, so a crash during
+//! the rebuild leaves the image as dirty as before; the old structures become free space.
+
+use crate::check::{MetaRead, reference_counts};
+use crate::format::HostOffset;
+use crate::format::feature::INCOMPAT_DIRTY;
+use crate::format::header::Header;
+use crate::format::refcount as rc;
+use crate::io::{ImageFile, SyncRing};
+use crate::{Error, Result};
+
+struct Reader<'a> {
+    sync: &'a SyncRing,
+    file: &'a ImageFile,
+    len: u64,
+}
+
+impl MetaRead for Reader<'_> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if off >= self.len {
+            return Ok(0);
+        }
+        let (data, valid) = self.sync.read(self.file.fd(), off, buf.len())?;
+        buf.copy_from_slice(&data);
+        Ok(valid)
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Rebuilds the refcounts of a dirty image and clears the dirty bit (on disk and in `h`).
+pub(crate) fn rebuild_refcounts(sync: &SyncRing, file: &ImageFile, h: &mut Header) -> Result<()> {
+    let len = file.len()?;
+    let mut counts = reference_counts(&Reader { sync, file, len })?;
+    let g = h.geometry();
+    let cs = g.cluster_size();
+    let e = g.refblock_entries();
+    let n = counts.len() as u64;
+    // Blocks and table after the data, covering the data and themselves.
+    let (mut b, mut t) = (0u64, 0u64);
+    loop {
+        let total = n + b + t;
+        let nb = total.div_ceil(e);
+        let nt = (nb * 8).div_ceil(cs);
+        if nb == b && nt == t {
+            break;
+        }
+        b = nb;
+        t = nt;
+    }
+    if t * cs > crate::format::geometry::MAX_REFTABLE_BYTES.max(cs) {
+        return Err(Error::Unsupported("rebuilt refcount table would exceed 8 MiB".into()));
+    }
+    counts.resize((n + b + t) as usize, 0);
+    for c in &mut counts[n as usize..] {
+        *c = 1;
+    }
+    let max = g.refcount_max();
+    if let Some((i, &v)) = counts.iter().enumerate().find(|&(_, &v)| v > max) {
+        return Err(Error::corrupt(
+            "refcount",
+            format!("cluster {i} has {v} references, more than {max} ({}-bit refcounts)", g.refcount_bits()),
+        ));
+    }
+    let mut table = vec![0u8; (t * cs) as usize];
+    for bi in 0..b {
+        let mut buf = vec![0u8; cs as usize];
+        for j in 0..e {
+            let idx = (bi * e + j) as usize;
+            if idx >= counts.len() {
+                break;
+            }
+            rc::set(&mut buf, j, g.refcount_order, counts[idx]);
+        }
+        let off = (n + bi) * cs;
+        sync.write(file.fd(), off, &buf)?;
+        table[(bi * 8) as usize..(bi * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    let table_off = (n + b) * cs;
+    sync.write(file.fd(), table_off, &table)?;
+    sync.fdatasync(file.fd())?;
+    h.refcount_table_offset = HostOffset(table_off);
+    h.refcount_table_clusters = t as u32;
+    h.incompatible_features &= !INCOMPAT_DIRTY;
+    let bytes = h.serialize()?;
+    sync.write(file.fd(), 0, &bytes)?;
+    sync.fdatasync(file.fd())?;
+    Ok(())
+}
