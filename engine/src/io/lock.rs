@@ -138,10 +138,8 @@ impl ImageLock {
             return Ok(lock);
         }
         lock.active = true;
-        if let Err(e) = lock.apply().and_then(|()| lock.check()) {
-            // Dropping `lock` unlocks every byte it may have taken.
-            return Err(e);
-        }
+        // On error, dropping `lock` unlocks every byte it may have taken.
+        lock.apply().and_then(|()| lock.check())?;
         Ok(lock)
     }
 
@@ -234,10 +232,9 @@ impl ImageLock {
     /// [`Error::Locked`], any other errno an I/O error.
     fn lock_error(&self, e: Errno, msg: String) -> Error {
         match e {
-            Errno::EAGAIN | Errno::EACCES => Error::Locked(format!(
-                "{msg}\nIs another process using the image [{}]?",
-                self.path.display()
-            )),
+            Errno::EAGAIN | Errno::EACCES => {
+                Error::Locked(format!("{msg}\nIs another process using the image [{}]?", self.path.display()))
+            }
             e => Error::errno(format!("{msg} on {}", self.path.display()), e as i32),
         }
     }
@@ -302,10 +299,7 @@ mod tests {
         let ro_u = ImageLock::acquire(&f, &path, LockMode::ReadOnly, true).unwrap();
         assert_eq!(ro_u.locked_bytes(), vec![100]);
         drop(ro_u);
-        assert!(matches!(
-            ImageLock::acquire(&f, &path, LockMode::ReadWrite, true),
-            Err(Error::InvalidRequest(_))
-        ));
+        assert!(matches!(ImageLock::acquire(&f, &path, LockMode::ReadWrite, true), Err(Error::InvalidRequest(_))));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
