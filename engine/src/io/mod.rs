@@ -4,6 +4,7 @@
 
 pub mod buf;
 pub mod file;
+pub mod lock;
 pub mod sync_ring;
 
 pub use buf::AlignedBuf;
