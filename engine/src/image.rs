@@ -9,6 +9,7 @@ use crate::format::header::{CompressionType, Header};
 use crate::format::l1::{self, L1Entry};
 use crate::format::snapshot::{self, Snapshot};
 use crate::format::{Geometry, feature};
+use crate::io::lock::{ImageLock, LockMode};
 use crate::io::{ImageFile, SyncRing};
 use crate::meta::MetaCache;
 use crate::{Error, Result};
@@ -133,6 +134,8 @@ pub struct Image {
     pub(crate) writes_in_flight: AtomicU64,
     /// The cache mode.
     pub(crate) cache_mode: CacheMode,
+    /// QEMU-compatible image lock, held while open.
+    _lock: ImageLock,
 }
 
 impl std::fmt::Debug for Image {
@@ -155,6 +158,10 @@ impl Image {
             )));
         }
         let file = ImageFile::open(path, !opts.read_only)?;
+        // QEMU's file locking protocol: two writers never open one image, and QEMU tools
+        // refuse an image quring writes (and the other way round).
+        let mode = if opts.read_only { LockMode::ReadOnly } else { LockMode::ReadWrite };
+        let lock = ImageLock::acquire(file.file(), path, mode, opts.force_share && opts.read_only)?;
         let sync = SyncRing::new()?;
         let file_len = file.len()?;
         let (first, valid) = sync.read(file.fd(), 0, 4096)?;
@@ -279,6 +286,7 @@ impl Image {
             meta,
             writes_in_flight: AtomicU64::new(0),
             cache_mode: opts.cache,
+            _lock: lock,
             header: Mutex::new(header),
         }))
     }

@@ -53,6 +53,12 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         o => return Err(format!("--output must be 'human' or 'json', not '{o}'").into()),
     };
     let file = ImageFile::open(&a.image, false)?;
+    let _lock = quring::io::lock::ImageLock::acquire(
+        file.file(),
+        &a.image,
+        quring::io::lock::LockMode::ReadOnly,
+        a.force_share,
+    )?;
     let len = file.len()?;
     let r = Reader { file, ring: SyncRing::new()?, len };
     let report = match check(&r) {

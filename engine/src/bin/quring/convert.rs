@@ -44,7 +44,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     {
         return Err(format!("unsupported source format '{f}'").into());
     }
-    let img = open_ro(&a.src).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
+    let img = open_ro(&a.src, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
     match a.out_format.as_str() {
         "raw" => {}
         "qcow2" => {

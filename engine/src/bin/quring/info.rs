@@ -30,7 +30,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     {
         return Err(format!("unsupported format '{f}' (quring handles qcow2)").into());
     }
-    let img = open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    let img = open_ro(&a.image, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let v = info_json(&img, &a.image)?;
     match a.output.as_str() {
         "json" => println!("{}", serde_json::to_string_pretty(&v)?),

@@ -40,7 +40,7 @@ fn mergeable(a: &Entry, b: &Entry) -> bool {
 }
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    let img = open_ro(&a.image).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    let img = open_ro(&a.image, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let json = match a.output.as_str() {
         "json" => true,
         "human" => false,

@@ -47,9 +47,9 @@ pub fn parse_opts(list: &[String]) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Opens an image read-only for inspection tools.
-pub fn open_ro(path: &Path) -> quring::Result<Arc<Image>> {
-    Image::open(path, &Options { read_only: true, ..Options::default() })
+/// Opens an image read-only for inspection tools (`force_share`: qemu-img's -U).
+pub fn open_ro(path: &Path, force_share: bool) -> quring::Result<Arc<Image>> {
+    Image::open(path, &Options { read_only: true, force_share, ..Options::default() })
 }
 
 /// Formats a byte count like qemu-img ("4 MiB", "1.5 GiB", "324 KiB").
