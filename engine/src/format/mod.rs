@@ -9,6 +9,7 @@ pub mod geometry;
 pub mod header;
 pub mod l1;
 pub mod l2;
+pub mod layout;
 pub mod refcount;
 pub mod snapshot;
 pub mod types;
