@@ -127,20 +127,14 @@ fn invalid(msg: impl Into<String>) -> Error {
 pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
     let cs = o.cluster_size;
     if !(512..=(2 << 20)).contains(&cs) || !cs.is_power_of_two() {
-        return Err(invalid(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
+        return Err(invalid("Cluster size must be a power of two between 512 and 2048k"));
     }
     let cluster_bits = cs.trailing_zeros();
     if o.extended_l2 && cs < 16384 {
-        return Err(invalid(
-            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-        ));
+        return Err(invalid("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"));
     }
     if o.refcount_bits == 0 || o.refcount_bits > 64 || !o.refcount_bits.is_power_of_two() {
-        return Err(invalid(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
+        return Err(invalid("Refcount width must be a power of two and may not exceed 64 bits"));
     }
     if o.compat_v2 {
         if o.refcount_bits != 16 {
@@ -170,9 +164,7 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
         }
     }
     if o.backing_fmt.is_some() && o.backing_file.is_none() {
-        return Err(invalid(
-            "Backing format cannot be used without backing file",
-        ));
+        return Err(invalid("Backing format cannot be used without backing file"));
     }
     if let Some(b) = &o.backing_file {
         if b.is_empty() {
@@ -195,29 +187,13 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
     {
         return Err(invalid("Backing format must not be empty"));
     }
-    let size = o
-        .size
-        .checked_next_multiple_of(512)
-        .filter(|&s| s <= MAX_IMAGE_LENGTH)
-        .ok_or_else(|| {
-            invalid(format!(
-                "Could not resize image: offset({}) exceeds maximum({MAX_IMAGE_LENGTH})",
-                o.size
-            ))
-        })?;
-    let g = Geometry::new(
-        cluster_bits,
-        o.extended_l2,
-        o.refcount_bits.trailing_zeros(),
-    )?;
-    let l1_entries = g
-        .l1_entries_for(size)
-        .filter(|&n| n <= MAX_L1_BYTES / 8)
-        .ok_or_else(|| {
-            invalid(
-                "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
-            )
-        })?;
+    let size = o.size.checked_next_multiple_of(512).filter(|&s| s <= MAX_IMAGE_LENGTH).ok_or_else(|| {
+        invalid(format!("Could not resize image: offset({}) exceeds maximum({MAX_IMAGE_LENGTH})", o.size))
+    })?;
+    let g = Geometry::new(cluster_bits, o.extended_l2, o.refcount_bits.trailing_zeros())?;
+    let l1_entries = g.l1_entries_for(size).filter(|&n| n <= MAX_L1_BYTES / 8).ok_or_else(|| {
+        invalid("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+    })?;
     if o.preallocation != Preallocation::Off {
         // L2 tables alone; refcount blocks are checked as they are created.
         let l2_bytes = l1_entries.saturating_mul(cs);
@@ -469,11 +445,7 @@ impl Sim {
                 return fail("internal: refcount block missing");
             };
             let r = refcount::get(b, bi, order);
-            let n = if decrease {
-                r.checked_sub(1)
-            } else {
-                r.checked_add(1).filter(|&n| n <= max)
-            };
+            let n = if decrease { r.checked_sub(1) } else { r.checked_add(1).filter(|&n| n <= max) };
             let Some(n) = n else {
                 return fail(format!("internal: refcount of cluster {ci} out of range"));
             };
@@ -518,9 +490,7 @@ impl Sim {
             return Err(SimErr::Again);
         }
         let rb_entries = 1u64 << self.rb_bits;
-        let blocks_used = (ci + 1)
-            .max((new_block >> self.cb) + 1)
-            .div_ceil(rb_entries);
+        let blocks_used = (ci + 1).max((new_block >> self.cb) + 1).div_ceil(rb_entries);
         let meta_offset = blocks_used
             .checked_mul(rb_entries)
             .and_then(|v| v.checked_mul(self.cs))
@@ -571,11 +541,7 @@ impl Sim {
             return fail("Could not resize image: File too large (refcount table)");
         }
         let area_idx = (start / cs) >> self.rb_bits;
-        let mut table_size = if exact {
-            total
-        } else {
-            total + total.div_ceil(2)
-        };
+        let mut table_size = if exact { total } else { total + total.div_ceil(2) };
         table_size = table_size.next_multiple_of(cs / 8);
         let table_clusters = table_size * 8 / cs;
         if table_size > MAX_REFTABLE_SIZE {
@@ -583,11 +549,7 @@ impl Sim {
         }
         self.charge(table_size * 8)?;
         let mut table = vec![0u64; table_size as usize];
-        let keep = if table_size > self.max_rt_index {
-            self.max_rt_index + 1
-        } else {
-            table_size
-        } as usize;
+        let keep = if table_size > self.max_rt_index { self.max_rt_index + 1 } else { table_size } as usize;
         let keep = keep.min(self.reftable.len());
         table[..keep].copy_from_slice(&self.reftable[..keep]);
         if new_off != 0 {
@@ -596,9 +558,7 @@ impl Sim {
             }
             table[new_idx as usize] = new_off;
         }
-        let missing = (area_idx..total)
-            .filter(|&i| table[i as usize] == 0)
-            .count() as u64;
+        let missing = (area_idx..total).filter(|&i| table[i as usize] == 0).count() as u64;
         let table_offset = start + missing * cs;
         let end_offset = table_offset + table_clusters * cs;
         self.charge(missing * cs)?;
@@ -616,11 +576,7 @@ impl Sim {
             };
             let first = i * rb_entries * cs;
             if first < end_offset {
-                let j0 = if first < start {
-                    (start - first) / cs
-                } else {
-                    0
-                };
+                let j0 = if first < start { (start - first) / cs } else { 0 };
                 let j1 = ((end_offset - first) / cs).min(rb_entries);
                 let order = self.g.refcount_order;
                 let Some(b) = self.blocks.get_mut(&off) else {
@@ -746,10 +702,7 @@ impl Sim {
                 self.l2_table(start)?;
                 // handle_alloc
                 let l2_index = (start >> self.cb) & (self.g.l2_entries() - 1);
-                let nb = remaining
-                    .div_ceil(cs)
-                    .min(self.g.l2_entries() - l2_index)
-                    .min(REQUEST_MAX_BYTES >> self.cb);
+                let nb = remaining.div_ceil(cs).min(self.g.l2_entries() - l2_index).min(REQUEST_MAX_BYTES >> self.cb);
                 let (host, nb) = match cont {
                     None => (self.alloc_clusters(nb * cs)?, nb),
                     Some(c) => (c, self.alloc_clusters_at(c, nb)?),
@@ -861,12 +814,7 @@ impl Sim {
             let at = writes.partition_point(|(o, _)| *o < off);
             writes.insert(at, (off, vec![0u8; len as usize]));
         }
-        Ok(CreatePlan {
-            writes,
-            file_len: self.file_end,
-            data_ranges: self.data_ranges,
-            header,
-        })
+        Ok(CreatePlan { writes, file_len: self.file_end, data_ranges: self.data_ranges, header })
     }
 }
 
@@ -958,11 +906,7 @@ mod tests {
         let plan = plan_create(o).unwrap_or_else(|e| panic!("{o:?}: {e}"));
         write_plan(&plan, &ours, o.preallocation);
         qemu_create(o, &theirs);
-        Pair {
-            _dir: dir,
-            ours,
-            theirs,
-        }
+        Pair { _dir: dir, ours, theirs }
     }
 
     fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
@@ -974,11 +918,7 @@ mod tests {
         let a = std::fs::read(&p.ours).unwrap();
         let b = std::fs::read(&p.theirs).unwrap();
         if let Some(i) = first_diff(&a, &b) {
-            panic!(
-                "{o:?}: differs from qemu-img at {i:#x} (ours {} bytes, qemu {} bytes)",
-                a.len(),
-                b.len()
-            );
+            panic!("{o:?}: differs from qemu-img at {i:#x} (ours {} bytes, qemu {} bytes)", a.len(), b.len());
         }
         check_clean(&p.ours);
     }
@@ -989,29 +929,18 @@ mod tests {
             r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
             path.display()
         );
-        let out = Command::new("qemu-img")
-            .args(["check", "-q", &spec])
-            .output()
-            .unwrap();
+        let out = Command::new("qemu-img").args(["check", "-q", &spec]).output().unwrap();
         assert!(out.status.success(), "qemu-img check {path:?}: {out:?}");
     }
 
     fn json(args: &[&str], path: &Path) -> serde_json::Value {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .arg("--output=json")
-            .arg(path)
-            .output()
-            .unwrap();
+        let out = Command::new("qemu-img").args(args).arg("--output=json").arg(path).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     fn opts(size: u64) -> CreateOptions {
-        CreateOptions {
-            size,
-            ..Default::default()
-        }
+        CreateOptions { size, ..Default::default() }
     }
 
     #[test]
@@ -1021,10 +950,7 @@ mod tests {
         }
         for cs in [512u64, 4096, 65536, 2 << 20] {
             for size in [0u64, 1 << 20, 1 << 30, 100 << 30, 1 << 40, 1000] {
-                let o = CreateOptions {
-                    cluster_size: cs,
-                    ..opts(size)
-                };
+                let o = CreateOptions { cluster_size: cs, ..opts(size) };
                 if plan_create(&o).is_err() {
                     // 512-byte clusters cannot describe 1 TiB; qemu-img refuses too.
                     assert!(cs == 512 && size == 1 << 40, "{o:?}");
@@ -1041,17 +967,8 @@ mod tests {
             return;
         }
         for bits in [1u32, 2, 4, 8, 16, 32, 64] {
-            for (cs, size) in [
-                (65536u64, 1u64 << 30),
-                (512, 1 << 30),
-                (512, 16 << 30),
-                (4096, 100 << 30),
-            ] {
-                assert_identical(&CreateOptions {
-                    refcount_bits: bits,
-                    cluster_size: cs,
-                    ..opts(size)
-                });
+            for (cs, size) in [(65536u64, 1u64 << 30), (512, 1 << 30), (512, 16 << 30), (4096, 100 << 30)] {
+                assert_identical(&CreateOptions { refcount_bits: bits, cluster_size: cs, ..opts(size) });
             }
         }
     }
@@ -1063,38 +980,13 @@ mod tests {
         }
         let base = opts(10 << 30);
         let cases = vec![
-            CreateOptions {
-                extended_l2: true,
-                ..base.clone()
-            },
-            CreateOptions {
-                extended_l2: true,
-                cluster_size: 16384,
-                ..base.clone()
-            },
-            CreateOptions {
-                extended_l2: true,
-                cluster_size: 2 << 20,
-                refcount_bits: 1,
-                ..base.clone()
-            },
-            CreateOptions {
-                lazy_refcounts: true,
-                ..base.clone()
-            },
-            CreateOptions {
-                compat_v2: true,
-                ..base.clone()
-            },
-            CreateOptions {
-                compat_v2: true,
-                cluster_size: 512,
-                ..base.clone()
-            },
-            CreateOptions {
-                compression: CompressionType::Zstd,
-                ..base.clone()
-            },
+            CreateOptions { extended_l2: true, ..base.clone() },
+            CreateOptions { extended_l2: true, cluster_size: 16384, ..base.clone() },
+            CreateOptions { extended_l2: true, cluster_size: 2 << 20, refcount_bits: 1, ..base.clone() },
+            CreateOptions { lazy_refcounts: true, ..base.clone() },
+            CreateOptions { compat_v2: true, ..base.clone() },
+            CreateOptions { compat_v2: true, cluster_size: 512, ..base.clone() },
+            CreateOptions { compression: CompressionType::Zstd, ..base.clone() },
             CreateOptions {
                 backing_file: Some("base.qcow2".into()),
                 backing_fmt: Some("qcow2".into()),
@@ -1128,10 +1020,7 @@ mod tests {
         if !have_qemu() {
             return;
         }
-        let o = CreateOptions {
-            backing_file: Some("/some/base.raw".into()),
-            ..opts(10 << 30)
-        };
+        let o = CreateOptions { backing_file: Some("/some/base.raw".into()), ..opts(10 << 30) };
         let p = plan_create(&o).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.qcow2");
@@ -1140,11 +1029,7 @@ mod tests {
         let info = json(&["info", "-U"], &path);
         assert_eq!(info["backing-filename"], "/some/base.raw");
         assert!(info.get("backing-filename-format").is_none(), "{info}");
-        let with_fmt = plan_create(&CreateOptions {
-            backing_fmt: Some("raw".into()),
-            ..o.clone()
-        })
-        .unwrap();
+        let with_fmt = plan_create(&CreateOptions { backing_fmt: Some("raw".into()), ..o.clone() }).unwrap();
         assert_eq!(p.writes[1..], with_fmt.writes[1..]);
         assert_eq!(p.file_len, with_fmt.file_len);
     }
@@ -1169,10 +1054,7 @@ mod tests {
         let (ma, mb) = (json(&["map"], &p.ours), json(&["map"], &p.theirs));
         assert_eq!(ma, mb, "{o:?}: qemu-img map");
         if !o.extended_l2 && o.size > 0 {
-            assert!(
-                ma.as_array().unwrap().iter().all(|e| e["data"] == true),
-                "{o:?}: {ma}"
-            );
+            assert!(ma.as_array().unwrap().iter().all(|e| e["data"] == true), "{o:?}: {ma}");
         }
     }
 
@@ -1181,11 +1063,7 @@ mod tests {
         if !have_qemu() {
             return;
         }
-        for mode in [
-            Preallocation::Metadata,
-            Preallocation::Falloc,
-            Preallocation::Full,
-        ] {
+        for mode in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
             for (cs, size, bits, ext) in [
                 (65536u64, 0u64, 16u32, false),
                 (65536, 1000000, 16, false),
@@ -1198,11 +1076,7 @@ mod tests {
                 (512, 64 << 20, 16, false),
             ] {
                 // Full writes every data byte: keep it small.
-                let size = if mode == Preallocation::Full {
-                    size.min(64 << 20)
-                } else {
-                    size
-                };
+                let size = if mode == Preallocation::Full { size.min(64 << 20) } else { size };
                 let o = CreateOptions {
                     cluster_size: cs,
                     refcount_bits: bits,
@@ -1234,143 +1108,32 @@ mod tests {
     #[test]
     fn refuses_bad_options() {
         let cases: Vec<(CreateOptions, &str)> = vec![
+            (CreateOptions { cluster_size: 1000, ..opts(1) }, "power of two between 512"),
+            (CreateOptions { cluster_size: 256, ..opts(1) }, "power of two between 512"),
+            (CreateOptions { cluster_size: 4 << 20, ..opts(1) }, "power of two between 512"),
+            (CreateOptions { refcount_bits: 3, ..opts(1) }, "Refcount width"),
+            (CreateOptions { refcount_bits: 0, ..opts(1) }, "Refcount width"),
+            (CreateOptions { refcount_bits: 128, ..opts(1) }, "Refcount width"),
+            (CreateOptions { extended_l2: true, cluster_size: 8192, ..opts(1) }, "at least 16384"),
+            (CreateOptions { compat_v2: true, extended_l2: true, ..opts(1) }, "compatibility level 1.1"),
+            (CreateOptions { compat_v2: true, lazy_refcounts: true, ..opts(1) }, "Lazy refcounts"),
+            (CreateOptions { compat_v2: true, refcount_bits: 8, ..opts(1) }, "refcount widths"),
+            (CreateOptions { compat_v2: true, compression: CompressionType::Zstd, ..opts(1) }, "Non-zlib"),
+            (CreateOptions { compat_v2: true, l2_less: true, ..opts(1) }, "L2-less"),
+            (CreateOptions { backing_fmt: Some("raw".into()), ..opts(1) }, "without backing file"),
             (
-                CreateOptions {
-                    cluster_size: 1000,
-                    ..opts(1)
-                },
-                "power of two between 512",
-            ),
-            (
-                CreateOptions {
-                    cluster_size: 256,
-                    ..opts(1)
-                },
-                "power of two between 512",
-            ),
-            (
-                CreateOptions {
-                    cluster_size: 4 << 20,
-                    ..opts(1)
-                },
-                "power of two between 512",
-            ),
-            (
-                CreateOptions {
-                    refcount_bits: 3,
-                    ..opts(1)
-                },
-                "Refcount width",
-            ),
-            (
-                CreateOptions {
-                    refcount_bits: 0,
-                    ..opts(1)
-                },
-                "Refcount width",
-            ),
-            (
-                CreateOptions {
-                    refcount_bits: 128,
-                    ..opts(1)
-                },
-                "Refcount width",
-            ),
-            (
-                CreateOptions {
-                    extended_l2: true,
-                    cluster_size: 8192,
-                    ..opts(1)
-                },
-                "at least 16384",
-            ),
-            (
-                CreateOptions {
-                    compat_v2: true,
-                    extended_l2: true,
-                    ..opts(1)
-                },
-                "compatibility level 1.1",
-            ),
-            (
-                CreateOptions {
-                    compat_v2: true,
-                    lazy_refcounts: true,
-                    ..opts(1)
-                },
-                "Lazy refcounts",
-            ),
-            (
-                CreateOptions {
-                    compat_v2: true,
-                    refcount_bits: 8,
-                    ..opts(1)
-                },
-                "refcount widths",
-            ),
-            (
-                CreateOptions {
-                    compat_v2: true,
-                    compression: CompressionType::Zstd,
-                    ..opts(1)
-                },
-                "Non-zlib",
-            ),
-            (
-                CreateOptions {
-                    compat_v2: true,
-                    l2_less: true,
-                    ..opts(1)
-                },
-                "L2-less",
-            ),
-            (
-                CreateOptions {
-                    backing_fmt: Some("raw".into()),
-                    ..opts(1)
-                },
-                "without backing file",
-            ),
-            (
-                CreateOptions {
-                    backing_file: Some("b".into()),
-                    preallocation: Preallocation::Metadata,
-                    ..opts(1)
-                },
+                CreateOptions { backing_file: Some("b".into()), preallocation: Preallocation::Metadata, ..opts(1) },
                 "extended_l2",
             ),
+            (CreateOptions { backing_file: Some("x".repeat(1024)), ..opts(1) }, "longer"),
             (
-                CreateOptions {
-                    backing_file: Some("x".repeat(1024)),
-                    ..opts(1)
-                },
-                "longer",
-            ),
-            (
-                CreateOptions {
-                    backing_file: Some("x".repeat(600)),
-                    cluster_size: 512,
-                    ..opts(1)
-                },
+                CreateOptions { backing_file: Some("x".repeat(600)), cluster_size: 512, ..opts(1) },
                 "more than one cluster",
             ),
-            (
-                CreateOptions {
-                    cluster_size: 512,
-                    ..opts(1 << 62)
-                },
-                "too large",
-            ),
+            (CreateOptions { cluster_size: 512, ..opts(1 << 62) }, "too large"),
             (CreateOptions { ..opts(u64::MAX) }, "exceeds maximum"),
             (CreateOptions { ..opts(1 << 63) }, "exceeds maximum"),
-            (
-                CreateOptions {
-                    cluster_size: 2 << 20,
-                    preallocation: Preallocation::Metadata,
-                    ..opts(1 << 60)
-                },
-                "limit",
-            ),
+            (CreateOptions { cluster_size: 2 << 20, preallocation: Preallocation::Metadata, ..opts(1 << 60) }, "limit"),
         ];
         for (o, want) in cases {
             let e = plan_create(&o).unwrap_err().to_string();
@@ -1380,11 +1143,7 @@ mod tests {
 
     #[test]
     fn l2_less_sets_bit_and_name() {
-        let p = plan_create(&CreateOptions {
-            l2_less: true,
-            ..opts(1 << 30)
-        })
-        .unwrap();
+        let p = plan_create(&CreateOptions { l2_less: true, ..opts(1 << 30) }).unwrap();
         assert_ne!(p.header.incompatible_features & feature::INCOMPAT_L2LESS, 0);
         let t = p.header.feature_table().unwrap();
         assert!(t.iter().any(|f| f.bit == 61 && f.name.contains("l2-less")));
@@ -1408,29 +1167,23 @@ mod tests {
             any::<bool>(),
             prop_oneof![0u64..(1 << 20), 0u64..(1 << 34), any::<u64>()],
         )
-            .prop_map(|(cb, order, ext, lazy, v2, pre, zstd, backing, size)| {
-                CreateOptions {
-                    size,
-                    cluster_size: 1 << cb,
-                    extended_l2: ext,
-                    refcount_bits: 1 << order,
-                    lazy_refcounts: lazy,
-                    compat_v2: v2,
-                    preallocation: [
-                        Preallocation::Off,
-                        Preallocation::Metadata,
-                        Preallocation::Falloc,
-                        Preallocation::Full,
-                    ][pre as usize],
-                    backing_file: backing.then(|| "base.img".to_string()),
-                    backing_fmt: None,
-                    compression: if zstd {
-                        CompressionType::Zstd
-                    } else {
-                        CompressionType::Deflate
-                    },
-                    l2_less: false,
-                }
+            .prop_map(|(cb, order, ext, lazy, v2, pre, zstd, backing, size)| CreateOptions {
+                size,
+                cluster_size: 1 << cb,
+                extended_l2: ext,
+                refcount_bits: 1 << order,
+                lazy_refcounts: lazy,
+                compat_v2: v2,
+                preallocation: [
+                    Preallocation::Off,
+                    Preallocation::Metadata,
+                    Preallocation::Falloc,
+                    Preallocation::Full,
+                ][pre as usize],
+                backing_file: backing.then(|| "base.img".to_string()),
+                backing_fmt: None,
+                compression: if zstd { CompressionType::Zstd } else { CompressionType::Deflate },
+                l2_less: false,
             })
     }
 

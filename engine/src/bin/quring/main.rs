@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod convert;
+mod create;
 mod info;
 mod io_cmd;
 mod map;
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create a new image (like `qemu-img create`).
+    Create(create::Args),
     /// Check an image for consistency (like `qemu-img check`).
     Check(check::Args),
     /// Show information about an image (like `qemu-img info`).
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Check(a) => check::run(a),
+        Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Convert(a) => convert::run(a),

@@ -1,0 +1,153 @@
+//! `quring create`: new qcow2 images laid out exactly as `qemu-img create` does.
+
+use crate::util::{parse_opts, parse_size};
+use clap::Parser;
+use quring::format::header::CompressionType;
+use quring::format::layout::{CreateOptions, Preallocation};
+use std::path::PathBuf;
+
+/// Arguments of `quring create`.
+#[derive(Parser)]
+pub struct Args {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', default_value = "qcow2")]
+    format: String,
+    /// Options: cluster_size=,extended_l2=on|off,refcount_bits=,lazy_refcounts=on|off,
+    /// compat=0.10|1.1,preallocation=off|metadata|falloc|full,backing_file=,backing_fmt=,
+    /// compression_type=zlib|zstd,l2_less=on|off
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Backing file.
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Do not open the backing file (the size must then be given).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The new image.
+    image: PathBuf,
+    /// Virtual size (k, M, G, T suffixes); defaults to the backing file's size.
+    size: Option<String>,
+}
+
+fn on_off(k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+    }
+}
+
+pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
+    if a.format != "qcow2" {
+        return Err(format!("unsupported format '{}' (quring creates qcow2)", a.format).into());
+    }
+    let mut o = CreateOptions::default();
+    let mut compat_set = None;
+    for (k, v) in parse_opts(&a.options)? {
+        match k.as_str() {
+            "cluster_size" => o.cluster_size = parse_size(&v)?,
+            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
+            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
+            "compat" => {
+                compat_set = Some(match v.as_str() {
+                    "0.10" | "v2" => true,
+                    "1.1" | "v3" => false,
+                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
+                })
+            }
+            "preallocation" => {
+                o.preallocation = match v.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
+                }
+            }
+            "backing_file" => o.backing_file = Some(v),
+            "backing_fmt" => o.backing_fmt = Some(v),
+            "compression_type" => {
+                o.compression = match v.as_str() {
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err(format!("Invalid compression type '{v}'").into()),
+                }
+            }
+            "l2_less" => o.l2_less = on_off(&k, &v)?,
+            other => return Err(format!("Invalid parameter '{other}'").into()),
+        }
+    }
+    if let Some(v2) = compat_set {
+        o.compat_v2 = v2;
+    }
+    if let Some(b) = a.backing {
+        o.backing_file = Some(b);
+    }
+    if let Some(f) = a.backing_fmt {
+        o.backing_fmt = Some(f);
+    }
+    if o.backing_file.is_some() && o.backing_fmt.is_none() {
+        return Err("Backing file specified without backing format".into());
+    }
+    o.size = match &a.size {
+        Some(s) => parse_size(s)?,
+        None => {
+            let Some(b) = &o.backing_file else {
+                return Err("Image creation needs a size parameter".into());
+            };
+            if a.unsafe_backing {
+                return Err("Image creation needs a size parameter".into());
+            }
+            backing_size(&a.image, b, o.backing_fmt.as_deref().unwrap_or("raw"))?
+        }
+    };
+    if o.backing_file.is_some() && !a.unsafe_backing {
+        let b = o.backing_file.clone().unwrap();
+        backing_size(&a.image, &b, o.backing_fmt.as_deref().unwrap_or("raw"))?;
+    }
+    if !a.quiet {
+        let mut line = format!("Formatting '{}', fmt=qcow2 cluster_size={}", a.image.display(), o.cluster_size);
+        if !o.compat_v2 {
+            line += &format!(" extended_l2={}", if o.extended_l2 { "on" } else { "off" });
+        }
+        line += &format!(" compression_type={}", o.compression.name());
+        line += &format!(" size={}", o.size.div_ceil(512) * 512);
+        if let Some(b) = &o.backing_file {
+            line += &format!(" backing_file={b}");
+        }
+        if let Some(f) = &o.backing_fmt {
+            line += &format!(" backing_fmt={f}");
+        }
+        if o.preallocation != Preallocation::Off {
+            line += &format!(" preallocation={}", o.preallocation.name());
+        }
+        line += &format!(
+            " lazy_refcounts={} refcount_bits={}",
+            if o.lazy_refcounts { "on" } else { "off" },
+            o.refcount_bits
+        );
+        println!("{line}");
+    }
+    quring::image::create(&a.image, &o, true)?;
+    Ok(0)
+}
+
+fn backing_size(image: &std::path::Path, name: &str, fmt: &str) -> Result<u64, Box<dyn std::error::Error>> {
+    let path = quring::image::resolve_backing_path(image, name);
+    match fmt {
+        "raw" => Ok(std::fs::metadata(&path)
+            .map_err(|e| format!("Could not open backing file '{}': {e}", path.display()))?
+            .len()),
+        "qcow2" => Ok(crate::util::open_ro(&path, true)
+            .map_err(|e| format!("Could not open backing file '{}': {e}", path.display()))?
+            .size()),
+        f => Err(format!("Unknown backing format '{f}'").into()),
+    }
+}
