@@ -45,20 +45,35 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         return Err(format!("unsupported source format '{f}'").into());
     }
     let img = open_ro(&a.src, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
-    match a.out_format.as_str() {
-        "raw" => {}
+    let size = img.size();
+    let mut sink = match a.out_format.as_str() {
+        "raw" => {
+            if !a.options.is_empty() {
+                return Err("-o is only supported with -O qcow2".into());
+            }
+            Sink::Raw(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&a.dst)
+                    .map_err(|e| format!("Could not create '{}': {e}", a.dst.display()))?,
+            )
+        }
         "qcow2" => {
-            return Err("convert -O qcow2 needs the write path, which is not implemented yet".into());
+            let mut o = quring::format::layout::CreateOptions::default();
+            crate::create::apply_opts(&mut o, &a.options)?;
+            if o.backing_file.is_some() {
+                return Err("convert does not take a backing file for the output".into());
+            }
+            o.size = size;
+            quring::image::create(&a.dst, &o, true)?;
+            let out = quring::image::Image::open(&a.dst, &quring::image::Options::default())?;
+            let q = Queue::new(&out, &QueueOptions::default())?;
+            Sink::Qcow2(out, q)
         }
         o => return Err(format!("Unknown output format '{o}' (use raw or qcow2)").into()),
-    }
-    let size = img.size();
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&a.dst)
-        .map_err(|e| format!("Could not create '{}': {e}", a.dst.display()))?;
+    };
     let pb = if a.progress || std::io::stderr().is_terminal() {
         let pb = ProgressBar::new(size);
         pb.set_style(
@@ -101,8 +116,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             }
             let b = &bufs[slot];
             if b.iter().any(|&x| x != 0) {
-                out.write_all_at(b, offsets[slot])
-                    .map_err(|e| format!("error while writing '{}': {e}", a.dst.display()))?;
+                sink.write(b, offsets[slot]).map_err(|e| format!("error while writing '{}': {e}", a.dst.display()))?;
             }
             if let Some(pb) = &pb {
                 pb.inc(b.len() as u64);
@@ -111,10 +125,40 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             free.push(slot);
         }
     }
-    out.set_len(size)?;
-    out.sync_all()?;
+    sink.finish(size)?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
     Ok(0)
+}
+
+/// Where converted data goes.
+enum Sink {
+    Raw(std::fs::File),
+    Qcow2(std::sync::Arc<quring::image::Image>, Queue),
+}
+
+impl Sink {
+    fn write(&mut self, b: &[u8], off: u64) -> Result<(), Box<dyn std::error::Error>> {
+        match self {
+            Sink::Raw(f) => f.write_all_at(b, off)?,
+            Sink::Qcow2(_, q) => q.write_at(b, off)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self, size: u64) -> Result<(), Box<dyn std::error::Error>> {
+        match self {
+            Sink::Raw(f) => {
+                f.set_len(size)?;
+                f.sync_all()?;
+            }
+            Sink::Qcow2(img, mut q) => {
+                q.flush()?;
+                drop(q);
+                img.close()?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -48,45 +48,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         return Err(format!("unsupported format '{}' (quring creates qcow2)", a.format).into());
     }
     let mut o = CreateOptions::default();
-    let mut compat_set = None;
-    for (k, v) in parse_opts(&a.options)? {
-        match k.as_str() {
-            "cluster_size" => o.cluster_size = parse_size(&v)?,
-            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
-            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
-            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
-            "compat" => {
-                compat_set = Some(match v.as_str() {
-                    "0.10" | "v2" => true,
-                    "1.1" | "v3" => false,
-                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
-                })
-            }
-            "preallocation" => {
-                o.preallocation = match v.as_str() {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
-                }
-            }
-            "backing_file" => o.backing_file = Some(v),
-            "backing_fmt" => o.backing_fmt = Some(v),
-            "compression_type" => {
-                o.compression = match v.as_str() {
-                    "zlib" => CompressionType::Deflate,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(format!("Invalid compression type '{v}'").into()),
-                }
-            }
-            "l2_less" => o.l2_less = on_off(&k, &v)?,
-            other => return Err(format!("Invalid parameter '{other}'").into()),
-        }
-    }
-    if let Some(v2) = compat_set {
-        o.compat_v2 = v2;
-    }
+    apply_opts(&mut o, &a.options)?;
     if let Some(b) = a.backing {
         o.backing_file = Some(b);
     }
@@ -150,4 +112,48 @@ fn backing_size(image: &std::path::Path, name: &str, fmt: &str) -> Result<u64, B
             .size()),
         f => Err(format!("Unknown backing format '{f}'").into()),
     }
+}
+
+/// Applies qemu-img style `-o` options to `o`.
+pub fn apply_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut compat_set = None;
+    for (k, v) in parse_opts(list)? {
+        match k.as_str() {
+            "cluster_size" => o.cluster_size = parse_size(&v)?,
+            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
+            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
+            "compat" => {
+                compat_set = Some(match v.as_str() {
+                    "0.10" | "v2" => true,
+                    "1.1" | "v3" => false,
+                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
+                })
+            }
+            "preallocation" => {
+                o.preallocation = match v.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
+                }
+            }
+            "backing_file" => o.backing_file = Some(v),
+            "backing_fmt" => o.backing_fmt = Some(v),
+            "compression_type" => {
+                o.compression = match v.as_str() {
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err(format!("Invalid compression type '{v}'").into()),
+                }
+            }
+            "l2_less" => o.l2_less = on_off(&k, &v)?,
+            other => return Err(format!("Invalid parameter '{other}'").into()),
+        }
+    }
+    if let Some(v2) = compat_set {
+        o.compat_v2 = v2;
+    }
+    Ok(())
 }
