@@ -136,6 +136,10 @@ pub struct Image {
     pub(crate) cache_mode: CacheMode,
     /// QEMU-compatible image lock, held while open.
     _lock: ImageLock,
+    /// Host clusters that an allocation job is filling in place (subclusters of an owned
+    /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
+    /// two copy-on-write fills never overwrite each other's data.
+    pub(crate) fill_busy: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -287,6 +291,7 @@ impl Image {
             writes_in_flight: AtomicU64::new(0),
             cache_mode: opts.cache,
             _lock: lock,
+            fill_busy: Mutex::new(std::collections::HashSet::new()),
             header: Mutex::new(header),
         }))
     }

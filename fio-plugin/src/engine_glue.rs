@@ -4,8 +4,7 @@
 //! Switching engines is the one `use ... as engine;` line: the stub serves raw files
 //! synchronously; `quring` serves qcow2 images on io_uring.
 
-use crate::stub_engine as engine;
-// use quring as engine;
+use quring as engine;
 
 use engine::image::{CacheMode, Image, Options};
 use engine::queue::{Completion, Op, Queue, QueueOptions, Request};
@@ -61,6 +60,7 @@ impl SharedImage {
             l2_cache_size: cfg.l2_cache_size,
             refcount_cache_size: cfg.refcount_cache_size,
             force_share: cfg.force_share,
+            ..Options::default()
         };
         Image::open(path, &opts).map(SharedImage).map_err(GlueError::from_engine)
     }

@@ -18,7 +18,6 @@
 pub mod abi;
 mod engine_glue;
 pub mod options;
-pub mod stub_engine;
 
 use abi::*;
 use engine_glue::{Done, GlueError, ImageConfig, IoKind, JobQueue, QueueConfig, SharedImage, SubmitError};

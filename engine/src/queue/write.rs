@@ -379,6 +379,18 @@ impl Queue {
                 );
             }
         }
+        if !fresh {
+            // Only one in-place fill per host cluster at a time (see Image::fill_busy).
+            let hc = host >> g.cluster_bits;
+            let claimed = match img.fill_busy.try_lock() {
+                Ok(mut set) => set.insert(hc),
+                Err(_) => false,
+            };
+            if !claimed {
+                img.l2_cache.unpin(slot);
+                return Ok(Started::NeedLock);
+            }
+        }
         if fresh {
             match self.take_cluster() {
                 Ok(Some(c)) => host = c << g.cluster_bits,
@@ -427,6 +439,9 @@ impl Queue {
             detail: None,
         });
         self.reqs[id].pending += 1;
+        // Hold the job open while its fill reads start: a read that completes at once must
+        // not start the write before the others are issued.
+        self.jobs[job].reads_pending = 1;
         if !zero_source {
             for (a, bnd) in fills {
                 let j = &mut self.jobs[job];
@@ -439,9 +454,7 @@ impl Queue {
                 self.drive_read(rid);
             }
         }
-        if self.jobs.get(job).is_some_and(|j| j.reads_pending == 0) {
-            self.job_write(job);
-        }
+        self.job_read_done(job, 0, None);
         Ok(Started::Yes)
     }
 
@@ -545,6 +558,9 @@ impl Queue {
         let j = self.jobs.remove(job);
         let img = self.image.clone();
         img.l2_cache.unpin(j.slot);
+        if !j.fresh {
+            img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&(j.host >> img.geo.cluster_bits));
+        }
         let id = j.req;
         if j.error != 0 {
             if j.fresh {
