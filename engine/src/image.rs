@@ -218,7 +218,14 @@ impl Image {
             None => geo.cluster_size().min(4096),
         };
         let whole = geo.clusters_for(header.size).saturating_mul(geo.l2_entry_size());
-        let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| whole.clamp(entry_size, DEFAULT_L2_CACHE_MAX));
+        // Default: room for every L2 slice of the image (twice over, since the cache is
+        // set-associative), at most 32 MiB.
+        let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
+            whole
+                .saturating_mul(2)
+                .saturating_add(crate::meta::cache::WAYS as u64 * entry_size)
+                .clamp(entry_size, DEFAULT_L2_CACHE_MAX)
+        });
         let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);
         let slice_entries = entry_size / geo.l2_entry_size();
 

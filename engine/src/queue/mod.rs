@@ -167,6 +167,8 @@ pub struct Queue {
     pub(crate) local_frees: Vec<(u64, u64)>,
     /// A cluster of zeros (zero writes that cannot use the zero flag).
     pub(crate) zeros: AlignedBuf,
+    /// Reused buffer for completions taken from the ring.
+    pub(crate) cqe_buf: Vec<(u64, i32)>,
 }
 
 impl Queue {
@@ -201,6 +203,7 @@ impl Queue {
             job_parked: Vec::new(),
             local_frees: Vec::new(),
             zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
+            cqe_buf: Vec::with_capacity(256),
         })
     }
 
@@ -389,16 +392,13 @@ impl Queue {
     }
 
     fn process_cqes(&mut self) {
-        let mut batch: Vec<(u64, i32)> = Vec::new();
-        {
-            let cq = self.ring.completion();
-            for cqe in cq {
-                batch.push((cqe.user_data(), cqe.result()));
-            }
-        }
-        for (ud, res) in batch {
+        let mut batch = std::mem::take(&mut self.cqe_buf);
+        batch.clear();
+        batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(ud, res) in &batch {
             self.complete_io(ud as usize, res);
         }
+        self.cqe_buf = batch;
     }
 
     fn complete_io(&mut self, io: usize, res: i32) {

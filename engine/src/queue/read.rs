@@ -24,20 +24,21 @@ enum Piece {
     Miss { layer: Arc<Image>, key: u64 },
 }
 
-/// Translates `len` bytes at `off` through the chain starting at `top`.
+/// Translates `len` bytes at `off` through the chain starting at `top` (no reference
+/// counting on the hit path: layers are borrowed, and only cloned for the rare pieces that
+/// must keep one).
+#[inline]
 fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
-    let mut layer = top.clone();
+    let mut layer: &Arc<Image> = top;
     let mut len = len;
     loop {
         if off >= layer.size {
             return Ok(Piece::Zero { len });
         }
         match layer.lookup(GuestOffset(off), len)? {
-            Lookup::Miss { key } => return Ok(Piece::Miss { layer, key }),
+            Lookup::Miss { key } => return Ok(Piece::Miss { layer: layer.clone(), key }),
             Lookup::Mapped { extent, len: n } => match extent {
-                Extent::Data(h) => {
-                    return Ok(Piece::Data { fd: layer.file.fd(), host: h.0, len: n });
-                }
+                Extent::Data(h) => return Ok(Piece::Data { fd: layer.file.fd(), host: h.0, len: n }),
                 Extent::Zero => return Ok(Piece::Zero { len: n }),
                 Extent::Compressed { host, len: clen } => {
                     if host.0 >= layer.file_len() {
@@ -51,7 +52,7 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
                         ));
                     }
                     let in_cluster = layer.geo.offset_in_cluster(off);
-                    return Ok(Piece::Compressed { layer, host: host.0, clen, in_cluster, len: n });
+                    return Ok(Piece::Compressed { layer: layer.clone(), host: host.0, clen, in_cluster, len: n });
                 }
                 Extent::Unallocated => match &layer.backing {
                     None => return Ok(Piece::Zero { len: n }),
@@ -62,7 +63,6 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
                         return Ok(Piece::Data { fd: raw.file.fd(), host: off, len: n });
                     }
                     Some(Backing::Qcow2(b)) => {
-                        let b = b.clone();
                         layer = b;
                         len = n;
                     }
@@ -78,7 +78,7 @@ impl Queue {
         // Hold the request open while we walk it: a nested completion (a child request
         // that finishes at once) must not finish it under our feet.
         self.reqs[id].pending += 1;
-        let top = self.image.clone();
+        let top = Arc::clone(&self.image);
         // A pending contiguous data run: (fd, host start, guest start, len).
         let mut run: Option<(i32, u64, u64, u64)> = None;
         loop {
