@@ -136,6 +136,8 @@ pub struct Image {
     pub(crate) cache_mode: CacheMode,
     /// QEMU-compatible image lock, held while open.
     _lock: ImageLock,
+    /// quring's L2-less ranges are enabled (incompatible bit 61).
+    pub(crate) l2less: bool,
     /// Host clusters that an allocation job is filling in place (subclusters of an owned
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
@@ -173,11 +175,6 @@ impl Image {
         let (c0, valid) = sync.read(file.fd(), 0, cluster_size as usize)?;
         let header = Header::parse(&c0[..valid], file_len)?;
         let geo = header.geometry();
-        if header.incompatible_features & feature::INCOMPAT_L2LESS != 0 {
-            return Err(Error::Unsupported(
-                "quring l2-less ranges (incompatible bit 61) are not implemented yet".into(),
-            ));
-        }
         let read_only = opts.read_only;
         if !read_only && header.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
             return Err(Error::InvalidRequest(
@@ -193,6 +190,7 @@ impl Image {
             Vec::new()
         };
         let l2less = header.incompatible_features & feature::INCOMPAT_L2LESS != 0;
+        let l2less_bit = l2less;
         let entries = l1::decode_table(&raw_l1);
         for (i, e) in entries.iter().enumerate() {
             if e.0 != 0 {
@@ -299,6 +297,7 @@ impl Image {
             cache_mode: opts.cache,
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
+            l2less: l2less_bit,
             header: Mutex::new(header),
         }))
     }
@@ -367,6 +366,19 @@ impl Image {
     /// Length of the image file.
     pub fn file_len(&self) -> u64 {
         self.file_len.load(Ordering::Acquire)
+    }
+
+    /// Does the image use quring's L2-less ranges (incompatible bit 61)?
+    pub fn l2_less(&self) -> bool {
+        self.l2less
+    }
+
+    /// Virtual-disk clusters of L1 range `i` (what a contiguous extent covers).
+    pub(crate) fn range_clusters(&self, i: u64) -> u64 {
+        let g = &self.geo;
+        let start = i.saturating_mul(g.l1_coverage());
+        let end = start.saturating_add(g.l1_coverage()).min(self.size);
+        end.saturating_sub(start).div_ceil(g.cluster_size())
     }
 
     /// Depth of this image in its chain (0 = top).

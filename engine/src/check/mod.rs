@@ -266,6 +266,10 @@ struct Checker<'a> {
     refblock: Option<(u64, Vec<u8>)>,
     l2: Option<(u64, Vec<u8>)>,
     signaled_corruption: bool,
+    /// quring's L2-less ranges are enabled (incompatible bit 61).
+    l2less: bool,
+    /// Virtual disk size (bounds the extent of the last contiguous range).
+    vsize: u64,
 }
 
 /// Checks a qcow2 image like `qemu-img check` does (without repairing). Fails only when the
@@ -307,11 +311,6 @@ fn check_inner(r: &dyn MetaRead, counts_only: bool) -> Result<(CheckReport, Vec<
     // itself), and opening does not compare table offsets with the file length.
     hbuf[60..72].fill(0);
     let h = Header::parse(&hbuf, u64::MAX)?;
-    if h.incompatible_features & INCOMPAT_L2LESS != 0 {
-        return Err(Error::Unsupported(
-            "qemu-img check semantics do not cover L2-less ranges (incompatible bit 61)".into(),
-        ));
-    }
     let g = h.geometry();
     let nb = file_len.div_ceil(cs);
     if nb > i32::MAX as u64 {
@@ -330,6 +329,8 @@ fn check_inner(r: &dyn MetaRead, counts_only: bool) -> Result<(CheckReport, Vec<
         refblock: None,
         l2: None,
         signaled_corruption: false,
+        l2less: h.incompatible_features & INCOMPAT_L2LESS != 0,
+        vsize: h.size,
     };
     // bs->total_sectors is the virtual size in whole sectors.
     c.rep.total_clusters = (h.size / 512 * 512).div_ceil(cs);
@@ -541,11 +542,26 @@ impl Checker<'_> {
         self.inc(l1_offset, bytes)?;
         let mut buf = vec![0u8; bytes as usize];
         read_zero_fill(self.r, l1_offset, &mut buf)?;
-        for raw in buf.chunks_exact(8).map(|c| be64(c, 0)) {
+        for (i, raw) in buf.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
             if raw == 0 {
                 continue;
             }
             let e = L1Entry(raw);
+            if self.l2less && e.contiguous() {
+                // quring's L2-less range: one extent, every cluster referenced once.
+                if e.reserved_bits(true) != 0 {
+                    self.rep.corrupt(format!("ERROR found L1 entry with reserved bits set: {raw:x}"));
+                }
+                let ext = e.l2_offset().0;
+                if !self.g.is_cluster_aligned(ext) {
+                    self.rep.corrupt(format!("ERROR l1 entry {i}: contiguous extent {ext:#x} is not cluster aligned"));
+                    continue;
+                }
+                let n = self.range_clusters(i as u64);
+                self.inc(ext, n * self.cs)?;
+                self.rep.allocated_clusters += n;
+                continue;
+            }
             if raw & L1_RESERVED != 0 {
                 self.rep.corrupt(format!("ERROR found L1 entry with reserved bits set: {raw:x}"));
             }
@@ -762,6 +778,14 @@ impl Checker<'_> {
     }
 
     /// QEMU's `check_oflag_copied()` (without repairs), on the active L1 table.
+    /// Clusters of L1 range `i` that lie inside the virtual disk (the extent of an L2-less
+    /// range covers exactly these).
+    fn range_clusters(&self, i: u64) -> u64 {
+        let start = i.saturating_mul(self.g.l1_coverage());
+        let end = start.saturating_add(self.g.l1_coverage()).min(self.vsize);
+        end.saturating_sub(start).div_ceil(self.cs)
+    }
+
     fn check_oflag_copied(&mut self, l1_offset: u64, l1_bytes: u64) -> Result<()> {
         let mut l1 = vec![0u8; l1_bytes as usize];
         read_zero_fill(self.r, l1_offset, &mut l1)?;
@@ -770,6 +794,21 @@ impl Checker<'_> {
             let e = L1Entry(l1_entry);
             let l2_offset = e.l2_offset().0;
             if l2_offset == 0 {
+                continue;
+            }
+            if self.l2less && e.contiguous() {
+                // COPIED iff every cluster of the extent has refcount 1.
+                let n = self.range_clusters(i as u64);
+                let mut all_one = true;
+                for k in 0..n {
+                    if let Stored::Value(rc) = self.stored_refcount((l2_offset >> g.cluster_bits) + k)? {
+                        all_one &= rc == 1;
+                    }
+                }
+                if all_one != e.copied() {
+                    self.rep
+                        .corrupt(format!("ERROR OFLAG_COPIED contiguous range: l1_index={i} l1_entry={l1_entry:x}"));
+                }
                 continue;
             }
             // An unreadable refcount skips the whole L2 table, silently (as QEMU).

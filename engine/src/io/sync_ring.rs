@@ -114,6 +114,12 @@ impl SyncRing {
         self.run(sqe, "fdatasync").map(|_| ())
     }
 
+    /// ftruncate through io_uring.
+    pub fn ftruncate(&self, fd: i32, len: u64) -> Result<()> {
+        let sqe = opcode::Ftruncate::new(types::Fd(fd), len).build();
+        self.run(sqe, "ftruncate").map(|_| ())
+    }
+
     /// fallocate through io_uring.
     pub fn fallocate(&self, fd: i32, off: u64, len: u64, mode: i32) -> Result<()> {
         let sqe = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();

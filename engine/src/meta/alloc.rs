@@ -72,8 +72,14 @@ impl Image {
     /// disk before the L1 entry changes in memory (the L1 write happens at flush time).
     pub(crate) fn ensure_l2_table(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
         let old = self.l1_entry(l1i);
+        if old.contiguous() {
+            return self.split_range(st, l1i);
+        }
         if old.l2_offset().0 != 0 && old.copied() {
             return Ok(()); // another queue did it
+        }
+        if old.l2_offset().0 == 0 && self.l2less && self.backing.is_none() {
+            return self.alloc_extent(st, l1i);
         }
         if l1i as usize >= self.l1.len() {
             return Err(Error::InvalidRequest(format!("L1 index {l1i} is beyond the L1 table")));
@@ -98,6 +104,64 @@ impl Image {
             st.rc.free_later(old.l2_offset().0 >> self.geo.cluster_bits, 1);
         }
         self.l1[l1i as usize].store(L1Entry::new(crate::format::HostOffset(off), true).0, Ordering::Release);
+        st.l1_dirty = true;
+        Ok(())
+    }
+
+    /// L2-less mode: makes L1 range `l1i` one contiguous extent on its first write. The
+    /// extent comes from fresh space, is punched so that never-written parts read as zeros
+    /// (also when it reuses freed space), and every cluster is refcounted. The L1 entry is
+    /// written at flush time, after the refcounts are durable.
+    fn alloc_extent(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
+        self.mark_dirty_for_lazy(st)?;
+        let io = self.meta_io();
+        let n = self.range_clusters(l1i);
+        let c = st.rc.alloc_contiguous(&io, n)?;
+        self.note_end(st);
+        let off = c << self.geo.cluster_bits;
+        let len = n << self.geo.cluster_bits;
+        self.sync.fallocate(self.file.fd(), off, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)?;
+        if self.file.len()? < off + len {
+            self.sync.ftruncate(self.file.fd(), off + len)?;
+        }
+        crate::counters::Counters::add(&self.counters.clusters_allocated, n);
+        let e = L1Entry(off | crate::format::l1::L1_CONTIGUOUS | crate::format::l1::L1_COPIED);
+        self.l1[l1i as usize].store(e.0, Ordering::Release);
+        st.l1_dirty = true;
+        Ok(())
+    }
+
+    /// L2-less mode: turns contiguous range `l1i` back into a real L2 table that maps the
+    /// same clusters, so per-cluster changes (discard, zero, copy-on-write) can follow.
+    /// Crash-safe: the table is written before the L1 entry changes, and the L1 entry is
+    /// written (after a device flush) at flush time; until then the old entry stays valid.
+    fn split_range(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
+        self.mark_dirty_for_lazy(st)?;
+        let old = self.l1_entry(l1i);
+        let io = self.meta_io();
+        let g = self.geo;
+        let cs = g.cluster_size() as usize;
+        let t = st.rc.alloc_contiguous(&io, 1)?;
+        self.note_end(st);
+        let toff = t << g.cluster_bits;
+        let mut table = crate::io::AlignedBuf::new(cs);
+        let ext = old.l2_offset().0;
+        for j in 0..self.range_clusters(l1i) {
+            let host = crate::format::HostOffset(ext + (j << g.cluster_bits));
+            let bitmap = crate::format::l2::SubclusterBitmap::from_parts(u32::MAX, 0);
+            crate::format::l2::write_entry(
+                &g,
+                &mut table,
+                j as usize,
+                crate::format::l2::L2Entry::normal(host, old.copied()),
+                bitmap,
+            );
+        }
+        self.sync.write(self.file.fd(), toff, &table)?;
+        crate::counters::Counters::add(&self.counters.l2_writes, 1);
+        crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
+        self.l2_cache.forget(toff);
+        self.l1[l1i as usize].store(L1Entry::new(crate::format::HostOffset(toff), true).0, Ordering::Release);
         st.l1_dirty = true;
         Ok(())
     }

@@ -36,6 +36,12 @@ impl Image {
         if l2_off == 0 {
             return Ok(None);
         }
+        if l1e.contiguous() {
+            return Err(Error::InvalidRequest(format!("L1 entry {l1i} is an L2-less range: it has no L2 table")));
+        }
+        if l2_off > crate::meta::cache::MAX_KEY {
+            return Err(Error::corrupt("L1 entry", format!("entry {l1i}: L2 table offset {l2_off:#x} is too large")));
+        }
         if l2_off.checked_add(g.cluster_size()).is_none_or(|e| e > self.file_len()) {
             return Err(Error::corrupt(
                 "L1 entry",
@@ -53,6 +59,17 @@ impl Image {
         Ok(Some(L2Slot { key, word }))
     }
 
+    /// The host offset of `off` when it lies in an L2-less (contiguous) range.
+    #[inline]
+    pub(crate) fn contiguous_host(&self, off: GuestOffset) -> Option<u64> {
+        if !self.l2less {
+            return None;
+        }
+        let g = &self.geo;
+        let l1e = self.l1_entry(g.l1_index(g.guest_cluster(off)));
+        (l1e.contiguous() && l1e.l2_offset().0 != 0).then(|| l1e.l2_offset().0 + (off.0 & (g.l1_coverage() - 1)))
+    }
+
     /// Translates up to `len` bytes at `off` (which must lie inside the image) in this layer
     /// only, never past the end of the cluster.
     #[inline]
@@ -60,6 +77,9 @@ impl Image {
         let g = &self.geo;
         let in_cluster = g.offset_in_cluster(off.0);
         let len = len.min(g.cluster_size() - in_cluster).min(self.size - off.0);
+        if let Some(host) = self.contiguous_host(off) {
+            return Ok(Lookup::Mapped { extent: Extent::Data(crate::format::HostOffset(host)), len });
+        }
         let Some(slot) = self.l2_slot(off)? else {
             return Ok(Lookup::Mapped { extent: Extent::Unallocated, len });
         };

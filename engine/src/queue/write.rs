@@ -107,7 +107,7 @@ impl crate::image::Image {
     /// L1 entry checks for writers: a private table is needed.
     fn write_l1_ready(&self, l1i: u64) -> bool {
         let e = self.l1_entry(l1i);
-        e.l2_offset().0 != 0 && e.copied()
+        e.l2_offset().0 != 0 && e.copied() && !e.contiguous()
     }
 }
 
@@ -118,6 +118,11 @@ impl Queue {
         let in_c = g.offset_in_cluster(pos);
         let len = len.min(g.cluster_size() - in_c);
         let l1i = g.l1_index(g.guest_cluster(GuestOffset(pos)));
+        if img.l1_entry(l1i).contiguous() && img.l1_entry(l1i).copied() {
+            // L2-less range: the data lives at a fixed place; no metadata.
+            let host = img.contiguous_host(GuestOffset(pos)).expect("contiguous");
+            return Ok(WPiece::InPlace { host, len });
+        }
         if !img.write_l1_ready(l1i) {
             return Ok(WPiece::NeedTable { l1i });
         }
