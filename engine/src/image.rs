@@ -60,6 +60,8 @@ pub struct Options {
     pub force_share: bool,
     /// Backing chain policy.
     pub backing: BackingPolicy,
+    /// Test hook that sees (and may fail) every device write and flush.
+    pub hook: Option<crate::io::hook::Hook>,
 }
 
 impl Default for Options {
@@ -72,6 +74,7 @@ impl Default for Options {
             l2_cache_entry_size: None,
             force_share: false,
             backing: BackingPolicy::Open,
+            hook: None,
         }
     }
 }
@@ -138,6 +141,8 @@ pub struct Image {
     _lock: ImageLock,
     /// quring's L2-less ranges are enabled (incompatible bit 61).
     pub(crate) l2less: bool,
+    /// Test hook on device writes (see [`crate::io::hook`]).
+    pub(crate) hook: Option<crate::io::hook::Hook>,
     /// Host clusters that an allocation job is filling in place (subclusters of an owned
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
@@ -168,7 +173,7 @@ impl Image {
         // refuse an image quring writes (and the other way round).
         let mode = if opts.read_only { LockMode::ReadOnly } else { LockMode::ReadWrite };
         let lock = ImageLock::acquire(file.file(), path, mode, opts.force_share && opts.read_only)?;
-        let sync = SyncRing::new()?;
+        let sync = SyncRing::with_hook(opts.hook.clone())?;
         let file_len = file.len()?;
         let (first, valid) = sync.read(file.fd(), 0, 4096)?;
         let cluster_size = Header::peek_cluster_size(&first[..valid])?;
@@ -251,7 +256,7 @@ impl Image {
                 // the first read-write open, as the spec requires.
                 header.autoclear_features = 0;
                 let bytes = header.serialize()?;
-                sync.write(file.fd(), 0, &bytes)?;
+                sync.write_kind(crate::io::hook::WriteKind::Header, file.fd(), 0, &bytes)?;
                 sync.fdatasync(file.fd())?;
             }
             let file_len = file.len()?; // a rebuild may have grown the file
@@ -298,6 +303,7 @@ impl Image {
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
             l2less: l2less_bit,
+            hook: opts.hook.clone(),
             header: Mutex::new(header),
         }))
     }

@@ -4,6 +4,7 @@
 
 pub mod buf;
 pub mod file;
+pub mod hook;
 pub mod lock;
 pub mod sync_ring;
 

@@ -2,6 +2,7 @@
 //! create). Each call submits one SQE and waits for its CQE: the same O_DIRECT path as the
 //! data path, used where nothing else is in flight.
 
+use super::hook::{Hook, WriteData, WriteKind};
 use super::{AlignedBuf, SECTOR};
 use crate::{Error, Result};
 use io_uring::{IoUring, opcode, types};
@@ -10,13 +11,30 @@ use std::sync::Mutex;
 /// A mutex-protected ring for blocking reads/writes/fsync.
 pub struct SyncRing {
     ring: Mutex<IoUring>,
+    hook: Option<Hook>,
 }
 
 impl SyncRing {
     /// Creates a ring with a few entries.
     pub fn new() -> Result<Self> {
         let ring = IoUring::new(8).map_err(|e| Error::io("io_uring_setup", e))?;
-        Ok(SyncRing { ring: Mutex::new(ring) })
+        Ok(SyncRing { ring: Mutex::new(ring), hook: None })
+    }
+
+    /// A ring whose writes and flushes go through a test hook.
+    pub fn with_hook(hook: Option<Hook>) -> Result<Self> {
+        let mut r = Self::new()?;
+        r.hook = hook;
+        Ok(r)
+    }
+
+    fn hook_fail(&self, kind: WriteKind, off: u64, len: u64) -> Result<()> {
+        if let Some(h) = &self.hook
+            && let Some(errno) = h.0.fail_write(kind, off, len)
+        {
+            return Err(Error::errno(format!("write ({kind:?}) at {off:#x}"), errno));
+        }
+        Ok(())
     }
 
     fn run(&self, sqe: io_uring::squeue::Entry, what: &str) -> Result<i32> {
@@ -84,6 +102,21 @@ impl SyncRing {
     /// Writes `data` at `off`. Offset and length must be 512-byte aligned when the file is
     /// O_DIRECT; unaligned writes are done read-modify-write.
     pub fn write(&self, fd: i32, off: u64, data: &[u8]) -> Result<()> {
+        self.write_kind(WriteKind::Other, fd, off, data)
+    }
+
+    /// [`SyncRing::write`] for metadata of a known kind (seen by the test hook).
+    pub fn write_kind(&self, kind: WriteKind, fd: i32, off: u64, data: &[u8]) -> Result<()> {
+        self.hook_fail(kind, off, data.len() as u64)?;
+        let token = self.hook.as_ref().map(|h| h.0.issued(kind, off, WriteData::Bytes(data)));
+        self.write_raw(fd, off, data)?;
+        if let (Some(h), Some(t)) = (&self.hook, token) {
+            h.0.completed(t);
+        }
+        Ok(())
+    }
+
+    fn write_raw(&self, fd: i32, off: u64, data: &[u8]) -> Result<()> {
         let start = off & !(SECTOR - 1);
         let end = (off + data.len() as u64).div_ceil(SECTOR) * SECTOR;
         let mut buf = AlignedBuf::new((end - start) as usize);
@@ -110,8 +143,29 @@ impl SyncRing {
 
     /// fdatasync through io_uring.
     pub fn fdatasync(&self, fd: i32) -> Result<()> {
+        if let Some(h) = &self.hook
+            && let Some(errno) = h.0.fail_flush()
+        {
+            return Err(Error::errno("fdatasync", errno));
+        }
+        let token = self.hook.as_ref().map(|h| h.0.flush_issued());
         let sqe = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
-        self.run(sqe, "fdatasync").map(|_| ())
+        let r = self.run(sqe, "fdatasync").map(|_| ());
+        if let (Some(h), Some(t)) = (&self.hook, token) {
+            h.0.flush_completed(t, r.is_ok());
+        }
+        r
+    }
+
+    /// Punches a hole (reads as zeros afterwards, seen by the hook as a zero write).
+    pub fn punch(&self, kind: WriteKind, fd: i32, off: u64, len: u64) -> Result<()> {
+        self.hook_fail(kind, off, len)?;
+        let token = self.hook.as_ref().map(|h| h.0.issued(kind, off, WriteData::Zeros(len)));
+        self.fallocate(fd, off, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)?;
+        if let (Some(h), Some(t)) = (&self.hook, token) {
+            h.0.completed(t);
+        }
+        Ok(())
     }
 
     /// ftruncate through io_uring.

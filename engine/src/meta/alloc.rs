@@ -33,7 +33,7 @@ impl Image {
             h.incompatible_features |= crate::format::feature::INCOMPAT_DIRTY;
             let bytes = h.serialize()?;
             drop(h);
-            self.sync.write(self.file.fd(), 0, &bytes)?;
+            self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             self.sync.fdatasync(self.file.fd())?;
             crate::counters::Counters::add(&self.counters.header_writes, 1);
             crate::counters::Counters::add(&self.counters.device_flushes, 1);
@@ -97,7 +97,7 @@ impl Image {
             // Slices of the old table that we changed in cache were written... they cannot
             // be dirty: writes never modify a shared table in place.
         }
-        self.sync.write(self.file.fd(), off, &table)?;
+        self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), off, &table)?;
         crate::counters::Counters::add(&self.counters.l2_writes, 1);
         crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
         if old.l2_offset().0 != 0 {
@@ -120,7 +120,7 @@ impl Image {
         self.note_end(st);
         let off = c << self.geo.cluster_bits;
         let len = n << self.geo.cluster_bits;
-        self.sync.fallocate(self.file.fd(), off, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)?;
+        self.sync.punch(crate::io::hook::WriteKind::Data, self.file.fd(), off, len)?;
         if self.file.len()? < off + len {
             self.sync.ftruncate(self.file.fd(), off + len)?;
         }
@@ -157,7 +157,7 @@ impl Image {
                 bitmap,
             );
         }
-        self.sync.write(self.file.fd(), toff, &table)?;
+        self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), toff, &table)?;
         crate::counters::Counters::add(&self.counters.l2_writes, 1);
         crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
         self.l2_cache.forget(toff);

@@ -78,17 +78,17 @@ pub(crate) fn rebuild_refcounts(sync: &SyncRing, file: &ImageFile, h: &mut Heade
             rc::set(&mut buf, j, g.refcount_order, counts[idx]);
         }
         let off = (n + bi) * cs;
-        sync.write(file.fd(), off, &buf)?;
+        sync.write_kind(crate::io::hook::WriteKind::RefBlock, file.fd(), off, &buf)?;
         table[(bi * 8) as usize..(bi * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
     }
     let table_off = (n + b) * cs;
-    sync.write(file.fd(), table_off, &table)?;
+    sync.write_kind(crate::io::hook::WriteKind::RefTable, file.fd(), table_off, &table)?;
     sync.fdatasync(file.fd())?;
     h.refcount_table_offset = HostOffset(table_off);
     h.refcount_table_clusters = t as u32;
     h.incompatible_features &= !INCOMPAT_DIRTY;
     let bytes = h.serialize()?;
-    sync.write(file.fd(), 0, &bytes)?;
+    sync.write_kind(crate::io::hook::WriteKind::Header, file.fd(), 0, &bytes)?;
     sync.fdatasync(file.fd())?;
     Ok(())
 }

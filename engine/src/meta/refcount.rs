@@ -115,7 +115,7 @@ impl Refcounts {
         let Some((&off, _)) = self.blocks.iter().min_by_key(|(_, b)| b.used) else { return Ok(()) };
         let b = self.blocks.remove(&off).expect("present");
         if b.dirty {
-            io.ring.write(io.fd, off, &b.buf)?;
+            io.ring.write_kind(crate::io::hook::WriteKind::RefBlock, io.fd, off, &b.buf)?;
         }
         Ok(())
     }
@@ -290,7 +290,7 @@ impl Refcounts {
         let mut nb = 0;
         for (&off, b) in self.blocks.iter_mut() {
             if b.dirty {
-                io.ring.write(io.fd, off, &b.buf)?;
+                io.ring.write_kind(crate::io::hook::WriteKind::RefBlock, io.fd, off, &b.buf)?;
                 b.dirty = false;
                 nb += 1;
             }
@@ -301,7 +301,7 @@ impl Refcounts {
             for (i, e) in self.table.iter().enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
             }
-            io.ring.write(io.fd, self.table_offset, &bytes)?;
+            io.ring.write_kind(crate::io::hook::WriteKind::RefTable, io.fd, self.table_offset, &bytes)?;
             self.table_dirty = false;
             nt = 1;
         }

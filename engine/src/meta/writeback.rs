@@ -34,7 +34,7 @@ impl Image {
             h.refcount_table_clusters = st.rc.table_clusters as u32;
             let bytes = h.serialize()?;
             drop(h);
-            self.sync.write(self.file.fd(), 0, &bytes)?;
+            self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             Counters::add(&c.header_writes, 1);
             self.device_flush()?;
             st.rc.table_moved = false;
@@ -55,7 +55,7 @@ impl Image {
             // evicted; concurrent CAS updates of single words may race with this copy,
             // which then sees the old or the new word, and re-marks the slot dirty.
             let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(slot), len) }.to_vec();
-            if let Err(e) = self.sync.write(self.file.fd(), key, &bytes) {
+            if let Err(e) = self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), key, &bytes) {
                 cache.mark_dirty(slot);
                 return Err(e);
             }
@@ -73,7 +73,7 @@ impl Image {
             for e in self.l1.iter() {
                 bytes.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
             }
-            self.sync.write(self.file.fd(), h.l1_table_offset.0, &bytes)?;
+            self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), h.l1_table_offset.0, &bytes)?;
             Counters::add(&c.l1_writes, 1);
             st.l1_dirty = false;
             need_flush = true;
@@ -89,12 +89,8 @@ impl Image {
                 let off = cl << self.geo.cluster_bits;
                 self.l2_cache.forget(off);
                 // Punch the freed cluster so it reads as zeros and frees space.
-                let _ = self.sync.fallocate(
-                    self.file.fd(),
-                    off,
-                    self.geo.cluster_size(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                );
+                let _ =
+                    self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), off, self.geo.cluster_size());
             }
             if write_refcounts {
                 let (b, t) = st.rc.write_back(&io)?;
@@ -114,7 +110,7 @@ impl Image {
             h.incompatible_features &= !crate::format::feature::INCOMPAT_DIRTY;
             let bytes = h.serialize()?;
             drop(h);
-            self.sync.write(self.file.fd(), 0, &bytes)?;
+            self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             Counters::add(&self.counters.header_writes, 1);
             self.device_flush()?;
             st.dirty_bit_set = false;

@@ -135,10 +135,10 @@ pub(crate) enum Io {
     },
     /// An L2 slice load into a cache slot.
     Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
-    /// A data write straight from the guest buffer.
-    Write { req: usize },
+    /// A data write straight from the guest buffer (`token`: the test hook's).
+    Write { req: usize, token: u64 },
     /// A data write from an aligned copy of an unaligned guest buffer.
-    WriteBounce { req: usize, _buf: AlignedBuf },
+    WriteBounce { req: usize, _buf: AlignedBuf, token: u64 },
     /// An allocation job's data write (from its bounce buffer or the guest buffer).
     JobWrite { job: usize },
 }
@@ -465,9 +465,11 @@ impl Queue {
                 crate::counters::Counters::add(&layer.counters.meta_loads, 1);
                 self.retry_parked();
             }
-            Io::Write { req } | Io::WriteBounce { req, .. } => {
+            Io::Write { req, token } | Io::WriteBounce { req, token, .. } => {
                 if res < 0 {
                     self.fail(req, res);
+                } else if let Some(h) = &self.image.hook {
+                    h.0.completed(token);
                 }
                 self.io_done(req);
             }

@@ -61,6 +61,8 @@ pub(crate) struct Job {
     /// Decrements owed once published (the old cluster, when replaced).
     free_old: bool,
     reads_pending: u32,
+    /// The test hook's token for the data write.
+    token: u64,
     error: i32,
     detail: Option<Error>,
 }
@@ -299,10 +301,21 @@ impl Queue {
         // SAFETY: guest lies within the request's range, so inside its buffer.
         let src = unsafe { r.buf.add((guest - r.offset) as usize) } as *const u8;
         let fd = self.image.file.fd();
+        if let Some(h) = &self.image.hook
+            && let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, host, len)
+        {
+            self.fail(id, -errno);
+            return;
+        }
+        let token = self.image.hook.as_ref().map_or(0, |h| {
+            // SAFETY: src is valid for len bytes (inside the request buffer).
+            let data = unsafe { std::slice::from_raw_parts(src, len as usize) };
+            h.0.issued(crate::io::hook::WriteKind::Data, host, crate::io::hook::WriteData::Bytes(data))
+        });
         self.reqs[id].pending += 1;
         crate::counters::Counters::add(&self.image.counters.data_writes, 1);
         if (src as usize).is_multiple_of(512) {
-            let io = self.ios.insert(Io::Write { req: id });
+            let io = self.ios.insert(Io::Write { req: id, token });
             let sqe = opcode::Write::new(types::Fd(fd), src, len as u32).offset(host).build().user_data(io as u64);
             self.push(sqe);
         } else {
@@ -311,7 +324,7 @@ impl Queue {
             // SAFETY: src is valid for len bytes (inside the request buffer).
             unsafe { std::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), len as usize) };
             let ptr = b.as_ptr();
-            let io = self.ios.insert(Io::WriteBounce { req: id, _buf: b });
+            let io = self.ios.insert(Io::WriteBounce { req: id, _buf: b, token });
             let sqe = opcode::Write::new(types::Fd(fd), ptr, len as u32).offset(host).build().user_data(io as u64);
             self.push(sqe);
         }
@@ -440,6 +453,7 @@ impl Queue {
             new_b,
             free_old,
             reads_pending: 0,
+            token: 0,
             error: 0,
             detail: None,
         });
@@ -497,6 +511,16 @@ impl Queue {
             None => (j.src, j.len as usize),
         };
         let off = j.host + j.wstart;
+        if let Some(h) = &self.image.hook {
+            if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, n as u64) {
+                j.error = -errno;
+                self.job_end(job, false);
+                return;
+            }
+            // SAFETY: ptr is valid for n bytes (bounce buffer or guest buffer).
+            let data = unsafe { std::slice::from_raw_parts(ptr, n) };
+            j.token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
+        }
         crate::counters::Counters::add(&self.image.counters.data_writes, 1);
         let io = self.ios.insert(Io::JobWrite { job });
         let sqe = opcode::Write::new(types::Fd(fd), ptr, n as u32).offset(off).build().user_data(io as u64);
@@ -509,6 +533,9 @@ impl Queue {
             j.error = res;
             self.job_end(job, false);
             return;
+        }
+        if let Some(h) = &self.image.hook {
+            h.0.completed(j.token);
         }
         self.job_commit(job);
     }
