@@ -1,0 +1,2 @@
+mod common;
+#[test] fn placeholder() {}
