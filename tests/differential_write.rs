@@ -466,8 +466,8 @@ fn c4k_rb16_lazy_snapshot_then_writes_reopen() {
 }
 
 #[test]
-fn c2m_rb1_snapshot_then_writes_rawchain() {
-    run_case(Case { snap: Snap::ThenWrites, chain: Chain::RawBase, virt: 32 * MIB, ..Case::new(14, 2 * MIB, 1) });
+fn c2m_rb4_snapshot_then_writes_rawchain() {
+    run_case(Case { snap: Snap::ThenWrites, chain: Chain::RawBase, virt: 32 * MIB, ..Case::new(14, 2 * MIB, 4) });
 }
 
 #[test]
