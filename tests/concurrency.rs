@@ -149,8 +149,7 @@ fn run_phase(q: &mut Queue, t: usize, phase: usize, acts: &[Act]) {
                 let detail = q.error_detail(c.user_data);
                 panic!(
                     "thread {t} phase {phase}: request {:?} failed: {} ({detail:?})",
-                    acts[c.user_data as usize],
-                    c.result
+                    acts[c.user_data as usize], c.result
                 );
             }
         }

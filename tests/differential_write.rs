@@ -234,10 +234,8 @@ fn setup(c: &Case, rng: &mut Rng) -> Setup {
         Chain::RawBase | Chain::Qcow2Base => {
             let base = if c.chain == Chain::RawBase { "base.raw" } else { "base.qcow2" };
             let bpath = dir.join(base);
-            let base_cmds = gen_cmds(rng, c, 10, 100, false)
-                .into_iter()
-                .filter(|s| s.starts_with("write -P"))
-                .collect::<Vec<_>>();
+            let base_cmds =
+                gen_cmds(rng, c, 10, 100, false).into_iter().filter(|s| s.starts_with("write -P")).collect::<Vec<_>>();
             if c.chain == Chain::RawBase {
                 build_raw(&bpath, c.virt, &base_cmds);
             } else {
@@ -437,7 +435,14 @@ fn c512_rb64() {
 
 #[test]
 fn c512_rb16_compat010_reopen() {
-    run_case(Case { compat: Compat::V010, virt: 4 * MIB, max_len: MIB, ncmds: 24, max_chunk: 2, ..Case::new(8, 512, 16) });
+    run_case(Case {
+        compat: Compat::V010,
+        virt: 4 * MIB,
+        max_len: MIB,
+        ncmds: 24,
+        max_chunk: 2,
+        ..Case::new(8, 512, 16)
+    });
 }
 
 #[test]
@@ -447,7 +452,13 @@ fn c64k_compat010_rawchain() {
 
 #[test]
 fn c32k_rb16_extl2_qcow2chain_reopen() {
-    run_case(Case { extended_l2: true, chain: Chain::Qcow2Base, max_chunk: 3, ncmds: 30, ..Case::new(10, 32 * KIB, 16) });
+    run_case(Case {
+        extended_l2: true,
+        chain: Chain::Qcow2Base,
+        max_chunk: 3,
+        ncmds: 30,
+        ..Case::new(10, 32 * KIB, 16)
+    });
 }
 
 #[test]
