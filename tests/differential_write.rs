@@ -281,7 +281,7 @@ fn quring_chunks(img: &Path, chunks: &[Vec<String>]) -> Result<(), String> {
             args.push(c.clone());
         }
         args.push(s(img));
-        let r = quring(&args);
+        let r = quring_with_timeout(&args, std::time::Duration::from_secs(20));
         if !r.success() || r.stdout.contains("failed") || !r.stderr.trim().is_empty() {
             return Err(format!("quring io failed:\n{}", r.describe()));
         }

@@ -32,7 +32,11 @@ fn run_cmds(tool: &str, img: &Path, cmds: &[String], per_process: usize) {
             args.push(c.clone());
         }
         args.push(s(img));
-        let r = if tool == "quring" { quring(&args) } else { qemu_io(&args) };
+        let r = if tool == "quring" {
+            quring_with_timeout(&args, std::time::Duration::from_secs(30))
+        } else {
+            qemu_io(&args)
+        };
         assert!(
             r.success() && !r.stdout.contains("failed") && !r.stderr.contains("failed"),
             "{tool} failed:\n{}",
