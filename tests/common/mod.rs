@@ -588,3 +588,13 @@ pub fn hexdump(path: &Path, off: u64, len: usize) -> String {
 pub fn join(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// Like [`quring`], with a custom wall-clock limit (a hung writer should not
+/// hold a test for the full [`CHILD_TIMEOUT`]).
+pub fn quring_with_timeout<I, S>(args: I, timeout: Duration) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_with_timeout(&mut command(quring_bin(), args), timeout)
+}

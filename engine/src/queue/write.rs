@@ -741,7 +741,7 @@ impl Queue {
                     break;
                 }
             };
-            let r = self.zero_entry(slot, at.word, pos - cstart, meta_end - meta_start, whole, discard, unmap);
+            let r = self.zero_entry(slot, at.word, meta_start - cstart, meta_end - meta_start, whole, discard, unmap);
             drop(st);
             img.l2_cache.unpin(slot);
             if let Err(e) = r {
