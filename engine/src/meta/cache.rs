@@ -227,6 +227,16 @@ impl MetaCache {
         Claim::Busy
     }
 
+    /// Is every slot of `key`'s set dirty, pinned or loading (so no victim can be found
+    /// until dirty slots are written back)?
+    pub fn set_clogged(&self, key: u64) -> bool {
+        let set = self.set_of(key);
+        (set * WAYS..(set + 1) * WAYS).all(|s| {
+            let c = self.ctl[s].load(Ordering::Acquire);
+            c & ST_MASK == ST_LOADING || c & PIN_MASK != 0 || self.dirty[s].load(Ordering::Acquire) != 0
+        })
+    }
+
     /// Memory of a slot the caller owns in loading state (the I/O target).
     pub fn slot_ptr(&self, slot: SlotId) -> *mut u8 {
         // SAFETY: in bounds of the arena (slot < slots()).

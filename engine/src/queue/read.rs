@@ -148,7 +148,7 @@ impl Queue {
                 Piece::Miss { layer, key } => {
                     match layer.l2_cache.claim(key) {
                         Claim::Present(_) => continue,
-                        Claim::Busy => {}
+                        Claim::Busy => self.unclog(&layer, key),
                         Claim::Load(slot) => {
                             let len = layer.l2_cache.slot_size();
                             let ptr = layer.l2_cache.slot_ptr(slot);

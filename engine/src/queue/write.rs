@@ -194,13 +194,25 @@ impl Queue {
         self.lock_parked.push(id);
     }
 
-    fn park_slice(&mut self, id: usize, key: u64) {
+    /// When the L2 cache set of `key` is full of dirty slices, writes metadata back (under
+    /// the metadata lock, if free) so that a slot can be reused.
+    pub(crate) fn unclog(&mut self, layer: &std::sync::Arc<crate::image::Image>, key: u64) {
+        if layer.meta.is_none() || !layer.l2_cache.set_clogged(key) {
+            return;
+        }
+        if let Ok(Some(mut st)) = layer.try_meta() {
+            st.rc.pending_free.append(&mut self.local_frees);
+            let _ = layer.flush_metadata(&mut st, false);
+        }
+    }
+
+    pub(crate) fn park_slice(&mut self, id: usize, key: u64) {
         let layer = self.image.clone();
         match layer.l2_cache.claim(key) {
             Claim::Present(_) => {
                 // Loaded meanwhile: retry right away via the parked list.
             }
-            Claim::Busy => {}
+            Claim::Busy => self.unclog(&layer, key),
             Claim::Load(slot) => {
                 let len = layer.l2_cache.slot_size();
                 let ptr = layer.l2_cache.slot_ptr(slot);
@@ -671,7 +683,9 @@ impl Queue {
             } else {
                 (pos, pos)
             };
-            if discard && meta_start == meta_end {
+            // v2 images have no zero flag: a discard there would expose the backing file,
+            // so QEMU ignores discards on v2 images with a backing file, and so do we.
+            if discard && (meta_start == meta_end || (!v3 && img.backing.is_some())) {
                 self.reqs[id].cursor += n;
                 continue;
             }

@@ -56,6 +56,9 @@ pub struct Args {
     /// Print the engine counters at the end.
     #[arg(long)]
     counters: bool,
+    /// L2 cache size in bytes (QEMU's l2-cache-size; k/M suffixes).
+    #[arg(long = "l2-cache-size")]
+    l2_cache_size: Option<String>,
     /// The image.
     image: PathBuf,
 }
@@ -73,7 +76,8 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         c => return Err(format!("Invalid cache mode '{c}'").into()),
     };
     let cache = if a.cache == "directsync" { quring::image::CacheMode::Writethrough } else { cache };
-    let opts = Options { read_only: !a.write, cache, ..Options::default() };
+    let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
+    let opts = Options { read_only: !a.write, cache, l2_cache_size, ..Options::default() };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let size = img.size();
     if bufsize == 0 || bufsize > size || bufsize % 512 != 0 {

@@ -25,6 +25,12 @@ pub struct Args {
     /// Force share.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// L2 cache size in bytes (QEMU's l2-cache-size; k/M suffixes).
+    #[arg(long = "l2-cache-size")]
+    l2_cache_size: Option<String>,
+    /// Cache mode: writeback (default) or writethrough.
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: String,
     /// The image.
     image: PathBuf,
 }
@@ -117,7 +123,19 @@ fn report(verb: &str, off: u64, len: u64, t: f64) {
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let cmds: Vec<Cmd> = a.cmds.iter().map(|c| parse_cmd(c)).collect::<Result<_, _>>()?;
     let writes = cmds.iter().any(|c| !matches!(c, Cmd::Read { .. }));
-    let opts = Options { read_only: a.read_only || !writes, force_share: a.force_share, ..Options::default() };
+    let cache = match a.cache.as_str() {
+        "writeback" | "none" => quring::image::CacheMode::Writeback,
+        "writethrough" | "directsync" => quring::image::CacheMode::Writethrough,
+        c => return Err(format!("Invalid cache mode '{c}'").into()),
+    };
+    let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
+    let opts = Options {
+        read_only: a.read_only || !writes,
+        force_share: a.force_share,
+        cache,
+        l2_cache_size,
+        ..Options::default()
+    };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
     let mut q = Queue::new(&img, &QueueOptions::default())?;
     let mut status = 0u8;

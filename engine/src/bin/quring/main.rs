@@ -39,6 +39,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Like C tools: die quietly on a closed pipe (`quring map | head`) instead of panicking.
+    // SAFETY: setting a signal disposition to SIG_DFL before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Check(a) => check::run(a),
