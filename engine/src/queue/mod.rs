@@ -169,6 +169,8 @@ pub struct Queue {
     pub(crate) zeros: AlignedBuf,
     /// Reused buffer for completions taken from the ring.
     pub(crate) cqe_buf: Vec<(u64, i32)>,
+    /// The queue's pool of aligned bounce buffers (copy-on-write, compressed reads).
+    pub(crate) pool: Vec<AlignedBuf>,
 }
 
 impl Queue {
@@ -204,6 +206,7 @@ impl Queue {
             local_frees: Vec::new(),
             zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
             cqe_buf: Vec::with_capacity(256),
+            pool: Vec::new(),
         })
     }
 
@@ -444,6 +447,7 @@ impl Queue {
                         Err(e) => self.fail_with(req, e),
                     }
                 }
+                self.put_buf(buf);
                 self.io_done(req);
             }
             Io::Load { layer, slot, key, len } => {
@@ -519,6 +523,26 @@ impl Queue {
                 return;
             }
             self.finish(req);
+        }
+    }
+
+    /// An aligned, zeroed buffer of `len` bytes from the queue's pool.
+    pub(crate) fn get_buf(&mut self, len: usize) -> AlignedBuf {
+        match self.pool.iter().rposition(|b| b.capacity() >= len && b.capacity() <= len.max(4096) * 2) {
+            Some(i) => {
+                let mut b = self.pool.swap_remove(i);
+                b.set_len(len);
+                b.fill(0);
+                b
+            }
+            None => AlignedBuf::new(len),
+        }
+    }
+
+    /// Returns a buffer to the pool (bounded).
+    pub(crate) fn put_buf(&mut self, b: AlignedBuf) {
+        if self.pool.len() < 256 {
+            self.pool.push(b);
         }
     }
 

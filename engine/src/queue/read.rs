@@ -125,7 +125,7 @@ impl Queue {
                     let start = host & !511;
                     let skip = (host - start) as usize;
                     let total = (skip as u64 + clen).div_ceil(512) * 512;
-                    let mut buf = AlignedBuf::new(total as usize);
+                    let mut buf = self.get_buf(total as usize);
                     let ptr = buf.as_mut_ptr();
                     let fd = layer.file.fd();
                     let dst = self.dst(id, pos);

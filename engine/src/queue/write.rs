@@ -446,7 +446,7 @@ impl Queue {
         // SAFETY: pos lies inside the request.
         let src = unsafe { r.buf.add((pos - r.offset) as usize) } as *const u8;
         let direct = fills.is_empty() && wend - wstart == len && (src as usize).is_multiple_of(512);
-        let buf = if direct { None } else { Some(AlignedBuf::new((wend - wstart) as usize)) };
+        let buf = if direct { None } else { Some(self.get_buf((wend - wstart) as usize)) };
         let job = self.jobs.insert(Job {
             req: id,
             pos,
@@ -599,7 +599,10 @@ impl Queue {
     /// Finishes a job: on success owe the old cluster's decrement; on a lost race give the
     /// cluster back and redo the piece; on error fail the request.
     fn job_end(&mut self, job: usize, published: bool) {
-        let j = self.jobs.remove(job);
+        let mut j = self.jobs.remove(job);
+        if let Some(b) = j.buf.take() {
+            self.put_buf(b);
+        }
         let img = self.image.clone();
         img.l2_cache.unpin(j.slot);
         if !j.fresh {
