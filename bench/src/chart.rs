@@ -12,8 +12,9 @@ const ROW_H: u32 = 30;
 /// quring/QEMU ratios with min-max whiskers and a line at 1.
 pub fn ratio_chart(title: &str, cells: &[&Cell]) -> Result<String, String> {
     let n = cells.len().max(1);
-    let height = 110 + ROW_H * n as u32;
+    let height = 150 + ROW_H * n as u32;
     let xmax = cells.iter().flat_map(|c| [c.vs_raw, c.vs_qemu]).flatten().map(|s| s.max).fold(1.2f64, f64::max) * 1.08;
+    // the plot has 1.5 empty rows on top for the legend
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (1000, height)).into_drawing_area();
@@ -24,7 +25,7 @@ pub fn ratio_chart(title: &str, cells: &[&Cell]) -> Result<String, String> {
             .margin(10)
             .margin_left(LABEL_W)
             .x_label_area_size(40)
-            .build_cartesian_2d(0f64..xmax, -0.5f64..(n as f64 - 0.5))
+            .build_cartesian_2d(0f64..xmax, -0.5f64..(n as f64 + 1.0))
             .map_err(e)?;
         chart
             .configure_mesh()
@@ -79,7 +80,7 @@ pub fn ratio_chart(title: &str, cells: &[&Cell]) -> Result<String, String> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()

@@ -100,9 +100,14 @@ pub fn quring_bench(text: &str) -> Result<Measured, String> {
     Ok(m)
 }
 
-/// The message to record for a failed command: its last non-empty stderr line (or stdout's).
+/// The message to record for a failed command: its first `error:` line, else its last
+/// non-empty stderr line (or stdout's).
 pub fn failure_message(stderr: &str, stdout: &str, status: &str) -> String {
-    let last = |t: &str| t.lines().rev().map(str::trim).find(|l| !l.is_empty()).map(str::to_string);
+    let last = |t: &str| {
+        let mut lines = t.lines().map(str::trim).filter(|l| !l.is_empty());
+        let error = t.lines().map(str::trim).find(|l| l.to_ascii_lowercase().starts_with("error"));
+        error.or_else(|| lines.next_back()).map(str::to_string)
+    };
     match last(stderr).or_else(|| last(stdout)) {
         Some(l) => format!("{l} ({status})"),
         None => status.to_string(),
@@ -203,5 +208,10 @@ Run completed in 0.100 seconds.
             "quring: unsupported: writes are not implemented yet (exit status 1)"
         );
         assert_eq!(failure_message("", "", "signal 9"), "signal 9");
+        let clap = "error: unrecognized subcommand 'create'\n\nUsage: quring <COMMAND>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            failure_message(clap, "", "exit status: 2"),
+            "error: unrecognized subcommand 'create' (exit status: 2)"
+        );
     }
 }

@@ -58,9 +58,10 @@ pub fn create_raw(path: &Path, size: u64) -> Vec<String> {
     vec![s("truncate"), s("-s"), s(size), p(path)]
 }
 
-/// Write 0x5a over the whole image (allocating every cluster of a qcow2), in 1 GiB requests.
-pub fn fill(t: &Tools, format: &str, path: &Path, size: u64) -> Vec<String> {
-    let mut v = vec![s(&t.qemu_io), s("-f"), s(format)];
+/// Write 0x5a over the whole image (allocating every cluster of a qcow2), in 1 GiB requests;
+/// with qemu-io, or with `quring io` for layouts only quring knows.
+pub fn fill(t: &Tools, format: &str, path: &Path, size: u64, with_quring: bool) -> Vec<String> {
+    let mut v = if with_quring { vec![p(&t.quring), s("io")] } else { vec![s(&t.qemu_io), s("-f"), s(format)] };
     let chunk = 1u64 << 30;
     let mut off = 0;
     while off < size {
@@ -313,7 +314,11 @@ mod tests {
         let l = mode("l2less").unwrap();
         assert!(create_qcow2(&t, l, Path::new("/x/l.qcow2"), 1 << 20, None)[..2].join(" ").ends_with("quring create"));
         assert_eq!(
-            shell_join(&fill(&t, "qcow2", Path::new("/x/a"), (2 << 30) + 4096)),
+            shell_join(&fill(&t, "qcow2", Path::new("/x/l"), 4096, true)),
+            "/t/quring io -c 'write -P 0x5a 0 4096' /x/l"
+        );
+        assert_eq!(
+            shell_join(&fill(&t, "qcow2", Path::new("/x/a"), (2 << 30) + 4096, false)),
             "qemu-io -f qcow2 -c 'write -P 0x5a 0 1073741824' -c 'write -P 0x5a 1073741824 1073741824' \
              -c 'write -P 0x5a 2147483648 4096' /x/a"
         );

@@ -142,7 +142,9 @@ fn fmt_ratio(r: &Option<Summary>) -> String {
 }
 
 fn fmt_lat(s: &SideSummary) -> String {
-    let f = |x: Option<f64>| x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into());
+    let f = |x: Option<f64>| {
+        x.map(|v| if v < 10.0 { format!("{v:.1}") } else { format!("{v:.0}") }).unwrap_or_else(|| "–".into())
+    };
     if s.p50_us.is_none() && s.p99_us.is_none() {
         return "—".into();
     }

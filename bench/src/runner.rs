@@ -240,7 +240,14 @@ impl<'a> Runner<'a> {
             println!("  probe (mode {} skipped on {} if it fails): {}", mode.id, device.name(), shell_join(&argv));
             return Ok(());
         }
-        let r = self.prep(&argv, dir).map_err(|e| format!("not implemented: {e}"));
+        let r = self.prep(&argv, dir).map_err(|_| {
+            let o = execute(&argv, dir, Duration::from_secs(60));
+            format!(
+                "not implemented: `{}` fails: {}",
+                shell_join(&argv),
+                parse::failure_message(&o.stderr, &o.stdout, &o.status)
+            )
+        });
         let _ = std::fs::remove_file(&probe);
         r
     }
@@ -272,7 +279,7 @@ impl<'a> Runner<'a> {
                     (Side::Raw, ImageState::Full | ImageState::Overlay) => self.shared(raw_full, || {
                         let f = dir.join("raw-full.raw");
                         self.prep(&plan::create_raw(&f, size), dir)?;
-                        self.prep(&plan::fill(t, "raw", &f, size), dir)?;
+                        self.prep(&plan::fill(t, "raw", &f, size, false), dir)?;
                         Ok(f)
                     }),
                     (Side::Raw, ImageState::Empty) => {
@@ -283,7 +290,10 @@ impl<'a> Runner<'a> {
                     (_, ImageState::Full) => self.shared(mode_full, || {
                         let f = dir.join(format!("{}-full.qcow2", mode.id));
                         self.prep(&plan::create_qcow2(t, mode, &f, size, None), dir)?;
-                        self.prep(&plan::fill(t, "qcow2", &f, size), dir)?;
+                        self.prep(
+                            &plan::fill(t, "qcow2", &f, size, mode.quring_only || plan::CREATE_WITH_QURING),
+                            dir,
+                        )?;
                         Ok(f)
                     }),
                     (_, ImageState::Empty) => {
@@ -295,7 +305,7 @@ impl<'a> Runner<'a> {
                         let b = self.shared(backing, || {
                             let f = dir.join("backing.raw");
                             self.prep(&plan::create_raw(&f, size), dir)?;
-                            self.prep(&plan::fill(t, "raw", &f, size), dir)?;
+                            self.prep(&plan::fill(t, "raw", &f, size, false), dir)?;
                             Ok(f)
                         });
                         let f = dir.join(format!("{}-{}-{}-r{round}.qcow2", mode.id, w.id, side.name()));
