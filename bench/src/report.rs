@@ -120,16 +120,24 @@ fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
+/// A failure message short enough for a table cell (the full text is in results.json and in
+/// the "Not compared" list).
+fn short(msg: &str) -> String {
+    const MAX: usize = 100;
+    let m = md_escape(msg);
+    if m.chars().count() <= MAX { m } else { format!("{}…", m.chars().take(MAX).collect::<String>()) }
+}
+
 fn fmt_side(s: &SideSummary) -> String {
     match (&s.iops, &s.first_error) {
         (Some(i), err) => {
             let mut t = format!("{} ({}–{})", fmt_iops(i.median), fmt_iops(i.min), fmt_iops(i.max));
             if s.failures > 0 {
-                let _ = write!(t, "; {}/{} failed: {}", s.failures, s.rounds, md_escape(err.as_deref().unwrap_or("?")));
+                let _ = write!(t, "; {}/{} failed: {}", s.failures, s.rounds, short(err.as_deref().unwrap_or("?")));
             }
             t
         }
-        (None, Some(e)) => format!("failed: {}", md_escape(e)),
+        (None, Some(e)) => format!("failed: {}", short(e)),
         (None, None) => "—".into(),
     }
 }
@@ -505,6 +513,8 @@ pub mod tests {
 
     #[test]
     fn formatting() {
+        assert_eq!(short(&"x".repeat(150)).chars().count(), 101);
+        assert_eq!(short("a|b"), "a\\|b");
         assert_eq!(fmt_iops(1_234_567.0), "1.23M");
         assert_eq!(fmt_iops(45_678.0), "45.7k");
         assert_eq!(fmt_iops(4_567.0), "4.57k");
