@@ -34,7 +34,7 @@ fn p(x: &Path) -> String {
 
 /// Switch to `quring create` for every mode once it exists (TODO: turn on when the engine's
 /// create lands; the issue asks for images made by quring).
-pub const CREATE_WITH_QURING: bool = false;
+pub const CREATE_WITH_QURING: bool = true;
 
 /// THE image creation command: a fresh qcow2 image of `mode`, optionally over a raw backing
 /// file. qemu-img makes it until `quring create` exists; modes qemu-img does not know
