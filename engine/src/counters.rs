@@ -55,6 +55,14 @@ counters!(
     l1_writes,
     /// Header writes issued.
     header_writes,
+    /// Bytes of data written to the device (guest data plus copy-on-write fills).
+    data_write_bytes,
+    /// Bytes of L2 tables/slices written.
+    l2_write_bytes,
+    /// Bytes of refcount blocks and tables written.
+    refcount_write_bytes,
+    /// Bytes of L1 table and header written.
+    l1_header_write_bytes,
     /// Flushes (fdatasync) issued to the device.
     device_flushes,
     /// Bytes copied for copy-on-write (backing file or shared cluster fill).

@@ -36,6 +36,7 @@ impl Image {
             self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             self.sync.fdatasync(self.file.fd())?;
             crate::counters::Counters::add(&self.counters.header_writes, 1);
+            crate::counters::Counters::add(&self.counters.l1_header_write_bytes, bytes.len() as u64);
             crate::counters::Counters::add(&self.counters.device_flushes, 1);
             st.dirty_bit_set = true;
         }
@@ -99,6 +100,7 @@ impl Image {
         }
         self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), off, &table)?;
         crate::counters::Counters::add(&self.counters.l2_writes, 1);
+        crate::counters::Counters::add(&self.counters.l2_write_bytes, cs as u64);
         crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
         if old.l2_offset().0 != 0 {
             st.rc.free_later(old.l2_offset().0 >> self.geo.cluster_bits, 1);
@@ -159,6 +161,7 @@ impl Image {
         }
         self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), toff, &table)?;
         crate::counters::Counters::add(&self.counters.l2_writes, 1);
+        crate::counters::Counters::add(&self.counters.l2_write_bytes, cs as u64);
         crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
         self.l2_cache.forget(toff);
         self.l1[l1i as usize].store(L1Entry::new(crate::format::HostOffset(toff), true).0, Ordering::Release);

@@ -26,6 +26,7 @@ impl Image {
             let (b, t) = st.rc.write_back(&io)?;
             Counters::add(&c.refblock_writes, b);
             Counters::add(&c.reftable_writes, t);
+            Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
             self.device_flush()?;
         }
         if st.rc.table_moved && write_refcounts {
@@ -36,6 +37,7 @@ impl Image {
             drop(h);
             self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             Counters::add(&c.header_writes, 1);
+            Counters::add(&c.l1_header_write_bytes, bytes.len() as u64);
             self.device_flush()?;
             st.rc.table_moved = false;
             if let Some((o, n)) = st.rc.old_table.take() {
@@ -60,6 +62,7 @@ impl Image {
                 return Err(e);
             }
             Counters::add(&c.l2_writes, 1);
+            Counters::add(&c.l2_write_bytes, len as u64);
             need_flush = true;
         }
         if need_flush {
@@ -75,6 +78,7 @@ impl Image {
             }
             self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), h.l1_table_offset.0, &bytes)?;
             Counters::add(&c.l1_writes, 1);
+            Counters::add(&c.l1_header_write_bytes, bytes.len() as u64);
             st.l1_dirty = false;
             need_flush = true;
         }
@@ -96,6 +100,7 @@ impl Image {
                 let (b, t) = st.rc.write_back(&io)?;
                 Counters::add(&c.refblock_writes, b);
                 Counters::add(&c.reftable_writes, t);
+                Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
                 self.device_flush()?;
             }
         }
@@ -112,6 +117,7 @@ impl Image {
             drop(h);
             self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             Counters::add(&self.counters.header_writes, 1);
+            Counters::add(&self.counters.l1_header_write_bytes, bytes.len() as u64);
             self.device_flush()?;
             st.dirty_bit_set = false;
         }

@@ -326,6 +326,7 @@ impl Queue {
         });
         self.reqs[id].pending += 1;
         crate::counters::Counters::add(&self.image.counters.data_writes, 1);
+        crate::counters::Counters::add(&self.image.counters.data_write_bytes, len);
         if (src as usize).is_multiple_of(512) {
             let io = self.ios.insert(Io::Write { req: id, token });
             let sqe = opcode::Write::new(types::Fd(fd), src, len as u32).offset(host).build().user_data(io as u64);
@@ -534,6 +535,7 @@ impl Queue {
             j.token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
         }
         crate::counters::Counters::add(&self.image.counters.data_writes, 1);
+        crate::counters::Counters::add(&self.image.counters.data_write_bytes, n as u64);
         let io = self.ios.insert(Io::JobWrite { job });
         let sqe = opcode::Write::new(types::Fd(fd), ptr, n as u32).offset(off).build().user_data(io as u64);
         self.push(sqe);
