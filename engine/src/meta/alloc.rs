@@ -53,9 +53,26 @@ impl Image {
     pub(crate) fn reserve_clusters(&self, st: &mut MetaState, n: u64, out: &mut Vec<u64>) -> Result<()> {
         self.mark_dirty_for_lazy(st)?;
         let io = self.meta_io();
+        let first_new = out.len();
         st.rc.alloc_batch(&io, n, out)?;
         self.note_end(st);
         crate::counters::Counters::add(&self.counters.clusters_allocated, n);
+        // Batch clusters must read as zeros (writers rely on it to skip zero fills): those
+        // beyond the end of the file do; reused ones inside it are punched now.
+        let phys_end = self.file.len()?;
+        let cb = self.geo.cluster_bits;
+        let mut i = first_new;
+        while i < out.len() {
+            let mut j = i + 1;
+            while j < out.len() && out[j] == out[j - 1] + 1 {
+                j += 1;
+            }
+            let (a, b) = (out[i] << cb, (out[j - 1] + 1) << cb);
+            if a < phys_end {
+                self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), a, b.min(phys_end) - a)?;
+            }
+            i = j;
+        }
         Ok(())
     }
 

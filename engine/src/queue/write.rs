@@ -440,9 +440,25 @@ impl Queue {
         let vend = (cstart + wend).min(img.size);
         let fills: Vec<(u64, u64)> =
             [(cstart + wstart, pos), (pos + len, vend)].into_iter().filter(|(a, b)| b > a).collect();
-        // A fill is needed unless those bytes read as zeros for sure.
-        let zero_source = matches!(kind, ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. })
-            || (matches!(kind, ClusterKind::Unallocated) && img.backing.is_none() && !ext);
+        // Do the parts of the cluster the write does not cover read as zeros now?
+        let fill_is_zero = match kind {
+            ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. } => true,
+            ClusterKind::Unallocated => img.backing.is_none(),
+            // Only the partially written first/last subclusters are filled; they read as
+            // zeros unless they already hold data.
+            ClusterKind::Normal { copied: true, .. } if ext => {
+                let (s0, s1) = (g.subcluster_index(in_c), g.subcluster_index(in_c + len - 1));
+                let alloc = SubclusterBitmap(b).alloc();
+                img.backing.is_none() && alloc >> s0 & 1 == 0 && alloc >> s1 & 1 == 0
+            }
+            _ => false,
+        };
+        // A fresh batch cluster reads as zeros on disk (see reserve_clusters): then only the
+        // guest's bytes need writing.
+        let skip_fill = fresh && fill_is_zero;
+        let (wstart, fills) = if skip_fill { (in_c, Vec::new()) } else { (wstart, fills) };
+        let wend = if skip_fill { in_c + len } else { wend };
+        let zero_source = fill_is_zero;
         let r = &self.reqs[id];
         // SAFETY: pos lies inside the request.
         let src = unsafe { r.buf.add((pos - r.offset) as usize) } as *const u8;
@@ -613,7 +629,8 @@ impl Queue {
         let id = j.req;
         if j.error != 0 {
             if j.fresh {
-                self.batch.push(j.host >> img.geo.cluster_bits);
+                // It may hold bytes now: never reuse it as a known-zero batch cluster.
+                self.local_frees.push((j.host >> img.geo.cluster_bits, 1));
             }
             match j.detail {
                 Some(d) => self.fail_with(id, d),
@@ -631,7 +648,8 @@ impl Queue {
         }
         // Lost the race: the cluster changed under us. Redo this piece.
         if j.fresh {
-            self.batch.push(j.host >> img.geo.cluster_bits);
+            // It may hold bytes now: never reuse it as a known-zero batch cluster.
+            self.local_frees.push((j.host >> img.geo.cluster_bits, 1));
         }
         let rid = self.new_req(0, ReqKind::Write, j.pos, j.len, j.src as *mut u8, Parent::Req(id));
         self.drive_write(rid);
