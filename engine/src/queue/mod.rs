@@ -171,6 +171,8 @@ pub struct Queue {
     pub(crate) cqe_buf: Vec<(u64, i32)>,
     /// The queue's pool of aligned bounce buffers (copy-on-write, compressed reads).
     pub(crate) pool: Vec<AlignedBuf>,
+    /// Flushes (and writethrough writes) waiting for the next group commit.
+    pub(crate) flush_waiters: Vec<usize>,
 }
 
 impl Queue {
@@ -207,6 +209,7 @@ impl Queue {
             zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
             cqe_buf: Vec::with_capacity(256),
             pool: Vec::new(),
+            flush_waiters: Vec::new(),
         })
     }
 
@@ -333,6 +336,7 @@ impl Queue {
             self.commit()?;
             self.process_cqes();
             self.retry_parked();
+            self.group_flush();
             self.commit()?;
             if self.done.len() >= min.max(1) || (min == 0) || self.reqs.is_empty() {
                 break;
@@ -346,7 +350,10 @@ impl Queue {
             // Wait for one CQE; when requests are parked on another queue's load, wake up
             // regularly to retry them.
             let mut wait = deadline.map(|d| d - now);
-            let waiting = !self.parked.is_empty() || !self.lock_parked.is_empty() || !self.job_parked.is_empty();
+            let waiting = !self.parked.is_empty()
+                || !self.lock_parked.is_empty()
+                || !self.job_parked.is_empty()
+                || !self.flush_waiters.is_empty();
             if waiting && self.ios.is_empty() {
                 wait = Some(wait.map_or(Duration::from_micros(50), |w| w.min(Duration::from_micros(50))));
             }
