@@ -43,6 +43,12 @@ pub enum Op {
     Read { offset: u64, buf: *mut u8, len: usize },
     /// Write `len` bytes at `offset` from `buf`.
     Write { offset: u64, buf: *const u8, len: usize },
+    /// Scatter read at `offset` into `iovcnt` segments (guest memory, no copy when the
+    /// segments are 512-byte aligned). Each segment's length must be a multiple of 512;
+    /// the iovec array itself is only read during `submit`.
+    Readv { offset: u64, iov: *const libc::iovec, iovcnt: usize },
+    /// Gather write at `offset` from `iovcnt` segments (same rules as `Readv`).
+    Writev { offset: u64, iov: *const libc::iovec, iovcnt: usize },
     /// Make every completed write durable.
     Flush,
     /// Discard a range (reads zeros or backing data afterwards).
@@ -238,12 +244,19 @@ impl Queue {
     /// until the request's completion is returned by [`Queue::reap`].
     pub unsafe fn submit(&mut self, req: Request) -> Result<()> {
         let size = self.image.size;
+        if let Op::Readv { offset, iov, iovcnt } | Op::Writev { offset, iov, iovcnt } = req.op {
+            let write = matches!(req.op, Op::Writev { .. });
+            // SAFETY: the caller passes `iovcnt` valid iovecs (read only during this call).
+            let segs = unsafe { std::slice::from_raw_parts(iov, iovcnt) };
+            return self.submit_vectored(req.user_data, offset, segs, write);
+        }
         let (kind, offset, len, buf) = match req.op {
             Op::Read { offset, buf, len } => (ReqKind::Read, offset, len as u64, buf),
             Op::Write { offset, buf, len } => (ReqKind::Write, offset, len as u64, buf as *mut u8),
             Op::WriteZeroes { offset, len, unmap } => (ReqKind::Zero { unmap }, offset, len, std::ptr::null_mut()),
             Op::Discard { offset, len } => (ReqKind::Discard, offset, len, std::ptr::null_mut()),
             Op::Flush => (ReqKind::Flush, 0, 0, std::ptr::null_mut()),
+            Op::Readv { .. } | Op::Writev { .. } => unreachable!("handled above"),
         };
         if kind != ReqKind::Flush {
             check_range(offset, len, size)?;
@@ -262,6 +275,45 @@ impl Queue {
             self.reqs[id].wt_flush = self.image.cache_mode == crate::image::CacheMode::Writethrough;
         }
         self.drive(id);
+        Ok(())
+    }
+
+    /// One guest request over several buffers: a parent request whose pieces are child
+    /// requests, one per segment.
+    fn submit_vectored(&mut self, user_data: u64, offset: u64, segs: &[libc::iovec], write: bool) -> Result<()> {
+        let mut len = 0u64;
+        for (i, s) in segs.iter().enumerate() {
+            if s.iov_len % 512 != 0 || (s.iov_base.is_null() && s.iov_len > 0) {
+                return Err(Error::InvalidRequest(format!(
+                    "segment {i}: length {} must be a non-null multiple of 512",
+                    s.iov_len
+                )));
+            }
+            len += s.iov_len as u64;
+        }
+        check_range(offset, len, self.image.size)?;
+        if write {
+            self.image.check_writable()?;
+        }
+        let kind = if write { ReqKind::Write } else { ReqKind::Read };
+        let id = self.new_req(user_data, kind, offset, len, std::ptr::null_mut(), Parent::Caller);
+        if write {
+            self.reqs[id].counted = true;
+            self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.reqs[id].wt_flush = self.image.cache_mode == crate::image::CacheMode::Writethrough;
+        }
+        // The parent is walked at once; its children carry the work.
+        self.reqs[id].cursor = offset + len;
+        self.reqs[id].pending += 1;
+        let mut pos = offset;
+        for s in segs.iter().filter(|s| s.iov_len > 0) {
+            self.reqs[id].pending += 1;
+            let child = self.new_req(0, kind, pos, s.iov_len as u64, s.iov_base as *mut u8, Parent::Req(id));
+            self.drive(child);
+            pos += s.iov_len as u64;
+        }
+        self.reqs[id].pending -= 1;
+        self.maybe_finish(id);
         Ok(())
     }
 

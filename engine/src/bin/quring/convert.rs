@@ -70,7 +70,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             quring::image::create(&a.dst, &o, true)?;
             let out = quring::image::Image::open(&a.dst, &quring::image::Options::default())?;
             let q = Queue::new(&out, &QueueOptions::default())?;
-            Sink::Qcow2(out, q)
+            Sink::Qcow2(out, Box::new(q))
         }
         o => return Err(format!("Unknown output format '{o}' (use raw or qcow2)").into()),
     };
@@ -135,7 +135,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
 /// Where converted data goes.
 enum Sink {
     Raw(std::fs::File),
-    Qcow2(std::sync::Arc<quring::image::Image>, Queue),
+    Qcow2(std::sync::Arc<quring::image::Image>, Box<Queue>),
 }
 
 impl Sink {

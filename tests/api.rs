@@ -1,0 +1,88 @@
+//! The library API as a VMM uses it: scatter-gather requests, polling completions without
+//! blocking, the ring fd, counters, clean close.
+
+mod common;
+
+use common::*;
+use quring::image::{Image, Options};
+use quring::io::AlignedBuf;
+use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
+use std::time::Duration;
+
+#[test]
+fn vectored_requests_and_polling() {
+    let dir = tempdir();
+    let path = dir.path().join("v.qcow2");
+    let r = quring(["create", "-q", "-o", "cluster_size=64k,extended_l2=on", &s(&path), "16M"]);
+    assert_eq!(r.status(), 0, "{}", r.describe());
+    let img = Image::open(&path, &Options::default()).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    // Three segments of different sizes, one of them not page aligned in memory.
+    let mut a = AlignedBuf::new(4096);
+    let mut b = vec![0u8; 1024 + 512];
+    let mut c = AlignedBuf::new(8192);
+    a.fill(0x11);
+    c.fill(0x33);
+    let bseg = &mut b[512..];
+    bseg.fill(0x22);
+    let iov = [
+        libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: a.len() },
+        libc::iovec { iov_base: bseg.as_mut_ptr().cast(), iov_len: bseg.len() },
+        libc::iovec { iov_base: c.as_mut_ptr().cast(), iov_len: c.len() },
+    ];
+    // SAFETY: the buffers outlive the request (we reap it below).
+    unsafe { q.submit(Request { op: Op::Writev { offset: 3 << 20, iov: iov.as_ptr(), iovcnt: 3 }, user_data: 7 }) }
+        .unwrap();
+    q.commit().unwrap();
+    // Poll without blocking, as an event loop would after the ring fd became readable.
+    let mut out: Vec<Completion> = Vec::new();
+    let fd = q.ring_fd();
+    assert!(fd >= 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while out.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "write never completed");
+        q.reap(&mut out, 0, Some(Duration::ZERO)).unwrap();
+        if out.is_empty() {
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
+        }
+    }
+    assert_eq!(out[0], Completion { user_data: 7, result: 0 });
+    // Read it back as one buffer and as a scatter list.
+    let mut whole = AlignedBuf::new(4096 + 1024 + 8192);
+    q.read_at(&mut whole, 3 << 20).unwrap();
+    assert!(whole[..4096].iter().all(|&x| x == 0x11));
+    assert!(whole[4096..5120].iter().all(|&x| x == 0x22));
+    assert!(whole[5120..].iter().all(|&x| x == 0x33));
+    let mut r1 = AlignedBuf::new(512);
+    let mut r2 = AlignedBuf::new(12800);
+    let riov = [
+        libc::iovec { iov_base: r1.as_mut_ptr().cast(), iov_len: r1.len() },
+        libc::iovec { iov_base: r2.as_mut_ptr().cast(), iov_len: r2.len() },
+    ];
+    // SAFETY: as above.
+    unsafe { q.submit(Request { op: Op::Readv { offset: 3 << 20, iov: riov.as_ptr(), iovcnt: 2 }, user_data: 8 }) }
+        .unwrap();
+    out.clear();
+    q.reap(&mut out, 1, None).unwrap();
+    assert_eq!(out[0], Completion { user_data: 8, result: 0 });
+    assert_eq!(&r1[..], &whole[..512]);
+    assert_eq!(&r2[..], &whole[512..]);
+    // A segment that is not a multiple of 512 is refused before anything starts.
+    let bad = [libc::iovec { iov_base: r1.as_mut_ptr().cast(), iov_len: 100 }];
+    // SAFETY: nothing is started for a refused request.
+    let e = unsafe { q.submit(Request { op: Op::Readv { offset: 0, iov: bad.as_ptr(), iovcnt: 1 }, user_data: 9 }) };
+    assert!(e.is_err());
+    q.flush().unwrap();
+    let c = img.counters();
+    assert_eq!(c.guest_writes, 1);
+    assert_eq!(c.guest_reads, 2);
+    drop(q);
+    img.close().unwrap();
+    drop(img);
+    let chk = qemu_img(["check", &s(&path)]);
+    assert_eq!(chk.status(), 0, "{}", chk.describe());
+    let io = qemu_io(["-c", "read -P 0x22 3149824 1024", &s(&path)]);
+    assert!(!io.stdout.contains("verification failed"), "{}", io.describe());
+}
