@@ -309,7 +309,7 @@ mod tests {
         let m = mode("xl2-2m").unwrap();
         assert_eq!(
             shell_join(&create_qcow2(&t, m, Path::new("/x/o.qcow2"), 1 << 30, Some(Path::new("/x/b.raw")))),
-            "qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2=on -b /x/b.raw -F raw /x/o.qcow2 1073741824"
+            "/t/quring create -f qcow2 -o cluster_size=2M,extended_l2=on -b /x/b.raw -F raw /x/o.qcow2 1073741824"
         );
         let l = mode("l2less").unwrap();
         assert!(create_qcow2(&t, l, Path::new("/x/l.qcow2"), 1 << 20, None)[..2].join(" ").ends_with("quring create"));
