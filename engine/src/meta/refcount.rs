@@ -24,6 +24,27 @@ pub(crate) struct MetaIo<'a> {
     pub fd: i32,
 }
 
+/// Hasher for cluster-aligned offsets (cheap: one multiply; keys are not attacker-chosen
+/// in a way that matters for a bounded, per-image map).
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl std::hash::Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type BlockMap = HashMap<u64, Block, std::hash::BuildHasherDefault<OffsetHasher>>;
+
 struct Block {
     buf: AlignedBuf,
     dirty: bool,
@@ -44,7 +65,7 @@ pub(crate) struct Refcounts {
     pub table_moved: bool,
     /// Clusters of a table that was replaced, freed once the header points elsewhere.
     pub old_table: Option<(u64, u64)>,
-    blocks: HashMap<u64, Block>,
+    blocks: BlockMap,
     cap: usize,
     tick: u64,
     /// No cluster below this index is free (allocation scan start).
@@ -81,7 +102,7 @@ impl Refcounts {
             table_dirty: false,
             table_moved: false,
             old_table: None,
-            blocks: HashMap::new(),
+            blocks: BlockMap::default(),
             cap: ((cache_bytes / geo.cluster_size()) as usize).max(4),
             tick: 0,
             free_hint: 0,
@@ -104,7 +125,7 @@ impl Refcounts {
             buf[..valid].copy_from_slice(&data[..valid]);
             self.blocks.insert(off, Block { buf, dirty: false, used: tick });
         }
-        let b = self.blocks.get_mut(&off).expect("block just inserted");
+        let b = self.blocks.get_mut(&off).expect("block present");
         b.used = tick;
         Ok(b)
     }
