@@ -743,9 +743,14 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
     image.close()?;
     eprintln!("quring serve: image closed");
-    if let Err(e) = result {
-        eprintln!("quring serve: connection ended with: {e}");
-        return Ok(1);
+    use vhost::vhost_user::Error as VuError;
+    use vhost_user_backend::Error as DaemonError;
+    match result {
+        // The front-end went away: the normal end of a VM.
+        Ok(()) | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => Ok(0),
+        Err(e) => {
+            eprintln!("quring serve: connection ended with: {e}");
+            Ok(1)
+        }
     }
-    Ok(0)
 }
