@@ -670,13 +670,16 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         let conn = conn.clone();
         let image = image.clone();
         std::thread::Builder::new().name("quring-signals".into()).spawn(move || {
-            let sig = sigs.wait();
+            let sig = sigs.wait().map(|s| s.as_str()).unwrap_or("signal");
             let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
             c.0 = true;
             match &c.1 {
-                Some(h) => h.shutdown(),
+                Some(h) => {
+                    eprintln!("quring serve: {sig}: disconnecting");
+                    h.shutdown()
+                }
                 None => {
-                    eprintln!("quring serve: {sig:?} before a connection: closing");
+                    eprintln!("quring serve: {sig} before a connection: closing");
                     let code = match image.close() {
                         Ok(()) => 0,
                         Err(e) => {
