@@ -115,6 +115,8 @@ struct Shared {
     /// Virtqueues with requests in flight right now, and the most seen at once.
     busy_queues: AtomicUsize,
     max_busy_queues: AtomicUsize,
+    /// Set on SIGTERM/SIGINT: take no new requests, finish those in flight.
+    stopping: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -375,6 +377,9 @@ impl Worker {
 
     /// Pops every available descriptor chain and starts it.
     fn process_available(&mut self, vring: &Vring) -> std::io::Result<()> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
         loop {
             let mem = self.shared.mem.memory().into_inner();
             let chains: Vec<(u16, Chain)> = {
@@ -630,6 +635,20 @@ impl Worker {
     }
 }
 
+impl Drop for Worker {
+    /// The thread is going away (front-end gone or shutdown): let the engine finish what it
+    /// started, so that no write is left half done in the image.
+    fn drop(&mut self) {
+        let start = Instant::now();
+        let mut done = Vec::new();
+        while self.queue.in_flight() > 0 && start.elapsed() < DRAIN_TIMEOUT {
+            if self.queue.reap(&mut done, 1, Some(Duration::from_millis(10))).is_err() {
+                break;
+            }
+        }
+    }
+}
+
 /// Runs `quring serve`.
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let cache = match a.cache {
@@ -657,6 +676,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         stats: (0..num_queues).map(|_| QueueStats::default()).collect(),
         busy_queues: AtomicUsize::new(0),
         max_busy_queues: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
     });
     let backend = BlkBackend(shared.clone());
     let mut daemon = VhostUserDaemon::new("quring-vhost-user-blk".into(), backend, shared.mem.clone())
@@ -669,8 +689,17 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     {
         let conn = conn.clone();
         let image = image.clone();
+        let shared_sig = shared.clone();
         std::thread::Builder::new().name("quring-signals".into()).spawn(move || {
             let sig = sigs.wait().map(|s| s.as_str()).unwrap_or("signal");
+            // Let the virtqueue threads finish what they started before the connection goes.
+            shared_sig.stopping.store(true, Ordering::Release);
+            let start = Instant::now();
+            while shared_sig.stats.iter().any(|s| s.in_flight.load(Ordering::Acquire) > 0)
+                && start.elapsed() < DRAIN_TIMEOUT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
             c.0 = true;
             match &c.1 {
