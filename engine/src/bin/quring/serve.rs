@@ -239,9 +239,9 @@ impl VhostUserBackend for BlkBackend {
                 *w = Some(Worker::new(self, thread_id)?);
             }
             let w = w.as_mut().expect("just set");
-            if device_event == self.timer_event() {
-                let _ = w.timer.wait();
-            }
+            // The timer needs no read: re-arming or disarming it below resets its expiry
+            // count (a blocking read here could also hang: an earlier event of the same
+            // epoll batch may have re-armed it already).
             if device_event == 0 {
                 w.process_available(vring)?;
             }
