@@ -8,6 +8,7 @@ mod create;
 mod info;
 mod io_cmd;
 mod map;
+mod serve;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ enum Cmd {
     Io(io_cmd::Args),
     /// Benchmark reads or writes (like `qemu-img bench`).
     Bench(bench::Args),
+    /// Serve an image to a VMM (vhost-user-blk).
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => convert::run(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Serve(a) => serve::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),
