@@ -231,6 +231,18 @@ impl Queue {
         self.ring.as_raw_fd()
     }
 
+    /// For event loops that wait on [`Queue::ring_fd`]: when some request waits for
+    /// something the ring fd does not signal (metadata another queue is loading, the
+    /// metadata lock, a group flush), returns how soon [`Queue::reap`] should be called
+    /// again even if the fd stays quiet. `None`: waiting on the fd alone is enough.
+    pub fn poll_hint(&self) -> Option<Duration> {
+        let waiting = !self.parked.is_empty()
+            || !self.lock_parked.is_empty()
+            || !self.job_parked.is_empty()
+            || !self.flush_waiters.is_empty();
+        waiting.then_some(Duration::from_micros(50))
+    }
+
     /// Requests submitted and not yet returned by [`Queue::reap`].
     pub fn in_flight(&self) -> usize {
         self.reqs.len() + self.done.len()
