@@ -143,6 +143,10 @@ pub struct Image {
     pub(crate) l2less: bool,
     /// Test hook on device writes (see [`crate::io::hook`]).
     pub(crate) hook: Option<crate::io::hook::Hook>,
+    /// Header version (2 or 3), kept out of the header mutex for the hot paths.
+    pub(crate) version: u32,
+    /// The corrupt bit (incompatible bit 1) is set: writes are refused.
+    pub(crate) corrupt: std::sync::atomic::AtomicBool,
     /// Host clusters that an allocation job is filling in place (subclusters of an owned
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
@@ -304,6 +308,8 @@ impl Image {
             fill_busy: Mutex::new(std::collections::HashSet::new()),
             l2less: l2less_bit,
             hook: opts.hook.clone(),
+            version: header.version,
+            corrupt: std::sync::atomic::AtomicBool::new(header.incompatible_features & feature::INCOMPAT_CORRUPT != 0),
             header: Mutex::new(header),
         }))
     }

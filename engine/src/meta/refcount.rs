@@ -318,6 +318,10 @@ impl Refcounts {
         }
         let mut nt = 0;
         if self.table_dirty {
+            // New refcount blocks must be durable before a table entry points to them.
+            if nb > 0 {
+                io.ring.fdatasync(io.fd)?;
+            }
             let mut bytes = vec![0u8; (self.table_clusters * self.geo.cluster_size()) as usize];
             for (i, e) in self.table.iter().enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());

@@ -49,20 +49,33 @@ impl Image {
         // 2. L2 slices (data they point to was written before the entries changed, and the
         //    device flush above made it durable).
         let cache = &self.l2_cache;
+        // Copy the dirty slices first, then flush the device, then write the copies: every
+        // entry in a copy was published after its data write completed, so before this
+        // device flush, which makes that data durable before the entry is. (Entries
+        // published after the copy mark their slice dirty again for the next write-back.)
+        let mut copies = Vec::new();
         for slot in cache.dirty_slots() {
             let Some(key) = cache.slot_key(slot) else { continue };
             cache.clear_dirty(slot);
             let len = cache.slot_size();
-            // SAFETY: the slot is valid and, being dirty until just now, cannot have been
-            // evicted; concurrent CAS updates of single words may race with this copy,
-            // which then sees the old or the new word, and re-marks the slot dirty.
+            // SAFETY: the slot is valid and was dirty until just now, so it was not evicted;
+            // concurrent single-word CAS updates may race with this copy, which then holds
+            // the old or the new word (and the slot is dirty again).
             let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(slot), len) }.to_vec();
+            copies.push((slot, key, bytes));
+        }
+        if !copies.is_empty() {
+            self.device_flush()?;
+        }
+        for (slot, key, bytes) in copies {
             if let Err(e) = self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), key, &bytes) {
-                cache.mark_dirty(slot);
+                if cache.slot_key(slot) == Some(key) {
+                    cache.mark_dirty(slot);
+                }
                 return Err(e);
             }
             Counters::add(&c.l2_writes, 1);
-            Counters::add(&c.l2_write_bytes, len as u64);
+            Counters::add(&c.l2_write_bytes, bytes.len() as u64);
             need_flush = true;
         }
         if need_flush {

@@ -19,7 +19,6 @@
 //! is parked and retried, so a queue never blocks its thread on another queue.
 
 use super::{Io, Parent, Queue, ReqKind};
-use crate::format::feature;
 use crate::format::l2::{self, ClusterKind, L2Entry, SubclusterBitmap};
 use crate::format::types::GuestOffset;
 use crate::io::AlignedBuf;
@@ -100,7 +99,7 @@ impl crate::image::Image {
         if self.read_only || self.meta.is_none() {
             return Err(Error::InvalidRequest("the image is open read-only".into()));
         }
-        if self.header().incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
+        if self.corrupt.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::InvalidRequest("the image is marked corrupt; writes are refused".into()));
         }
         Ok(())
@@ -679,7 +678,7 @@ impl Queue {
         let img = self.image.clone();
         let g = img.geo;
         let cs = g.cluster_size();
-        let v3 = img.header().version >= 3;
+        let v3 = img.version >= 3;
         loop {
             let r = &self.reqs[id];
             let end = r.offset + r.len;
@@ -839,7 +838,7 @@ impl Queue {
             }
             let has_backing = img.backing.is_some();
             let (ne, free) = if discard {
-                let v3 = img.header().version >= 3;
+                let v3 = img.version >= 3;
                 let ne = if v3 && (has_backing || allocated || compressed) { l2::L2_ZERO } else { 0 };
                 (ne, allocated || compressed)
             } else {
