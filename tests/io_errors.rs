@@ -1,0 +1,3 @@
+//! I/O error matrix (issue 7).
+mod common;
+mod crash_harness;
