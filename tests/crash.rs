@@ -172,7 +172,9 @@ fn gen_plan(sc: &Scenario, rng: &mut Rng) -> Vec<Planned> {
 }
 
 /// Runs one workload and checks `states` crash states of it. Returns the number checked.
-fn run_seed(seed: u64, states: usize) -> usize {
+/// With `QURING_CRASH_KEEP_GOING` set, a violation is printed and counted instead of
+/// failing at once (the test still fails at the end).
+fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
     let sc = SCENARIOS[(seed % SCENARIOS.len() as u64) as usize];
     let mut rng = Rng::new(seed);
     let dir = shm_dir();
@@ -233,15 +235,23 @@ fn run_seed(seed: u64, states: usize) -> usize {
             }
             let ops: String =
                 model.ops.iter().enumerate().map(|(i, o)| format!("  op #{i} {}\n", o.describe())).collect();
-            panic!(
+            let msg = format!(
                 "CRASH CONSISTENCY VIOLATION\nscenario: {} ({sc:?})\nseed: {seed} (reproduce: QURING_CRASH_SEED={seed} \
                  cargo test --test crash -- --nocapture), state #{k} of this workload\n{} events logged\n{desc}\
-                 violation: {v}\nguest requests:\n{ops}state kept at {} (start image {})",
+                 violation: {v}\nguest requests:\n{ops}events from the last durable barrier to the crash point:\n{}state kept at {} (start image {})",
                 sc.name,
                 events.len(),
+                event_listing(&events, log.durable_barrier(c).saturating_sub(1), c),
                 kept.display(),
                 kept_start.display()
             );
+            if std::env::var_os("QURING_CRASH_KEEP_GOING").is_none() {
+                panic!("{msg}");
+            }
+            let first = v.lines().next().unwrap_or("").to_string();
+            eprintln!("VIOLATION seed {seed} ({}) state #{k} crash point {c}: {first}", sc.name);
+            violations.push(format!("seed {seed} ({}) state #{k}: {first}", sc.name));
+            return k + 1;
         }
     }
     states
@@ -252,8 +262,10 @@ fn crash_states() {
     let t0 = Instant::now();
     let per = env_u64("QURING_CRASH_PER_WORKLOAD").unwrap_or(10) as usize;
     if let Some(seed) = env_u64("QURING_CRASH_SEED") {
-        let n = run_seed(seed, per.max(40));
+        let mut v = Vec::new();
+        let n = run_seed(seed, per.max(40), &mut v);
         eprintln!("crash: seed {seed}: {n} crash states checked in {:.1?}", t0.elapsed());
+        assert!(v.is_empty(), "{v:?}");
         return;
     }
     let target = env_u64("QURING_CRASH_STATES").unwrap_or(300) as usize;
@@ -261,8 +273,9 @@ fn crash_states() {
     let mut total = 0;
     let mut seed = base;
     let mut workloads = 0;
+    let mut violations = Vec::new();
     while total < target {
-        total += run_seed(seed, per);
+        total += run_seed(seed, per, &mut violations);
         workloads += 1;
         seed += 1;
         if workloads % 50 == 0 {
@@ -275,4 +288,5 @@ fn crash_states() {
         SCENARIOS.len(),
         t0.elapsed()
     );
+    assert!(violations.is_empty(), "{} violations:\n{}", violations.len(), violations.join("\n"));
 }

@@ -353,6 +353,24 @@ pub fn materialize(start: &[u8], log: &Log, c: usize, rng: &mut Rng) -> (Vec<u8>
     (img, desc)
 }
 
+/// The events from `from` to `to` (exclusive), one a line, without data.
+pub fn event_listing(events: &[Ev], from: usize, to: usize) -> String {
+    let mut out = String::new();
+    for (i, e) in events.iter().enumerate().take(to.min(events.len())).skip(from) {
+        let line = match e {
+            Ev::Write { token, kind, off, len, data } => {
+                format!("{i}: issue #{token} {kind:?} {off:#x}+{len:#x}{}", if data.is_none() { " (zeros)" } else { "" })
+            }
+            Ev::WriteDone { token } => format!("{i}: done #{token}"),
+            Ev::FlushStart { token } => format!("{i}: FLUSH start #{token}"),
+            Ev::FlushDone { token, ok } => format!("{i}: FLUSH done #{token} ok={ok}"),
+        };
+        out += &line;
+        out.push('\n');
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------
 // The guest model
 
