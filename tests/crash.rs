@@ -290,3 +290,66 @@ fn crash_states() {
     );
     assert!(violations.is_empty(), "{} violations:\n{}", violations.len(), violations.join("\n"));
 }
+
+/// The checks can fail: a state that loses a flushed data write, and one that maps a guest
+/// range to another range's data, must both be reported.
+#[test]
+fn harness_detects_lost_and_stale_data() {
+    let dir = shm_dir();
+    let img = dir.path().join("t.qcow2");
+    create_qcow2(&img, &Qcow2Opts::cluster(4096), 4 * MIB);
+    let start_bytes = std::fs::read(&img).unwrap();
+    let base = read_disk(&img).unwrap();
+    let rec = Recorder::new();
+    let mut model = Model { size: 4 * MIB, base, ops: Vec::new(), durability: Durability::Flushed };
+    let plan = [
+        Planned { kind: GKind::Write, off: 0, len: 8192, batch: false },
+        Planned { kind: GKind::Write, off: MIB, len: 8192, batch: false },
+        Planned { kind: GKind::Flush, off: 0, len: 0, batch: false },
+    ];
+    {
+        let im = open_recorded(&img, &rec, CacheMode::Writeback);
+        let mut q = Queue::new(&im, &QueueOptions::default()).unwrap();
+        run_plan(&mut q, &rec, &mut model, &plan, 7);
+        drop(q);
+        im.close().unwrap();
+    }
+    let events = rec.events();
+    let c = events.len();
+    let state = dir.path().join("s.qcow2");
+    // Everything applied: passes.
+    let log = Log::new(&events);
+    let (bytes, _) = materialize(&start_bytes, &log, c, &mut Rng::new(1));
+    std::fs::write(&state, &bytes).unwrap();
+    check_state(&state, CheckMode::Eager, &model, c).unwrap();
+    // Lost data writes (metadata kept; the clusters hold zeros): the flushed write is gone.
+    let mut lost = Log::new(&events);
+    for w in lost.writes.iter_mut().filter(|w| w.kind == quring::io::hook::WriteKind::Data) {
+        w.data = Some(std::sync::Arc::new(vec![0; w.len as usize]));
+    }
+    let (bytes, _) = materialize(&start_bytes, &lost, c, &mut Rng::new(1));
+    std::fs::write(&state, &bytes).unwrap();
+    let e = check_state(&state, CheckMode::Eager, &model, c).expect_err("lost durable data must be reported");
+    assert!(e.contains("not allowed"), "{e}");
+    // The second write's data at the first write's host clusters: stale data elsewhere.
+    let mut swapped = Log::new(&events);
+    let data_of = |o: &GuestOp| -> Vec<DevWrite> {
+        swapped
+            .writes
+            .iter()
+            .filter(|w| w.kind == quring::io::hook::WriteKind::Data && w.issued_at >= o.start && w.issued_at < o.end)
+            .cloned()
+            .collect()
+    };
+    let (a, b) = (data_of(&model.ops[0]), data_of(&model.ops[1]));
+    assert!(!a.is_empty() && a.len() == b.len(), "{}", event_listing(&events, 0, c));
+    for w in swapped.writes.iter_mut() {
+        if let Some(i) = a.iter().position(|x| x.token == w.token) {
+            w.data = b[i].data.clone();
+        }
+    }
+    let (bytes, _) = materialize(&start_bytes, &swapped, c, &mut Rng::new(1));
+    std::fs::write(&state, &bytes).unwrap();
+    let e = check_state(&state, CheckMode::Eager, &model, c).expect_err("misplaced data must be reported");
+    assert!(e.contains("op #1's data for guest offset 0x100000"), "{e}");
+}
