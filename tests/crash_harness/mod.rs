@@ -80,6 +80,8 @@ pub struct Injected {
     pub what: String,
     pub errno: i32,
     pub at: usize,
+    /// Index of the guest request running then (`usize::MAX`: none, e.g. close).
+    pub op: usize,
 }
 
 #[derive(Default)]
@@ -90,11 +92,17 @@ pub struct Recorder {
     counts: Mutex<HashMap<WriteKind, u64>>,
     flushes: AtomicU64,
     pub injected: Mutex<Vec<Injected>>,
+    /// The guest request being run (set by [`run_plan`]).
+    pub cur_op: std::sync::atomic::AtomicUsize,
 }
 
 impl Recorder {
     pub fn new() -> Arc<Self> {
-        Arc::new(Recorder { next: AtomicU64::new(1), ..Default::default() })
+        Arc::new(Recorder {
+            next: AtomicU64::new(1),
+            cur_op: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            ..Default::default()
+        })
     }
     pub fn with_plan(plan: FailPlan) -> Arc<Self> {
         let r = Self::new();
@@ -138,6 +146,7 @@ impl IoHook for Recorder {
                 what: format!("write #{n} of kind {kind:?} at {off:#x}+{len:#x}"),
                 errno,
                 at,
+                op: self.cur_op.load(Ordering::SeqCst),
             });
             return Some(errno);
         }
@@ -151,7 +160,12 @@ impl IoHook for Recorder {
             && n == nth
         {
             let at = self.len();
-            self.injected.lock().unwrap().push(Injected { what: format!("device flush #{n}"), errno, at });
+            self.injected.lock().unwrap().push(Injected {
+                what: format!("device flush #{n}"),
+                errno,
+                at,
+                op: self.cur_op.load(Ordering::SeqCst),
+            });
             return Some(errno);
         }
         None
@@ -274,15 +288,23 @@ pub struct StateDesc {
 impl std::fmt::Display for StateDesc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "crash point: event {} ({} durable writes applied)", self.crash_point, self.durable)?;
-        writeln!(f, "non-durable writes applied (token kind off+len [torn 4K pieces at]):")?;
+        let data = self.applied.iter().filter(|a| a.1 == WriteKind::Data).count();
+        writeln!(f, "non-durable writes applied (token kind off+len [torn 4K pieces at]), {data} of them Data:")?;
         for (t, k, o, l, p) in &self.applied {
+            if data > 40 && *k == WriteKind::Data {
+                continue;
+            }
             match p {
                 None => writeln!(f, "  #{t} {k:?} {o:#x}+{l:#x}")?,
                 Some(p) => writeln!(f, "  #{t} {k:?} {o:#x}+{l:#x} torn: {:x?}", p)?,
             }
         }
-        writeln!(f, "non-durable writes dropped:")?;
+        let data = self.dropped.iter().filter(|a| a.1 == WriteKind::Data).count();
+        writeln!(f, "non-durable writes dropped, {data} of them Data:")?;
         for (t, k, o, l) in &self.dropped {
+            if data > 40 && *k == WriteKind::Data {
+                continue;
+            }
             writeln!(f, "  #{t} {k:?} {o:#x}+{l:#x}")?;
         }
         Ok(())
@@ -355,8 +377,31 @@ pub fn materialize(start: &[u8], log: &Log, c: usize, rng: &mut Rng) -> (Vec<u8>
 
 /// The events from `from` to `to` (exclusive), one a line, without data.
 pub fn event_listing(events: &[Ev], from: usize, to: usize) -> String {
+    listing(events, from, to, true)
+}
+
+/// Like [`event_listing`] without guest data writes and completions (metadata and flushes).
+pub fn meta_listing(events: &[Ev], from: usize, to: usize) -> String {
+    listing(events, from, to, false)
+}
+
+fn listing(events: &[Ev], from: usize, to: usize, data: bool) -> String {
     let mut out = String::new();
+    let data_tokens: std::collections::HashSet<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Ev::Write { token, kind: WriteKind::Data, .. } => Some(*token),
+            _ => None,
+        })
+        .collect();
     for (i, e) in events.iter().enumerate().take(to.min(events.len())).skip(from) {
+        if !data {
+            match e {
+                Ev::Write { token, .. } | Ev::WriteDone { token } if data_tokens.contains(token) => continue,
+                Ev::WriteDone { .. } => continue,
+                _ => {}
+            }
+        }
         let line = match e {
             Ev::Write { token, kind, off, len, data } => {
                 format!("{i}: issue #{token} {kind:?} {off:#x}+{len:#x}{}", if data.is_none() { " (zeros)" } else { "" })
@@ -576,6 +621,7 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
             j += 1;
         }
         let batch_end = (j + 1).min(plan.len());
+        rec.cur_op.store(model.ops.len(), Ordering::SeqCst);
         if batch_end - i == 1 {
             let p = &plan[i];
             let data = (p.kind == GKind::Write).then(|| pattern_bytes(data_seed ^ (i as u64 * 0x9e37), p.len as usize));
@@ -644,6 +690,7 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
         }
         i = batch_end;
     }
+    rec.cur_op.store(usize::MAX, Ordering::SeqCst);
 }
 
 // ---------------------------------------------------------------------------
@@ -681,6 +728,14 @@ pub enum CheckMode {
 
 /// Runs the checks on a crash state file. `c`: the crash point for the model.
 pub fn check_state(path: &Path, mode: CheckMode, model: &Model, c: usize) -> Result<(), String> {
+    check_image(path, mode, false)?;
+    let disk = read_disk(path)?;
+    model.verify(&disk, c)
+}
+
+/// The consistency part of [`check_state`].
+/// `leaks_ok`: accept exit 3 in lazy mode too (after I/O errors, leaks are allowed).
+pub fn check_image(path: &Path, mode: CheckMode, leaks_ok: bool) -> Result<(), String> {
     if mode == CheckMode::Lazy {
         let img = Image::open(path, &Options::default())
             .map_err(|e| format!("read-write (repair) open of the lazy-refcount state failed: {e}"))?;
@@ -692,14 +747,20 @@ pub fn check_state(path: &Path, mode: CheckMode, model: &Model, c: usize) -> Res
         _ => qemu_img(["check", &s(path)]),
     };
     let ok = match mode {
-        CheckMode::Lazy => r.code == Some(0),
+        CheckMode::Lazy if !leaks_ok => r.code == Some(0),
         _ => matches!(r.code, Some(0) | Some(3)),
     };
     if !ok {
-        return Err(format!("image check failed ({mode:?}):\n{}", r.describe()));
+        let errors: Vec<&str> =
+            r.stdout.lines().chain(r.stderr.lines()).filter(|l| l.contains("ERROR")).take(12).collect();
+        return Err(format!(
+            "image check failed ({mode:?}), exit {:?}; error lines:\n    {}\n{}",
+            r.code,
+            errors.join("\n    "),
+            r.describe()
+        ));
     }
-    let disk = read_disk(path)?;
-    model.verify(&disk, c)
+    Ok(())
 }
 
 /// A fresh directory on tmpfs (falls back to the default temp dir).
