@@ -20,7 +20,11 @@ use crash_harness::*;
 use quring::image::CacheMode;
 use quring::queue::{Queue, QueueOptions};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+/// Crash states checked so far (for the failure message).
+static CHECKED: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Clone, Copy, Debug)]
 struct Scenario {
@@ -227,7 +231,9 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
         };
         let (bytes, desc) = materialize(&start_bytes, &log, c, &mut srng);
         std::fs::write(&state, &bytes).unwrap();
-        if let Err(v) = check_state(&state, mode, &model, c) {
+        let res = check_state(&state, mode, &model, c);
+        CHECKED.fetch_add(1, Ordering::Relaxed);
+        if let Err(v) = res {
             let kept = keep_copy(&state, &format!("quring-crash-seed{seed}-state{k}.qcow2"));
             let kept_start = keep_copy(&start, &format!("quring-crash-seed{seed}-start.qcow2"));
             if sc.backing {
@@ -236,9 +242,10 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
             let ops: String =
                 model.ops.iter().enumerate().map(|(i, o)| format!("  op #{i} {}\n", o.describe())).collect();
             let msg = format!(
-                "CRASH CONSISTENCY VIOLATION\nscenario: {} ({sc:?})\nseed: {seed} (reproduce: QURING_CRASH_SEED={seed} \
+                "CRASH CONSISTENCY VIOLATION (after {} crash states checked)\nscenario: {} ({sc:?})\nseed: {seed} (reproduce: QURING_CRASH_SEED={seed} \
                  cargo test --test crash -- --nocapture), state #{k} of this workload\n{} events logged\n{desc}\
                  violation: {v}\nguest requests:\n{ops}events from the last durable barrier to the crash point:\n{}state kept at {} (start image {})",
+                CHECKED.load(Ordering::Relaxed),
                 sc.name,
                 events.len(),
                 event_listing(&events, log.durable_barrier(c).saturating_sub(1), c),

@@ -110,7 +110,11 @@ fn run(img: Img, start: &Path, work: &Path, fail: FailPlan) -> Outcome {
 
 /// One case of the matrix; returns the problems found.
 fn case(img: Img, kind: Option<WriteKind>, nth: u64, errno: i32) -> Vec<String> {
-    let name = format!("{img:?} {} #{nth} {}", kind.map_or("flush".to_string(), |k| format!("{k:?} write")), errno_name(errno));
+    let name = format!(
+        "{img:?} {} #{nth} {}",
+        kind.map_or("flush".to_string(), |k| format!("{k:?} write")),
+        errno_name(errno)
+    );
     let dir = shm_dir();
     let start = dir.path().join("start.qcow2");
     img.create(&start);
@@ -127,7 +131,8 @@ fn case(img: Img, kind: Option<WriteKind>, nth: u64, errno: i32) -> Vec<String> 
         return vec![format!("[{name}] the failure was never injected (workload too small?)")];
     };
     let ops = o.model.ops.clone();
-    let ops_text = || -> String { ops.iter().enumerate().map(|(i, o)| format!("    op #{i} {}\n", o.describe())).collect() };
+    let ops_text =
+        || -> String { ops.iter().enumerate().map(|(i, o)| format!("    op #{i} {}\n", o.describe())).collect() };
     // 1. The error reaches a caller.
     if inj.op == usize::MAX {
         if o.close.is_ok() {
@@ -139,10 +144,7 @@ fn case(img: Img, kind: Option<WriteKind>, nth: u64, errno: i32) -> Vec<String> 
             if x.errno != errno {
                 problems.push(format!(
                     "[{name}] {} failed request #{} with errno {} instead of {}",
-                    inj.what,
-                    inj.op,
-                    x.errno,
-                    errno
+                    inj.what, inj.op, x.errno, errno
                 ));
             }
             true
@@ -200,7 +202,12 @@ fn case(img: Img, kind: Option<WriteKind>, nth: u64, errno: i32) -> Vec<String> 
             break;
         }
     }
-    eprintln!("io_errors: {name}: injected {} during request #{}: {} problem(s)", inj.what, inj.op as i64, problems.len());
+    eprintln!(
+        "io_errors: {name}: injected {} during request #{}: {} problem(s)",
+        inj.what,
+        inj.op as i64,
+        problems.len()
+    );
     problems
 }
 
@@ -221,7 +228,8 @@ fn dry_counts(img: Img) -> (Vec<(WriteKind, u64)>, u64) {
     assert!(o.model.ops.iter().all(|x| x.ok), "error-free run failed");
     o.reads.unwrap();
     o.close.unwrap();
-    let kinds = [WriteKind::Data, WriteKind::L2, WriteKind::RefBlock, WriteKind::RefTable, WriteKind::L1, WriteKind::Header];
+    let kinds =
+        [WriteKind::Data, WriteKind::L2, WriteKind::RefBlock, WriteKind::RefTable, WriteKind::L1, WriteKind::Header];
     (kinds.iter().map(|&k| (k, o.rec.count(k))).collect(), o.rec.flush_count())
 }
 

@@ -261,12 +261,7 @@ impl Log {
 
     /// Start index of the last flush that completed ok before crash point `c` (0: none).
     pub fn durable_barrier(&self, c: usize) -> usize {
-        self.flushes
-            .iter()
-            .filter(|(_, d, ok)| *ok && d.is_some_and(|d| d < c))
-            .map(|(s, _, _)| *s)
-            .max()
-            .unwrap_or(0)
+        self.flushes.iter().filter(|(_, d, ok)| *ok && d.is_some_and(|d| d < c)).map(|(s, _, _)| *s).max().unwrap_or(0)
     }
 
     pub fn is_durable(&self, w: &DevWrite, barrier: usize) -> bool {
@@ -404,7 +399,10 @@ fn listing(events: &[Ev], from: usize, to: usize, data: bool) -> String {
         }
         let line = match e {
             Ev::Write { token, kind, off, len, data } => {
-                format!("{i}: issue #{token} {kind:?} {off:#x}+{len:#x}{}", if data.is_none() { " (zeros)" } else { "" })
+                format!(
+                    "{i}: issue #{token} {kind:?} {off:#x}+{len:#x}{}",
+                    if data.is_none() { " (zeros)" } else { "" }
+                )
             }
             Ev::WriteDone { token } => format!("{i}: done #{token}"),
             Ev::FlushStart { token } => format!("{i}: FLUSH start #{token}"),
@@ -500,10 +498,9 @@ impl Model {
         }
         match self.durability {
             Durability::Acked => true,
-            Durability::Flushed => self
-                .ops
-                .iter()
-                .any(|f| f.kind == GKind::Flush && f.ok && f.start >= o.end && f.end <= c),
+            Durability::Flushed => {
+                self.ops.iter().any(|f| f.kind == GKind::Flush && f.ok && f.start >= o.end && f.end <= c)
+            }
         }
     }
 
@@ -646,8 +643,8 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
         } else {
             let first = model.ops.len();
             for (k, p) in plan[i..batch_end].iter().enumerate() {
-                let data =
-                    (p.kind == GKind::Write).then(|| pattern_bytes(data_seed ^ ((i + k) as u64 * 0x9e37), p.len as usize));
+                let data = (p.kind == GKind::Write)
+                    .then(|| pattern_bytes(data_seed ^ ((i + k) as u64 * 0x9e37), p.len as usize));
                 model.ops.push(GuestOp {
                     kind: p.kind,
                     off: p.off,
