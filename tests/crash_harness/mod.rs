@@ -269,13 +269,17 @@ impl Log {
     }
 }
 
+/// A non-durable write applied to a state: (token, kind, off, len, torn pieces applied or
+/// None = whole).
+pub type Applied = (u64, WriteKind, u64, u64, Option<Vec<u64>>);
+
 /// How a crash state was built (for reproduction messages).
 #[derive(Clone, Debug, Default)]
 pub struct StateDesc {
     pub crash_point: usize,
     pub durable: usize,
-    /// Non-durable writes applied: (token, kind, off, len, torn pieces applied or None=whole)
-    pub applied: Vec<(u64, WriteKind, u64, u64, Option<Vec<u64>>)>,
+    /// Non-durable writes applied.
+    pub applied: Vec<Applied>,
     /// Non-durable writes issued before the crash point and left out.
     pub dropped: Vec<(u64, WriteKind, u64, u64)>,
 }
@@ -474,7 +478,7 @@ pub struct Model {
 }
 
 impl Model {
-    fn sector_value<'a>(&'a self, op: Option<usize>, s: u64) -> Option<&'a [u8]> {
+    fn sector_value(&self, op: Option<usize>, s: u64) -> Option<&[u8]> {
         let r = (s * SECTOR) as usize..((s + 1) * SECTOR) as usize;
         match op {
             None => Some(&self.base[r]),
