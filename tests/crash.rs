@@ -255,7 +255,7 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
             if std::env::var_os("QURING_CRASH_KEEP_GOING").is_none() {
                 panic!("{msg}");
             }
-            let first = v.lines().next().unwrap_or("").to_string();
+            let first = v.lines().take(2).collect::<Vec<_>>().join(" | ");
             eprintln!("VIOLATION seed {seed} ({}) state #{k} crash point {c}: {first}", sc.name);
             violations.push(format!("seed {seed} ({}) state #{k}: {first}", sc.name));
             return k + 1;
