@@ -64,13 +64,25 @@ impl Image {
             let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(slot), len) }.to_vec();
             copies.push((slot, key, bytes));
         }
-        if !copies.is_empty() {
-            self.device_flush()?;
+        if !copies.is_empty()
+            && let Err(e) = self.device_flush()
+        {
+            // Nothing was written: the slices stay dirty for the next write-back.
+            for (slot, key, _) in &copies {
+                if cache.slot_key(*slot) == Some(*key) {
+                    cache.mark_dirty(*slot);
+                }
+            }
+            return Err(e);
         }
-        for (slot, key, bytes) in copies {
+        let keys: Vec<_> = copies.iter().map(|(s, k, _)| (*s, *k)).collect();
+        for (i, (slot, key, bytes)) in copies.into_iter().enumerate() {
+            let rest_keys = &keys[i + 1..];
             if let Err(e) = self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), key, &bytes) {
-                if cache.slot_key(slot) == Some(key) {
-                    cache.mark_dirty(slot);
+                for (slot, key) in std::iter::once((slot, key)).chain(rest_keys.iter().copied()) {
+                    if cache.slot_key(slot) == Some(key) {
+                        cache.mark_dirty(slot);
+                    }
                 }
                 return Err(e);
             }

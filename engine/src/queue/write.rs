@@ -900,7 +900,7 @@ impl Queue {
             if let Some(e) = &err {
                 self.fail(id, -e.raw_os_error());
                 if self.reqs[id].detail.is_none() {
-                    self.reqs[id].detail = Some(Error::InvalidRequest(format!("flush failed: {e}")));
+                    self.reqs[id].detail = Some(Error::errno(format!("flush failed: {e}"), e.raw_os_error()));
                 }
             }
             self.finish(id);
