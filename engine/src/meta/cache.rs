@@ -45,6 +45,26 @@ fn key_bits(key: u64) -> u64 {
     (key >> 9) << KEY_SHIFT
 }
 
+const HIT_SHARDS: usize = 16;
+
+/// One cache line of hit counter.
+#[repr(align(64))]
+struct HitShard(AtomicU64);
+
+/// This thread's hit counter shard.
+#[inline]
+fn hit_shard() -> usize {
+    use std::cell::Cell;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local!(static SHARD: Cell<usize> = const { Cell::new(usize::MAX) });
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed) as usize % HIT_SHARDS);
+        }
+        s.get()
+    })
+}
+
 /// Identifies a slot that a caller claimed for loading, or pinned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotId(pub u32);
@@ -70,7 +90,9 @@ pub struct MetaCache {
     dirty: Box<[AtomicU8]>,
     hand: Box<[AtomicU8]>,
     mem: AlignedBuf,
-    hits: AtomicU64,
+    /// Hit counts, sharded per thread (one cache line each) so that counting a hit never
+    /// bounces a line between the cores doing lookups.
+    hits: Box<[HitShard]>,
     misses: AtomicU64,
     evictions: AtomicU64,
 }
@@ -97,7 +119,7 @@ impl MetaCache {
             dirty: (0..n).map(|_| AtomicU8::new(0)).collect(),
             hand: (0..sets).map(|_| AtomicU8::new(0)).collect(),
             mem: AlignedBuf::new(n * slot_size),
-            hits: AtomicU64::new(0),
+            hits: (0..HIT_SHARDS).map(|_| HitShard(AtomicU64::new(0))).collect(),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
@@ -115,7 +137,11 @@ impl MetaCache {
 
     /// (hits, misses, evictions) so far.
     pub fn stats(&self) -> (u64, u64, u64) {
-        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed), self.evictions.load(Ordering::Relaxed))
+        (
+            self.hits.iter().map(|h| h.0.load(Ordering::Relaxed)).sum(),
+            self.misses.load(Ordering::Relaxed),
+            self.evictions.load(Ordering::Relaxed),
+        )
     }
 
     #[inline]
@@ -149,7 +175,7 @@ impl MetaCache {
                 if self.used[s].load(Ordering::Relaxed) == 0 {
                     self.used[s].store(1, Ordering::Relaxed);
                 }
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.hits[hit_shard()].0.fetch_add(1, Ordering::Relaxed);
                 return Some(u64::from_be(v));
             }
             // Raced with an eviction: treat as a miss, the caller will claim and retry.
@@ -176,7 +202,7 @@ impl MetaCache {
                 if self.used[s].load(Ordering::Relaxed) == 0 {
                     self.used[s].store(1, Ordering::Relaxed);
                 }
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.hits[hit_shard()].0.fetch_add(1, Ordering::Relaxed);
                 return Some((u64::from_be(a), u64::from_be(b)));
             }
             return None;
