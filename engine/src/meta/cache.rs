@@ -18,12 +18,29 @@
 //! Slots are grouped in sets of [`WAYS`] (set-associative); a key maps to one set. Victims
 //! are chosen by a per-slot "recently used" bit (clock); a pinned slot (a request holds it
 //! for an update or a write-back) is never evicted.
+//!
+//! Only [`MetaCache::claim`] gives a slot a new key, and it does so holding a per-set
+//! claim flag (a try-lock: a claimer that finds it taken gets [`Claim::Busy`]), so a key is
+//! never in two slots of its set at once.
+//!
+//! Under `--cfg loom` (see `scripts/loom.sh`) the atomics are loom's and slot memory is a
+//! boxed slice of atomic words instead of the arena, so the protocol can be model-checked.
 
+#[cfg(not(loom))]
 use crate::io::AlignedBuf;
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU8, AtomicU64, Ordering, fence};
+// Statistics only: kept out of the model under loom (they order nothing).
+use std::sync::atomic::AtomicU64 as StatU64;
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering, fence};
 
 /// Slots per set.
+#[cfg(not(loom))]
 pub const WAYS: usize = 8;
+/// Slots per set (small under loom to keep the model small).
+#[cfg(loom)]
+pub const WAYS: usize = 2;
 
 const ST_MASK: u64 = 0b11;
 const ST_EMPTY: u64 = 0;
@@ -49,13 +66,13 @@ const HIT_SHARDS: usize = 16;
 
 /// One cache line of hit counter.
 #[repr(align(64))]
-struct HitShard(AtomicU64);
+struct HitShard(StatU64);
 
 /// This thread's hit counter shard.
 #[inline]
 fn hit_shard() -> usize {
     use std::cell::Cell;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static NEXT: StatU64 = StatU64::new(0);
     thread_local!(static SHARD: Cell<usize> = const { Cell::new(usize::MAX) });
     SHARD.with(|s| {
         if s.get() == usize::MAX {
@@ -89,12 +106,18 @@ pub struct MetaCache {
     used: Box<[AtomicU8]>,
     dirty: Box<[AtomicU8]>,
     hand: Box<[AtomicU8]>,
+    /// Per set: 1 while a claimer is choosing a victim (see [`MetaCache::claim`]).
+    claiming: Box<[AtomicU8]>,
+    #[cfg(not(loom))]
     mem: AlignedBuf,
+    /// Slot memory under loom: `slot_size / 8` atomic words per slot.
+    #[cfg(loom)]
+    words: Box<[AtomicU64]>,
     /// Hit counts, sharded per thread (one cache line each) so that counting a hit never
     /// bounces a line between the cores doing lookups.
     hits: Box<[HitShard]>,
-    misses: AtomicU64,
-    evictions: AtomicU64,
+    misses: StatU64,
+    evictions: StatU64,
 }
 
 // SAFETY: all shared mutable state is atomic; slot memory is only written by the owner of a
@@ -109,7 +132,12 @@ impl MetaCache {
     pub fn new(bytes: u64, slot_size: usize) -> Self {
         assert!(slot_size.is_power_of_two() && slot_size >= 512);
         let slots = ((bytes / slot_size as u64) as usize).max(WAYS);
-        let sets = slots.div_ceil(WAYS);
+        Self::with_sets(slots.div_ceil(WAYS), slot_size)
+    }
+
+    /// `sets` sets of [`WAYS`] slots of `slot_size` bytes (a multiple of 8).
+    fn with_sets(sets: usize, slot_size: usize) -> Self {
+        assert!(sets > 0 && slot_size >= 8 && slot_size.is_multiple_of(8));
         let n = sets * WAYS;
         MetaCache {
             slot_size,
@@ -118,10 +146,14 @@ impl MetaCache {
             used: (0..n).map(|_| AtomicU8::new(0)).collect(),
             dirty: (0..n).map(|_| AtomicU8::new(0)).collect(),
             hand: (0..sets).map(|_| AtomicU8::new(0)).collect(),
+            claiming: (0..sets).map(|_| AtomicU8::new(0)).collect(),
+            #[cfg(not(loom))]
             mem: AlignedBuf::new(n * slot_size),
-            hits: (0..HIT_SHARDS).map(|_| HitShard(AtomicU64::new(0))).collect(),
-            misses: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
+            #[cfg(loom)]
+            words: (0..n * slot_size / 8).map(|_| AtomicU64::new(0)).collect(),
+            hits: (0..HIT_SHARDS).map(|_| HitShard(StatU64::new(0))).collect(),
+            misses: StatU64::new(0),
+            evictions: StatU64::new(0),
         }
     }
 
@@ -150,12 +182,19 @@ impl MetaCache {
         ((h >> 32) as usize) % self.sets
     }
 
+    #[cfg(not(loom))]
     #[inline]
     fn word_ptr(&self, slot: usize, word: usize) -> &AtomicU64 {
         debug_assert!(word * 8 < self.slot_size);
         // SAFETY: the arena holds slots*slot_size bytes, 4 KiB aligned, so every 8-byte
         // word inside a slot is in bounds and aligned for AtomicU64.
         unsafe { &*(self.mem.as_ptr().add(slot * self.slot_size + word * 8) as *const AtomicU64) }
+    }
+
+    #[cfg(loom)]
+    fn word_ptr(&self, slot: usize, word: usize) -> &AtomicU64 {
+        assert!(word * 8 < self.slot_size);
+        &self.words[slot * (self.slot_size / 8) + word]
     }
 
     /// The hit path: reads big-endian word `word` of the slice `key`, if cached.
@@ -222,6 +261,30 @@ impl MetaCache {
             }
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
+        // Only one claimer per set may pick a victim: two claimers of the same key that both
+        // missed above would otherwise load it into two ways, and the copies diverge as soon
+        // as one of them is updated. Not a lock: a claimer that finds the flag taken is told
+        // to retry, as when the key is being loaded.
+        if self.claiming[set].compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return Claim::Busy;
+        }
+        let r = self.claim_victim(key, set);
+        self.claiming[set].store(0, Ordering::Release);
+        r
+    }
+
+    /// [`MetaCache::claim`] past the first lookup, with the set's claim flag held.
+    fn claim_victim(&self, key: u64, set: usize) -> Claim {
+        let kb = key_bits(key);
+        let range = set * WAYS..(set + 1) * WAYS;
+        // Look again: a claimer that held the flag since our first look may have inserted
+        // the key (the flag's Acquire makes its CAS visible here).
+        for s in range.clone() {
+            let c = self.ctl[s].load(Ordering::Acquire);
+            if c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK != ST_EMPTY {
+                return if c & ST_MASK == ST_VALID { Claim::Present(SlotId(s as u32)) } else { Claim::Busy };
+            }
+        }
         // Clock sweep over the set: two passes clear "used" bits, then take any free slot.
         for _ in 0..3 * WAYS {
             let h = self.hand[set].fetch_add(1, Ordering::Relaxed) as usize % WAYS;
@@ -242,11 +305,14 @@ impl MetaCache {
                     self.ctl[s].store(c, Ordering::Release);
                     continue;
                 }
+                // Seqlock writer side: the new contents are stored after this fence, so a
+                // reader that sees any of them (and then fences) sees the CAS above on its
+                // re-read of the control word, and retries. The CAS's own Release orders
+                // only what came before it.
+                fence(Ordering::Release);
                 if c & ST_MASK == ST_VALID {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                // Another claimer may have inserted the same key in another way meanwhile;
-                // that is harmless (both hold identical content), lookups take the first.
                 return Claim::Load(SlotId(s as u32));
             }
         }
@@ -264,9 +330,16 @@ impl MetaCache {
     }
 
     /// Memory of a slot the caller owns in loading state (the I/O target).
+    #[cfg(not(loom))]
     pub fn slot_ptr(&self, slot: SlotId) -> *mut u8 {
         // SAFETY: in bounds of the arena (slot < slots()).
         unsafe { self.mem.as_ptr().add(slot.0 as usize * self.slot_size) as *mut u8 }
+    }
+
+    /// Slot memory is not addressable under loom (the model stores words atomically).
+    #[cfg(loom)]
+    pub fn slot_ptr(&self, _slot: SlotId) -> *mut u8 {
+        unimplemented!("slot memory is not addressable under loom")
     }
 
     /// Marks a loaded slot valid (its memory now holds the slice).
@@ -289,9 +362,9 @@ impl MetaCache {
     /// Drops every valid, unpinned slot (used when metadata changed underneath, e.g. a
     /// refcount rebuild). Slots being loaded are left alone.
     pub fn invalidate_all(&self) {
-        for c in self.ctl.iter() {
+        for (i, c) in self.ctl.iter().enumerate() {
             let v = c.load(Ordering::Acquire);
-            if v & ST_MASK == ST_VALID && v & PIN_MASK == 0 {
+            if v & ST_MASK == ST_VALID && v & PIN_MASK == 0 && self.dirty[i].load(Ordering::Acquire) == 0 {
                 let g = ((v & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
                 let _ = c.compare_exchange(v, g | ST_EMPTY, Ordering::AcqRel, Ordering::Relaxed);
             }
@@ -325,9 +398,30 @@ impl MetaCache {
 
     /// Stores word `word` (host-endian value, stored big-endian) into a pinned slot and
     /// marks the slot dirty.
+    ///
+    /// The word is stored before the mark: a write-back that clears the mark
+    /// ([`MetaCache::clear_dirty`]) after it was set also sees the word; one that clears it
+    /// before leaves the slot dirty. (Marking first lost the update when the write-back
+    /// cleared the mark and copied the slot between the mark and the store.)
     pub fn store_word(&self, slot: SlotId, word: usize, value: u64) {
-        self.dirty[slot.0 as usize].store(1, Ordering::Release);
         self.word_ptr(slot.0 as usize, word).store(value.to_be(), Ordering::Release);
+        self.set_dirty(slot);
+    }
+
+    /// Sets a slot's dirty mark (Release: the words stored before it go with it).
+    #[cfg(not(loom))]
+    #[inline]
+    fn set_dirty(&self, slot: SlotId) {
+        self.dirty[slot.0 as usize].store(1, Ordering::Release);
+    }
+
+    /// Under loom the mark is set with an RMW, which has the same effect in the memory model:
+    /// loom 0.7 lets a plain store concurrent with an RMW (the write-back's swap in
+    /// [`MetaCache::clear_dirty`]) slip before it in modification order, breaking RMW
+    /// atomicity (tokio-rs/loom#254), and would report a lost mark that cannot happen.
+    #[cfg(loom)]
+    fn set_dirty(&self, slot: SlotId) {
+        self.dirty[slot.0 as usize].swap(1, Ordering::Release);
     }
 
     /// Reads word `word` of a pinned slot.
@@ -337,11 +431,16 @@ impl MetaCache {
 
     /// Compare-and-swap of word `word` of a pinned slot (values host-endian). Marks the
     /// slot dirty on success. This is how a queue publishes a new L2 entry without a lock.
+    /// As in [`MetaCache::store_word`], the mark follows the word.
     pub fn cas_word(&self, slot: SlotId, word: usize, old: u64, new: u64) -> bool {
-        self.dirty[slot.0 as usize].store(1, Ordering::Release);
-        self.word_ptr(slot.0 as usize, word)
+        let ok = self
+            .word_ptr(slot.0 as usize, word)
             .compare_exchange(old.to_be(), new.to_be(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_ok();
+        if ok {
+            self.set_dirty(slot);
+        }
+        ok
     }
 
     /// The key of a valid slot.
@@ -357,13 +456,16 @@ impl MetaCache {
 
     /// Clears a slot's dirty mark before its contents are written back; a store after this
     /// marks it dirty again (and the next write-back writes it again).
+    ///
+    /// A swap, not a store: reading the mark it replaces (Acquire) makes every word stored
+    /// before that mark visible to the copy that follows.
     pub fn clear_dirty(&self, slot: SlotId) {
-        self.dirty[slot.0 as usize].store(0, Ordering::Release);
+        self.dirty[slot.0 as usize].swap(0, Ordering::AcqRel);
     }
 
     /// Re-marks a slot dirty (its write-back failed).
     pub fn mark_dirty(&self, slot: SlotId) {
-        self.dirty[slot.0 as usize].store(1, Ordering::Release);
+        self.set_dirty(slot);
     }
 
     /// Are any slots dirty?
@@ -377,7 +479,11 @@ impl MetaCache {
         let kb = key_bits(key);
         for s in set * WAYS..(set + 1) * WAYS {
             let c = self.ctl[s].load(Ordering::Acquire);
-            if c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK == ST_VALID && c & PIN_MASK == 0 {
+            if c >> KEY_SHIFT << KEY_SHIFT == kb
+                && c & ST_MASK == ST_VALID
+                && c & PIN_MASK == 0
+                && self.dirty[s].load(Ordering::Acquire) == 0
+            {
                 let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
                 let _ = self.ctl[s].compare_exchange(c, g | ST_EMPTY, Ordering::AcqRel, Ordering::Relaxed);
             }
@@ -385,7 +491,7 @@ impl MetaCache {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -477,6 +583,216 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         for h in hs {
             assert!(h.join().unwrap() > 0);
+        }
+    }
+}
+
+/// Model checks of the cache protocol with loom (`scripts/loom.sh`). One set of [`WAYS`] (2)
+/// slots of two words; a key's words are a function of the key, so a reader can tell a
+/// torn or foreign read from a good one.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const SLOT: usize = 16;
+    const A: u64 = 0x1000;
+    const B: u64 = 0x2000;
+    const C: u64 = 0x3000;
+    const D: u64 = 0x4000;
+
+    fn val(key: u64, w: usize) -> u64 {
+        key * 16 + w as u64
+    }
+
+    fn cache() -> Arc<MetaCache> {
+        Arc::new(MetaCache::with_sets(1, SLOT))
+    }
+
+    /// What the I/O of a load does: fills the owned (loading) slot with `key`'s words.
+    fn fill(c: &MetaCache, s: SlotId, key: u64) {
+        for w in 0..SLOT / 8 {
+            c.word_ptr(s.0 as usize, w).store(val(key, w).to_be(), Ordering::Relaxed);
+        }
+    }
+
+    /// Claims `key`; if this thread must load it, loads it. Returns the loaded slot.
+    fn load(c: &MetaCache, key: u64) -> Option<SlotId> {
+        match c.claim(key) {
+            Claim::Load(s) => {
+                fill(c, s, key);
+                c.complete_load(s);
+                Some(s)
+            }
+            _ => None,
+        }
+    }
+
+    fn is_dirty(c: &MetaCache, s: SlotId) -> bool {
+        c.dirty[s.0 as usize].load(Ordering::Acquire) != 0
+    }
+
+    /// Slots that hold `key` (loading or valid).
+    fn copies(c: &MetaCache, key: u64) -> usize {
+        c.ctl
+            .iter()
+            .filter(|x| {
+                let v = x.load(Ordering::Acquire);
+                v >> KEY_SHIFT << KEY_SHIFT == key_bits(key) && v & ST_MASK != ST_EMPTY
+            })
+            .count()
+    }
+
+    /// A reader of A races an eviction (C loaded into the full set) and a forget + reload
+    /// of A: it sees A's exact words or a miss, never C's (or B's) words, never a mix.
+    #[test]
+    fn reader_sees_only_its_key() {
+        loom::model(|| {
+            let c = cache();
+            load(&c, A).unwrap();
+            load(&c, B).unwrap();
+            let evictor = {
+                let c = c.clone();
+                thread::spawn(move || {
+                    load(&c, C);
+                })
+            };
+            let reloader = {
+                let c = c.clone();
+                thread::spawn(move || {
+                    c.forget(A);
+                    load(&c, A);
+                })
+            };
+            if let Some(p) = c.read_pair(A, 0) {
+                assert_eq!(p, (val(A, 0), val(A, 1)));
+            }
+            if let Some(v) = c.read_word(A, 1) {
+                assert_eq!(v, val(A, 1));
+            }
+            evictor.join().unwrap();
+            reloader.join().unwrap();
+            assert!(copies(&c, A) <= 1);
+        });
+    }
+
+    /// Two claimers of one key: exactly one loads it, the other is told Busy or Present;
+    /// afterwards it is cached once and both find it.
+    #[test]
+    fn one_claimer_loads() {
+        loom::model(|| {
+            let c = cache();
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let c = c.clone();
+                    thread::spawn(move || match c.claim(A) {
+                        Claim::Load(s) => {
+                            fill(&c, s, A);
+                            c.complete_load(s);
+                            true
+                        }
+                        Claim::Busy | Claim::Present(_) => false,
+                    })
+                })
+                .collect();
+            let loads = hs.into_iter().map(|h| h.join().unwrap()).filter(|&l| l).count();
+            assert_eq!(loads, 1);
+            assert_eq!(copies(&c, A), 1);
+            assert!(matches!(c.claim(A), Claim::Present(_)));
+            assert_eq!(c.read_pair(A, 0), Some((val(A, 0), val(A, 1))));
+            let s = c.pin(A).unwrap();
+            c.unpin(s);
+        });
+    }
+
+    /// A pinned slot is never a victim, and a dirtied slot is not evicted after its pin is
+    /// dropped (including when the evictor read the control word before the pin and the
+    /// unpin restored it).
+    #[test]
+    fn pinned_and_dirty_slots_stay() {
+        loom::model(|| {
+            let c = cache();
+            load(&c, A).unwrap();
+            load(&c, B).unwrap();
+            let writer = {
+                let c = c.clone();
+                thread::spawn(move || {
+                    let s = c.pin(A)?;
+                    assert!(c.cas_word(s, 0, val(A, 0), 7));
+                    assert_eq!(c.slot_key(s), Some(A));
+                    assert_eq!(c.load_word(s, 1), val(A, 1));
+                    c.unpin(s);
+                    Some(s)
+                })
+            };
+            let evictor = {
+                let c = c.clone();
+                thread::spawn(move || {
+                    load(&c, C);
+                    load(&c, D);
+                })
+            };
+            let pinned = writer.join().unwrap();
+            evictor.join().unwrap();
+            if let Some(s) = pinned {
+                assert_eq!(c.slot_key(s), Some(A));
+                assert!(is_dirty(&c, s));
+                assert_eq!(c.read_pair(A, 0), Some((7, val(A, 1))));
+            }
+        });
+    }
+
+    /// Two CAS of one word with the same expected value: exactly one wins.
+    #[test]
+    fn cas_word_one_winner() {
+        loom::model(|| {
+            let c = cache();
+            load(&c, A).unwrap();
+            let s = c.pin(A).unwrap();
+            let hs: Vec<_> = [7u64, 8]
+                .into_iter()
+                .map(|new| {
+                    let c = c.clone();
+                    thread::spawn(move || c.cas_word(s, 0, val(A, 0), new).then_some(new))
+                })
+                .collect();
+            let wins: Vec<u64> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
+            assert_eq!(wins.len(), 1);
+            assert_eq!(c.load_word(s, 0), wins[0]);
+            assert!(is_dirty(&c, s));
+            c.unpin(s);
+        });
+    }
+
+    /// A write-back (clear the mark, then copy the slot) racing a store_word or a cas_word:
+    /// its copy holds the new word, or the slot is dirty again afterwards.
+    #[test]
+    fn no_lost_dirty_mark() {
+        for use_cas in [false, true] {
+            loom::model(move || {
+                let c = cache();
+                load(&c, A).unwrap();
+                let s = c.pin(A).unwrap();
+                let writer = {
+                    let c = c.clone();
+                    thread::spawn(move || {
+                        if use_cas {
+                            assert!(c.cas_word(s, 1, val(A, 1), 8));
+                        } else {
+                            c.store_word(s, 1, 8);
+                        }
+                    })
+                };
+                c.clear_dirty(s);
+                let copy = c.load_word(s, 1);
+                writer.join().unwrap();
+                assert!(
+                    copy == 8 || is_dirty(&c, s),
+                    "write-back copied {copy} and the slot is clean (cas: {use_cas})"
+                );
+                c.unpin(s);
+            });
         }
     }
 }

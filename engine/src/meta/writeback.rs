@@ -56,13 +56,16 @@ impl Image {
         let mut copies = Vec::new();
         for slot in cache.dirty_slots() {
             let Some(key) = cache.slot_key(slot) else { continue };
-            cache.clear_dirty(slot);
+            // Pin it so that it cannot be evicted and reloaded while we copy it.
+            let Some(pinned) = cache.pin(key) else { continue };
+            cache.clear_dirty(pinned);
             let len = cache.slot_size();
-            // SAFETY: the slot is valid and was dirty until just now, so it was not evicted;
-            // concurrent single-word CAS updates may race with this copy, which then holds
-            // the old or the new word (and the slot is dirty again).
-            let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(slot), len) }.to_vec();
-            copies.push((slot, key, bytes));
+            // SAFETY: the slot is pinned (valid, not evictable); concurrent single-word CAS
+            // updates may race with this copy, which then holds the old or the new word (and
+            // the slot is dirty again).
+            let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(pinned), len) }.to_vec();
+            cache.unpin(pinned);
+            copies.push((pinned, key, bytes));
         }
         if !copies.is_empty()
             && let Err(e) = self.device_flush()
