@@ -61,7 +61,18 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     )?;
     let len = file.len()?;
     let r = Reader { file, ring: SyncRing::new()?, len };
-    let report = match check(&r) {
+    // Progress on a terminal: checking a large image reads all of its metadata.
+    let spinner = (!a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_message(format!("checking {} ({} metadata)", a.image.display(), crate::util::human_size(len)));
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+        pb
+    });
+    let result = check(&r);
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    let report = match result {
         Ok(rep) => rep,
         Err(e) => {
             eprintln!("quring: Could not open '{}': {e}", a.image.display());
