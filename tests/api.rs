@@ -86,3 +86,34 @@ fn vectored_requests_and_polling() {
     let io = qemu_io(["-c", "read -P 0x22 3149824 1024", &s(&path)]);
     assert!(!io.stdout.contains("verification failed"), "{}", io.describe());
 }
+
+#[test]
+fn resize_grows_the_disk() {
+    let dir = tempdir();
+    let path = dir.path().join("r.qcow2");
+    let r = quring(["create", "-q", "-o", "cluster_size=4k", &s(&path), "8M"]);
+    assert_eq!(r.status(), 0, "{}", r.describe());
+    let img = Image::open(&path, &Options::default()).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut buf = AlignedBuf::new(65536);
+    buf.fill(0x44);
+    q.write_at(&buf, 0).unwrap();
+    // 8 MiB with 4 KiB clusters is 4 L1 entries (2 MiB each); 40 MiB needs 20.
+    img.resize(40 << 20).unwrap();
+    assert_eq!(img.size(), 40 << 20);
+    buf.fill(0x55);
+    q.write_at(&buf, 39 << 20).unwrap();
+    assert!(img.resize(1 << 20).is_err(), "shrinking is refused");
+    q.flush().unwrap();
+    drop(q);
+    img.close().unwrap();
+    drop(img);
+    let chk = qemu_img(["check", &s(&path)]);
+    assert_eq!(chk.status(), 0, "{}", chk.describe());
+    let info = qemu_img(["info", "--output=json", &s(&path)]);
+    assert!(info.stdout.contains("\"virtual-size\": 41943040"), "{}", info.describe());
+    for (pat, off) in [("0x44", 0u64), ("0x55", 39 << 20), ("0", 20 << 20)] {
+        let io = qemu_io(["-c", &format!("read -P {pat} {off} 64k"), &s(&path)]);
+        assert!(!io.stdout.contains("verification failed") && io.status() == 0, "{}", io.describe());
+    }
+}

@@ -115,7 +115,8 @@ pub struct Image {
     pub(crate) sync: SyncRing,
     pub(crate) header: Mutex<Header>,
     pub(crate) geo: Geometry,
-    pub(crate) size: u64,
+    /// Virtual size (grows with [`Image::resize`]).
+    pub(crate) size: AtomicU64,
     pub(crate) compression: CompressionType,
     pub(crate) l1: Box<[AtomicU64]>,
     pub(crate) l2_cache: MetaCache,
@@ -155,7 +156,7 @@ pub struct Image {
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image").field("path", &self.file.path()).field("size", &self.size).finish()
+        f.debug_struct("Image").field("path", &self.file.path()).field("size", &self.vsize()).finish()
     }
 }
 
@@ -206,7 +207,15 @@ impl Image {
                 e.validate(i as u64, geo.cluster_size(), l2less)?;
             }
         }
-        let l1: Box<[AtomicU64]> = entries.iter().map(|e| AtomicU64::new(e.0)).collect();
+        // Room in memory for the L1 table to grow (Image::resize) up to 8x the size,
+        // within QEMU's L1 limit.
+        let cap = geo
+            .l1_entries_for(header.size.saturating_mul(8))
+            .unwrap_or(0)
+            .clamp(entries.len() as u64, crate::format::geometry::MAX_L1_BYTES / 8)
+            .min(entries.len() as u64 + (1 << 16)) as usize;
+        let l1: Box<[AtomicU64]> =
+            (0..cap.max(entries.len())).map(|i| AtomicU64::new(entries.get(i).map_or(0, |e| e.0))).collect();
 
         // Snapshot table (bounded reads: each entry's size is validated before use).
         let snapshots = read_snapshots(&sync, &file, &header, file_len)?;
@@ -285,7 +294,7 @@ impl Image {
 
         let file_len = file.len()?;
         Ok(Arc::new(Image {
-            size: header.size,
+            size: AtomicU64::new(header.size),
             compression: header.compression_type,
             geo,
             file,
@@ -316,7 +325,79 @@ impl Image {
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.vsize()
+    }
+
+    /// The virtual size (hot paths).
+    #[inline]
+    pub(crate) fn vsize(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the virtual disk to `new_size` bytes (a multiple of 512), like
+    /// `qemu-img resize`: the L1 table grows (moved to new clusters, written and made
+    /// durable before the header points to it) and the new range reads as zeros.
+    /// Shrinking is refused. Blocks the caller for the metadata updates.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        let Some(m) = &self.meta else {
+            return Err(Error::InvalidRequest("the image is open read-only".into()));
+        };
+        if new_size % 512 != 0 {
+            return Err(Error::InvalidRequest(format!("new size {new_size} is not a multiple of 512")));
+        }
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.vsize();
+        if new_size < old {
+            return Err(Error::Unsupported("shrinking an image is not supported".into()));
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        if self.backing.is_some() {
+            return Err(Error::Unsupported("resizing an image with a backing file is not supported yet".into()));
+        }
+        let g = self.geo;
+        let need = g
+            .l1_entries_for(new_size)
+            .filter(|&n| n <= crate::format::geometry::MAX_L1_BYTES / 8)
+            .ok_or_else(|| Error::InvalidRequest(format!("new size {new_size} is too large")))?;
+        if need as usize > self.l1.len() {
+            return Err(Error::Unsupported(format!(
+                "growing to {new_size} bytes needs {need} L1 entries; this open image has room for {} (reopen it to grow further)",
+                self.l1.len()
+            )));
+        }
+        // Everything written so far becomes durable first (the L1 may move).
+        self.flush_metadata(&mut st, false)?;
+        let mut h = self.header();
+        if need > h.l1_size as u64 {
+            let cs = g.cluster_size();
+            let clusters = (need * 8).div_ceil(cs);
+            let io = self.meta_io();
+            let c = st.rc.alloc_contiguous(&io, clusters)?;
+            self.note_end(&st);
+            let mut bytes = vec![0u8; (clusters * cs) as usize];
+            for (i, e) in self.l1.iter().take(need as usize).enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
+            }
+            self.flush_metadata(&mut st, false)?; // the new clusters' refcounts
+            self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), c << g.cluster_bits, &bytes)?;
+            self.sync.fdatasync(self.file.fd())?;
+            let old_off = h.l1_table_offset.0;
+            let old_clusters = (h.l1_size as u64 * 8).div_ceil(cs);
+            h.l1_table_offset = crate::format::HostOffset(c << g.cluster_bits);
+            h.l1_size = need as u32;
+            for i in 0..old_clusters {
+                st.rc.free_later((old_off >> g.cluster_bits) + i, 1);
+            }
+        }
+        h.size = new_size;
+        let bytes = h.serialize()?;
+        self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
+        self.sync.fdatasync(self.file.fd())?;
+        *self.header.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     /// The image geometry.
@@ -389,7 +470,7 @@ impl Image {
     pub(crate) fn range_clusters(&self, i: u64) -> u64 {
         let g = &self.geo;
         let start = i.saturating_mul(g.l1_coverage());
-        let end = start.saturating_add(g.l1_coverage()).min(self.size);
+        let end = start.saturating_add(g.l1_coverage()).min(self.vsize());
         end.saturating_sub(start).div_ceil(g.cluster_size())
     }
 

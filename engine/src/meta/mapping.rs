@@ -76,7 +76,7 @@ impl Image {
     pub(crate) fn lookup(&self, off: GuestOffset, len: u64) -> Result<Lookup> {
         let g = &self.geo;
         let in_cluster = g.offset_in_cluster(off.0);
-        let len = len.min(g.cluster_size() - in_cluster).min(self.size - off.0);
+        let len = len.min(g.cluster_size() - in_cluster).min(self.vsize() - off.0);
         if let Some(host) = self.contiguous_host(off) {
             return Ok(Lookup::Mapped { extent: Extent::Data(crate::format::HostOffset(host)), len });
         }

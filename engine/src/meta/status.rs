@@ -83,7 +83,7 @@ impl Image {
         let mut depth = 0;
         loop {
             // Past the end of this layer: zeros, not allocated.
-            if off >= layer.size {
+            if off >= layer.vsize() {
                 return Ok(BlockStatus {
                     len,
                     depth,
@@ -95,7 +95,7 @@ impl Image {
                     file: None,
                 });
             }
-            let (ext, n) = layer.lookup_sync(off, len.min(layer.size - off))?;
+            let (ext, n) = layer.lookup_sync(off, len.min(layer.vsize() - off))?;
             let path = Some(layer.path().to_path_buf());
             match ext {
                 Extent::Data(h) => {

@@ -101,7 +101,8 @@ impl Image {
         if st.l1_dirty {
             let h = self.header();
             let mut bytes = Vec::with_capacity(self.l1.len() * 8);
-            for e in self.l1.iter() {
+            // Only the entries the on-disk table has (the in-memory one has room to grow).
+            for e in self.l1.iter().take(h.l1_size as usize) {
                 bytes.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
             }
             self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), h.l1_table_offset.0, &bytes)?;

@@ -255,7 +255,7 @@ impl Queue {
     /// The buffer in `req.op` must be valid for `len` bytes and stay valid and untouched
     /// until the request's completion is returned by [`Queue::reap`].
     pub unsafe fn submit(&mut self, req: Request) -> Result<()> {
-        let size = self.image.size;
+        let size = self.image.vsize();
         if let Op::Readv { offset, iov, iovcnt } | Op::Writev { offset, iov, iovcnt } = req.op {
             let write = matches!(req.op, Op::Writev { .. });
             // SAFETY: the caller passes `iovcnt` valid iovecs (read only during this call).
@@ -303,7 +303,7 @@ impl Queue {
             }
             len += s.iov_len as u64;
         }
-        check_range(offset, len, self.image.size)?;
+        check_range(offset, len, self.image.vsize())?;
         if write {
             self.image.check_writable()?;
         }

@@ -32,7 +32,7 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
     let mut layer: &Arc<Image> = top;
     let mut len = len;
     loop {
-        if off >= layer.size {
+        if off >= layer.vsize() {
             return Ok(Piece::Zero { len });
         }
         match layer.lookup(GuestOffset(off), len)? {

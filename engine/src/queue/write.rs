@@ -436,7 +436,7 @@ impl Queue {
         }
         let new_e = if new_e == 0 { L2Entry::normal(crate::format::HostOffset(host), true).0 } else { new_e };
         // Fill ranges (guest offsets) that the write does not cover, clipped to the disk.
-        let vend = (cstart + wend).min(img.size);
+        let vend = (cstart + wend).min(img.vsize());
         let fills: Vec<(u64, u64)> =
             [(cstart + wstart, pos), (pos + len, vend)].into_iter().filter(|(a, b)| b > a).collect();
         // Do the parts of the cluster the write does not cover read as zeros now?
@@ -687,7 +687,7 @@ impl Queue {
             }
             let (kind, pos) = (r.kind, r.cursor);
             let cstart = pos - g.offset_in_cluster(pos);
-            let cend = (cstart + cs).min(img.size);
+            let cend = (cstart + cs).min(img.vsize());
             let n = end.min(cend) - pos;
             let whole = pos == cstart && pos + n == cend;
             let discard = kind == ReqKind::Discard;
