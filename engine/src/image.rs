@@ -342,7 +342,7 @@ impl Image {
         let Some(m) = &self.meta else {
             return Err(Error::InvalidRequest("the image is open read-only".into()));
         };
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidRequest(format!("new size {new_size} is not a multiple of 512")));
         }
         let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
