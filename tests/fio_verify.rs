@@ -72,6 +72,7 @@ fn run_case(dir: &Path, c: &Case) {
         format!("--iodepth={}", c.iodepth),
         format!("--size={size_per_job}"),
         "--verify=crc32c".into(),
+        "--verify_state_save=0".into(),
         "--do_verify=1".into(),
         "--verify_fatal=1".into(),
         "--randrepeat=1".into(),
@@ -226,6 +227,7 @@ fn fio_detects_corruption() {
         "--bs=4k".into(),
         "--size=4m".into(),
         "--verify=crc32c".into(),
+        "--verify_state_save=0".into(),
         "--verify_fatal=1".into(),
     ];
     let mut write = base.clone();

@@ -397,12 +397,16 @@ impl Queue {
     pub fn reap(&mut self, out: &mut Vec<Completion>, min: usize, timeout: Option<Duration>) -> Result<usize> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            self.commit()?;
+            if min == 0 {
+                // Not waiting: one enter (only if needed) posts deferred completions.
+                self.commit()?;
+            }
             self.process_cqes();
             self.retry_parked();
             self.group_flush();
-            self.commit()?;
             if self.done.len() >= min.max(1) || (min == 0) || self.reqs.is_empty() {
+                // Push SQEs that completions and retries queued.
+                self.commit()?;
                 break;
             }
             let now = std::time::Instant::now();
@@ -437,6 +441,8 @@ impl Queue {
                 self.ring.submitter().submit_with_args(1, &args)
             }
         };
+        // The enter also submitted every queued SQE.
+        self.unsubmitted = 0;
         match r {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY)) => Ok(()),
