@@ -214,8 +214,16 @@ fn verify(img: &Path, raw: &Path, seed: u64, opts: &Qcow2Opts) {
     assert!(check.success(), "{ctx}: qemu-img check failed:\n{}", check.describe());
 }
 
+/// The cases run one after another (each already runs 4 threads at queue depth 32).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn standard_64k() {
+    let _g = serial();
     for seed in [1, 2] {
         concurrency_case(seed, Qcow2Opts::cluster(65536));
     }
@@ -223,6 +231,7 @@ fn standard_64k() {
 
 #[test]
 fn extended_l2_64k() {
+    let _g = serial();
     for seed in [3, 4] {
         concurrency_case(seed, Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) });
     }
@@ -230,11 +239,13 @@ fn extended_l2_64k() {
 
 #[test]
 fn refcount_bits_1() {
+    let _g = serial();
     concurrency_case(5, Qcow2Opts { refcount_bits: 1, ..Qcow2Opts::cluster(65536) });
 }
 
 #[test]
 fn small_clusters_4k() {
+    let _g = serial();
     // 4 KiB clusters: every shared block is a cluster of its own, but L2
     // slices and refcount blocks are shared by all threads.
     concurrency_case(6, Qcow2Opts { refcount_bits: 2, ..Qcow2Opts::cluster(4096) });
