@@ -7,13 +7,23 @@ use std::fmt;
 #[derive(Debug)]
 pub enum Error {
     /// An on-disk structure is malformed. `what` names the field, `detail` the value and rule.
-    Corrupt { what: &'static str, detail: String },
+    Corrupt {
+        /// The field or structure.
+        what: &'static str,
+        /// The value and the rule it breaks.
+        detail: String,
+    },
     /// The image uses something quring does not implement (e.g. encryption, external data).
     Unsupported(String),
     /// A request from the caller is invalid (misaligned, past the end, read-only image...).
     InvalidRequest(String),
     /// An I/O error from the kernel, with the operation that failed.
-    Io { op: String, source: std::io::Error },
+    Io {
+        /// The operation that failed.
+        op: String,
+        /// The kernel's error.
+        source: std::io::Error,
+    },
     /// The image is locked by another process.
     Locked(String),
 }

@@ -69,6 +69,8 @@
 //!
 //! Front ends (the `quring` CLI, the fio plugin, the benches) sit on top.
 
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod counters;
 pub mod error;

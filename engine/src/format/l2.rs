@@ -49,11 +49,26 @@ pub enum ClusterKind {
     /// Zero flag without an offset: reads zeros, never the backing file.
     ZeroPlain,
     /// Zero flag with an offset: reads zeros, the host cluster stays allocated.
-    ZeroAlloc { host: HostOffset, copied: bool },
+    ZeroAlloc {
+        /// Host byte offset.
+        host: HostOffset,
+        /// The COPIED flag.
+        copied: bool,
+    },
     /// A host cluster (for extended L2, the bitmap says which subclusters are data).
-    Normal { host: HostOffset, copied: bool },
+    Normal {
+        /// Host byte offset.
+        host: HostOffset,
+        /// The COPIED flag.
+        copied: bool,
+    },
     /// A compressed cluster: `len` bytes at byte offset `host`.
-    Compressed { host: HostOffset, len: u64 },
+    Compressed {
+        /// Host byte offset.
+        host: HostOffset,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 impl L2Entry {
@@ -132,7 +147,12 @@ pub enum Extent {
     /// Data at this host offset (already adjusted for the offset inside the cluster).
     Data(HostOffset),
     /// A compressed cluster (decompress the whole cluster, then take the range).
-    Compressed { host: HostOffset, len: u64 },
+    Compressed {
+        /// Host byte offset.
+        host: HostOffset,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 /// Classifies `len` bytes starting `in_cluster` bytes into a cluster with L2 entry `entry`

@@ -10,9 +10,17 @@ use crate::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
     /// What the first `len` bytes are.
-    Mapped { extent: Extent, len: u64 },
+    Mapped {
+        /// What the bytes are.
+        extent: Extent,
+        /// Length in bytes.
+        len: u64,
+    },
     /// The L2 slice at host offset `key` is not cached: load it and retry.
-    Miss { key: u64 },
+    Miss {
+        /// Host offset of the slice (the cache key).
+        key: u64,
+    },
 }
 
 /// Where an L2 entry lives: cache key (slice host offset) and word index in the slice.

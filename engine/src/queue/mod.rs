@@ -40,21 +40,61 @@ impl Default for QueueOptions {
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
     /// Read `len` bytes at `offset` into `buf`.
-    Read { offset: u64, buf: *mut u8, len: usize },
+    Read {
+        /// Guest byte offset (a multiple of 512).
+        offset: u64,
+        /// Guest buffer (valid until the completion).
+        buf: *mut u8,
+        /// Length in bytes.
+        len: usize,
+    },
     /// Write `len` bytes at `offset` from `buf`.
-    Write { offset: u64, buf: *const u8, len: usize },
+    Write {
+        /// Guest byte offset (a multiple of 512).
+        offset: u64,
+        /// Guest buffer (valid until the completion).
+        buf: *const u8,
+        /// Length in bytes.
+        len: usize,
+    },
     /// Scatter read at `offset` into `iovcnt` segments (guest memory, no copy when the
     /// segments are 512-byte aligned). Each segment's length must be a multiple of 512;
     /// the iovec array itself is only read during `submit`.
-    Readv { offset: u64, iov: *const libc::iovec, iovcnt: usize },
+    Readv {
+        /// Guest byte offset (a multiple of 512).
+        offset: u64,
+        /// The segments.
+        iov: *const libc::iovec,
+        /// Number of segments.
+        iovcnt: usize,
+    },
     /// Gather write at `offset` from `iovcnt` segments (same rules as `Readv`).
-    Writev { offset: u64, iov: *const libc::iovec, iovcnt: usize },
+    Writev {
+        /// Guest byte offset (a multiple of 512).
+        offset: u64,
+        /// The segments.
+        iov: *const libc::iovec,
+        /// Number of segments.
+        iovcnt: usize,
+    },
     /// Make every completed write durable.
     Flush,
     /// Discard a range (reads zeros or backing data afterwards).
-    Discard { offset: u64, len: u64 },
+    Discard {
+        /// Guest byte offset (a multiple of 512).
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
     /// Write zeros; with `unmap` the clusters may be deallocated.
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
+    WriteZeroes {
+        /// Guest byte offset (a multiple of 512).
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// The clusters may be deallocated.
+        unmap: bool,
+    },
 }
 
 /// A guest request with the caller's tag.
