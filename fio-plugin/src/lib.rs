@@ -499,10 +499,7 @@ unsafe extern "C" fn q_commit(td: *mut ThreadData) -> c_int {
 fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), GlueError> {
     // One image (the usual case): let the engine wait, with a single io_uring_enter.
     if job.slots.len() == 1 && min > job.pending.len() {
-        let remaining = match deadline {
-            None => None,
-            Some(d) => Some(d.saturating_duration_since(Instant::now())),
-        };
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let need = min - job.pending.len();
         if job.slots[0].queue.in_flight() > 0 {
             job.slots[0].queue.reap(&mut job.scratch, need, remaining)?;
