@@ -408,6 +408,36 @@ impl MetaCache {
         self.set_dirty(slot);
     }
 
+    /// Stores the two words of an extended L2 entry at `word` as one seqlock write: while
+    /// the words change the slot reads as "loading" (readers miss and retry), and the
+    /// generation moves on afterwards, so no reader ever accepts one old and one new word.
+    /// The caller holds a pin on the slot (and the metadata lock against other writers).
+    pub fn store_pair(&self, slot: SlotId, word: usize, first: u64, second: u64) {
+        let s = slot.0 as usize;
+        let mut c = self.ctl[s].load(Ordering::Acquire);
+        loop {
+            debug_assert_eq!(c & ST_MASK, ST_VALID);
+            let w = (c & !ST_MASK) | ST_LOADING;
+            match self.ctl[s].compare_exchange_weak(c, w, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => c = now,
+            }
+        }
+        fence(Ordering::Release);
+        self.word_ptr(s, word).store(first.to_be(), Ordering::Release);
+        self.word_ptr(s, word + 1).store(second.to_be(), Ordering::Release);
+        self.set_dirty(slot);
+        let mut c = self.ctl[s].load(Ordering::Acquire);
+        loop {
+            let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
+            let v = (c & !(ST_MASK | GEN_MASK)) | g | ST_VALID;
+            match self.ctl[s].compare_exchange_weak(c, v, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => c = now,
+            }
+        }
+    }
+
     /// Sets a slot's dirty mark (Release: the words stored before it go with it).
     #[cfg(not(loom))]
     #[inline]

@@ -603,11 +603,9 @@ impl Queue {
         let cur_b = img.l2_cache.load_word(slot, word + 1);
         let ok = cur_e == old_e && cur_b == old_b;
         if ok {
-            if new_e != old_e {
-                // Offset first (the old bitmap stays consistent with it), then the bitmap.
-                img.l2_cache.store_word(slot, word, new_e);
-            }
-            img.l2_cache.store_word(slot, word + 1, new_b);
+            // Both words in one seqlock write: no reader sees the new offset with the old
+            // bitmap (it would fill a subcluster that is being published with zeros).
+            img.l2_cache.store_pair(slot, word, new_e, new_b);
         }
         drop(st);
         self.job_end(job, ok);
@@ -826,11 +824,7 @@ impl Queue {
                     let bm = SubclusterBitmap(b);
                     (e, SubclusterBitmap::from_parts(bm.alloc() & !m, bm.zero() | m).0, false)
                 };
-                // Bitmap first (reads as zeros at once), then the offset.
-                cache.store_word(slot, word + 1, nb);
-                if ne != e {
-                    cache.store_word(slot, word, ne);
-                }
+                cache.store_pair(slot, word, ne, nb);
                 if free {
                     self.owe_free(L2Entry(e));
                 }
