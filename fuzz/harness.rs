@@ -1,0 +1,229 @@
+// Shared bodies of the fuzz targets. Compiled into each cargo-fuzz target (fuzz/fuzz_targets/*.rs)
+// and into the regression test (tests/fuzz_regressions.rs) with `#[path = ...] mod harness;`,
+// so the corpus replays through exactly the code the fuzzer ran. Errors are expected on
+// hostile input; the only failures are panics, hangs, aborts and huge allocations.
+
+#![allow(dead_code)]
+
+use quring::check::{MetaRead, check};
+use quring::format::compress::decompress;
+use quring::format::extension::parse_extensions;
+use quring::format::feature::parse_feature_table;
+use quring::format::geometry::SUBCLUSTERS;
+use quring::format::header::{CompressionType, Header};
+use quring::format::l2::{self, L2Entry, SubclusterBitmap};
+use quring::format::{Geometry, refcount, snapshot};
+use quring::image::{BackingPolicy, Image, Options};
+use quring::io::AlignedBuf;
+use quring::queue::{Queue, QueueOptions};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Largest virtual size the image target reads in full.
+pub const MAX_READ_SIZE: u64 = 4 << 20;
+/// Read requests of the image target are at most this long.
+const READ_CHUNK: u64 = 256 << 10;
+
+fn be32(b: &[u8], o: usize) -> Option<u32> {
+    b.get(o..o + 4).map(|s| u32::from_be_bytes(s.try_into().unwrap()))
+}
+
+/// Target `header`: the input is the start of an image file (cluster 0).
+pub fn fuzz_header(data: &[u8]) {
+    for file_len in [data.len() as u64, 1 << 40] {
+        if let Ok(mut h) = Header::parse(data, file_len) {
+            let _ = h.geometry();
+            let _ = h.feature_table();
+            let _ = h.backing_format();
+            let _ = h.lazy_refcounts();
+            // A header the engine accepted must also be writable back.
+            let _ = h.serialize();
+        }
+    }
+    let _ = Header::peek_cluster_size(data);
+    let _ = parse_feature_table(data);
+    // Extensions from where v2 and v3 headers end, and from the header_length field.
+    let mut starts = vec![72usize, 104, 112];
+    if let Some(hl) = be32(data, 100) {
+        starts.push(hl as usize);
+    }
+    for start in starts {
+        if start <= data.len() {
+            let _ = parse_extensions(data, start, data.len());
+            let _ = parse_extensions(data, start, data.len() / 2);
+        }
+    }
+    // The feature-name table payload as the extension parser returns it.
+    if let Ok((exts, _)) = parse_extensions(data, 0, data.len()) {
+        for e in exts {
+            let _ = parse_feature_table(&e.data);
+        }
+    }
+}
+
+/// Target `decode`: byte 0 picks the decoder, the rest is its input.
+pub fn fuzz_decode(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    match mode % 5 {
+        0 => fuzz_l2(rest),
+        1 => fuzz_refcount(rest),
+        2 => {
+            // n from the input, unchecked: the parser must bound its work by the buffer.
+            let Some(n) = be32(rest, 0) else { return };
+            let _ = snapshot::parse_table(&rest[4..], n);
+            let _ = snapshot::parse_table(&rest[4..], n % 8);
+            let _ = snapshot::entry_len(&rest[4..]);
+        }
+        3 => fuzz_decompress(CompressionType::Deflate, rest),
+        _ => fuzz_decompress(CompressionType::Zstd, rest),
+    }
+}
+
+fn fuzz_decompress(kind: CompressionType, input: &[u8]) {
+    let mut out = vec![0u8; 64 << 10];
+    let _ = decompress(kind, input, &mut out);
+    // A smaller cluster, as with 4 KiB-cluster images.
+    let _ = decompress(kind, input, &mut out[..4096]);
+}
+
+/// [geometry byte] then 16-byte records: entry, bitmap (with extended L2), then the records
+/// double as a raw L2 table for `read_entry`.
+fn fuzz_l2(data: &[u8]) {
+    let Some((&gb, rest)) = data.split_first() else { return };
+    let cluster_bits = 9 + (gb & 15) as u32;
+    let extended = gb & 16 != 0;
+    let Ok(g) = Geometry::new(cluster_bits, extended, 4) else { return };
+    let cs = g.cluster_size();
+    for rec in rest.chunks_exact(16).take(256) {
+        let entry = L2Entry(u64::from_be_bytes(rec[0..8].try_into().unwrap()));
+        let bitmap = SubclusterBitmap(u64::from_be_bytes(rec[8..16].try_into().unwrap()));
+        let _ = entry.decode(&g);
+        let _ = entry.host_offset();
+        let _ = entry.copied();
+        let _ = (bitmap.alloc(), bitmap.zero());
+        // A range inside the cluster chosen by the bitmap bits (classify's contract:
+        // in_cluster + len <= cluster size, len > 0).
+        let in_cluster = (bitmap.0 >> 32) % cs;
+        let len = 1 + (bitmap.0 & 0xffff_ffff) % (cs - in_cluster);
+        for (ic, l) in [(in_cluster, len), (0, cs), (cs - 1, 1)] {
+            if let Ok((ext, n)) = l2::classify(&g, entry, bitmap, ic, l) {
+                assert!(n >= 1 && n <= l, "classify returned run {n} for a {l}-byte range ({ext:?})");
+            }
+        }
+    }
+    let esize = g.l2_entry_size() as usize;
+    for i in 0..(rest.len() / esize).min(256) {
+        let (e, b) = l2::read_entry(&g, rest, i);
+        let _ = l2::classify(&g, e, b, 0, cs);
+    }
+    let _ = SUBCLUSTERS;
+}
+
+/// [order byte] then a refcount block: every entry is read at every order, and a write at
+/// one index must read back (masked) without changing its neighbours.
+fn fuzz_refcount(data: &[u8]) {
+    let Some((&ob, block)) = data.split_first() else { return };
+    if block.is_empty() {
+        return;
+    }
+    let block = &block[..block.len().min(4096)];
+    for order in 0..=6u32 {
+        let entries = (block.len() as u64 * 8) >> order;
+        for i in 0..entries {
+            let v = refcount::get(block, i, order);
+            assert!(v <= refcount::max_value(order));
+        }
+        if entries == 0 {
+            continue;
+        }
+        let mut b = block.to_vec();
+        let idx = ob as u64 % entries;
+        let mut v8 = [0u8; 8];
+        let k = block.len().min(8);
+        v8[..k].copy_from_slice(&block[..k]);
+        let value = u64::from_le_bytes(v8);
+        refcount::set(&mut b, idx, order, value);
+        assert_eq!(refcount::get(&b, idx, order), value & refcount::max_value(order), "order {order} index {idx}");
+        for j in [idx.wrapping_sub(1), idx + 1] {
+            if j < entries {
+                assert_eq!(refcount::get(&b, j, order), refcount::get(block, j, order), "set({idx}) changed entry {j}");
+            }
+        }
+    }
+    let _ = refcount::decode_table(block);
+}
+
+/// A plain pread file for the checker.
+pub struct PreadFile {
+    file: File,
+    len: u64,
+}
+
+impl PreadFile {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(PreadFile { file, len })
+    }
+}
+
+impl MetaRead for PreadFile {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> quring::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() && off + (done as u64) < self.len {
+            match self.file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(quring::Error::io("pread", e)),
+            }
+        }
+        Ok(done)
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Target `image`: the input is a whole image file, written to `path`, opened read-only
+/// (backing files ignored), read in full (when its virtual size is at most 4 MiB), queried
+/// with block_status, and checked.
+pub fn fuzz_image(data: &[u8], path: &Path) {
+    std::fs::write(path, data).expect("cannot write the fuzz image");
+    let opts = Options { read_only: true, backing: BackingPolicy::Ignore, ..Default::default() };
+    if let Ok(img) = Image::open(path, &opts) {
+        let size = img.size();
+        if size <= MAX_READ_SIZE {
+            if let Ok(mut q) = Queue::new(&img, &QueueOptions::default()) {
+                let end = size.div_ceil(512) * 512;
+                let mut buf = AlignedBuf::new(READ_CHUNK as usize);
+                let mut off = 0;
+                while off < end {
+                    let n = (end - off).min(READ_CHUNK) as usize;
+                    let _ = q.read_at(&mut buf[..n], off);
+                    off += n as u64;
+                }
+            }
+            let mut off = 0;
+            let mut steps = 0;
+            while off < size && steps < 100_000 {
+                match img.block_status(off, size - off) {
+                    Ok(bs) if bs.len > 0 => off += bs.len,
+                    Ok(bs) => panic!("block_status({off}, {}) returned a zero-length range: {bs:?}", size - off),
+                    Err(_) => off = (off / 512 + 1) * 512,
+                }
+                steps += 1;
+            }
+        }
+        let _ = img.close();
+    }
+    if let Ok(r) = PreadFile::open(path) {
+        if let Ok(rep) = check(&r) {
+            let _ = rep.exit_code();
+            let _ = rep.to_json("fuzz.qcow2");
+            let _ = rep.to_human();
+        }
+    }
+}
