@@ -219,11 +219,11 @@ pub fn fuzz_image(data: &[u8], path: &Path) {
         }
         let _ = img.close();
     }
-    if let Ok(r) = PreadFile::open(path) {
-        if let Ok(rep) = check(&r) {
-            let _ = rep.exit_code();
-            let _ = rep.to_json("fuzz.qcow2");
-            let _ = rep.to_human();
-        }
+    if let Ok(r) = PreadFile::open(path)
+        && let Ok(rep) = check(&r)
+    {
+        let _ = rep.exit_code();
+        let _ = rep.to_json("fuzz.qcow2");
+        let _ = rep.to_human();
     }
 }

@@ -45,11 +45,11 @@ fn replay(kind: &str) -> (usize, Vec<String>) {
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
-                if let Some((p, t)) = &*current.lock().unwrap() {
-                    if t.elapsed() > Duration::from_secs(60) {
-                        eprintln!("fuzz regression input {} runs for over 60 s: hang", p.display());
-                        std::process::abort();
-                    }
+                if let Some((p, t)) = &*current.lock().unwrap()
+                    && t.elapsed() > Duration::from_secs(60)
+                {
+                    eprintln!("fuzz regression input {} runs for over 60 s: hang", p.display());
+                    std::process::abort();
                 }
             }
         })
