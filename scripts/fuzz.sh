@@ -103,8 +103,14 @@ run_target() {
         crashes=$((crashes + found))
         grep 'Test unit written to' "$part" | sed "s/^/[$t] /"
         if [ "$rc" -ne 0 ] && [ "$found" -eq 0 ]; then
-            echo "[$t] libFuzzer exited with $rc without an artifact; see $log" >&2
-            crashes=$((crashes + 1))
+            if [ "$rc" -eq 137 ] || [ "$rc" -eq 143 ]; then
+                # SIGKILL/SIGTERM from outside (e.g. the system OOM killer: libFuzzer's own
+                # RSS limit writes an oom- artifact instead). Resumed, not a crash.
+                echo "[$t] fuzzer killed from outside (exit $rc); resuming" >&2
+            else
+                echo "[$t] libFuzzer exited with $rc without an artifact; see $log" >&2
+                crashes=$((crashes + 1))
+            fi
         fi
         [ "$rc" -eq 0 ] && break
         restarts=$((restarts + 1))
