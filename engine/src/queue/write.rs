@@ -367,8 +367,11 @@ impl Queue {
                 let bm = SubclusterBitmap(b);
                 host = h.0;
                 fresh = false;
-                wstart = s0 as u64 * scs;
-                wend = (s1 as u64 + 1) * scs;
+                // Edge subclusters that already hold data are written only where this
+                // request writes: rewriting their other bytes from a fill read would race
+                // with concurrent writes there (a read-modify-write of someone else's bytes).
+                wstart = if bm.alloc() >> s0 & 1 != 0 { in_c } else { s0 as u64 * scs };
+                wend = if bm.alloc() >> s1 & 1 != 0 { in_c + len } else { (s1 as u64 + 1) * scs };
                 new_e = e;
                 new_b = SubclusterBitmap::from_parts(bm.alloc() | m, bm.zero() & !m).0;
                 free_old = false;
@@ -443,13 +446,9 @@ impl Queue {
         let fill_is_zero = match kind {
             ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. } => true,
             ClusterKind::Unallocated => img.backing.is_none(),
-            // Only the partially written first/last subclusters are filled; they read as
-            // zeros unless they already hold data.
-            ClusterKind::Normal { copied: true, .. } if ext => {
-                let (s0, s1) = (g.subcluster_index(in_c), g.subcluster_index(in_c + len - 1));
-                let alloc = SubclusterBitmap(b).alloc();
-                img.backing.is_none() && alloc >> s0 & 1 == 0 && alloc >> s1 & 1 == 0
-            }
+            // Only unallocated edge subclusters are filled (see above): zeros without a
+            // backing file.
+            ClusterKind::Normal { copied: true, .. } if ext => img.backing.is_none(),
             _ => false,
         };
         // A fresh batch cluster reads as zeros on disk (see reserve_clusters): then only the
