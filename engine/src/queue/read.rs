@@ -7,7 +7,6 @@ use crate::format::l2::Extent;
 use crate::format::types::GuestOffset;
 use crate::image::{Backing, Image};
 use crate::io::AlignedBuf;
-use crate::meta::cache::Claim;
 use crate::meta::mapping::Lookup;
 use io_uring::{opcode, types};
 use std::sync::Arc;
@@ -146,20 +145,8 @@ impl Queue {
                     self.push(sqe);
                 }
                 Piece::Miss { layer, key } => {
-                    match layer.l2_cache.claim(key) {
-                        Claim::Present(_) => continue,
-                        Claim::Busy => self.unclog(&layer, key),
-                        Claim::Load(slot) => {
-                            let len = layer.l2_cache.slot_size();
-                            let ptr = layer.l2_cache.slot_ptr(slot);
-                            let fd = layer.file.fd();
-                            let io = self.ios.insert(Io::Load { layer, slot, key, len });
-                            let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32)
-                                .offset(key)
-                                .build()
-                                .user_data(io as u64);
-                            self.push(sqe);
-                        }
+                    if self.load_slice(layer, key) {
+                        continue;
                     }
                     self.reqs[id].parked = true;
                     self.parked.push((id, key));

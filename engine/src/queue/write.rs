@@ -205,13 +205,15 @@ impl Queue {
         }
     }
 
-    pub(crate) fn park_slice(&mut self, id: usize, key: u64) {
-        let layer = self.image.clone();
+    /// Starts loading L2 slice `key` of `layer` (or waits for the queue loading it).
+    /// Returns true when it is already cached.
+    pub(crate) fn load_slice(&mut self, layer: std::sync::Arc<crate::image::Image>, key: u64) -> bool {
         match layer.l2_cache.claim(key) {
-            Claim::Present(_) => {
-                // Loaded meanwhile: retry right away via the parked list.
+            Claim::Present(_) => true,
+            Claim::Busy => {
+                self.unclog(&layer, key);
+                false
             }
-            Claim::Busy => self.unclog(&layer, key),
             Claim::Load(slot) => {
                 let len = layer.l2_cache.slot_size();
                 let ptr = layer.l2_cache.slot_ptr(slot);
@@ -219,8 +221,15 @@ impl Queue {
                 let io = self.ios.insert(Io::Load { layer, slot, key, len });
                 let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
                 self.push(sqe);
+                false
             }
         }
+    }
+
+    /// Parks request `id` until L2 slice `key` of this image is cached (starting its load).
+    pub(crate) fn park_slice(&mut self, id: usize, key: u64) {
+        // If it is cached already the parked request is simply retried at once.
+        self.load_slice(self.image.clone(), key);
         self.reqs[id].parked = true;
         self.parked.push((id, key));
     }
