@@ -32,6 +32,13 @@ pub struct BlockStatus {
     pub file: Option<std::path::PathBuf>,
 }
 
+impl BlockStatus {
+    /// `len` bytes not allocated in any layer down to `depth`: they read as zeros.
+    fn unallocated(len: u64, depth: usize) -> Self {
+        BlockStatus { len, depth, present: false, zero: true, data: false, compressed: false, offset: None, file: None }
+    }
+}
+
 impl Image {
     /// Loads the L2 slice `key` into the cache synchronously (tools only).
     pub(crate) fn load_slice_sync(&self, key: u64) -> Result<()> {
@@ -84,16 +91,7 @@ impl Image {
         loop {
             // Past the end of this layer: zeros, not allocated.
             if off >= layer.vsize() {
-                return Ok(BlockStatus {
-                    len,
-                    depth,
-                    present: false,
-                    zero: true,
-                    data: false,
-                    compressed: false,
-                    offset: None,
-                    file: None,
-                });
+                return Ok(BlockStatus::unallocated(len, depth));
             }
             let (ext, n) = layer.lookup_sync(off, len.min(layer.vsize() - off))?;
             let path = Some(layer.path().to_path_buf());
@@ -177,16 +175,7 @@ impl Image {
                     }
                     Some(Backing::Raw(raw)) => {
                         if off >= raw.size {
-                            return Ok(BlockStatus {
-                                len: n,
-                                depth,
-                                present: false,
-                                zero: true,
-                                data: false,
-                                compressed: false,
-                                offset: None,
-                                file: None,
-                            });
+                            return Ok(BlockStatus::unallocated(n, depth));
                         }
                         let n = n.min(raw.size - off);
                         let (data, run) = seek_data_hole(raw.file.fd(), off, n, raw.size)?;
