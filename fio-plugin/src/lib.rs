@@ -631,7 +631,10 @@ pub static mut ioengine: IoengineOps = IoengineOps {
     list: [std::ptr::null_mut(); 2],
     name: c"quring".as_ptr(),
     version: FIO_IOOPS_VERSION,
-    flags: FIO_DISKLESSIO | FIO_NODISKUTIL | FIO_NOEXTEND | FIO_NO_OFFLOAD,
+    // FIO_RAWIO: the engine does O_DIRECT I/O, so fio must hand it page-aligned io_u
+    // buffers even without `direct=1` (fio aligns them only for odirect, mem_align or
+    // this flag). Unaligned buffers cost a bounce buffer and a copy on every request.
+    flags: FIO_RAWIO | FIO_DISKLESSIO | FIO_NODISKUTIL | FIO_NOEXTEND | FIO_NO_OFFLOAD,
     dlhandle: std::ptr::null_mut(),
     setup: None,
     init: Some(q_init),

@@ -547,6 +547,7 @@ impl Queue {
                         std::ptr::write_bytes(dst.add(avail), 0, len - avail);
                     }
                 }
+                self.put_buf(buf);
                 self.io_done(req);
             }
             Io::Compressed { req, buf, skip, clen, layer, in_cluster, dst, len } => {
@@ -650,6 +651,20 @@ impl Queue {
                 let mut b = self.pool.swap_remove(i);
                 b.set_len(len);
                 b.fill(0);
+                b
+            }
+            None => AlignedBuf::new(len),
+        }
+    }
+
+    /// An aligned buffer of `len` bytes from the queue's pool whose contents are
+    /// unspecified (old data of this queue): only for reads that overwrite it and of which
+    /// only the bytes the kernel returned are used.
+    pub(crate) fn get_read_buf(&mut self, len: usize) -> AlignedBuf {
+        match self.pool.iter().rposition(|b| b.capacity() >= len && b.capacity() <= len.max(4096) * 2) {
+            Some(i) => {
+                let mut b = self.pool.swap_remove(i);
+                b.set_len(len);
                 b
             }
             None => AlignedBuf::new(len),

@@ -6,7 +6,6 @@ use super::{Io, Queue};
 use crate::format::l2::Extent;
 use crate::format::types::GuestOffset;
 use crate::image::{Backing, Image};
-use crate::io::AlignedBuf;
 use crate::meta::mapping::Lookup;
 use io_uring::{opcode, types};
 use std::sync::Arc;
@@ -124,7 +123,7 @@ impl Queue {
                     let start = host & !511;
                     let skip = (host - start) as usize;
                     let total = (skip as u64 + clen).div_ceil(512) * 512;
-                    let mut buf = self.get_buf(total as usize);
+                    let mut buf = self.get_read_buf(total as usize);
                     let ptr = buf.as_mut_ptr();
                     let fd = layer.file.fd();
                     let dst = self.dst(id, pos);
@@ -177,7 +176,7 @@ impl Queue {
             let start = host & !511;
             let skip = (host - start) as usize;
             let total = (skip as u64 + len).div_ceil(512) * 512;
-            let mut buf = AlignedBuf::new(total as usize);
+            let mut buf = self.get_read_buf(total as usize);
             let ptr = buf.as_mut_ptr();
             (self.ios.insert(Io::Bounce { req: id, buf, skip, dst, len: len as usize }), ptr, start, total)
         };
