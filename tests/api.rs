@@ -117,3 +117,49 @@ fn resize_grows_the_disk() {
         assert!(!io.stdout.contains("verification failed") && io.status() == 0, "{}", io.describe());
     }
 }
+
+/// First writes into fresh clusters land inside the file: the engine grows the file ahead
+/// of allocation (a hole), and a clean close cuts that hole off again, so the closed image
+/// ends at its last cluster and is clean. An image left with the hole (no close, as after
+/// a crash) is clean too, and its data reads back.
+#[test]
+fn file_grows_ahead_of_allocation_and_is_trimmed_on_close() {
+    let dir = tempdir();
+    let path = dir.path().join("g.qcow2");
+    let r = quring(["create", "-q", &s(&path), "256M"]);
+    assert_eq!(r.status(), 0, "{}", r.describe());
+    let created = file_len(&path);
+    let img = Image::open(&path, &Options::default()).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut buf = AlignedBuf::new(4096);
+    buf.fill(0x5c);
+    for i in 0..8u64 {
+        q.write_at(&buf, i * (1 << 20)).unwrap();
+    }
+    q.flush().unwrap();
+    // 8 data clusters of 64 KiB plus an L2 table would end well below 4 MiB past the
+    // original end; the file was grown by at least 4 MiB ahead.
+    let grown = file_len(&path);
+    assert!(grown >= created + (4 << 20), "file not grown ahead: {created} -> {grown}");
+    // A copy taken now is what a crash would leave: trailing hole included.
+    let crashed = dir.path().join("crashed.qcow2");
+    std::fs::copy(&path, &crashed).unwrap();
+    drop(q);
+    img.close().unwrap();
+    drop(img);
+    let closed = file_len(&path);
+    assert!(closed < grown, "tail not trimmed: {closed} >= {grown}");
+    assert_eq!(closed % 65536, 0);
+    for (p, ok) in [(&path, &[0][..]), (&crashed, &[0, 3][..])] {
+        // Without a close the queue's unused batch clusters stay counted: leaks only.
+        let r = qemu_img(["check", &s(p)]);
+        assert!(ok.contains(&r.status()), "{}", r.describe());
+        let r = qemu_io(["-c", "read -P 0x5c 7M 4k", "-c", "read -P 0 7344128 60k", &s(p)]);
+        assert_eq!(r.status(), 0, "{}", r.describe());
+        assert!(!r.stdout.contains("Pattern verification failed"), "{}", r.describe());
+    }
+    // The closed file ends right after its highest cluster: qemu-img's image end offset.
+    let r = qemu_img(["check", "--output=json", &s(&path)]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["image-end-offset"].as_u64(), Some(closed), "{}", r.stdout);
+}

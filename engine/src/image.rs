@@ -107,6 +107,9 @@ pub(crate) struct MetaState {
     pub dirty_bit_set: bool,
     /// close() already ran.
     pub closed: bool,
+    /// The file length this session last extended the file to ahead of allocation (0: it
+    /// has not; see [`Image::grow_ahead`]).
+    pub grown_to: u64,
 }
 
 /// An open qcow2 image, shared by all queues (wrap in `Arc`).
@@ -124,6 +127,8 @@ pub struct Image {
     pub(crate) slice_entries: u64,
     pub(crate) backing: Option<Backing>,
     pub(crate) file_len: AtomicU64,
+    /// Length of the file when it was opened.
+    pub(crate) opened_len: u64,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) counters: Counters,
     pub(crate) read_only: bool,
@@ -289,6 +294,7 @@ impl Image {
                 lazy: header.lazy_refcounts(),
                 dirty_bit_set: false,
                 closed: false,
+                grown_to: 0,
             }))
         };
 
@@ -304,6 +310,7 @@ impl Image {
             slice_entries,
             backing,
             file_len: AtomicU64::new(file_len),
+            opened_len: file_len,
             snapshots,
             counters: Counters::default(),
             read_only,

@@ -54,13 +54,18 @@ impl Image {
         self.mark_dirty_for_lazy(st)?;
         let io = self.meta_io();
         let first_new = out.len();
+        let cb = self.geo.cluster_bits;
+        // Every cluster at or past the allocation end reads as zeros: it lay past the end of
+        // the file at open (`end_cluster` starts there and only grows), was never allocated
+        // since, and the file only grew over it by `grow_ahead` (holes).
+        let zero_from = st.rc.end_cluster << cb;
         st.rc.alloc_batch(&io, n, out)?;
         self.note_end(st);
         crate::counters::Counters::add(&self.counters.clusters_allocated, n);
-        // Batch clusters must read as zeros (writers rely on it to skip zero fills): those
-        // beyond the end of the file do; reused ones inside it are punched now.
-        let phys_end = self.file.len()?;
-        let cb = self.geo.cluster_bits;
+        // Batch clusters must read as zeros (writers rely on it to skip zero fills): fresh
+        // ones do; reused ones inside the file are punched now.
+        let mut phys_end = None;
+        let mut top = 0;
         let mut i = first_new;
         while i < out.len() {
             let mut j = i + 1;
@@ -68,11 +73,69 @@ impl Image {
                 j += 1;
             }
             let (a, b) = (out[i] << cb, (out[j - 1] + 1) << cb);
-            if a < phys_end {
-                self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), a, b.min(phys_end) - a)?;
+            top = top.max(b);
+            let reused_end = b.min(zero_from);
+            if a < reused_end {
+                let pe = match phys_end {
+                    Some(pe) => pe,
+                    None => *phys_end.insert(self.file.len()?),
+                };
+                if a < pe {
+                    self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), a, reused_end.min(pe) - a)?;
+                }
             }
             i = j;
         }
+        self.grow_ahead(st, top)
+    }
+
+    /// Keeps the file's length ahead of the clusters handed out, so that a first write into
+    /// a fresh cluster lands inside the file (in a hole) instead of extending it: on ext4 an
+    /// extending O_DIRECT write takes the inode lock exclusively and cannot be issued
+    /// without blocking, so io_uring hands it to a worker thread and such writes run one at
+    /// a time. The file grows by an eighth of its length (4 MiB..128 MiB) past `top`; the
+    /// tail is a hole and reads as zeros; [`Image::trim_tail`] cuts it off on clean close.
+    /// Never shrinks the file (its length is read before growing it).
+    pub(crate) fn grow_ahead(&self, st: &mut MetaState, top: u64) -> Result<()> {
+        if top <= st.grown_to {
+            return Ok(());
+        }
+        let len = self.file.len()?;
+        if top <= len {
+            st.grown_to = len;
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let ahead = (len / 8).clamp(4 << 20, 128 << 20).div_ceil(cs) * cs;
+        let new = top
+            .checked_add(ahead)
+            .ok_or_else(|| Error::InvalidRequest(format!("file length {top} + {ahead} overflows")))?;
+        self.sync.ftruncate(self.file.fd(), new)?;
+        st.grown_to = new;
+        Ok(())
+    }
+
+    /// Clean close: cuts off the hole that [`Image::grow_ahead`] left past the last
+    /// cluster in use (only when this session grew the file, and never below the length
+    /// the file had at open).
+    pub(crate) fn trim_tail(&self, st: &mut MetaState) -> Result<()> {
+        if st.grown_to == 0 {
+            return Ok(());
+        }
+        // The file ends after the last cluster in use: skip back over the free clusters
+        // at the end of the allocated range (a queue's unused batch, returned at teardown),
+        // but not below the length of the file at open.
+        let io = self.meta_io();
+        let floor = self.opened_len.div_ceil(self.geo.cluster_size());
+        let mut end = st.rc.end_cluster;
+        while end > floor && st.rc.get(&io, end - 1)? == 0 {
+            end -= 1;
+        }
+        let end = (end << self.geo.cluster_bits).max(self.opened_len);
+        if self.file.len()? > end {
+            self.sync.ftruncate(self.file.fd(), end)?;
+        }
+        st.grown_to = 0;
         Ok(())
     }
 

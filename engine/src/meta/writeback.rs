@@ -150,6 +150,6 @@ impl Image {
             self.device_flush()?;
             st.dirty_bit_set = false;
         }
-        Ok(())
+        self.trim_tail(st)
     }
 }
