@@ -163,3 +163,47 @@ fn file_grows_ahead_of_allocation_and_is_trimmed_on_close() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["image-end-offset"].as_u64(), Some(closed), "{}", r.stdout);
 }
+
+/// Counters are kept per queue, and the image's are the sum of its queues' (live or gone)
+/// plus work done outside queues.
+#[test]
+fn counters_per_queue_and_per_image() {
+    let dir = tempdir();
+    let path = dir.path().join("c.qcow2");
+    let r = quring(["create", "-q", &s(&path), "64M"]);
+    assert_eq!(r.status(), 0, "{}", r.describe());
+    let img = Image::open(&path, &Options::default()).unwrap();
+    let mut w = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut rd = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut buf = AlignedBuf::new(65536);
+    buf.fill(0x42);
+    for i in 0..4u64 {
+        w.write_at(&buf, i << 20).unwrap();
+    }
+    w.flush().unwrap();
+    for i in 0..4u64 {
+        rd.read_at(&mut buf, i << 20).unwrap();
+        rd.read_at(&mut buf, i << 20).unwrap();
+    }
+    let (cw, cr) = (w.counters(), rd.counters());
+    assert_eq!((cw.guest_writes, cw.write_bytes, cw.guest_flushes, cw.guest_reads), (4, 4 << 16, 1, 0));
+    assert_eq!((cr.guest_reads, cr.read_bytes, cr.guest_writes), (8, 8 << 16, 0));
+    // The writer allocated (data clusters and an L2 table), wrote the L2 table and
+    // refcounts at its flush, and issued the device flushes; the reader did none of it.
+    assert!(cw.clusters_allocated >= 5, "{cw:?}");
+    assert!(cw.l2_writes >= 1 && cw.refblock_writes >= 1 && cw.device_flushes >= 1, "{cw:?}");
+    assert_eq!((cr.l2_writes, cr.refblock_writes, cr.device_flushes, cr.clusters_allocated), (0, 0, 0, 0));
+    // Reads of 64 KiB clusters: one L2 lookup each, all hits (the writer's slice is cached).
+    assert_eq!(cr.l2_hits, 8, "{cr:?}");
+    let sum = img.counters();
+    assert_eq!(sum.guest_reads, 8);
+    assert_eq!(sum.guest_writes, 4);
+    assert_eq!(sum.l2_hits, cw.l2_hits + cr.l2_hits);
+    assert_eq!(sum.l2_writes, cw.l2_writes);
+    // A queue that is gone still counts in the image's sum.
+    drop(rd);
+    assert_eq!(img.counters().guest_reads, 8);
+    drop(w);
+    img.close().unwrap();
+    assert_eq!(img.counters().guest_writes, 4);
+}

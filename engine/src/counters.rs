@@ -1,5 +1,5 @@
-//! Counters kept per image (and read by the CLI, the fio plugin and the benches): what each
-//! guest request cost on the device.
+//! Counters kept per queue and summed per image (read by the CLI, the fio plugin and the
+//! benches): what each guest request cost on the device.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,19 @@ macro_rules! counters {
             }
         }
 
+        impl Counters {
+            /// Adds every counter of `s`.
+            pub fn absorb(&self, s: &CounterSnapshot) {
+                $(self.$name.fetch_add(s.$name, Ordering::Relaxed);)*
+            }
+        }
+
         impl CounterSnapshot {
+            /// Adds every counter of `o` to this one.
+            pub fn accumulate(&mut self, o: &CounterSnapshot) {
+                $(self.$name += o.$name;)*
+            }
+
             /// (name, value) pairs in a stable order.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
@@ -84,6 +96,13 @@ impl Counters {
     #[inline]
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter that only the calling thread writes (a queue's own): a plain
+    /// load and store, no locked instruction. Readers on other threads see a recent value.
+    #[inline]
+    pub fn bump(c: &AtomicU64, n: u64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 }
 

@@ -130,7 +130,10 @@ pub struct Image {
     /// Length of the file when it was opened.
     pub(crate) opened_len: u64,
     pub(crate) snapshots: Vec<Snapshot>,
+    /// Counts of work done outside any queue, plus those of queues that are gone.
     pub(crate) counters: Counters,
+    /// The counters of the live queues.
+    pub(crate) queue_counters: Mutex<Vec<Arc<Counters>>>,
     pub(crate) read_only: bool,
     pub(crate) opts: Options,
     pub(crate) depth: usize,
@@ -313,6 +316,7 @@ impl Image {
             opened_len: file_len,
             snapshots,
             counters: Counters::default(),
+            queue_counters: Mutex::new(Vec::new()),
             read_only,
             opts: opts.clone(),
             depth,
@@ -375,7 +379,7 @@ impl Image {
             )));
         }
         // Everything written so far becomes durable first (the L1 may move).
-        self.flush_metadata(&mut st, false)?;
+        self.flush_metadata(&mut st, false, &self.counters)?;
         let mut h = self.header();
         if need > h.l1_size as u64 {
             let cs = g.cluster_size();
@@ -387,7 +391,7 @@ impl Image {
             for (i, e) in self.l1.iter().take(need as usize).enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
             }
-            self.flush_metadata(&mut st, false)?; // the new clusters' refcounts
+            self.flush_metadata(&mut st, false, &self.counters)?; // the new clusters' refcounts
             self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), c << g.cluster_bits, &bytes)?;
             self.sync.fdatasync(self.file.fd())?;
             let old_off = h.l1_table_offset.0;
@@ -442,14 +446,30 @@ impl Image {
         &self.opts
     }
 
-    /// Counters (with the cache's hit/miss/eviction numbers folded in).
+    /// Counters of the whole image: every queue's (live or gone) plus the work done
+    /// outside queues, with the shared cache's evictions. [`crate::queue::Queue::counters`]
+    /// has one queue's.
     pub fn counters(&self) -> CounterSnapshot {
         let mut s = self.counters.snapshot();
-        let (h, m, e) = self.l2_cache.stats();
-        s.l2_hits = h;
-        s.l2_misses = m;
-        s.l2_evictions = e;
+        for q in self.queue_counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            s.accumulate(&q.snapshot());
+        }
+        s.l2_evictions = self.l2_cache.evictions();
         s
+    }
+
+    /// A new queue's counters join the image's sum.
+    pub(crate) fn register_queue_counters(&self, c: &Arc<Counters>) {
+        self.queue_counters.lock().unwrap_or_else(|e| e.into_inner()).push(c.clone());
+    }
+
+    /// A queue is gone: its counts move into the image's own.
+    pub(crate) fn retire_queue_counters(&self, c: &Arc<Counters>) {
+        let mut list = self.queue_counters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = list.iter().position(|x| Arc::ptr_eq(x, c)) {
+            list.swap_remove(i);
+            self.counters.absorb(&c.snapshot());
+        }
     }
 
     /// Current L1 entry `i` (0 when out of range).
@@ -492,7 +512,7 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         let Some(m) = &self.meta else { return Ok(()) };
         let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-        self.flush_metadata(&mut st, false)
+        self.flush_metadata(&mut st, false, &self.counters)
     }
 
     /// Flushes metadata and closes the image cleanly (clears the lazy-refcount dirty bit).

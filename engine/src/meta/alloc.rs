@@ -3,6 +3,7 @@
 //! and L2 table copy-on-write (tables shared with an internal snapshot).
 
 use super::refcount::MetaIo;
+use crate::counters::Counters;
 use crate::format::l1::L1Entry;
 use crate::image::{Image, MetaState};
 use crate::{Error, Result};
@@ -27,7 +28,7 @@ impl Image {
     }
 
     /// Sets the dirty bit before the first refcount-skipping write (lazy refcounts).
-    pub(crate) fn mark_dirty_for_lazy(&self, st: &mut MetaState) -> Result<()> {
+    pub(crate) fn mark_dirty_for_lazy(&self, st: &mut MetaState, cnt: &Counters) -> Result<()> {
         if st.lazy && !st.dirty_bit_set {
             let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
             h.incompatible_features |= crate::format::feature::INCOMPAT_DIRTY;
@@ -35,9 +36,9 @@ impl Image {
             drop(h);
             self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             self.sync.fdatasync(self.file.fd())?;
-            crate::counters::Counters::add(&self.counters.header_writes, 1);
-            crate::counters::Counters::add(&self.counters.l1_header_write_bytes, bytes.len() as u64);
-            crate::counters::Counters::add(&self.counters.device_flushes, 1);
+            Counters::add(&cnt.header_writes, 1);
+            Counters::add(&cnt.l1_header_write_bytes, bytes.len() as u64);
+            Counters::add(&cnt.device_flushes, 1);
             st.dirty_bit_set = true;
         }
         Ok(())
@@ -49,9 +50,15 @@ impl Image {
         self.file_len.fetch_max(end, Ordering::AcqRel);
     }
 
-    /// Reserves `n` host clusters (refcount 1) for a queue's batch.
-    pub(crate) fn reserve_clusters(&self, st: &mut MetaState, n: u64, out: &mut Vec<u64>) -> Result<()> {
-        self.mark_dirty_for_lazy(st)?;
+    /// Reserves `n` host clusters (refcount 1) for a queue's batch (counted into `cnt`).
+    pub(crate) fn reserve_clusters(
+        &self,
+        st: &mut MetaState,
+        n: u64,
+        out: &mut Vec<u64>,
+        cnt: &Counters,
+    ) -> Result<()> {
+        self.mark_dirty_for_lazy(st, cnt)?;
         let io = self.meta_io();
         let first_new = out.len();
         let cb = self.geo.cluster_bits;
@@ -61,7 +68,7 @@ impl Image {
         let zero_from = st.rc.end_cluster << cb;
         st.rc.alloc_batch(&io, n, out)?;
         self.note_end(st);
-        crate::counters::Counters::add(&self.counters.clusters_allocated, n);
+        Counters::add(&cnt.clusters_allocated, n);
         // Batch clusters must read as zeros (writers rely on it to skip zero fills): fresh
         // ones do; reused ones inside the file are punched now.
         let mut phys_end = None;
@@ -151,21 +158,21 @@ impl Image {
     /// Makes L1 entry `l1i` point to a private (COPIED) L2 table: allocates a zeroed table
     /// when there is none, or copies a table shared with a snapshot. The new table is on
     /// disk before the L1 entry changes in memory (the L1 write happens at flush time).
-    pub(crate) fn ensure_l2_table(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
+    pub(crate) fn ensure_l2_table(&self, st: &mut MetaState, l1i: u64, cnt: &Counters) -> Result<()> {
         let old = self.l1_entry(l1i);
         if old.contiguous() {
-            return self.split_range(st, l1i);
+            return self.split_range(st, l1i, cnt);
         }
         if old.l2_offset().0 != 0 && old.copied() {
             return Ok(()); // another queue did it
         }
         if old.l2_offset().0 == 0 && self.l2less && self.backing.is_none() {
-            return self.alloc_extent(st, l1i);
+            return self.alloc_extent(st, l1i, cnt);
         }
         if l1i as usize >= self.l1.len() {
             return Err(Error::InvalidRequest(format!("L1 index {l1i} is beyond the L1 table")));
         }
-        self.mark_dirty_for_lazy(st)?;
+        self.mark_dirty_for_lazy(st, cnt)?;
         let io = self.meta_io();
         let cs = self.geo.cluster_size() as usize;
         let c = st.rc.alloc_contiguous(&io, 1)?;
@@ -179,9 +186,9 @@ impl Image {
             // be dirty: writes never modify a shared table in place.
         }
         self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), off, &table)?;
-        crate::counters::Counters::add(&self.counters.l2_writes, 1);
-        crate::counters::Counters::add(&self.counters.l2_write_bytes, cs as u64);
-        crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
+        Counters::add(&cnt.l2_writes, 1);
+        Counters::add(&cnt.l2_write_bytes, cs as u64);
+        Counters::add(&cnt.clusters_allocated, 1);
         if old.l2_offset().0 != 0 {
             st.rc.free_later(old.l2_offset().0 >> self.geo.cluster_bits, 1);
         }
@@ -194,8 +201,8 @@ impl Image {
     /// extent comes from fresh space, is punched so that never-written parts read as zeros
     /// (also when it reuses freed space), and every cluster is refcounted. The L1 entry is
     /// written at flush time, after the refcounts are durable.
-    fn alloc_extent(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
-        self.mark_dirty_for_lazy(st)?;
+    fn alloc_extent(&self, st: &mut MetaState, l1i: u64, cnt: &Counters) -> Result<()> {
+        self.mark_dirty_for_lazy(st, cnt)?;
         let io = self.meta_io();
         let n = self.range_clusters(l1i);
         let c = st.rc.alloc_contiguous(&io, n)?;
@@ -206,7 +213,7 @@ impl Image {
         if self.file.len()? < off + len {
             self.sync.ftruncate(self.file.fd(), off + len)?;
         }
-        crate::counters::Counters::add(&self.counters.clusters_allocated, n);
+        Counters::add(&cnt.clusters_allocated, n);
         let e = L1Entry(off | crate::format::l1::L1_CONTIGUOUS | crate::format::l1::L1_COPIED);
         self.l1[l1i as usize].store(e.0, Ordering::Release);
         st.l1_dirty = true;
@@ -217,8 +224,8 @@ impl Image {
     /// same clusters, so per-cluster changes (discard, zero, copy-on-write) can follow.
     /// Crash-safe: the table is written before the L1 entry changes, and the L1 entry is
     /// written (after a device flush) at flush time; until then the old entry stays valid.
-    fn split_range(&self, st: &mut MetaState, l1i: u64) -> Result<()> {
-        self.mark_dirty_for_lazy(st)?;
+    fn split_range(&self, st: &mut MetaState, l1i: u64, cnt: &Counters) -> Result<()> {
+        self.mark_dirty_for_lazy(st, cnt)?;
         let old = self.l1_entry(l1i);
         let io = self.meta_io();
         let g = self.geo;
@@ -240,9 +247,9 @@ impl Image {
             );
         }
         self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), toff, &table)?;
-        crate::counters::Counters::add(&self.counters.l2_writes, 1);
-        crate::counters::Counters::add(&self.counters.l2_write_bytes, cs as u64);
-        crate::counters::Counters::add(&self.counters.clusters_allocated, 1);
+        Counters::add(&cnt.l2_writes, 1);
+        Counters::add(&cnt.l2_write_bytes, cs as u64);
+        Counters::add(&cnt.clusters_allocated, 1);
         self.l2_cache.forget(toff);
         self.l1[l1i as usize].store(L1Entry::new(crate::format::HostOffset(toff), true).0, Ordering::Release);
         st.l1_dirty = true;

@@ -15,6 +15,9 @@ pub enum Lookup {
         extent: Extent,
         /// Length in bytes.
         len: u64,
+        /// The L2 cache answered (a hit); false when no L2 entry was needed (an empty L1
+        /// entry or an L2-less range).
+        cached: bool,
     },
     /// The L2 slice at host offset `key` is not cached: load it and retry.
     Miss {
@@ -86,10 +89,10 @@ impl Image {
         let in_cluster = g.offset_in_cluster(off.0);
         let len = len.min(g.cluster_size() - in_cluster).min(self.vsize() - off.0);
         if let Some(host) = self.contiguous_host(off) {
-            return Ok(Lookup::Mapped { extent: Extent::Data(crate::format::HostOffset(host)), len });
+            return Ok(Lookup::Mapped { extent: Extent::Data(crate::format::HostOffset(host)), len, cached: false });
         }
         let Some(slot) = self.l2_slot(off)? else {
-            return Ok(Lookup::Mapped { extent: Extent::Unallocated, len });
+            return Ok(Lookup::Mapped { extent: Extent::Unallocated, len, cached: false });
         };
         let (entry, bitmap) = if g.extended_l2 {
             match self.l2_cache.read_pair(slot.key, slot.word) {
@@ -116,6 +119,6 @@ impl Image {
                 format!("guest offset {:#x} maps to host offset {:#x}, past the end of the file", off.0, h.0),
             ));
         }
-        Ok(Lookup::Mapped { extent, len })
+        Ok(Lookup::Mapped { extent, len, cached: true })
     }
 }

@@ -47,6 +47,7 @@ impl Image {
                 Claim::Present(_) => return Ok(()),
                 Claim::Busy => std::thread::yield_now(),
                 Claim::Load(slot) => {
+                    crate::counters::Counters::add(&self.counters.l2_misses, 1);
                     let len = self.l2_cache.slot_size();
                     let r = self.sync.read(self.file.fd(), key, len);
                     match r {
@@ -77,7 +78,12 @@ impl Image {
     pub(crate) fn lookup_sync(&self, off: u64, len: u64) -> Result<(Extent, u64)> {
         loop {
             match self.lookup(GuestOffset(off), len)? {
-                Lookup::Mapped { extent, len } => return Ok((extent, len)),
+                Lookup::Mapped { extent, len, cached } => {
+                    if cached {
+                        crate::counters::Counters::add(&self.counters.l2_hits, 1);
+                    }
+                    return Ok((extent, len));
+                }
                 Lookup::Miss { key } => self.load_slice_sync(key)?,
             }
         }

@@ -9,16 +9,16 @@ use crate::image::{Image, MetaState};
 use std::sync::atomic::Ordering;
 
 impl Image {
-    fn device_flush(&self) -> Result<()> {
-        Counters::add(&self.counters.device_flushes, 1);
+    fn device_flush(&self, c: &Counters) -> Result<()> {
+        Counters::add(&c.device_flushes, 1);
         self.sync.fdatasync(self.file.fd())
     }
 
     /// Writes all dirty metadata and makes it durable. With lazy refcounts the refcount
     /// stages are skipped (the dirty bit covers them) unless `clean_close`.
-    pub(crate) fn flush_metadata(&self, st: &mut MetaState, clean_close: bool) -> Result<()> {
+    /// Counts into `c`: the counters of the queue (or of the image) doing the work.
+    pub(crate) fn flush_metadata(&self, st: &mut MetaState, clean_close: bool, c: &Counters) -> Result<()> {
         let io = self.meta_io();
-        let c = &self.counters;
         let write_refcounts = !st.lazy || clean_close;
         let mut need_flush = false;
         // 1. Refcount increases (and a moved table), durable before anything refers to them.
@@ -27,7 +27,7 @@ impl Image {
             Counters::add(&c.refblock_writes, b);
             Counters::add(&c.reftable_writes, t);
             Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
-            self.device_flush()?;
+            self.device_flush(c)?;
         }
         if st.rc.table_moved && write_refcounts {
             let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
@@ -38,7 +38,7 @@ impl Image {
             self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
             Counters::add(&c.header_writes, 1);
             Counters::add(&c.l1_header_write_bytes, bytes.len() as u64);
-            self.device_flush()?;
+            self.device_flush(c)?;
             st.rc.table_moved = false;
             if let Some((o, n)) = st.rc.old_table.take() {
                 for i in 0..n {
@@ -68,7 +68,7 @@ impl Image {
             copies.push((pinned, key, bytes));
         }
         if !copies.is_empty()
-            && let Err(e) = self.device_flush()
+            && let Err(e) = self.device_flush(c)
         {
             // Nothing was written: the slices stay dirty for the next write-back.
             for (slot, key, _) in &copies {
@@ -94,7 +94,7 @@ impl Image {
             need_flush = true;
         }
         if need_flush {
-            self.device_flush()?;
+            self.device_flush(c)?;
             need_flush = false;
         }
         // 3. The L1 table.
@@ -112,7 +112,7 @@ impl Image {
             need_flush = true;
         }
         if need_flush {
-            self.device_flush()?;
+            self.device_flush(c)?;
         }
         // 4. Refcount decreases, now that nothing durable refers to those clusters. Only
         //    when no data write is in flight that could still target a freed cluster.
@@ -130,7 +130,7 @@ impl Image {
                 Counters::add(&c.refblock_writes, b);
                 Counters::add(&c.reftable_writes, t);
                 Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
-                self.device_flush()?;
+                self.device_flush(c)?;
             }
         }
         Ok(())
@@ -138,16 +138,17 @@ impl Image {
 
     /// Clean close: all metadata durable, lazy-refcount dirty bit cleared.
     pub(crate) fn close_metadata(&self, st: &mut MetaState) -> Result<()> {
-        self.flush_metadata(st, true)?;
+        let c = &self.counters;
+        self.flush_metadata(st, true, c)?;
         if st.dirty_bit_set {
             let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
             h.incompatible_features &= !crate::format::feature::INCOMPAT_DIRTY;
             let bytes = h.serialize()?;
             drop(h);
             self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
-            Counters::add(&self.counters.header_writes, 1);
-            Counters::add(&self.counters.l1_header_write_bytes, bytes.len() as u64);
-            self.device_flush()?;
+            Counters::add(&c.header_writes, 1);
+            Counters::add(&c.l1_header_write_bytes, bytes.len() as u64);
+            self.device_flush(c)?;
             st.dirty_bit_set = false;
         }
         self.trim_tail(st)

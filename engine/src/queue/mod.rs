@@ -9,6 +9,7 @@
 mod read;
 mod write;
 
+use crate::counters::{CounterSnapshot, Counters};
 use crate::image::Image;
 use crate::io::AlignedBuf;
 use crate::meta::cache::SlotId;
@@ -219,6 +220,9 @@ pub struct Queue {
     pub(crate) pool: Vec<AlignedBuf>,
     /// Flushes (and writethrough writes) waiting for the next group commit.
     pub(crate) flush_waiters: Vec<usize>,
+    /// This queue's counters (written only by this queue's thread; registered with the
+    /// image, which sums every queue's into [`Image::counters`]).
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl Queue {
@@ -238,6 +242,8 @@ impl Queue {
             b.build(entries)
         };
         let ring = build(true).or_else(|_| build(false)).map_err(|e| Error::io("io_uring_setup", e))?;
+        let counters = Arc::new(Counters::default());
+        image.register_queue_counters(&counters);
         Ok(Queue {
             image: image.clone(),
             ring,
@@ -256,6 +262,7 @@ impl Queue {
             cqe_buf: Vec::with_capacity(256),
             pool: Vec::new(),
             flush_waiters: Vec::new(),
+            counters,
         })
     }
 
@@ -281,6 +288,14 @@ impl Queue {
             || !self.job_parked.is_empty()
             || !self.flush_waiters.is_empty();
         waiting.then_some(Duration::from_micros(50))
+    }
+
+    /// What this queue's requests have cost so far: guest requests and bytes, device
+    /// writes by kind, device flushes, copy-on-write bytes, clusters allocated, slice loads,
+    /// L2 cache hits and misses (`l2_evictions` is counted for the shared cache as a whole,
+    /// in [`Image::counters`]).
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
     }
 
     /// Requests submitted and not yet returned by [`Queue::reap`].
@@ -584,7 +599,7 @@ impl Queue {
                 } else {
                     layer.l2_cache.complete_load(slot);
                 }
-                crate::counters::Counters::add(&layer.counters.meta_loads, 1);
+                crate::counters::Counters::add(&self.counters.meta_loads, 1);
                 self.retry_parked();
             }
             Io::Write { req, token } | Io::WriteBounce { req, token, .. } => {
@@ -688,20 +703,20 @@ impl Queue {
     pub(crate) fn finish(&mut self, req: usize) {
         self.uncount(req);
         let r = self.reqs.remove(req);
-        let c = &self.image.counters;
-        use crate::counters::Counters;
+        // This queue's own counters: single writer (see `Counters::bump`).
+        let c = &self.counters;
         if r.error == 0 && r.parent == Parent::Caller {
             match r.kind {
                 ReqKind::Read => {
-                    Counters::add(&c.guest_reads, 1);
-                    Counters::add(&c.read_bytes, r.len);
+                    Counters::bump(&c.guest_reads, 1);
+                    Counters::bump(&c.read_bytes, r.len);
                 }
                 ReqKind::Write | ReqKind::Zero { .. } => {
-                    Counters::add(&c.guest_writes, 1);
-                    Counters::add(&c.write_bytes, r.len);
+                    Counters::bump(&c.guest_writes, 1);
+                    Counters::bump(&c.write_bytes, r.len);
                 }
-                ReqKind::Discard => Counters::add(&c.guest_discards, 1),
-                ReqKind::Flush => Counters::add(&c.guest_flushes, 1),
+                ReqKind::Discard => Counters::bump(&c.guest_discards, 1),
+                ReqKind::Flush => Counters::bump(&c.guest_flushes, 1),
             }
         }
         match r.parent {
@@ -804,6 +819,7 @@ impl Drop for Queue {
             self.process_cqes();
             self.parked.clear();
         }
+        self.image.retire_queue_counters(&self.counters);
     }
 }
 

@@ -3,6 +3,7 @@
 //! place). A piece whose L2 slice is missing parks the request on that slice.
 
 use super::{Io, Queue};
+use crate::counters::Counters;
 use crate::format::l2::Extent;
 use crate::format::types::GuestOffset;
 use crate::image::{Backing, Image};
@@ -26,7 +27,7 @@ enum Piece {
 /// counting on the hit path: layers are borrowed, and only cloned for the rare pieces that
 /// must keep one).
 #[inline]
-fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
+fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters) -> crate::Result<Piece> {
     let mut layer: &Arc<Image> = top;
     let mut len = len;
     loop {
@@ -35,37 +36,42 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64) -> crate::Result<Piece> {
         }
         match layer.lookup(GuestOffset(off), len)? {
             Lookup::Miss { key } => return Ok(Piece::Miss { layer: layer.clone(), key }),
-            Lookup::Mapped { extent, len: n } => match extent {
-                Extent::Data(h) => return Ok(Piece::Data { fd: layer.file.fd(), host: h.0, len: n }),
-                Extent::Zero => return Ok(Piece::Zero { len: n }),
-                Extent::Compressed { host, len: clen } => {
-                    if host.0 >= layer.file_len() {
-                        return Err(crate::Error::corrupt(
-                            "compressed cluster",
-                            format!(
-                                "guest offset {off:#x} maps to compressed data at {:#x}, past the end of the file ({} bytes)",
-                                host.0,
-                                layer.file_len()
-                            ),
-                        ));
-                    }
-                    let in_cluster = layer.geo.offset_in_cluster(off);
-                    return Ok(Piece::Compressed { layer: layer.clone(), host: host.0, clen, in_cluster, len: n });
+            Lookup::Mapped { extent, len: n, cached } => {
+                if cached {
+                    Counters::bump(&c.l2_hits, 1);
                 }
-                Extent::Unallocated => match &layer.backing {
-                    None => return Ok(Piece::Zero { len: n }),
-                    Some(Backing::Raw(raw)) => {
-                        if off >= raw.size {
-                            return Ok(Piece::Zero { len: n });
+                match extent {
+                    Extent::Data(h) => return Ok(Piece::Data { fd: layer.file.fd(), host: h.0, len: n }),
+                    Extent::Zero => return Ok(Piece::Zero { len: n }),
+                    Extent::Compressed { host, len: clen } => {
+                        if host.0 >= layer.file_len() {
+                            return Err(crate::Error::corrupt(
+                                "compressed cluster",
+                                format!(
+                                    "guest offset {off:#x} maps to compressed data at {:#x}, past the end of the file ({} bytes)",
+                                    host.0,
+                                    layer.file_len()
+                                ),
+                            ));
                         }
-                        return Ok(Piece::Data { fd: raw.file.fd(), host: off, len: n });
+                        let in_cluster = layer.geo.offset_in_cluster(off);
+                        return Ok(Piece::Compressed { layer: layer.clone(), host: host.0, clen, in_cluster, len: n });
                     }
-                    Some(Backing::Qcow2(b)) => {
-                        layer = b;
-                        len = n;
-                    }
-                },
-            },
+                    Extent::Unallocated => match &layer.backing {
+                        None => return Ok(Piece::Zero { len: n }),
+                        Some(Backing::Raw(raw)) => {
+                            if off >= raw.size {
+                                return Ok(Piece::Zero { len: n });
+                            }
+                            return Ok(Piece::Data { fd: raw.file.fd(), host: off, len: n });
+                        }
+                        Some(Backing::Qcow2(b)) => {
+                            layer = b;
+                            len = n;
+                        }
+                    },
+                }
+            }
         }
     }
 }
@@ -86,7 +92,7 @@ impl Queue {
                 break;
             }
             let pos = r.cursor;
-            let piece = match resolve(&top, pos, end - pos) {
+            let piece = match resolve(&top, pos, end - pos, &self.counters) {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail_with(id, e);

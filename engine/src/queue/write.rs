@@ -130,12 +130,18 @@ impl Queue {
         let slot = img.l2_slot(GuestOffset(pos))?.expect("L1 entry checked");
         let (e, b) = if g.extended_l2 {
             match img.l2_cache.read_pair(slot.key, slot.word) {
-                Some(p) => p,
+                Some(p) => {
+                    crate::counters::Counters::bump(&self.counters.l2_hits, 1);
+                    p
+                }
                 None => return Ok(WPiece::Miss { key: slot.key }),
             }
         } else {
             match img.l2_cache.read_word(slot.key, slot.word) {
-                Some(e) => (e, 0),
+                Some(e) => {
+                    crate::counters::Counters::bump(&self.counters.l2_hits, 1);
+                    (e, 0)
+                }
                 None => return Ok(WPiece::Miss { key: slot.key }),
             }
         };
@@ -166,7 +172,7 @@ impl Queue {
         let Some(mut st) = img.try_meta()? else { return Ok(None) };
         st.rc.pending_free.append(&mut self.local_frees);
         let mut got = Vec::with_capacity(BATCH as usize);
-        img.reserve_clusters(&mut st, BATCH, &mut got)?;
+        img.reserve_clusters(&mut st, BATCH, &mut got, &self.counters)?;
         drop(st);
         // Pop from the end: keep ascending order for contiguous layout.
         got.reverse();
@@ -201,7 +207,7 @@ impl Queue {
         }
         if let Ok(Some(mut st)) = layer.try_meta() {
             st.rc.pending_free.append(&mut self.local_frees);
-            let _ = layer.flush_metadata(&mut st, false);
+            let _ = layer.flush_metadata(&mut st, false, &self.counters);
         }
     }
 
@@ -215,6 +221,7 @@ impl Queue {
                 false
             }
             Claim::Load(slot) => {
+                crate::counters::Counters::bump(&self.counters.l2_misses, 1);
                 let len = layer.l2_cache.slot_size();
                 let ptr = layer.l2_cache.slot_ptr(slot);
                 let fd = layer.file.fd();
@@ -238,7 +245,7 @@ impl Queue {
     fn make_table(&mut self, l1i: u64) -> Result<bool> {
         let img = self.image.clone();
         let Some(mut st) = img.try_meta()? else { return Ok(false) };
-        img.ensure_l2_table(&mut st, l1i)?;
+        img.ensure_l2_table(&mut st, l1i, &self.counters)?;
         Ok(true)
     }
 
@@ -333,8 +340,8 @@ impl Queue {
             h.0.issued(crate::io::hook::WriteKind::Data, host, crate::io::hook::WriteData::Bytes(data))
         });
         self.reqs[id].pending += 1;
-        crate::counters::Counters::add(&self.image.counters.data_writes, 1);
-        crate::counters::Counters::add(&self.image.counters.data_write_bytes, len);
+        crate::counters::Counters::add(&self.counters.data_writes, 1);
+        crate::counters::Counters::add(&self.counters.data_write_bytes, len);
         if (src as usize).is_multiple_of(512) {
             let io = self.ios.insert(Io::Write { req: id, token });
             let sqe = opcode::Write::new(types::Fd(fd), src, len as u32).offset(host).build().user_data(io as u64);
@@ -504,7 +511,7 @@ impl Queue {
                 // SAFETY: a - (cstart+wstart) < wend - wstart: inside the bounce buffer.
                 let dst = unsafe { dst.add((a - cstart - wstart) as usize) };
                 j.reads_pending += 1;
-                crate::counters::Counters::add(&img.counters.cow_bytes, bnd - a);
+                crate::counters::Counters::add(&self.counters.cow_bytes, bnd - a);
                 let rid = self.new_req(0, ReqKind::Read, a, bnd - a, dst, Parent::Job(job));
                 self.drive_read(rid);
             }
@@ -557,8 +564,8 @@ impl Queue {
             let data = unsafe { std::slice::from_raw_parts(ptr, n) };
             j.token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
         }
-        crate::counters::Counters::add(&self.image.counters.data_writes, 1);
-        crate::counters::Counters::add(&self.image.counters.data_write_bytes, n as u64);
+        crate::counters::Counters::add(&self.counters.data_writes, 1);
+        crate::counters::Counters::add(&self.counters.data_write_bytes, n as u64);
         let io = self.ios.insert(Io::JobWrite { job });
         let sqe = opcode::Write::new(types::Fd(fd), ptr, n as u32).offset(off).build().user_data(io as u64);
         self.push(sqe);
@@ -892,8 +899,8 @@ impl Queue {
         };
         let waiters = std::mem::take(&mut self.flush_waiters);
         st.rc.pending_free.append(&mut self.local_frees);
-        let r = img.flush_metadata(&mut st, false).and_then(|_| {
-            crate::counters::Counters::add(&img.counters.device_flushes, 1);
+        let r = img.flush_metadata(&mut st, false, &self.counters).and_then(|_| {
+            crate::counters::Counters::add(&self.counters.device_flushes, 1);
             img.sync.fdatasync(img.file.fd())
         });
         drop(st);
