@@ -172,6 +172,9 @@ impl Refcounts {
         if cluster >= self.end_cluster && value > 0 {
             self.end_cluster = cluster + 1;
         }
+        if value == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
         Ok(())
     }
 
@@ -182,9 +185,6 @@ impl Refcounts {
             Error::corrupt("refcount", format!("cluster {cluster}: refcount {cur} cannot change by {delta}"))
         })?;
         self.set(io, cluster, new)?;
-        if new == 0 && cluster < self.free_hint {
-            self.free_hint = cluster;
-        }
         Ok(new)
     }
 
@@ -244,6 +244,12 @@ impl Refcounts {
 
     /// Allocates `n` contiguous clusters (refcount 1). Returns the first cluster index.
     pub fn alloc_contiguous(&mut self, io: &MetaIo, n: u64) -> Result<u64> {
+        // Move the hint past clusters in use: allocations that do not start at the hint
+        // (refcount blocks, a grown table, clusters taken after a gap) leave used clusters
+        // at it, and every later scan would walk over them again.
+        while self.free_hint < self.end_cluster && self.get(io, self.free_hint)? != 0 {
+            self.free_hint += 1;
+        }
         let mut start = self.free_hint;
         'search: loop {
             if start >= self.end_cluster {
