@@ -54,7 +54,8 @@ impl Image {
             return Err(Error::corrupt(
                 "L1 entry",
                 format!(
-                    "entry {l1i} points to L2 table at {l2_off:#x}, past the end of the file ({} bytes)",
+                    "entry {l1i} (guest offset {:#x}) points to an L2 table at {l2_off:#x}, which lies past the end of the file ({} bytes)",
+                    l1i.saturating_mul(g.l1_coverage()),
                     self.file_len()
                 ),
             ));
