@@ -413,25 +413,66 @@ fn library_api_reports_and_marks() {
     Image::open(&img, &Options { read_only: true, ..Default::default() }).unwrap();
 }
 
+/// A misaligned data offset is an event QEMU signals on reads too (its
+/// `qcow2_get_host_offset`): a read through an image open for writing marks it,
+/// one open read-only does not.
+#[test]
+fn misaligned_entry_read_marks_a_writable_image() {
+    use quring::image::{Image, Options};
+    use quring::queue::{Queue, QueueOptions};
+    let b = base(false);
+    let dir = tempdir();
+    let img = dir.path().join("misaligned.qcow2");
+    std::fs::copy(&b.path, &img).unwrap();
+    patch_be64(&img, l2_offset(&img), COPIED | 0x50200);
+    let mut buf = quring::io::AlignedBuf::new(4096);
+    {
+        let ro = Image::open(&img, &Options { read_only: true, ..Default::default() }).unwrap();
+        let mut q = Queue::new(&ro, &QueueOptions::default()).unwrap();
+        let e = q.read_at(&mut buf, 0).unwrap_err();
+        assert!(e.to_string().contains("unaligned"), "{e}");
+    }
+    assert_eq!(read_be64(&img, H_INCOMPAT) & CORRUPT_BIT, 0, "a read-only open must not mark");
+    {
+        let rw = Image::open(&img, &Options::default()).unwrap();
+        let mut q = Queue::new(&rw, &QueueOptions::default()).unwrap();
+        let e = q.read_at(&mut buf, 0).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("unaligned") && m.contains("marked corrupt"), "{m}");
+        // Reads elsewhere still work; writes do not.
+        q.read_at(&mut buf, 512 << 20).unwrap();
+        assert!(buf.iter().all(|&x| x == 0xab));
+        assert!(q.write_at(&buf, 512 << 20).is_err());
+    }
+    assert_eq!(read_be64(&img, H_INCOMPAT) & CORRUPT_BIT, CORRUPT_BIT);
+    assert!(qemu_corrupt_flag(&img));
+}
+
 /// The checks cost no false alarms on a clean image that quring fills, grows
 /// (new L2 tables and refcount blocks are recorded as metadata) and reopens.
 #[test]
 fn clean_images_stay_clean() {
     let dir = tempdir();
     let img = dir.path().join("clean.qcow2");
-    // 4 KiB clusters: an L2 table per 2 MiB and a refcount block per 128 MiB of
-    // host clusters, so a few MiB of writes allocate many of both.
+    // 4 KiB clusters: an L2 table per 2 MiB of guest and a refcount block per
+    // 8 MiB of host, so these writes allocate 24 L2 tables and a second refcount
+    // block while data keeps being allocated around them; the smallest L2 cache
+    // makes slices be evicted and checked again on reload.
     create_qcow2(&img, &Qcow2Opts::cluster(4096), 64 << 20);
     let p = s(&img);
-    let mut cmds = Vec::new();
+    let mut args = vec!["io".to_string(), "--l2-cache-size".into(), "32k".into()];
     for i in 0..24u64 {
-        cmds.push("-c".to_string());
-        cmds.push(format!("write -P {} {}M 136k", i + 1, i * 2 + 1));
+        args.push("-c".into());
+        args.push(format!("write -P {} {}M 392k", i + 1, i * 2 + 1));
     }
-    let mut args = vec!["io".to_string()];
-    args.extend(cmds);
+    for i in 0..24u64 {
+        args.push("-c".into());
+        args.push(format!("read -P {} {}M 392k", i + 1, i * 2 + 1));
+    }
     args.push(p.clone());
-    quring(&args).ok();
+    let r = quring(&args).ok();
+    assert!(!r.stdout.contains("verification failed"), "{}", r.describe());
+    assert!(file_len(&img) > 9 << 20, "the writes should need a second refcount block");
     // Compressed clusters next to metadata, from qemu-img.
     let comp = dir.path().join("comp.qcow2");
     qemu_img(["convert", "-q", "-c", "-O", "qcow2", &p, &s(&comp)]).ok();
@@ -439,7 +480,7 @@ fn clean_images_stay_clean() {
         let mut args = vec!["io".to_string()];
         for i in 0..24u64 {
             args.push("-c".into());
-            args.push(format!("read -P {} {}M 136k", i + 1, i * 2 + 1));
+            args.push(format!("read -P {} {}M 392k", i + 1, i * 2 + 1));
         }
         args.push(f.clone());
         let r = quring(&args).ok();

@@ -105,7 +105,15 @@ impl Image {
         };
         let (extent, len) = l2::classify(g, entry, bitmap, in_cluster, len).map_err(|e| match e {
             Error::Corrupt { what, detail } => {
-                Error::corrupt(what, format!("{detail} (guest offset {:#x}, L2 slice at {:#x})", off.0, slot.key))
+                let e =
+                    Error::corrupt(what, format!("{detail} (guest offset {:#x}, L2 slice at {:#x})", off.0, slot.key));
+                // Where QEMU marks the image corrupt on a read too, so does quring (only
+                // when this layer is open for writing; see Image::signal_corruption).
+                if self.meta.is_some() && l2::signals_corruption_on_read(g, entry, bitmap) {
+                    self.signal_corruption(e)
+                } else {
+                    e
+                }
             }
             e => e,
         })?;

@@ -10,13 +10,13 @@
 //! tables each time), quring checks each guest-visible mapping once, when it enters memory:
 //!
 //! * an L2 slice is checked entry by entry when it is read from disk, before the cache
-//!   publishes it ([`Image::check_l2_slice`]): a slice with an entry that points into
+//!   publishes it (`Image::check_l2_slice`): a slice with an entry that points into
 //!   metadata or past the end of the file never becomes visible, so neither a read nor a
 //!   write can use any of its entries (the read hit path is unchanged);
 //! * the L2 table an L1 entry points to is checked with it (the slice's own cluster must
 //!   not be another kind of metadata);
 //! * refcount table entries and quring's L2-less ranges are checked at open
-//!   ([`check_reftable`], [`Image::check_contiguous_ranges`]);
+//!   (`check_reftable`, `Image::check_contiguous_ranges`);
 //! * the allocator never hands out a cluster recorded here, even if its refcount reads 0
 //!   (QEMU: "Preventing invalid allocation of ...").
 //!
@@ -25,6 +25,23 @@
 //! keep it current under the metadata lock: clusters are recorded when they become metadata
 //! (new L2 tables, refcount blocks, a moved refcount table or L1 table) and forgotten when
 //! their refcount drops to zero.
+//!
+//! What a bad entry does (QEMU's `qcow2_signal_corruption`, see
+//! [`Image::signal_corruption`](crate::image::Image::signal_corruption)):
+//!
+//! * the request that meets it fails (EIO) with an error naming the entry, the guest offset,
+//!   the host offset and the structure there (or the end of the file);
+//! * a *write* that meets it (guest write, zero write, discard, or the allocation it needs)
+//!   is a fatal corruption event: the image is marked corrupt (incompatible bit 1, written
+//!   durably through the header-update path), writes are refused from then on, and the next
+//!   read-write open is refused (a read-only one works);
+//! * a *read* that meets an overlapping or past-the-end mapping only fails: QEMU does not
+//!   check reads against metadata at all (it returns the metadata's bytes), so it never marks
+//!   an image for them, and neither does quring. Where QEMU does mark on a read (a misaligned
+//!   data offset, an invalid extended L2 bitmap:
+//!   [`signals_corruption_on_read`](crate::format::l2::signals_corruption_on_read)), quring
+//!   marks too, when the image is open for writing;
+//! * on an image open read-only nothing is marked (QEMU downgrades the event to non-fatal).
 //!
 //! Known gap, compared with QEMU's per-write check: a data mapping that was checked at load
 //! and that points at a cluster whose refcount is 0 (itself a corruption `qemu-img check`
