@@ -448,6 +448,33 @@ fn misaligned_entry_read_marks_a_writable_image() {
     assert!(qemu_corrupt_flag(&img));
 }
 
+/// A read-only image shared with a writer (`-U`) may see entries that point
+/// past the end of the file as it was at open: the length is taken again
+/// before such an entry is called corrupt.
+#[test]
+fn read_only_image_sees_the_file_grow() {
+    use quring::image::{Image, Options};
+    use quring::queue::{Queue, QueueOptions};
+    use std::io::Write;
+    let b = base(false);
+    let dir = tempdir();
+    let img = dir.path().join("grow.qcow2");
+    std::fs::copy(&b.path, &img).unwrap();
+    let ro = Image::open(&img, &Options { read_only: true, force_share: true, ..Default::default() }).unwrap();
+    let mut q = Queue::new(&ro, &QueueOptions::default()).unwrap();
+    let mut buf = quring::io::AlignedBuf::new(4096);
+    q.read_at(&mut buf, 0).unwrap();
+    // Another writer appends a cluster and maps guest 512 MiB (whose L2 table
+    // was not read yet) to it.
+    let end = file_len(&img);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&img).unwrap();
+    f.write_all(&[0xee; 65536]).unwrap();
+    f.sync_all().unwrap();
+    patch_be64(&img, second_l2(&img), COPIED | end);
+    q.read_at(&mut buf, 512 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xee));
+}
+
 /// The checks cost no false alarms on a clean image that quring fills, grows
 /// (new L2 tables and refcount blocks are recorded as metadata) and reopens.
 #[test]

@@ -361,6 +361,19 @@ impl Image {
     /// so a read of it fails clearly as well; marking the image corrupt is left to the
     /// caller, which does it only for writes ([`Image::signal_corruption`]), as QEMU does.
     pub(crate) fn check_l2_slice(&self, key: u64, word: impl Fn(usize) -> u64) -> crate::Result<()> {
+        match self.check_l2_slice_once(key, &word) {
+            Err(Some(e)) => Err(e),
+            Err(None) => self.check_l2_slice_once(key, &word).map_err(|e| {
+                e.unwrap_or_else(|| Error::corrupt("L2 table", format!("slice at {key:#x} keeps growing")))
+            }),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// One pass of [`Image::check_l2_slice`]. `Err(None)`: an entry points past the end of
+    /// the file as this image knew it, but the file has grown since (a read-only image
+    /// shared with a writer, `-U`): the known length was updated, check again.
+    fn check_l2_slice_once(&self, key: u64, word: &impl Fn(usize) -> u64) -> Result<(), Option<Error>> {
         let g = &self.geo;
         let cb = g.cluster_bits;
         let cs = g.cluster_size();
@@ -375,16 +388,19 @@ impl Image {
             m.kind(tc).filter(|k| !k.is_l2()).map(|kind| Conflict::Metadata { kind, cluster: HostOffset(table) })
         };
         if let Some(conflict) = table_conflict {
+            if self.refresh_file_len(conflict, file_len) {
+                return Err(None);
+            }
             let l1i = self.l1_index_of(table);
             let guest = l1i.map(|i| GuestOffset(i * g.l1_coverage()));
-            return Err(Error::corrupt(
+            return Err(Some(Error::corrupt(
                 "L1 entry",
                 format!(
                     "entry {} ({}) points to an L2 table at {table:#x}, which {conflict}",
                     l1i.map_or("?".into(), |i| i.to_string()),
                     guest.map_or("guest offset unknown".into(), |o| format!("guest offset {o}")),
                 ),
-            ));
+            )));
         }
         let step = (g.l2_entry_size() / 8) as usize;
         for i in 0..self.slice_entries as usize {
@@ -401,21 +417,40 @@ impl Image {
                 let conflict = self.overlap.check_data(&m, HostOffset(c << cb), cs, file_len);
                 if let Some(conflict) = conflict {
                     drop(m);
-                    return Err(self.l2_conflict(key, i, L2Entry(e), conflict));
+                    return Err(self.l2_conflict(key, i, L2Entry(e), conflict, file_len));
                 }
             } else if let Ok(ClusterKind::Compressed { host, len }) = L2Entry(e).decode(g)
                 && let Some(conflict) = self.overlap.check_data(&m, host, len, file_len)
             {
                 drop(m);
-                return Err(self.l2_conflict(key, i, L2Entry(e), conflict));
+                return Err(self.l2_conflict(key, i, L2Entry(e), conflict, file_len));
             }
         }
         Ok(())
     }
 
+    /// After a past-the-end conflict on a read-only image: has the file grown since its
+    /// length was taken? (A writer that shares it may have appended clusters.) Records the
+    /// new length. Cold path: one stat.
+    fn refresh_file_len(&self, conflict: Conflict, known: u64) -> bool {
+        if !matches!(conflict, Conflict::PastEof { .. }) || self.meta.is_some() {
+            return false;
+        }
+        match self.file.len() {
+            Ok(n) if n > known => {
+                self.file_len.fetch_max(n, std::sync::atomic::Ordering::AcqRel);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The error for entry `i` of the slice at `key`: names the entry, its guest offset,
     /// where it points and what is there.
-    fn l2_conflict(&self, key: u64, i: usize, e: L2Entry, conflict: Conflict) -> Error {
+    fn l2_conflict(&self, key: u64, i: usize, e: L2Entry, conflict: Conflict, file_len: u64) -> Option<Error> {
+        if self.refresh_file_len(conflict, file_len) {
+            return None;
+        }
         let g = &self.geo;
         let table = key & !(g.cluster_size() - 1);
         let index = (key - table) / g.l2_entry_size() + i as u64;
@@ -428,10 +463,10 @@ impl Image {
             }
             _ => format!("host offset {}", e.host_offset()),
         };
-        Error::corrupt(
+        Some(Error::corrupt(
             "L2 entry",
             format!("entry {index} of the L2 table at {table:#x} ({guest}) maps to {target}, which {conflict}"),
-        )
+        ))
     }
 
     /// The active L1 index whose L2 table is at `table` (messages only: a linear scan).
