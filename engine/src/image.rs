@@ -665,7 +665,7 @@ fn corruption_event(what: &'static str, detail: String, version: u32, marked: Re
             )
         }
         Ok(()) => format!(
-            "{detail}; writes to the image are refused from now on (a version 2 header cannot record the corrupt bit)"
+            "{detail}; the image is treated as corrupt, but a version 2 header cannot record the corrupt bit on disk"
         ),
         Err(e) => format!("{detail}; writes to the image are refused, but marking it corrupt on disk failed: {e}"),
     };
