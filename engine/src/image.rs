@@ -12,6 +12,7 @@ use crate::format::{Geometry, feature};
 use crate::io::lock::{ImageLock, LockMode};
 use crate::io::{ImageFile, SyncRing};
 use crate::meta::MetaCache;
+use crate::meta::overlap::OverlapMap;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -156,6 +157,11 @@ pub struct Image {
     pub(crate) version: u32,
     /// The corrupt bit (incompatible bit 1) is set: writes are refused.
     pub(crate) corrupt: std::sync::atomic::AtomicBool,
+    /// A corruption event was already reported (QEMU: "further corruption events will be
+    /// suppressed").
+    pub(crate) signaled: std::sync::atomic::AtomicBool,
+    /// The metadata clusters guest data must never be placed on ([`crate::meta::overlap`]).
+    pub(crate) overlap: Arc<OverlapMap>,
     /// Host clusters that an allocation job is filling in place (subclusters of an owned
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
@@ -196,7 +202,9 @@ impl Image {
         let read_only = opts.read_only;
         if !read_only && header.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
             return Err(Error::InvalidRequest(
-                "the image is marked corrupt (incompatible bit 1); it can only be opened read-only".into(),
+                "the image is marked corrupt (incompatible bit 1): it can only be opened read-only \
+                 until it is repaired (qemu-img check -r all)"
+                    .into(),
             ));
         }
 
@@ -226,7 +234,7 @@ impl Image {
             (0..cap.max(entries.len())).map(|i| AtomicU64::new(entries.get(i).map_or(0, |e| e.0))).collect();
 
         // Snapshot table (bounded reads: each entry's size is validated before use).
-        let snapshots = read_snapshots(&sync, &file, &header, file_len)?;
+        let (snapshots, snapshot_table_bytes) = read_snapshots(&sync, &file, &header, file_len)?;
 
         // L2 cache geometry.
         let entry_size = match opts.l2_cache_entry_size {
@@ -264,9 +272,7 @@ impl Image {
 
         // Writer state: refcounts, lazy-refcount bookkeeping, autoclear bits.
         let mut header = header;
-        let meta = if read_only {
-            None
-        } else {
+        if !read_only {
             if header.incompatible_features & feature::INCOMPAT_DIRTY != 0 {
                 // Lazy refcounts were in use when the image was last left: refcounts may
                 // be stale. Rebuild them before the first write.
@@ -276,20 +282,39 @@ impl Image {
                 // Autoclear bits we do not maintain (bitmaps, unknown ones) are cleared on
                 // the first read-write open, as the spec requires.
                 header.autoclear_features = 0;
-                let bytes = header.serialize()?;
-                sync.write_kind(crate::io::hook::WriteKind::Header, file.fd(), 0, &bytes)?;
-                sync.fdatasync(file.fd())?;
+                write_header(&sync, file.fd(), &mut header)?;
             }
-            let file_len = file.len()?; // a rebuild may have grown the file
-            let io = crate::meta::refcount::MetaIo { ring: &sync, fd: file.fd() };
+        }
+        let file_len = file.len()?; // a rebuild may have grown the file
+
+        // The refcount table (in every mode: the overlap checks need the refcount blocks),
+        // and the record of metadata clusters.
+        let rt_bytes = header.refcount_table_clusters as usize * geo.cluster_size() as usize;
+        let reftable: Vec<u64> = sync
+            .read_exact(file.fd(), header.refcount_table_offset.0, rt_bytes, "refcount table")?
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let overlap =
+            Arc::new(OverlapMap::build(&geo, &header, &entries, &reftable, &snapshots, snapshot_table_bytes, file_len));
+
+        let meta = if read_only {
+            None
+        } else {
+            // A refcount block on other metadata or past the end of the file would be
+            // written over it at the first allocation: mark the image corrupt now.
+            if let Err(e) = crate::meta::overlap::check_reftable(&geo, &overlap, &reftable, file_len) {
+                return Err(mark_corrupt_at_open(&sync, file.fd(), &mut header, e));
+            }
             let rc_bytes = opts.refcount_cache_size.unwrap_or((l2_bytes / 4).max(256 << 10));
             let rc = crate::meta::refcount::Refcounts::open(
                 geo,
-                &io,
+                reftable,
                 header.refcount_table_offset.0,
                 header.refcount_table_clusters as u64,
                 file_len,
                 rc_bytes,
+                overlap.clone(),
             )?;
             Some(Mutex::new(MetaState {
                 rc,
@@ -302,7 +327,7 @@ impl Image {
         };
 
         let file_len = file.len()?;
-        Ok(Arc::new(Image {
+        let img = Arc::new(Image {
             size: AtomicU64::new(header.size),
             compression: header.compression_type,
             geo,
@@ -330,8 +355,14 @@ impl Image {
             hook: opts.hook.clone(),
             version: header.version,
             corrupt: std::sync::atomic::AtomicBool::new(header.incompatible_features & feature::INCOMPAT_CORRUPT != 0),
+            signaled: std::sync::atomic::AtomicBool::new(false),
+            overlap,
             header: Mutex::new(header),
-        }))
+        });
+        if let Err(e) = img.check_contiguous_ranges() {
+            return Err(img.signal_corruption(e));
+        }
+        Ok(img)
     }
 
     /// Virtual disk size in bytes.
@@ -387,6 +418,11 @@ impl Image {
             let io = self.meta_io();
             let c = st.rc.alloc_contiguous(&io, clusters)?;
             self.note_end(&st);
+            self.overlap.record(
+                crate::meta::overlap::MetaKind::ActiveL1,
+                crate::format::types::HostCluster(c),
+                clusters,
+            );
             let mut bytes = vec![0u8; (clusters * cs) as usize];
             for (i, e) in self.l1.iter().take(need as usize).enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
@@ -403,10 +439,11 @@ impl Image {
             }
         }
         h.size = new_size;
-        let bytes = h.serialize()?;
-        self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
-        self.sync.fdatasync(self.file.fd())?;
-        *self.header.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        self.update_header(&self.counters, |cur| {
+            cur.l1_table_offset = h.l1_table_offset;
+            cur.l1_size = h.l1_size;
+            cur.size = h.size;
+        })?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
@@ -533,6 +570,51 @@ impl Image {
     pub fn cache_mode(&self) -> CacheMode {
         self.cache_mode
     }
+
+    /// The engine's one header-update path: applies `f` to a copy of the header, writes it
+    /// to cluster 0 and flushes the device, all under the header mutex (so that two updates
+    /// never reach the disk in the wrong order), and keeps the copy only when it is on disk.
+    pub(crate) fn update_header(&self, cnt: &Counters, f: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut cur = self.header.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = cur.clone();
+        f(&mut h);
+        let n = write_header(&self.sync, self.file.fd(), &mut h)?;
+        Counters::add(&cnt.header_writes, 1);
+        Counters::add(&cnt.l1_header_write_bytes, n as u64);
+        Counters::add(&cnt.device_flushes, 1);
+        *cur = h;
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_signal_corruption` for a fatal event: metadata found on the way to a
+    /// write would make that write (or a later one) damage the image. When the image is open
+    /// for writing and not marked yet, writes are refused from now on, incompatible bit 1
+    /// ("corrupt") is set in the on-disk header through [`Image::update_header`], and the
+    /// event is reported on stderr with QEMU's wording; later events are not reported again.
+    /// A read-only image is left alone, as QEMU downgrades the event to non-fatal there.
+    /// Returns the error for the request, saying whether the image was marked. Errors other
+    /// than [`Error::Corrupt`] pass through.
+    pub(crate) fn signal_corruption(&self, e: Error) -> Error {
+        use std::sync::atomic::Ordering::AcqRel;
+        let Error::Corrupt { what, detail } = e else { return e };
+        if self.read_only || self.meta.is_none() || self.signaled.swap(true, AcqRel) {
+            return Error::Corrupt { what, detail };
+        }
+        // First: no new write starts (check_writable).
+        self.corrupt.store(true, std::sync::atomic::Ordering::Release);
+        let marked = if self.version >= 3 {
+            let r = self.update_header(&self.counters, |h| h.incompatible_features |= feature::INCOMPAT_CORRUPT);
+            if r.is_err() {
+                // Keep the bit in memory: any later header write carries it.
+                self.header.lock().unwrap_or_else(|e| e.into_inner()).incompatible_features |=
+                    feature::INCOMPAT_CORRUPT;
+            }
+            r
+        } else {
+            Ok(())
+        };
+        corruption_event(what, detail, self.version, marked)
+    }
 }
 
 impl Drop for Image {
@@ -588,7 +670,49 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     Ok(())
 }
 
-fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
+/// Serializes `h` and writes it to cluster 0, then flushes the device (the header write of
+/// every header update). Returns the number of bytes written.
+fn write_header(sync: &SyncRing, fd: i32, h: &mut Header) -> Result<usize> {
+    let bytes = h.serialize()?;
+    sync.write_kind(crate::io::hook::WriteKind::Header, fd, 0, &bytes)?;
+    sync.fdatasync(fd)?;
+    Ok(bytes.len())
+}
+
+/// The message of a corruption event: QEMU prints "qcow2: Marking image as corrupt: ...;
+/// further corruption events will be suppressed" on stderr, and so does quring (once per
+/// image); the returned error says whether the mark reached the disk.
+fn corruption_event(what: &'static str, detail: String, version: u32, marked: Result<()>) -> Error {
+    eprintln!("qcow2: Marking image as corrupt: {what}: {detail}; further corruption events will be suppressed");
+    let detail = match marked {
+        Ok(()) if version >= 3 => {
+            format!(
+                "{detail}; the image has been marked corrupt (incompatible bit 1) and can now only be opened read-only"
+            )
+        }
+        Ok(()) => format!(
+            "{detail}; the image is treated as corrupt, but a version 2 header cannot record the corrupt bit on disk"
+        ),
+        Err(e) => format!("{detail}; writes to the image are refused, but marking it corrupt on disk failed: {e}"),
+    };
+    Error::Corrupt { what, detail }
+}
+
+/// A corruption found while opening an image for writing (before the [`Image`] exists):
+/// sets the corrupt bit in the header on disk, like [`Image::signal_corruption`].
+fn mark_corrupt_at_open(sync: &SyncRing, fd: i32, h: &mut Header, e: Error) -> Error {
+    let Error::Corrupt { what, detail } = e else { return e };
+    let marked = if h.version >= 3 {
+        h.incompatible_features |= feature::INCOMPAT_CORRUPT;
+        write_header(sync, fd, h).map(|_| ())
+    } else {
+        Ok(())
+    };
+    corruption_event(what, detail, h.version, marked)
+}
+
+/// Reads the snapshot table; returns the snapshots and the table's length in bytes.
+fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
     let mut off = h.snapshots_offset.0;
     for i in 0..h.nb_snapshots {
@@ -617,7 +741,7 @@ fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) 
         out.push(s);
         off += padded as u64;
     }
-    Ok(out)
+    Ok((out, off - h.snapshots_offset.0))
 }
 
 /// Resolves a backing file name like QEMU: absolute names as they are, relative names

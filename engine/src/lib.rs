@@ -52,6 +52,9 @@
 //!   another queue is loading (or for the metadata lock) is parked and retried.
 //! * Every byte of an image file is untrusted: corrupt images give errors that name the
 //!   field, never a panic.
+//! * Guest data is never written onto metadata: an L1, L2 or refcount table entry that
+//!   points into metadata or past the end of the file is refused before any write uses it,
+//!   and the image is then marked corrupt as QEMU does ([`meta::overlap`]).
 //!
 //! ## Layers
 //!

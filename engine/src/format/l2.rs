@@ -236,6 +236,24 @@ pub fn classify(
     Ok((ext, run))
 }
 
+/// Does QEMU treat this entry as a (fatal) corruption event when a read meets it? Its
+/// `qcow2_get_host_offset`, which reads use, marks the image corrupt for a cluster with a
+/// host offset that is not cluster aligned ("Cluster allocation offset ... unaligned") and,
+/// with extended L2 entries, for a bitmap that marks a subcluster both allocated and zero
+/// or that marks subclusters allocated in a cluster without a host offset ("Invalid cluster
+/// entry found"). Reserved bits, compressed descriptors and offsets past the end of the file
+/// are not events on a read (QEMU does not look at them there).
+pub fn signals_corruption_on_read(g: &Geometry, entry: L2Entry, bitmap: SubclusterBitmap) -> bool {
+    if entry.0 & L2_COMPRESSED != 0 {
+        return false;
+    }
+    let host = entry.host_offset().0;
+    if !g.extended_l2 {
+        return host != 0 && !g.is_cluster_aligned(host);
+    }
+    if host == 0 { bitmap.alloc() != 0 } else { !g.is_cluster_aligned(host) || bitmap.alloc() & bitmap.zero() != 0 }
+}
+
 /// Reads entry `index` of a raw big-endian L2 table (or slice) buffer.
 #[inline]
 pub fn read_entry(g: &Geometry, buf: &[u8], index: usize) -> (L2Entry, SubclusterBitmap) {
@@ -343,6 +361,22 @@ mod tests {
         );
         assert!(L2Entry(0x50200).decode(&g).is_err());
         assert!(L2Entry(L2_COMPRESSED | L2_COPIED | 0x1234).decode(&g).is_err());
+    }
+
+    #[test]
+    fn read_corruption_events() {
+        let g = Geometry::new(16, false, 4).unwrap();
+        let none = SubclusterBitmap(0);
+        assert!(signals_corruption_on_read(&g, L2Entry(L2_COPIED | 0x50200), none));
+        assert!(!signals_corruption_on_read(&g, L2Entry(L2_COPIED | 0x50000), none));
+        assert!(!signals_corruption_on_read(&g, L2Entry(0x50000 | 1 << 56), none)); // reserved bit
+        assert!(!signals_corruption_on_read(&g, L2Entry(L2_COMPRESSED | 0x50200), none));
+        let x = Geometry::new(16, true, 4).unwrap();
+        let e = L2Entry::normal(HostOffset(0x50000), true);
+        assert!(signals_corruption_on_read(&x, e, SubclusterBitmap::from_parts(1, 1)));
+        assert!(!signals_corruption_on_read(&x, e, SubclusterBitmap::from_parts(1, 2)));
+        assert!(signals_corruption_on_read(&x, L2Entry(0), SubclusterBitmap::from_parts(4, 0)));
+        assert!(!signals_corruption_on_read(&x, L2Entry(0), SubclusterBitmap::from_parts(0, 4)));
     }
 
     #[test]

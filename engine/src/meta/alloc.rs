@@ -5,7 +5,9 @@
 use super::refcount::MetaIo;
 use crate::counters::Counters;
 use crate::format::l1::L1Entry;
+use crate::format::types::HostCluster;
 use crate::image::{Image, MetaState};
+use crate::meta::overlap::MetaKind;
 use crate::{Error, Result};
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
@@ -30,15 +32,7 @@ impl Image {
     /// Sets the dirty bit before the first refcount-skipping write (lazy refcounts).
     pub(crate) fn mark_dirty_for_lazy(&self, st: &mut MetaState, cnt: &Counters) -> Result<()> {
         if st.lazy && !st.dirty_bit_set {
-            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
-            h.incompatible_features |= crate::format::feature::INCOMPAT_DIRTY;
-            let bytes = h.serialize()?;
-            drop(h);
-            self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
-            self.sync.fdatasync(self.file.fd())?;
-            Counters::add(&cnt.header_writes, 1);
-            Counters::add(&cnt.l1_header_write_bytes, bytes.len() as u64);
-            Counters::add(&cnt.device_flushes, 1);
+            self.update_header(cnt, |h| h.incompatible_features |= crate::format::feature::INCOMPAT_DIRTY)?;
             st.dirty_bit_set = true;
         }
         Ok(())
@@ -177,6 +171,7 @@ impl Image {
         let cs = self.geo.cluster_size() as usize;
         let c = st.rc.alloc_contiguous(&io, 1)?;
         self.note_end(st);
+        self.overlap.record(MetaKind::ActiveL2, HostCluster(c), 1);
         let off = c << self.geo.cluster_bits;
         let mut table = crate::io::AlignedBuf::new(cs);
         if old.l2_offset().0 != 0 {
@@ -190,7 +185,10 @@ impl Image {
         Counters::add(&cnt.l2_write_bytes, cs as u64);
         Counters::add(&cnt.clusters_allocated, 1);
         if old.l2_offset().0 != 0 {
-            st.rc.free_later(old.l2_offset().0 >> self.geo.cluster_bits, 1);
+            let oc = old.l2_offset().0 >> self.geo.cluster_bits;
+            st.rc.free_later(oc, 1);
+            // A snapshot still uses the old table.
+            self.overlap.relabel(HostCluster(oc), MetaKind::ActiveL2, MetaKind::InactiveL2);
         }
         self.l1[l1i as usize].store(L1Entry::new(crate::format::HostOffset(off), true).0, Ordering::Release);
         st.l1_dirty = true;
@@ -232,6 +230,7 @@ impl Image {
         let cs = g.cluster_size() as usize;
         let t = st.rc.alloc_contiguous(&io, 1)?;
         self.note_end(st);
+        self.overlap.record(MetaKind::ActiveL2, HostCluster(t), 1);
         let toff = t << g.cluster_bits;
         let mut table = crate::io::AlignedBuf::new(cs);
         let ext = old.l2_offset().0;

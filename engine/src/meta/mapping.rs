@@ -57,7 +57,8 @@ impl Image {
             return Err(Error::corrupt(
                 "L1 entry",
                 format!(
-                    "entry {l1i} points to L2 table at {l2_off:#x}, past the end of the file ({} bytes)",
+                    "entry {l1i} (guest offset {:#x}) points to an L2 table at {l2_off:#x}, which lies past the end of the file ({} bytes)",
+                    l1i.saturating_mul(g.l1_coverage()),
                     self.file_len()
                 ),
             ));
@@ -107,7 +108,15 @@ impl Image {
         };
         let (extent, len) = l2::classify(g, entry, bitmap, in_cluster, len).map_err(|e| match e {
             Error::Corrupt { what, detail } => {
-                Error::corrupt(what, format!("{detail} (guest offset {:#x}, L2 slice at {:#x})", off.0, slot.key))
+                let e =
+                    Error::corrupt(what, format!("{detail} (guest offset {:#x}, L2 slice at {:#x})", off.0, slot.key));
+                // Where QEMU marks the image corrupt on a read too, so does quring (only
+                // when this layer is open for writing; see Image::signal_corruption).
+                if self.meta.is_some() && l2::signals_corruption_on_read(g, entry, bitmap) {
+                    self.signal_corruption(e)
+                } else {
+                    e
+                }
             }
             e => e,
         })?;

@@ -4,6 +4,7 @@
 pub(crate) mod alloc;
 pub mod cache;
 pub mod mapping;
+pub mod overlap;
 pub(crate) mod rebuild;
 pub(crate) mod refcount;
 pub mod status;

@@ -14,9 +14,12 @@
 
 use crate::format::Geometry;
 use crate::format::refcount as rc;
+use crate::format::types::HostCluster;
 use crate::io::{AlignedBuf, SyncRing};
+use crate::meta::overlap::{MetaKind, OverlapMap};
 use crate::{Error, Result};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The I/O a refcount operation may need (loading a block).
 pub(crate) struct MetaIo<'a> {
@@ -54,6 +57,9 @@ struct Block {
 /// Refcount state of one image.
 pub(crate) struct Refcounts {
     geo: Geometry,
+    /// The image's metadata clusters: new refcount blocks and tables are recorded there,
+    /// and the allocator never hands one out.
+    overlap: Arc<OverlapMap>,
     /// Refcount table entries (block offsets; 0 = none).
     pub table: Vec<u64>,
     /// Where the table lives and how many clusters it has.
@@ -79,22 +85,22 @@ pub(crate) struct Refcounts {
 }
 
 impl Refcounts {
-    /// Loads the refcount table.
+    /// Takes over the refcount table read at open (its entries already checked by
+    /// [`crate::meta::overlap::check_reftable`]).
     pub fn open(
         geo: Geometry,
-        io: &MetaIo,
+        table: Vec<u64>,
         table_offset: u64,
         table_clusters: u64,
         file_len: u64,
         cache_bytes: u64,
+        overlap: Arc<OverlapMap>,
     ) -> Result<Self> {
-        let bytes = (table_clusters * geo.cluster_size()) as usize;
-        let raw = io.ring.read_exact(io.fd, table_offset, bytes, "refcount table")?;
-        let table: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap())).collect();
         for (i, &e) in table.iter().enumerate() {
             rc::RefTableEntry(e).validate(i as u64, geo.cluster_size())?;
         }
         Ok(Refcounts {
+            overlap,
             geo,
             table,
             table_offset,
@@ -207,6 +213,7 @@ impl Refcounts {
         self.tick += 1;
         let cs = self.geo.cluster_size() as usize;
         self.blocks.insert(off, Block { buf: AlignedBuf::new(cs), dirty: true, used: self.tick });
+        self.overlap.record(MetaKind::RefcountBlock, HostCluster(bc), 1);
         self.table[ti] = off;
         self.table_dirty = true;
         self.set(io, bc, 1)?;
@@ -230,6 +237,7 @@ impl Refcounts {
         self.table_clusters = clusters;
         self.table_dirty = true;
         self.table_moved = true;
+        self.overlap.record(MetaKind::RefcountTable, HostCluster(start), clusters);
         // The old table is freed once the header points to the new one (flush).
         if let Some((o, n)) = self.old_table.replace(old) {
             // A table from an earlier growth that was never made durable: never referenced
@@ -243,6 +251,10 @@ impl Refcounts {
     }
 
     /// Allocates `n` contiguous clusters (refcount 1). Returns the first cluster index.
+    ///
+    /// A free cluster (refcount 0) that is recorded as metadata is never handed out: its
+    /// refcount is wrong, and using it would overwrite the structure (QEMU: "Preventing
+    /// invalid allocation of ..."). That is a corruption error.
     pub fn alloc_contiguous(&mut self, io: &MetaIo, n: u64) -> Result<u64> {
         // Move the hint past clusters in use: allocations that do not start at the hint
         // (refcount blocks, a grown table, clusters taken after a gap) leave used clusters
@@ -264,6 +276,15 @@ impl Refcounts {
                 if self.get(io, c)? != 0 {
                     start = c + 1;
                     continue 'search;
+                }
+                if let Some(kind) = self.overlap.kind_of(HostCluster(c)) {
+                    return Err(Error::corrupt(
+                        "refcount",
+                        format!(
+                            "cluster {c} (host offset {:#x}, the {kind}) has refcount 0: preventing its allocation",
+                            c << self.geo.cluster_bits
+                        ),
+                    ));
                 }
             }
             break;

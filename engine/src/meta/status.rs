@@ -52,6 +52,13 @@ impl Image {
                     let r = self.sync.read(self.file.fd(), key, len);
                     match r {
                         Ok((buf, valid)) if valid == len => {
+                            // Checked before it is published, as on the queues' load path
+                            // (tools only read: nothing is marked).
+                            let word = |w: usize| u64::from_be_bytes(buf[w * 8..w * 8 + 8].try_into().unwrap());
+                            if let Err(e) = self.check_l2_slice(key, word) {
+                                self.l2_cache.abort_load(slot);
+                                return Err(e);
+                            }
                             // SAFETY: we own the slot in loading state; it holds `len` bytes.
                             unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.l2_cache.slot_ptr(slot), len) };
                             self.l2_cache.complete_load(slot);

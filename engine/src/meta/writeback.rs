@@ -30,15 +30,11 @@ impl Image {
             self.device_flush(c)?;
         }
         if st.rc.table_moved && write_refcounts {
-            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
-            h.refcount_table_offset = crate::format::HostOffset(st.rc.table_offset);
-            h.refcount_table_clusters = st.rc.table_clusters as u32;
-            let bytes = h.serialize()?;
-            drop(h);
-            self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
-            Counters::add(&c.header_writes, 1);
-            Counters::add(&c.l1_header_write_bytes, bytes.len() as u64);
-            self.device_flush(c)?;
+            let (off, clusters) = (st.rc.table_offset, st.rc.table_clusters as u32);
+            self.update_header(c, |h| {
+                h.refcount_table_offset = crate::format::HostOffset(off);
+                h.refcount_table_clusters = clusters;
+            })?;
             st.rc.table_moved = false;
             if let Some((o, n)) = st.rc.old_table.take() {
                 for i in 0..n {
@@ -121,6 +117,8 @@ impl Image {
             for cl in std::mem::take(&mut st.rc.freed) {
                 let off = cl << self.geo.cluster_bits;
                 self.l2_cache.forget(off);
+                // Whatever it was, it is free now and may become data.
+                self.overlap.forget(crate::format::types::HostCluster(cl));
                 // Punch the freed cluster so it reads as zeros and frees space.
                 let _ =
                     self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), off, self.geo.cluster_size());
@@ -141,14 +139,7 @@ impl Image {
         let c = &self.counters;
         self.flush_metadata(st, true, c)?;
         if st.dirty_bit_set {
-            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
-            h.incompatible_features &= !crate::format::feature::INCOMPAT_DIRTY;
-            let bytes = h.serialize()?;
-            drop(h);
-            self.sync.write_kind(crate::io::hook::WriteKind::Header, self.file.fd(), 0, &bytes)?;
-            Counters::add(&c.header_writes, 1);
-            Counters::add(&c.l1_header_write_bytes, bytes.len() as u64);
-            self.device_flush(c)?;
+            self.update_header(c, |h| h.incompatible_features &= !crate::format::feature::INCOMPAT_DIRTY)?;
             st.dirty_bit_set = false;
         }
         self.trim_tail(st)

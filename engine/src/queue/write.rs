@@ -194,6 +194,17 @@ impl Queue {
         }
     }
 
+    /// Fails write request `id` with an error met before it wrote anything. Corrupt
+    /// metadata of this image found on a write's way is a fatal corruption event, as in
+    /// QEMU (which signals it for invalid or misaligned L1/L2 entries and for writes that
+    /// would overlap metadata): the image is marked corrupt ([`Image::signal_corruption`]).
+    ///
+    /// [`Image::signal_corruption`]: crate::image::Image::signal_corruption
+    fn fail_write(&mut self, id: usize, e: Error) {
+        let e = self.image.signal_corruption(e);
+        self.fail_with(id, e);
+    }
+
     fn park_lock(&mut self, id: usize) {
         self.reqs[id].parked = true;
         self.lock_parked.push(id);
@@ -265,7 +276,7 @@ impl Queue {
             let piece = match self.resolve_write(pos, end - pos) {
                 Ok(p) => p,
                 Err(e) => {
-                    self.fail_with(id, e);
+                    self.fail_write(id, e);
                     break;
                 }
             };
@@ -293,7 +304,7 @@ impl Queue {
                         break;
                     }
                     Err(e) => {
-                        self.fail_with(id, e);
+                        self.fail_write(id, e);
                         break;
                     }
                 },
@@ -309,7 +320,7 @@ impl Queue {
                         }
                         Ok(Started::Parked) => break,
                         Err(err) => {
-                            self.fail_with(id, err);
+                            self.fail_write(id, err);
                             break;
                         }
                     }
@@ -760,7 +771,7 @@ impl Queue {
                         break;
                     }
                     Err(e) => {
-                        self.fail_with(id, e);
+                        self.fail_write(id, e);
                         break;
                     }
                 }
@@ -769,7 +780,7 @@ impl Queue {
                 Ok(Some(s)) => s,
                 Ok(None) => continue,
                 Err(e) => {
-                    self.fail_with(id, e);
+                    self.fail_write(id, e);
                     break;
                 }
             };
@@ -794,7 +805,7 @@ impl Queue {
             drop(st);
             img.l2_cache.unpin(slot);
             if let Err(e) = r {
-                self.fail_with(id, e);
+                self.fail_write(id, e);
                 break;
             }
             self.reqs[id].cursor += n;
