@@ -14,7 +14,7 @@
 //!
 //! One kill state, step by step:
 //! 1. `quring create` an empty image with the variant's options; fio `rw=randwrite`,
-//!    `bsrange=4k-64k`, `verify=crc32c`, `verify_interval=4k` (every 4 KiB unit carries its
+//!    `bsrange=4k-64k` (or sequential 4 KiB writes at QD32), `verify=crc32c`, `verify_interval=4k` (every 4 KiB unit carries its
 //!    own header with its offset and a checksum), fio's random map on (each unit is written
 //!    at most once: the journal is checked for that), `fsync=N`, `thread=1`.
 //! 2. SIGKILL once the journal holds a number of write completions drawn from the seed
@@ -29,7 +29,7 @@
 //!    garbage, nothing misplaced).
 //!
 //! Environment:
-//! - `QURING_SIGKILL_KILLS=N`: kill states to check (default 32, 4 per variant).
+//! - `QURING_SIGKILL_KILLS=N`: kill states to check (default 40, 4 per variant).
 //! - `QURING_SIGKILL_SEED=S`: first seed (default: from the clock, printed). Kill `k` uses
 //!   seed `S + k`; the seed picks the variant, fio's `randseed` and the kill point.
 //!   Reproduce a failure with `QURING_SIGKILL_SEED=<seed> QURING_SIGKILL_KILLS=1`.
@@ -62,6 +62,14 @@ struct Variant {
     /// fio `fsync=N` (0: no flushes; only a clean close promises anything).
     fsync: u32,
     size_per_job: u64,
+    /// fio `rw`: `randwrite`, or `write` (sequential: many writes in flight to the same
+    /// new cluster).
+    rw: &'static str,
+    /// fio `bsrange` (`bs` when a single size).
+    bs: &'static str,
+    /// Bytes per write on average (for the kill points): about 25 KiB for `4k-64k` (the
+    /// random map shortens writes that run into written units; 2676 writes for 64 MiB).
+    avg_write: u64,
 }
 
 const STD: Variant = Variant {
@@ -72,7 +80,13 @@ const STD: Variant = Variant {
     iodepth: 16,
     fsync: 16,
     size_per_job: 64 * MIB,
+    rw: "randwrite",
+    bs: "4k-64k",
+    avg_write: 25 * 1024,
 };
+
+const SEQ: Variant =
+    Variant { rw: "write", bs: "4k", avg_write: 4096, iodepth: 32, fsync: 64, size_per_job: 32 * MIB, ..STD };
 
 const VARIANTS: &[Variant] = &[
     Variant { name: "64k", ..STD },
@@ -83,6 +97,8 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "64k numjobs=2", numjobs: 2, iodepth: 8, fsync: 8, size_per_job: 32 * MIB, ..STD },
     Variant { name: "4k clusters", create: "cluster_size=4k", fsync: 32, ..STD },
     Variant { name: "64k no fsync", iodepth: 32, fsync: 0, ..STD },
+    Variant { name: "64k sequential 4k QD32", ..SEQ },
+    Variant { name: "64k extended_l2 sequential 4k QD32", create: "cluster_size=64k,extended_l2=on", fsync: 32, ..SEQ },
 ];
 
 impl Variant {
@@ -204,8 +220,8 @@ fn write_job_args(v: &Variant, img: &Path, seed: u64) -> Vec<String> {
         format!("--ioengine=external:{}", fio_plugin().display()),
         "--thread".into(),
         format!("--filename={}", img.display()),
-        "--rw=randwrite".into(),
-        "--bsrange=4k-64k".into(),
+        format!("--rw={}", v.rw),
+        format!("--{}={}", if v.bs.contains('-') { "bsrange" } else { "bs" }, v.bs),
         format!("--iodepth={}", v.iodepth),
         format!("--size={}", v.size_per_job),
         "--verify=crc32c".into(),
@@ -479,10 +495,9 @@ fn work_dir() -> tempfile::TempDir {
 /// (a clean finish) one time in ten.
 fn kill_target(seed: u64, v: &Variant) -> u64 {
     let mut rng = Rng::new(seed);
-    // bsrange=4k-64k, shortened where the random map finds written units: about 25 KiB
-    // per write (2676 writes for 64 MiB), so a few targets fall after the last write and
-    // the kill hits the final flush, the close or fio's report.
-    let writes = v.disk_size() / (24 * 1024);
+    // Up to 5% beyond the expected count: a few targets fall after the last write and the
+    // kill hits the final flush, the close or fio's report.
+    let writes = v.disk_size() / v.avg_write * 105 / 100;
     if rng.below(10) == 0 { u64::MAX } else { 1 + rng.below(writes) }
 }
 
@@ -500,7 +515,7 @@ fn keep(dir: &Path, seed: u64) -> String {
 fn sigkill_states() {
     ensure_fio();
     let t0 = Instant::now();
-    let kills = env_u64("QURING_SIGKILL_KILLS").unwrap_or(32);
+    let kills = env_u64("QURING_SIGKILL_KILLS").unwrap_or(40);
     let base = env_u64("QURING_SIGKILL_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 1_000_000 * 1000
     });
