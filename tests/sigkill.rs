@@ -29,7 +29,7 @@
 //!    garbage, nothing misplaced).
 //!
 //! Environment:
-//! - `QURING_SIGKILL_KILLS=N`: kill states to check (default 40, 4 per variant).
+//! - `QURING_SIGKILL_KILLS=N`: kill states to check (default 36, 3 per variant).
 //! - `QURING_SIGKILL_SEED=S`: first seed (default: from the clock, printed). Kill `k` uses
 //!   seed `S + k`; the seed picks the variant, fio's `randseed` and the kill point.
 //!   Reproduce a failure with `QURING_SIGKILL_SEED=<seed> QURING_SIGKILL_KILLS=1`.
@@ -97,6 +97,15 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "64k numjobs=2", numjobs: 2, iodepth: 8, fsync: 8, size_per_job: 32 * MIB, ..STD },
     Variant { name: "4k clusters", create: "cluster_size=4k", fsync: 32, ..STD },
     Variant { name: "64k no fsync", iodepth: 32, fsync: 0, ..STD },
+    Variant {
+        name: "512-byte clusters refcount_bits=64 (tables grow)",
+        create: "cluster_size=512,refcount_bits=64",
+        fsync: 32,
+        size_per_job: 8 * MIB,
+        avg_write: 22 * 1024,
+        ..STD
+    },
+    Variant { name: "64k writes up to 256k QD64", iodepth: 64, bs: "4k-256k", avg_write: 80 * 1024, ..STD },
     Variant { name: "64k sequential 4k QD32", ..SEQ },
     Variant { name: "64k extended_l2 sequential 4k QD32", create: "cluster_size=64k,extended_l2=on", fsync: 32, ..SEQ },
 ];
@@ -427,16 +436,10 @@ fn fio_verify(dir: &Path, raw: &Path, units: &BTreeSet<u64>) -> Result<(), Vec<(
     }
     let f = raw.display();
     let mut log = format!("fio version 2 iolog\n{f} add\n{f} open\n");
-    // Runs of consecutive units, up to 1 MiB per read (fio checks each 4 KiB header).
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &u in units {
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n == u && *n < 256 => *n += 1,
-            _ => runs.push((u, 1)),
-        }
-    }
-    for (u, n) in &runs {
-        log += &format!("{f} read {} {}\n", u * UNIT, n * UNIT);
+    // One read per unit, so that fio reports every bad unit (it stops checking a read at
+    // its first bad header).
+    for u in units {
+        log += &format!("{f} read {} {UNIT}\n", u * UNIT);
     }
     log += &format!("{f} close\n");
     let iolog = dir.join("verify.iolog");
@@ -515,7 +518,7 @@ fn keep(dir: &Path, seed: u64) -> String {
 fn sigkill_states() {
     ensure_fio();
     let t0 = Instant::now();
-    let kills = env_u64("QURING_SIGKILL_KILLS").unwrap_or(40);
+    let kills = env_u64("QURING_SIGKILL_KILLS").unwrap_or(36);
     let base = env_u64("QURING_SIGKILL_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 1_000_000 * 1000
     });
@@ -531,7 +534,10 @@ fn sigkill_states() {
         let v = VARIANTS[(seed % VARIANTS.len() as u64) as usize];
         let target = kill_target(seed, &v);
         let dir = work_dir();
+        let t1 = Instant::now();
+        let mut t_kill = Duration::ZERO;
         let res = kill_once(dir.path(), seed, &v, target).and_then(|st| {
+            t_kill = t1.elapsed();
             let stats = check_state(dir.path(), &st)?;
             Ok((st, stats))
         });
@@ -550,7 +556,7 @@ fn sigkill_states() {
                 *per_variant.entry(v.name).or_default() += 1;
                 if std::env::var_os("QURING_SIGKILL_VERBOSE").is_some() {
                     eprintln!(
-                        "sigkill: seed {seed} [{}] {} after {} of target {}: {} writes, {} promised units, {} other units, {} flushes{}",
+                        "sigkill: seed {seed} [{}] {} after {} of target {}: {} writes, {} promised units, {} other units, {} flushes{}; fio {:.2?}, checks {:.2?}",
                         v.name,
                         if st.killed { "killed" } else { "finished" },
                         st.journal.writes.len(),
@@ -559,7 +565,9 @@ fn sigkill_states() {
                         stats.promised_units,
                         stats.other_units,
                         st.journal.flushes,
-                        if stats.check_exit_3 { ", leaks" } else { "" }
+                        if stats.check_exit_3 { ", leaks" } else { "" },
+                        t_kill,
+                        t1.elapsed() - t_kill
                     );
                 }
             }
@@ -641,7 +649,14 @@ fn sigkill_check_detects_damage() {
     patch_be64(&st.img, l2e, 0);
     let e = check_state(dir.path(), &st).expect_err("a lost flushed write must be reported");
     eprintln!("damage 3 detected:\n{e}");
-    assert!(e.contains(&format!("unit {x:#x}: PROMISED")) && e.contains("read back as zeros"), "{e}");
+    let cluster = 1u64 << read_be32(&st.img, 20);
+    let in_cluster = units.iter().filter(|&&u| u * UNIT / cluster == x / cluster).count();
+    assert!(
+        e.contains(&format!("unit {x:#x}: PROMISED"))
+            && e.contains(&format!("{in_cluster} promised units read back as zeros"))
+            && e.contains(&format!("fio verify failed on {in_cluster} units")),
+        "{e}"
+    );
 
     // 4. A wrong refcount: the consistency check fails.
     restore();
