@@ -12,6 +12,12 @@
 //! state (`verify_state_save`) cannot serve: fio writes it only when it exits or when a
 //! trigger fires, never on SIGKILL, and it records completions, not flushes.
 //!
+//! A SIGKILL is not a power cut: every write the process had submitted still reaches the
+//! file. What it tests is the engine's real process and plugin path: that metadata is
+//! submitted in an order where any prefix is consistent, that a completed flush covers
+//! every write completed before it (on any queue), and that nothing reachable is garbage.
+//! Lost device writes and torn writes are the recorded-crash harness's job (`crash.rs`).
+//!
 //! One kill state, step by step:
 //! 1. `quring create` an empty image with the variant's options; fio `rw=randwrite`,
 //!    `bsrange=4k-64k` (or sequential 4 KiB writes at QD32), `verify=crc32c`, `verify_interval=4k` (every 4 KiB unit carries its
