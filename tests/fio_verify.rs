@@ -5,23 +5,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// The plugin built by `cargo build --workspace` (QURING_FIO overrides).
-fn plugin() -> PathBuf {
-    if let Ok(p) = std::env::var("QURING_FIO") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    for profile in ["debug", "release"] {
-        let p = root.join("target").join(profile).join("libquring_fio.so");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("libquring_fio.so not found: run `cargo build --workspace` first (scripts/test.sh does)");
-}
 
 fn fio(args: &[String]) -> Run {
     let mut c = Command::new("fio");
@@ -65,7 +50,7 @@ fn run_case(dir: &Path, c: &Case) {
     }
     let mut args = vec![
         format!("--name={}", c.name),
-        format!("--ioengine=external:{}", plugin().display()),
+        format!("--ioengine=external:{}", fio_plugin().display()),
         format!("--filename={}", img.display()),
         "--rw=randwrite".into(),
         "--bs=4k".into(),
@@ -220,7 +205,7 @@ fn fio_detects_corruption() {
     assert_eq!(r.status(), 0, "{}", r.describe());
     let base = vec![
         "--name=c".to_string(),
-        format!("--ioengine=external:{}", plugin().display()),
+        format!("--ioengine=external:{}", fio_plugin().display()),
         format!("--filename={}", img.display()),
         "--thread".into(),
         "--rw=write".into(),

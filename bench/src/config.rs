@@ -298,9 +298,9 @@ impl Preset {
             PresetName::Full => Preset {
                 name: "full",
                 devices: DeviceChoice::Both,
-                rounds: 5,
-                seconds: 4.0,
-                image_size: 2 << 30,
+                rounds: 3,
+                seconds: 2.5,
+                image_size: 1 << 30,
                 modes: MODES.iter().map(|m| m.id).collect(),
                 workloads: WORKLOADS.iter().map(|w| w.id).collect(),
             },

@@ -66,6 +66,44 @@ fn debug_enabled() -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
+// Completion journal (`QURING_FIO_ACK_LOG`), for crash tests that kill fio.
+
+/// With `QURING_FIO_ACK_LOG=PATH` in the environment, the plugin appends one line per
+/// event to PATH, each with a single write(2) on an O_APPEND descriptor, so the journal
+/// survives the process being killed at any moment and its line order is the real order
+/// of the events, across job threads:
+///
+/// * `W <offset> <len> <res>`: the engine completed a write (`res` 0 or -errno); written
+///   before fio learns of the completion;
+/// * `S <id>`: a flush is about to be submitted (`id`: its io_u address, unique while it
+///   is in flight);
+/// * `F <id> <res>`: that flush completed;
+/// * `C`: the image was closed cleanly (every write completed before is durable).
+///
+/// Every `W ... 0` line before an `S <id>` whose `F <id> 0` line exists names a write the
+/// engine promised to keep; in cache=writethrough mode every `W ... 0` line does.
+/// `tests/sigkill.rs` kills fio with SIGKILL and checks exactly that.
+static ACK_LOG: LazyLock<Option<std::fs::File>> = LazyLock::new(|| {
+    let path = std::env::var_os("QURING_FIO_ACK_LOG")?;
+    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            log(true, &format!("quring: QURING_FIO_ACK_LOG={}: {e}\n", Path::new(&path).display()));
+            None
+        }
+    }
+});
+
+fn ack_log(line: std::fmt::Arguments) {
+    if let Some(mut f) = ACK_LOG.as_ref() {
+        let mut s = line.to_string();
+        s.push('\n');
+        // One write(2) of a short line: appended atomically, never interleaved.
+        let _ = std::io::Write::write_all(&mut f, s.as_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Process-wide image registry.
 
 struct ImageEntry {
@@ -103,8 +141,9 @@ fn release_image(key: &Path) {
         }
     };
     if let Some(image) = last {
-        if let Err(e) = image.close() {
-            log(true, &format!("quring: closing {}: {}\n", key.display(), e.msg));
+        match image.close() {
+            Ok(()) => ack_log(format_args!("C")),
+            Err(e) => log(true, &format!("quring: closing {}: {}\n", key.display(), e.msg)),
         }
         log(false, &format!("quring: {}:\n{}\n", key.display(), image.counters_text()));
     }
@@ -456,6 +495,9 @@ unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
             return FIO_Q_COMPLETED;
         }
     };
+    if matches!(kind, IoKind::Flush) {
+        ack_log(format_args!("S {io_u:p}"));
+    }
     // SAFETY: fio keeps the io_u and its xfer_buf alive and untouched until the io_u is
     // handed back through event(); the token is the io_u pointer itself.
     match unsafe { slot.queue.submit(kind, io_u as u64) } {
@@ -583,6 +625,11 @@ unsafe extern "C" fn q_getevents(td: *mut ThreadData, min: c_uint, max: c_uint, 
         } else {
             u.error = 0;
             u.resid = 0;
+        }
+        match u.ddir {
+            DDIR_WRITE => ack_log(format_args!("W {} {} {}", u.offset, u.xfer_buflen, d.res.min(0))),
+            DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => ack_log(format_args!("F {io_u:p} {}", d.res.min(0))),
+            _ => {}
         }
         job.events.push(io_u);
     }

@@ -584,6 +584,22 @@ pub fn hexdump(path: &Path, off: u64, len: usize) -> String {
     out
 }
 
+/// The fio plugin built by `cargo build --workspace` (`QURING_FIO` overrides; the debug
+/// build is preferred over the release build when both exist).
+pub fn fio_plugin() -> PathBuf {
+    if let Ok(p) = std::env::var("QURING_FIO") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    for profile in ["debug", "release"] {
+        let p = root.join("target").join(profile).join("libquring_fio.so");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("libquring_fio.so not found: run `cargo build --workspace` first (scripts/test.sh does)");
+}
+
 /// Joins a directory and file name.
 pub fn join(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
