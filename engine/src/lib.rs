@@ -41,6 +41,15 @@
 //!
 //! `engine/examples/` has a complete virtio-blk-style request loop.
 //!
+//! ## What the format costs
+//!
+//! Every queue counts what its requests cost ([`Queue::counters`](queue::Queue::counters)):
+//! guest requests and bytes, device writes and bytes by kind (data, L2, refcount block and
+//! table, L1, header), device flushes, copy-on-write bytes, clusters allocated, L2 slice
+//! loads, cache hits and misses. A queue's counters are written only by its own thread;
+//! [`Image::counters`](image::Image::counters) sums every queue's (also of queues already
+//! dropped) and the work done outside queues.
+//!
 //! ## Guarantees
 //!
 //! * Images quring writes pass `qemu-img check`; content equals what QEMU would produce

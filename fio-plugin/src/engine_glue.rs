@@ -163,6 +163,14 @@ impl JobQueue {
         Ok(n)
     }
 
+    /// Appends finished requests the kernel has already posted, without entering it.
+    pub fn reap_posted(&mut self, out: &mut Vec<Done>) -> Result<usize, GlueError> {
+        self.scratch.clear();
+        let n = self.q.reap_posted(&mut self.scratch).map_err(GlueError::from_engine)?;
+        out.extend(self.scratch.drain(..).map(|c| Done { token: c.user_data, res: c.result }));
+        Ok(n)
+    }
+
     /// Requests submitted and not yet returned by `reap`.
     pub fn in_flight(&self) -> usize {
         self.q.in_flight()

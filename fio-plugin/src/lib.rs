@@ -46,6 +46,60 @@ fn fio_log_fn(name: &CStr) -> Option<LogFn> {
     }
 }
 
+/// fio's `uint64_t fio_gettime(struct timespec *, void *caller)`: the clock fio measures
+/// latencies with (its clocksource may be the CPU's TSC, not CLOCK_MONOTONIC).
+type GettimeFn = unsafe extern "C" fn(*mut libc::timespec, *mut libc::c_void) -> u64;
+
+static FIO_GETTIME: LazyLock<Option<GettimeFn>> = LazyLock::new(|| {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"fio_gettime".as_ptr()) };
+    // SAFETY: a non-null `fio_gettime` in a fio process is the function typed above.
+    (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, GettimeFn>(p) })
+});
+
+/// fio's `void io_u_queued(struct thread_data *, struct io_u *)`: records the submission
+/// latency (slat) of an io_u whose issue time the engine set.
+type QueuedFn = unsafe extern "C" fn(*mut ThreadData, *mut IoU);
+
+static FIO_IO_U_QUEUED: LazyLock<Option<QueuedFn>> = LazyLock::new(|| {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"io_u_queued".as_ptr()) };
+    // SAFETY: a non-null `io_u_queued` in a fio process is the function typed above.
+    (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, QueuedFn>(p) })
+});
+
+/// Sets `issue_time` of every io_u in `ios` to now, with one clock read for the batch, and
+/// lets fio record each one's submission latency, as fio's own io_uring engine does at
+/// commit (fio skips its per-io_u clock read in `td_io_queue` because the engine sets
+/// `FIO_ASYNCIO_SETS_ISSUE_TIME`). Without fio's clock (never the case in fio 3.33, which
+/// exports it) CLOCK_MONOTONIC is used.
+fn stamp_issue_time(td: *mut ThreadData, ios: &mut Vec<*mut IoU>) {
+    if ios.is_empty() {
+        return;
+    }
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    match *FIO_GETTIME {
+        // SAFETY: fio_gettime writes one timespec; a null caller is what fio passes itself.
+        Some(f) => unsafe {
+            f(&mut now, std::ptr::null_mut());
+        },
+        // SAFETY: clock_gettime writes one timespec.
+        None => unsafe {
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+        },
+    }
+    for u in ios.drain(..) {
+        // SAFETY: every pointer is an io_u fio handed to q_queue that has not been returned
+        // through event() yet (stamping happens at the commit that follows the queue), so
+        // fio keeps it alive and does not touch it concurrently (FIO_NO_OFFLOAD).
+        unsafe { (*u).issue_time = now };
+        if let Some(f) = *FIO_IO_U_QUEUED {
+            // SAFETY: td is the job's thread_data and u one of its queued io_us (above).
+            unsafe { f(td, u) };
+        }
+    }
+}
+
 static LOG_INFO: LazyLock<Option<LogFn>> = LazyLock::new(|| fio_log_fn(c"log_info"));
 static LOG_ERR: LazyLock<Option<LogFn>> = LazyLock::new(|| fio_log_fn(c"log_err"));
 
@@ -168,6 +222,9 @@ struct Job {
     /// Valid descriptor handed to fio as `f->fd` (fio asserts on -1 while open).
     fake_fd: Option<OwnedFd>,
     uncommitted: bool,
+    /// io_us queued since the last commit, whose `issue_time` the commit stamps (the engine
+    /// sets `FIO_ASYNCIO_SETS_ISSUE_TIME`).
+    unstamped: Vec<*mut IoU>,
     /// Reaped completions not yet handed to fio.
     pending: VecDeque<Done>,
     scratch: Vec<Done>,
@@ -319,6 +376,7 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
         slots: Vec::new(),
         fake_fd: None,
         uncommitted: false,
+        unstamped: Vec::new(),
         pending: VecDeque::new(),
         scratch: Vec::new(),
         events: Vec::new(),
@@ -503,6 +561,7 @@ unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
     match unsafe { slot.queue.submit(kind, io_u as u64) } {
         Ok(()) => {
             job.uncommitted = true;
+            job.unstamped.push(io_u);
             FIO_Q_QUEUED
         }
         Err(SubmitError::Full) if slot.queue.in_flight() > 0 || !job.pending.is_empty() => FIO_Q_BUSY,
@@ -518,8 +577,9 @@ unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
     }
 }
 
-fn commit_all(job: &mut Job) -> c_int {
+fn commit_all(td: *mut ThreadData, job: &mut Job) -> c_int {
     job.uncommitted = false;
+    stamp_issue_time(td, &mut job.unstamped);
     for s in &mut job.slots {
         if let Err(e) = s.queue.commit() {
             return -e.errno;
@@ -531,7 +591,7 @@ fn commit_all(job: &mut Job) -> c_int {
 unsafe extern "C" fn q_commit(td: *mut ThreadData) -> c_int {
     // SAFETY: called on td's own thread, no other Job reference is live.
     match unsafe { job(td) } {
-        Some(job) if job.uncommitted => commit_all(job),
+        Some(job) if job.uncommitted => commit_all(td, job),
         _ => 0,
     }
 }
@@ -552,9 +612,14 @@ fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), G
         }
     }
     loop {
-        // Cheap non-blocking sweep of every queue.
+        // Cheap non-blocking sweep of every queue: first what the kernel has posted (no
+        // syscall; fio commits again right after, and that enter posts the rest), and only
+        // when that is nothing, an enter that posts what the kernel holds back (so that
+        // repeated min == 0 calls always make progress).
         for s in job.slots.iter_mut().filter(|s| s.queue.in_flight() > 0) {
-            s.queue.reap(&mut job.scratch, 0, Some(Duration::ZERO))?;
+            if s.queue.reap_posted(&mut job.scratch)? == 0 {
+                s.queue.reap(&mut job.scratch, 0, Some(Duration::ZERO))?;
+            }
         }
         job.pending.extend(job.scratch.drain(..));
         if job.pending.len() >= min {
@@ -596,11 +661,14 @@ unsafe extern "C" fn q_getevents(td: *mut ThreadData, min: c_uint, max: c_uint, 
         return -libc::EINVAL;
     };
     job.events.clear();
+    // A request can finish without a commit of ours (a zero read completes at submit, a
+    // reap with min == 0 submits on its own): stamp what is still unstamped first.
+    stamp_issue_time(td, &mut job.unstamped);
     // SAFETY: t is NULL or points to a timespec fio owns for the duration of the call.
     let deadline = unsafe { t.as_ref() }
         .map(|t| Instant::now() + Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32));
     if min > 0 && job.uncommitted {
-        let rc = commit_all(job);
+        let rc = commit_all(td, job);
         if rc != 0 {
             return rc;
         }
@@ -681,7 +749,9 @@ pub static mut ioengine: IoengineOps = IoengineOps {
     // FIO_RAWIO: the engine does O_DIRECT I/O, so fio must hand it page-aligned io_u
     // buffers even without `direct=1` (fio aligns them only for odirect, mem_align or
     // this flag). Unaligned buffers cost a bounce buffer and a copy on every request.
-    flags: FIO_RAWIO | FIO_DISKLESSIO | FIO_NODISKUTIL | FIO_NOEXTEND | FIO_NO_OFFLOAD,
+    // FIO_ASYNCIO_SETS_ISSUE_TIME: the commit stamps issue times, one clock read per batch
+    // (see `stamp_issue_time`) instead of fio's one per io_u.
+    flags: FIO_RAWIO | FIO_DISKLESSIO | FIO_NODISKUTIL | FIO_NOEXTEND | FIO_NO_OFFLOAD | FIO_ASYNCIO_SETS_ISSUE_TIME,
     dlhandle: std::ptr::null_mut(),
     setup: None,
     init: Some(q_init),

@@ -460,8 +460,13 @@ impl Queue {
             self.retry_parked();
             self.group_flush();
             if self.done.len() >= min.max(1) || (min == 0) || self.reqs.is_empty() {
-                // Push SQEs that completions and retries queued.
-                self.commit()?;
+                // Push SQEs that completions and retries queued. Only then: completions the
+                // kernel holds as deferred task work are posted by the next enter anyway
+                // (the caller's next commit or reap), and the ring fd polls readable
+                // while they wait, so entering just for them would cost a syscall per reap.
+                if self.unsubmitted > 0 {
+                    self.commit()?;
+                }
                 break;
             }
             let now = std::time::Instant::now();
@@ -481,6 +486,24 @@ impl Queue {
                 wait = Some(wait.map_or(Duration::from_micros(50), |w| w.min(Duration::from_micros(50))));
             }
             self.wait_cqe(wait)?;
+        }
+        let n = self.done.len();
+        out.append(&mut self.done);
+        Ok(n)
+    }
+
+    /// Like [`Queue::reap`] with `min == 0`, but without entering the kernel just to have it
+    /// post completions it holds back (the ring defers them to this thread's next
+    /// `io_uring_enter`): moves what is already posted into `out` and submits only SQEs
+    /// that the completions queued. For callers that enter soon anyway (a submission loop
+    /// that commits after every batch) and want to save that syscall; an event loop woken by
+    /// the ring fd must call [`Queue::reap`], which does enter. Returns the count.
+    pub fn reap_posted(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        self.process_cqes();
+        self.retry_parked();
+        self.group_flush();
+        if self.unsubmitted > 0 {
+            self.commit()?;
         }
         let n = self.done.len();
         out.append(&mut self.done);
