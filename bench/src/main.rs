@@ -161,7 +161,13 @@ fn write_outputs(out: &Path, res: &Results) -> Result<(), String> {
         std::fs::write(out.join(&name), svg).map_err(|e| format!("{name}: {e}"))?;
         charts.insert(device.clone(), name);
     }
-    std::fs::write(out.join("report.md"), report::render(res, &charts)).map_err(|e| format!("report.md: {e}"))?;
+    let mut md = report::render(res, &charts);
+    // A hand-written analysis kept beside the results (the runner can measure, not explain)
+    // becomes the report's last section every time the report is rendered again.
+    if let Ok(analysis) = std::fs::read_to_string(out.join("analysis.md")) {
+        md.push_str(&report::analysis_section(&analysis));
+    }
+    std::fs::write(out.join("report.md"), md).map_err(|e| format!("report.md: {e}"))?;
     Ok(())
 }
 

@@ -189,6 +189,19 @@ const WT_COUNTERS: &[&str] = &[
     "clusters_allocated",
 ];
 
+/// The report's closing section made from a hand-written `analysis.md` (whose own first
+/// heading, if any, is replaced by the section's).
+pub fn analysis_section(text: &str) -> String {
+    let body = match text.trim_start().strip_prefix("# ") {
+        Some(rest) => rest.split_once('\n').map_or("", |(_, b)| b),
+        None => text,
+    };
+    format!(
+        "\n## Analysis\n\nWritten by hand from this run's numbers and counters (`analysis.md`).\n\n{}\n",
+        body.trim()
+    )
+}
+
 /// The Markdown report. `charts` maps a device to its chart file name (relative to the report).
 pub fn render(res: &Results, charts: &BTreeMap<String, String>) -> String {
     let cells = cells(res);
@@ -290,7 +303,7 @@ pub fn render(res: &Results, charts: &BTreeMap<String, String>) -> String {
             let _ = writeln!(
                 o,
                 "- `{}` {} / {}: {:.2} ({:.2}–{:.2}); quring latency p50/p99/p99.9 {} µs; counters per request: {}. \
-                 Why: not analysed by the runner; see the counters and the issue tracker.",
+                 Why: see the Analysis section when the run has one (`analysis.md`).",
                 x.device,
                 x.workload,
                 x.mode,
@@ -501,6 +514,10 @@ pub mod tests {
             "| randwrite-4k | standard | failed: quring: unsupported: writes are not implemented yet (exit status: 1) |"
         ));
         assert!(md.contains("![quring/raw and quring/QEMU ratios on shm](chart-shm.svg)"));
+        let a = analysis_section("# Analysis of run X\n\nseqwrite is slower because ...\n");
+        assert!(a.starts_with("\n## Analysis\n"));
+        assert!(a.contains("seqwrite is slower because ..."));
+        assert!(!a.contains("run X"));
         let slower = md.split("## Slower than QEMU").nth(1).unwrap();
         assert!(slower.contains("in 1 of 2 compared cells"));
         assert!(slower.contains("`shm` randread-4k / rc1: 0.80"));
