@@ -207,3 +207,26 @@ fn counters_per_queue_and_per_image() {
     img.close().unwrap();
     assert_eq!(img.counters().guest_writes, 4);
 }
+
+/// A queue counts the cache evictions its own slice loads cause.
+#[test]
+fn evictions_counted_per_queue() {
+    let dir = tempdir();
+    let path = dir.path().join("e.qcow2");
+    // 4 GiB of 64 KiB clusters, fully mapped by preallocation: 32 L2 tables of 64 KiB.
+    let r = quring(["create", "-q", "-o", "preallocation=metadata", &s(&path), "4G"]);
+    assert_eq!(r.status(), 0, "{}", r.describe());
+    let opts = Options { l2_cache_size: Some(64 << 10), l2_cache_entry_size: Some(4096), ..Options::default() };
+    let img = Image::open(&path, &opts).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut buf = AlignedBuf::new(4096);
+    // 64 KiB of 4 KiB slices = 16 slots; one read per slice's coverage (512 entries x 64 KiB
+    // = 32 MiB) over 4 GiB touches 128 slices, so at least 112 loads evict one.
+    for i in 0..128u64 {
+        q.read_at(&mut buf, i * (32 << 20)).unwrap();
+    }
+    let c = q.counters();
+    assert_eq!(c.l2_misses, 128, "{c:?}");
+    assert!(c.l2_evictions >= 128 - 16, "{c:?}");
+    assert_eq!(img.counters().l2_evictions, c.l2_evictions);
+}

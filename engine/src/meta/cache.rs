@@ -221,6 +221,13 @@ impl MetaCache {
 
     /// Finds `key` or claims a victim slot to load it into.
     pub fn claim(&self, key: u64) -> Claim {
+        self.claim_noting(key, &mut false)
+    }
+
+    /// [`MetaCache::claim`] that also tells the caller whether the slot it got held a valid
+    /// slice that is now evicted (`*evicted` set to true), so that the caller can count the
+    /// eviction as its own (queues keep per-queue counters).
+    pub fn claim_noting(&self, key: u64, evicted: &mut bool) -> Claim {
         let set = self.set_of(key);
         let kb = key_bits(key);
         let range = set * WAYS..(set + 1) * WAYS;
@@ -237,13 +244,13 @@ impl MetaCache {
         if self.claiming[set].compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
             return Claim::Busy;
         }
-        let r = self.claim_victim(key, set);
+        let r = self.claim_victim(key, set, evicted);
         self.claiming[set].store(0, Ordering::Release);
         r
     }
 
     /// [`MetaCache::claim`] past the first lookup, with the set's claim flag held.
-    fn claim_victim(&self, key: u64, set: usize) -> Claim {
+    fn claim_victim(&self, key: u64, set: usize, evicted: &mut bool) -> Claim {
         let kb = key_bits(key);
         let range = set * WAYS..(set + 1) * WAYS;
         // Look again: a claimer that held the flag since our first look may have inserted
@@ -281,6 +288,7 @@ impl MetaCache {
                 fence(Ordering::Release);
                 if c & ST_MASK == ST_VALID {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
+                    *evicted = true;
                 }
                 return Claim::Load(SlotId(s as u32));
             }

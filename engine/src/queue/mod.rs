@@ -292,8 +292,8 @@ impl Queue {
 
     /// What this queue's requests have cost so far: guest requests and bytes, device
     /// writes by kind, device flushes, copy-on-write bytes, clusters allocated, slice loads,
-    /// L2 cache hits and misses (`l2_evictions` is counted for the shared cache as a whole,
-    /// in [`Image::counters`]).
+    /// L2 cache hits, misses and the evictions its loads caused. ([`Image::counters`]
+    /// reports the shared cache's evictions by everyone, tools included.)
     pub fn counters(&self) -> CounterSnapshot {
         self.counters.snapshot()
     }

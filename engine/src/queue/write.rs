@@ -225,7 +225,12 @@ impl Queue {
     /// Starts loading L2 slice `key` of `layer` (or waits for the queue loading it).
     /// Returns true when it is already cached.
     pub(crate) fn load_slice(&mut self, layer: std::sync::Arc<crate::image::Image>, key: u64) -> bool {
-        match layer.l2_cache.claim(key) {
+        let mut evicted = false;
+        let claim = layer.l2_cache.claim_noting(key, &mut evicted);
+        if evicted {
+            crate::counters::Counters::bump(&self.counters.l2_evictions, 1);
+        }
+        match claim {
             Claim::Present(_) => true,
             Claim::Busy => {
                 self.unclog(&layer, key);
