@@ -706,10 +706,8 @@ impl Queue {
 
     /// An aligned, zeroed buffer of `len` bytes from the queue's pool.
     pub(crate) fn get_buf(&mut self, len: usize) -> AlignedBuf {
-        match self.pool.iter().rposition(|b| b.capacity() >= len && b.capacity() <= len.max(4096) * 2) {
-            Some(i) => {
-                let mut b = self.pool.swap_remove(i);
-                b.set_len(len);
+        match self.take_pooled(len) {
+            Some(mut b) => {
                 b.fill(0);
                 b
             }
@@ -721,14 +719,15 @@ impl Queue {
     /// unspecified (old data of this queue): only for reads that overwrite it and of which
     /// only the bytes the kernel returned are used.
     pub(crate) fn get_read_buf(&mut self, len: usize) -> AlignedBuf {
-        match self.pool.iter().rposition(|b| b.capacity() >= len && b.capacity() <= len.max(4096) * 2) {
-            Some(i) => {
-                let mut b = self.pool.swap_remove(i);
-                b.set_len(len);
-                b
-            }
-            None => AlignedBuf::new(len),
-        }
+        self.take_pooled(len).unwrap_or_else(|| AlignedBuf::new(len))
+    }
+
+    /// A pooled buffer of at least `len` bytes (and not much more), its length set to `len`.
+    fn take_pooled(&mut self, len: usize) -> Option<AlignedBuf> {
+        let i = self.pool.iter().rposition(|b| b.capacity() >= len && b.capacity() <= len.max(4096) * 2)?;
+        let mut b = self.pool.swap_remove(i);
+        b.set_len(len);
+        Some(b)
     }
 
     /// Returns a buffer to the pool (bounded).
