@@ -208,9 +208,8 @@ impl Image {
         let off = c << self.geo.cluster_bits;
         let len = n << self.geo.cluster_bits;
         self.sync.punch(crate::io::hook::WriteKind::Data, self.file.fd(), off, len)?;
-        if self.file.len()? < off + len {
-            self.sync.ftruncate(self.file.fd(), off + len)?;
-        }
+        // The extent lies inside the file, so its first writes are not extending ones.
+        self.grow_ahead(st, off + len)?;
         Counters::add(&cnt.clusters_allocated, n);
         let e = L1Entry(off | crate::format::l1::L1_CONTIGUOUS | crate::format::l1::L1_COPIED);
         self.l1[l1i as usize].store(e.0, Ordering::Release);
