@@ -12,13 +12,20 @@ use std::sync::Mutex;
 pub struct SyncRing {
     ring: Mutex<IoUring>,
     hook: Option<Hook>,
+    next_token: std::sync::atomic::AtomicU64,
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 impl SyncRing {
     /// Creates a ring with a few entries.
     pub fn new() -> Result<Self> {
         let ring = IoUring::new(8).map_err(|e| Error::io("io_uring_setup", e))?;
-        Ok(SyncRing { ring: Mutex::new(ring), hook: None })
+        Ok(SyncRing {
+            ring: Mutex::new(ring),
+            hook: None,
+            next_token: std::sync::atomic::AtomicU64::new(1),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// A ring whose writes and flushes go through a test hook.
@@ -39,24 +46,49 @@ impl SyncRing {
 
     fn run(&self, sqe: io_uring::squeue::Entry, what: &str) -> Result<i32> {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if self.poisoned.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::InvalidRequest(format!("{what}: the administrative ring failed earlier")));
+        }
+        // Each operation is told apart by its own user_data: a completion left over from
+        // an earlier call (there should be none, see below) is never taken for this one.
+        let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sqe = sqe.user_data(token);
         // SAFETY: the buffers referenced by `sqe` are borrowed by our caller for the whole
-        // call, and we wait for this SQE's completion before returning.
+        // call, and we do not return before this SQE's completion has been seen (the loop
+        // below only leaves with our CQE, or with an enter error that means the SQE was
+        // never consumed).
         unsafe {
             ring.submission().push(&sqe).map_err(|_| Error::InvalidRequest("sync ring full".into()))?;
         }
         loop {
+            // io_uring_enter reports a submitted SQE even when its wait was interrupted
+            // (EINTR is then lost), so a successful enter does not mean a completion is
+            // there: look, and wait again when it is not.
+            for cqe in ring.completion() {
+                if cqe.user_data() == token {
+                    let res = cqe.result();
+                    if res < 0 {
+                        return Err(Error::errno(what.to_string(), -res));
+                    }
+                    return Ok(res);
+                }
+            }
             match ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(Error::io("io_uring_enter", e)),
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    if ring.submission().is_empty() {
+                        // Consumed by the kernel: the buffers are in use until the CQE
+                        // comes, so keep waiting for it.
+                        continue;
+                    }
+                    // Still in the SQ with a pointer into the caller's buffer: this ring
+                    // must never enter the kernel again (it would submit that SQE).
+                    self.poisoned.store(true, std::sync::atomic::Ordering::Release);
+                    return Err(Error::io("io_uring_enter", e));
+                }
             }
         }
-        let cqe = ring.completion().next().ok_or_else(|| Error::InvalidRequest("no completion".into()))?;
-        let res = cqe.result();
-        if res < 0 {
-            return Err(Error::errno(what.to_string(), -res));
-        }
-        Ok(res)
     }
 
     /// Reads `len` bytes at `off` (any alignment) from `fd`. Bytes past the end of the file

@@ -213,6 +213,13 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             }
         }
     }
+    // Close explicitly: a failure to make the writes durable is this command's failure (a
+    // close left to Drop could only print it).
+    drop(q);
+    if let Err(e) = img.close() {
+        eprintln!("quring: closing '{}' failed: {e}", a.image.display());
+        status = 1;
+    }
     Ok(status)
 }
 
