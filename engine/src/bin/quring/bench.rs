@@ -176,5 +176,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if a.counters {
         print!("{}", img.counters());
     }
+    drop(q);
+    img.close().map_err(|e| format!("closing '{}' failed: {e}", a.image.display()))?;
     Ok(0)
 }
