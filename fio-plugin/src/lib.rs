@@ -21,11 +21,11 @@ pub mod options;
 
 use abi::*;
 use engine_glue::{Done, GlueError, ImageConfig, IoKind, JobQueue, QueueConfig, SharedImage, SubmitError};
-use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, c_char, c_int, c_uint};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -232,28 +232,70 @@ struct Job {
     events: Vec<*mut IoU>,
 }
 
-static JOBS: LazyLock<Mutex<HashMap<usize, usize>>> = LazyLock::new(Default::default);
+/// The jobs of this process by thread_data pointer: an open-addressing table of
+/// (td, job) pairs, looked up on every callback without a lock, a syscall or thread-local
+/// storage (in a cdylib a `thread_local!` costs a `__tls_get_addr` call). A td slot
+/// holds 0 (never used), `GONE` (freed) or a td pointer; the job word is written before
+/// the td word is published and read after it is seen (Release/Acquire).
+const JOB_SLOTS: usize = 1024;
+const GONE: usize = usize::MAX;
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_SLOT: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
+static JOB_TABLE: [(AtomicUsize, AtomicUsize); JOB_SLOTS] = [EMPTY_SLOT; JOB_SLOTS];
 
-thread_local! {
-    /// (td, job) of the last lookup on this thread.
-    static LAST_JOB: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+fn job_home(td: usize) -> usize {
+    // thread_data structs are large and aligned: drop the low bits before folding.
+    ((td >> 6) ^ (td >> 16)) % JOB_SLOTS
 }
 
-fn jobs() -> MutexGuard<'static, HashMap<usize, usize>> {
-    JOBS.lock().unwrap_or_else(|e| e.into_inner())
+/// Links `job` to `td`; false when the table is full.
+fn link_job(td: usize, job: usize) -> bool {
+    let h = job_home(td);
+    for i in 0..JOB_SLOTS {
+        let (k, v) = &JOB_TABLE[(h + i) % JOB_SLOTS];
+        let cur = k.load(Ordering::Acquire);
+        if cur == 0 || cur == GONE {
+            // Claim the slot with a placeholder, then publish job and td.
+            if k.compare_exchange(cur, GONE - 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                v.store(job, Ordering::Relaxed);
+                k.store(td, Ordering::Release);
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Unlinks `td`'s job and returns it (0 when there was none).
+fn unlink_job(td: usize) -> usize {
+    let h = job_home(td);
+    for i in 0..JOB_SLOTS {
+        let (k, v) = &JOB_TABLE[(h + i) % JOB_SLOTS];
+        match k.load(Ordering::Acquire) {
+            0 => return 0,
+            cur if cur == td => {
+                let job = v.swap(0, Ordering::Relaxed);
+                k.store(GONE, Ordering::Release);
+                return job;
+            }
+            _ => {}
+        }
+    }
+    0
 }
 
 fn job_ptr(td: *mut ThreadData) -> *mut Job {
-    let key = td as usize;
-    let (k, p) = LAST_JOB.get();
-    if k == key && p != 0 {
-        return p as *mut Job;
+    let td = td as usize;
+    let h = job_home(td);
+    for i in 0..JOB_SLOTS {
+        let (k, v) = &JOB_TABLE[(h + i) % JOB_SLOTS];
+        match k.load(Ordering::Acquire) {
+            0 => break,
+            cur if cur == td => return v.load(Ordering::Relaxed) as *mut Job,
+            _ => {}
+        }
     }
-    let p = jobs().get(&key).copied().unwrap_or(0);
-    if p != 0 {
-        LAST_JOB.set((key, p));
-    }
-    p as *mut Job
+    std::ptr::null_mut()
 }
 
 /// The job of `td`, if `init` ran for it.
@@ -391,12 +433,19 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
             return errno;
         }
     }
-    let old = jobs().insert(td as usize, Box::into_raw(job) as usize);
-    if let Some(old) = old {
+    let old = unlink_job(td as usize);
+    if old != 0 {
         // SAFETY: `old` came from Box::into_raw for this td and was just unlinked.
         drop(unsafe { Box::from_raw(old as *mut Job) });
     }
-    LAST_JOB.set((0, 0));
+    let p = Box::into_raw(job);
+    if !link_job(td as usize, p as usize) {
+        // SAFETY: p came from Box::into_raw just above and was never shared.
+        let mut job = unsafe { Box::from_raw(p) };
+        release_all(&mut job);
+        log(true, &format!("quring: more than {JOB_SLOTS} jobs in one fio process"));
+        return 1;
+    }
     0
 }
 
@@ -713,11 +762,10 @@ unsafe extern "C" fn q_event(td: *mut ThreadData, i: c_int) -> *mut IoU {
 }
 
 unsafe extern "C" fn q_cleanup(td: *mut ThreadData) {
-    let p = jobs().remove(&(td as usize));
-    if LAST_JOB.get().0 == td as usize {
-        LAST_JOB.set((0, 0));
+    let p = unlink_job(td as usize);
+    if p == 0 {
+        return;
     }
-    let Some(p) = p else { return };
     // SAFETY: p came from Box::into_raw in q_init and was just unlinked from the map,
     // so this is the sole owner.
     let mut job = unsafe { Box::from_raw(p as *mut Job) };

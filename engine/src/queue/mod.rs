@@ -20,6 +20,10 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `IORING_ENTER_GETEVENTS` (include/uapi/linux/io_uring.h): the enter also posts (and with
+/// `min_complete > 0` waits for) completions.
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
 /// Per-queue tuning.
 #[derive(Clone, Debug)]
 pub struct QueueOptions {
@@ -182,6 +186,9 @@ pub(crate) enum Io {
     },
     /// An L2 slice load into a cache slot.
     Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
+    /// A whole guest read served by one data read straight into its buffer: the request
+    /// needs no state beyond this (no [`Req`]); see `Queue::try_whole_read`.
+    Whole { user_data: u64, dst: *mut u8, len: usize },
     /// A data write straight from the guest buffer (`token`: the test hook's).
     Write { req: usize, token: u64 },
     /// A data write from an aligned copy of an unaligned guest buffer.
@@ -223,6 +230,8 @@ pub struct Queue {
     /// This queue's counters (written only by this queue's thread; registered with the
     /// image, which sums every queue's into [`Image::counters`]).
     pub(crate) counters: Arc<Counters>,
+    /// Guest reads in flight as a single [`Io::Whole`] (not in `reqs`).
+    pub(crate) whole_in_flight: usize,
 }
 
 impl Queue {
@@ -263,6 +272,7 @@ impl Queue {
             pool: Vec::new(),
             flush_waiters: Vec::new(),
             counters,
+            whole_in_flight: 0,
         })
     }
 
@@ -300,7 +310,7 @@ impl Queue {
 
     /// Requests submitted and not yet returned by [`Queue::reap`].
     pub fn in_flight(&self) -> usize {
-        self.reqs.len() + self.done.len()
+        self.reqs.len() + self.whole_in_flight + self.done.len()
     }
 
     /// Starts a request. Never blocks. Errors in the request itself (bad range, read-only
@@ -334,6 +344,9 @@ impl Queue {
         let writes = matches!(kind, ReqKind::Write | ReqKind::Zero { .. } | ReqKind::Discard);
         if writes {
             self.image.check_writable()?;
+        }
+        if kind == ReqKind::Read && self.try_whole_read(req.user_data, offset, len, buf) {
+            return Ok(());
         }
         let id = self.new_req(req.user_data, kind, offset, len, buf, Parent::Caller);
         if writes {
@@ -434,7 +447,7 @@ impl Queue {
             return Ok(());
         }
         loop {
-            match self.ring.submit() {
+            match self.submit_posting() {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -447,10 +460,23 @@ impl Queue {
         Ok(())
     }
 
+    /// Submits the queued SQEs without waiting, and (IORING_ENTER_GETEVENTS with
+    /// `min_complete == 0`) has the kernel post the completions it holds as deferred task
+    /// work in the same call: the caller's next reap then finds them in the CQ ring
+    /// instead of entering again for them (fio's io_uring engine commits the same way).
+    fn submit_posting(&mut self) -> std::io::Result<usize> {
+        let n = self.ring.submission().len() as u32;
+        // SAFETY: no argument pointer is passed (arg = None); every queued SQE points at
+        // memory that outlives it (see `push`).
+        unsafe { self.ring.submitter().enter::<libc::sigset_t>(n, 0, IORING_ENTER_GETEVENTS, None) }
+    }
+
     /// Moves finished requests into `out`, waiting until at least `min` are available or
     /// `timeout` passes (`None`: no limit; `Some(ZERO)`: do not wait). Returns the count.
     pub fn reap(&mut self, out: &mut Vec<Completion>, min: usize, timeout: Option<Duration>) -> Result<usize> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        // The clock is read only when there is a real timeout to keep.
+        let no_wait = timeout == Some(Duration::ZERO);
+        let deadline = timeout.filter(|t| !t.is_zero()).map(|t| std::time::Instant::now() + t);
         loop {
             if min == 0 {
                 // Not waiting: one enter (only if needed) posts deferred completions.
@@ -459,7 +485,7 @@ impl Queue {
             self.process_cqes();
             self.retry_parked();
             self.group_flush();
-            if self.done.len() >= min.max(1) || (min == 0) || self.reqs.is_empty() {
+            if self.done.len() >= min.max(1) || (min == 0) || (self.reqs.is_empty() && self.whole_in_flight == 0) {
                 // Push SQEs that completions and retries queued. Only then: completions the
                 // kernel holds as deferred task work are posted by the next enter anyway
                 // (the caller's next commit or reap), and the ring fd polls readable
@@ -469,15 +495,18 @@ impl Queue {
                 }
                 break;
             }
-            let now = std::time::Instant::now();
-            if let Some(d) = deadline
+            if no_wait {
+                break;
+            }
+            let now = deadline.map(|_| std::time::Instant::now());
+            if let (Some(d), Some(now)) = (deadline, now)
                 && now >= d
             {
                 break;
             }
             // Wait for one CQE; when requests are parked on another queue's load, wake up
             // regularly to retry them.
-            let mut wait = deadline.map(|d| d - now);
+            let mut wait = deadline.zip(now).map(|(d, now)| d - now);
             let waiting = !self.parked.is_empty()
                 || !self.lock_parked.is_empty()
                 || !self.job_parked.is_empty()
@@ -646,6 +675,19 @@ impl Queue {
                 }
                 crate::counters::Counters::add(&self.counters.meta_loads, 1);
                 self.retry_parked();
+            }
+            Io::Whole { user_data, dst, len } => {
+                self.whole_in_flight -= 1;
+                if res >= 0 {
+                    if (res as usize) < len {
+                        // Past the end of the file: the rest reads as zeros.
+                        // SAFETY: dst..dst+len is the request's guest buffer.
+                        unsafe { std::ptr::write_bytes(dst.add(res as usize), 0, len - res as usize) };
+                    }
+                    Counters::bump(&self.counters.guest_reads, 1);
+                    Counters::bump(&self.counters.read_bytes, len as u64);
+                }
+                self.done.push(Completion { user_data, result: res.min(0) });
             }
             Io::Write { req, token } | Io::WriteBounce { req, token, .. } => {
                 if res < 0 {

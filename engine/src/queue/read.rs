@@ -166,6 +166,32 @@ impl Queue {
         self.maybe_finish(id);
     }
 
+    /// The read fast path: a guest read that one data read of this image's file serves
+    /// whole (the range lies in one cached, allocated cluster, or in one L2-less extent, and
+    /// buffer, host offset and length are sector-aligned) goes to the ring without a request
+    /// state ([`Io::Whole`]). Anything else returns false without side effects (the lookup
+    /// is counted by the general path that follows).
+    #[inline]
+    pub(crate) fn try_whole_read(&mut self, user_data: u64, offset: u64, len: u64, buf: *mut u8) -> bool {
+        let img = &self.image;
+        let Ok(Lookup::Mapped { extent: Extent::Data(h), len: n, cached }) = img.lookup(GuestOffset(offset), len)
+        else {
+            return false;
+        };
+        if n != len || !(buf as usize).is_multiple_of(512) || !h.0.is_multiple_of(512) || len > u32::MAX as u64 {
+            return false;
+        }
+        if cached {
+            Counters::bump(&self.counters.l2_hits, 1);
+        }
+        let fd = img.file.fd();
+        let io = self.ios.insert(Io::Whole { user_data, dst: buf, len: len as usize });
+        self.whole_in_flight += 1;
+        let sqe = opcode::Read::new(types::Fd(fd), buf, len as u32).offset(h.0).build().user_data(io as u64);
+        self.push(sqe);
+        true
+    }
+
     #[inline]
     fn dst(&self, id: usize, pos: u64) -> *mut u8 {
         let r = &self.reqs[id];
