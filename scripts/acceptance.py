@@ -40,7 +40,9 @@ def fio_iops(out):
 
 
 def fio(args, plugin=None, raw=False):
-    eng = [f"--ioengine=external:{SO}", "--thread"] if plugin else ["--ioengine=io_uring", "--direct=1"]
+    # Both sides: threads, and one clock (fio otherwise picks TSC or clock_gettime per run).
+    eng = [f"--ioengine=external:{SO}", "--thread"] if plugin else ["--ioengine=io_uring", "--direct=1", "--thread"]
+    eng.append("--clocksource=cpu")
     if plugin and isinstance(plugin, list):
         eng += plugin
     return fio_iops(sh(["fio", "--name=a", "--group_reporting"] + eng + args))
