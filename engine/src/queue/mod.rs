@@ -465,6 +465,10 @@ impl Queue {
     /// work in the same call: the caller's next reap then finds them in the CQ ring
     /// instead of entering again for them (fio's io_uring engine commits the same way).
     fn submit_posting(&mut self) -> std::io::Result<usize> {
+        if self.ring.params().is_setup_sqpoll() {
+            // The SQ thread submits; the crate enters only to wake it (SQ_WAKEUP).
+            return self.ring.submit();
+        }
         let n = self.ring.submission().len() as u32;
         // SAFETY: no argument pointer is passed (arg = None); every queued SQE points at
         // memory that outlives it (see `push`).
