@@ -241,3 +241,24 @@ fn runner_reports_status_signal_and_rss() {
     let slow = run_with_timeout(std::process::Command::new("sleep").arg("10"), std::time::Duration::from_millis(200));
     assert!(slow.timed_out && slow.signal == Some(libc::SIGKILL));
 }
+
+/// An image the fuzzer found (fuzz/artifacts-regressions/image/oom-check-messages): its
+/// L1 and L2 tables are full of garbage, so `check` finds 666,884 problems. The counts must
+/// be QEMU's, while memory stays bounded: only the first problem lines are kept and
+/// printed, followed by a count of the rest (before, every line was kept, several
+/// hundred MiB).
+#[test]
+fn check_with_many_problems_keeps_memory_bounded() {
+    let img = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/artifacts-regressions/image/oom-check-messages");
+    let r = quring(["check", &s(&img)]);
+    assert_eq!(r.code, Some(2), "{}", r.describe());
+    assert_eq!(r.rss_exceeds(MAX_RSS_KIB), Some(false), "peak RSS {} KiB:\n{}", r.maxrss_kib, r.describe());
+    let q = qemu_img(["check", &s(&img)]);
+    let summary = |out: &str| out.lines().find(|l| l.contains("errors were found")).map(str::to_string);
+    assert_eq!(summary(&r.stdout), summary(&q.stdout), "quring:\n{}\nqemu-img:\n{}", r.describe(), q.describe());
+    assert!(summary(&r.stdout).is_some(), "{}", r.describe());
+    let lines = r.stderr.lines().count();
+    // The kept lines, the count of the rest, and why the engine would not open the image.
+    assert!(lines <= quring::check::MAX_MESSAGES + 2, "{lines} lines on stderr");
+    assert!(r.stderr.contains("more problem lines not shown"), "{}", &r.stderr[r.stderr.len().saturating_sub(500)..]);
+}

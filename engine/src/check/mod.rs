@@ -54,9 +54,16 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// End of the last cluster that is referenced or has a refcount.
     pub image_end_offset: u64,
-    /// One line per problem, in QEMU's wording (qemu-img prints these on stderr).
+    /// One line per problem, in QEMU's wording (qemu-img prints these on stderr); at most
+    /// [`MAX_MESSAGES`] (a hostile image can hold millions of problems: the counts above
+    /// stay exact, the lines past the limit are only counted in `messages_omitted`).
     pub messages: Vec<String>,
+    /// Problem lines not kept in `messages`.
+    pub messages_omitted: u64,
 }
+
+/// The most problem lines a [`CheckReport`] keeps.
+pub const MAX_MESSAGES: usize = 10_000;
 
 impl CheckReport {
     /// qemu-img check's exit status: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
@@ -159,13 +166,31 @@ impl CheckReport {
             out.push_str(m);
             out.push('\n');
         }
+        if let Some(l) = self.omitted_line() {
+            out.push_str(&l);
+            out.push('\n');
+        }
         out.push_str(&self.summary_human());
         out
     }
 
+    /// The line that stands for the problem lines not kept, if any.
+    pub fn omitted_line(&self) -> Option<String> {
+        (self.messages_omitted > 0).then(|| format!("({} more problem lines not shown)", self.messages_omitted))
+    }
+
+    /// Records one problem line (bounded, see [`CheckReport::messages`]).
+    fn note(&mut self, msg: String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg);
+        } else {
+            self.messages_omitted += 1;
+        }
+    }
+
     fn corrupt(&mut self, msg: String) {
         self.corruptions += 1;
-        self.messages.push(msg);
+        self.note(msg);
     }
 }
 
@@ -384,7 +409,7 @@ fn check_inner(r: &dyn MetaRead, counts_only: bool) -> Result<(CheckReport, Vec<
         let stored = match c.stored_refcount(i)? {
             Stored::Value(v) => v,
             Stored::Eio => {
-                c.rep.messages.push(format!("Can't get refcount for cluster {i}: Input/output error"));
+                c.rep.note(format!("Can't get refcount for cluster {i}: Input/output error"));
                 c.rep.check_errors += 1;
                 continue;
             }
@@ -395,7 +420,7 @@ fn check_inner(r: &dyn MetaRead, counts_only: bool) -> Result<(CheckReport, Vec<
         }
         if stored != computed {
             let what = if stored < computed { "ERROR" } else { "Leaked" };
-            c.rep.messages.push(format!("{what} cluster {i} refcount={stored} reference={computed}"));
+            c.rep.note(format!("{what} cluster {i} refcount={stored} reference={computed}"));
             if stored < computed {
                 c.rep.corruptions += 1;
             } else {
@@ -437,9 +462,7 @@ impl Checker<'_> {
         let mut t = SnapTable { list: Vec::new(), offset, size: 0, corruptions: 0 };
         let mut nb = nb;
         if nb > MAX_SNAPSHOTS {
-            self.rep
-                .messages
-                .push(format!("ERROR The snapshot table exceeds the maximum of {MAX_SNAPSHOTS} snapshots"));
+            self.rep.note(format!("ERROR The snapshot table exceeds the maximum of {MAX_SNAPSHOTS} snapshots"));
             t.corruptions += 1;
             nb = MAX_SNAPSHOTS;
         }
@@ -510,7 +533,7 @@ impl Checker<'_> {
             let rc = refcount::get(&self.refs, k, self.g.refcount_order);
             if rc == max {
                 self.rep.corrupt(format!("ERROR: overflow cluster offset={:#x}", k << self.g.cluster_bits));
-                self.rep.messages.push(
+                self.rep.note(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
                 );
                 continue;
@@ -756,7 +779,7 @@ impl Checker<'_> {
         if !self.g.is_cluster_aligned(off) {
             if !self.signaled_corruption {
                 self.signaled_corruption = true;
-                self.rep.messages.push(format!(
+                self.rep.note(format!(
                     "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
                     c_alt_hex(off),
                     c_alt_hex(idx)

@@ -83,6 +83,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         for m in &report.messages {
             eprintln!("{m}");
         }
+        if let Some(l) = report.omitted_line() {
+            eprintln!("{l}");
+        }
         if json {
             print!("{}", report.to_json(&a.image.display().to_string()));
         } else {
