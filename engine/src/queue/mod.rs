@@ -502,15 +502,15 @@ impl Queue {
             if no_wait {
                 break;
             }
-            let now = deadline.map(|_| std::time::Instant::now());
-            if let (Some(d), Some(now)) = (deadline, now)
-                && now >= d
-            {
-                break;
-            }
-            // Wait for one CQE; when requests are parked on another queue's load, wake up
-            // regularly to retry them.
-            let mut wait = deadline.zip(now).map(|(d, now)| d - now);
+            // Wait for one CQE (at most until the deadline); when requests are parked on
+            // another queue's load, wake up regularly to retry them.
+            let mut wait = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => break,
+                },
+            };
             let waiting = !self.parked.is_empty()
                 || !self.lock_parked.is_empty()
                 || !self.job_parked.is_empty()
