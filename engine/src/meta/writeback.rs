@@ -49,10 +49,14 @@ impl Image {
         // entry in a copy was published after its data write completed, so before this
         // device flush, which makes that data durable before the entry is. (Entries
         // published after the copy mark their slice dirty again for the next write-back.)
+        //
+        // Each slot stays pinned until its copy is on disk: once its dirty mark is cleared
+        // an unpinned slot could be evicted, and a reload before the write lands would read
+        // the old slice from disk and lose every update in the copy (a lost discard then
+        // frees its cluster a second time).
         let mut copies = Vec::new();
         for slot in cache.dirty_slots() {
             let Some(key) = cache.slot_key(slot) else { continue };
-            // Pin it so that it cannot be evicted and reloaded while we copy it.
             let Some(pinned) = cache.pin(key) else { continue };
             cache.clear_dirty(pinned);
             let len = cache.slot_size();
@@ -60,35 +64,17 @@ impl Image {
             // updates may race with this copy, which then holds the old or the new word (and
             // the slot is dirty again).
             let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(pinned), len) }.to_vec();
-            cache.unpin(pinned);
             copies.push((pinned, key, bytes));
         }
-        if !copies.is_empty()
-            && let Err(e) = self.device_flush(c)
-        {
-            // Nothing was written: the slices stay dirty for the next write-back.
-            for (slot, key, _) in &copies {
-                if cache.slot_key(*slot) == Some(*key) {
-                    cache.mark_dirty(*slot);
-                }
+        let result = self.write_l2_copies(&copies, c);
+        for (slot, _, _) in &copies {
+            if result.is_err() {
+                // Not (all) written: the slices stay dirty for the next write-back.
+                cache.mark_dirty(*slot);
             }
-            return Err(e);
+            cache.unpin(*slot);
         }
-        let keys: Vec<_> = copies.iter().map(|(s, k, _)| (*s, *k)).collect();
-        for (i, (slot, key, bytes)) in copies.into_iter().enumerate() {
-            let rest_keys = &keys[i + 1..];
-            if let Err(e) = self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), key, &bytes) {
-                for (slot, key) in std::iter::once((slot, key)).chain(rest_keys.iter().copied()) {
-                    if cache.slot_key(slot) == Some(key) {
-                        cache.mark_dirty(slot);
-                    }
-                }
-                return Err(e);
-            }
-            Counters::add(&c.l2_writes, 1);
-            Counters::add(&c.l2_write_bytes, bytes.len() as u64);
-            need_flush = true;
-        }
+        need_flush |= result?;
         if need_flush {
             self.device_flush(c)?;
             need_flush = false;
@@ -132,6 +118,21 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Flushes the device (making the data the copies map durable), then writes the L2
+    /// slice copies. Returns whether anything was written.
+    fn write_l2_copies(&self, copies: &[(crate::meta::cache::SlotId, u64, Vec<u8>)], c: &Counters) -> Result<bool> {
+        if copies.is_empty() {
+            return Ok(false);
+        }
+        self.device_flush(c)?;
+        for (_, key, bytes) in copies {
+            self.sync.write_kind(crate::io::hook::WriteKind::L2, self.file.fd(), *key, bytes)?;
+            Counters::add(&c.l2_writes, 1);
+            Counters::add(&c.l2_write_bytes, bytes.len() as u64);
+        }
+        Ok(true)
     }
 
     /// Clean close: all metadata durable, lazy-refcount dirty bit cleared.

@@ -726,11 +726,13 @@ impl Queue {
             let (meta_start, meta_end) = if whole {
                 (pos, pos + n)
             } else if g.extended_l2 && !discard && v3 {
+                // Only whole subclusters can be zeroed in the bitmap: the ones that lie
+                // inside [pos, pos+n). A range inside one subcluster has none (the last
+                // subcluster of a disk that ends inside it counts as whole).
                 let scs = g.subcluster_size();
                 let a = pos.div_ceil(scs) * scs;
-                let b = ((pos + n) / scs * scs).max(a);
-                let b = if pos + n == cend { pos + n } else { b };
-                (a.min(pos + n), b)
+                let b = if pos + n == cend { pos + n } else { (pos + n) / scs * scs };
+                if a < b { (a, b) } else { (pos, pos) }
             } else {
                 (pos, pos)
             };
@@ -809,9 +811,20 @@ impl Queue {
             let r = self.zero_entry(slot, at.word, meta_start - cstart, meta_end - meta_start, whole, discard, unmap);
             drop(st);
             img.l2_cache.unpin(slot);
-            if let Err(e) = r {
-                self.fail_write(id, e);
-                break;
+            match r {
+                Ok(true) => {}
+                Ok(false) => {
+                    // The entry cannot express it (part of a compressed cluster): zeros
+                    // are written as data, which copies the cluster (as QEMU does).
+                    let zp = self.zeros.as_mut_ptr();
+                    self.reqs[id].pending += 1;
+                    let rid = self.new_req(0, ReqKind::Write, meta_start, meta_end - meta_start, zp, Parent::Req(id));
+                    self.drive_write(rid);
+                }
+                Err(e) => {
+                    self.fail_write(id, e);
+                    break;
+                }
             }
             self.reqs[id].cursor += n;
         }
@@ -819,7 +832,9 @@ impl Queue {
         self.maybe_finish(id);
     }
 
-    /// Rewrites one L2 entry for a zero write or discard (metadata lock held).
+    /// Rewrites one L2 entry for a zero write or discard (metadata lock held). `Ok(false)`:
+    /// the entry cannot express the change (a partial zero write to a compressed cluster);
+    /// nothing was changed and the range must be written as zeros.
     #[allow(clippy::too_many_arguments)]
     fn zero_entry(
         &mut self,
@@ -830,7 +845,7 @@ impl Queue {
         whole: bool,
         discard: bool,
         unmap: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let img = self.image.clone();
         let g = img.geo;
         let cache = &img.l2_cache;
@@ -847,7 +862,7 @@ impl Queue {
                     (ne, SubclusterBitmap::from_parts(0, u32::MAX).0, drop_it)
                 } else {
                     if compressed {
-                        return Err(Error::Unsupported("partial zero write to a compressed cluster".into()));
+                        return Ok(false);
                     }
                     let s0 = g.subcluster_index(in_c);
                     let s1 = g.subcluster_index(in_c + len - 1);
@@ -859,7 +874,7 @@ impl Queue {
                 if free {
                     self.owe_free(L2Entry(e));
                 }
-                return Ok(());
+                return Ok(true);
             }
             let has_backing = img.backing.is_some();
             let (ne, free) = if discard {
@@ -872,13 +887,13 @@ impl Queue {
                 (ne, drop_it)
             };
             if ne == e {
-                return Ok(());
+                return Ok(true);
             }
             if cache.cas_word(slot, word, e, ne) {
                 if free {
                     self.owe_free(L2Entry(e));
                 }
-                return Ok(());
+                return Ok(true);
             }
         }
     }
