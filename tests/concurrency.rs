@@ -37,16 +37,6 @@ enum Act {
     Discard { off: u64, len: u64 },
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        splitmix64(&mut self.0)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn owner(seed: u64, block: u64) -> usize {
     let mut st = seed ^ block.wrapping_mul(0x2545_f491_4f6c_dd1d);
     (splitmix64(&mut st) % THREADS as u64) as usize

@@ -180,7 +180,7 @@ fn gen_plan(sc: &Scenario, rng: &mut Rng) -> Vec<Planned> {
 /// failing at once (the test still fails at the end).
 fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
     let sc = SCENARIOS[(seed % SCENARIOS.len() as u64) as usize];
-    let mut rng = Rng::new(seed);
+    let mut rng = harness_rng(seed);
     let dir = shm_dir();
     let start = setup(dir.path(), &sc, &mut rng);
     let start_bytes = std::fs::read(&start).unwrap();
@@ -219,7 +219,7 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
     };
     let state = dir.path().join("state.qcow2");
     for k in 0..states {
-        let mut srng = Rng::new(seed.wrapping_mul(1_000_003) ^ (k as u64 + 1));
+        let mut srng = harness_rng(seed.wrapping_mul(1_000_003) ^ (k as u64 + 1));
         // Crash point: anywhere; some right after a flush completed or at the very end.
         let c = match srng.below(8) {
             0 => events.len(),
@@ -326,7 +326,7 @@ fn harness_detects_lost_and_stale_data() {
     let state = dir.path().join("s.qcow2");
     // Everything applied: passes.
     let log = Log::new(&events);
-    let (bytes, _) = materialize(&start_bytes, &log, c, &mut Rng::new(1));
+    let (bytes, _) = materialize(&start_bytes, &log, c, &mut harness_rng(1));
     std::fs::write(&state, &bytes).unwrap();
     check_state(&state, CheckMode::Eager, &model, c).unwrap();
     // Lost data writes (metadata kept; the clusters hold zeros): the flushed write is gone.
@@ -334,7 +334,7 @@ fn harness_detects_lost_and_stale_data() {
     for w in lost.writes.iter_mut().filter(|w| w.kind == quring::io::hook::WriteKind::Data) {
         w.data = Some(std::sync::Arc::new(vec![0; w.len as usize]));
     }
-    let (bytes, _) = materialize(&start_bytes, &lost, c, &mut Rng::new(1));
+    let (bytes, _) = materialize(&start_bytes, &lost, c, &mut harness_rng(1));
     std::fs::write(&state, &bytes).unwrap();
     let e = check_state(&state, CheckMode::Eager, &model, c).expect_err("lost durable data must be reported");
     assert!(e.contains("not allowed"), "{e}");
@@ -355,7 +355,7 @@ fn harness_detects_lost_and_stale_data() {
             w.data = b[i].data.clone();
         }
     }
-    let (bytes, _) = materialize(&start_bytes, &swapped, c, &mut Rng::new(1));
+    let (bytes, _) = materialize(&start_bytes, &swapped, c, &mut harness_rng(1));
     std::fs::write(&state, &bytes).unwrap();
     let e = check_state(&state, CheckMode::Eager, &model, c).expect_err("misplaced data must be reported");
     assert!(e.contains("op #1's data for guest offset 0x100000"), "{e}");

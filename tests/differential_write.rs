@@ -21,26 +21,6 @@ use std::path::{Path, PathBuf};
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
-/// Deterministic PRNG (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        splitmix64(&mut self.0)
-    }
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chain {
     /// No backing file.
@@ -119,7 +99,7 @@ fn pick_offset(rng: &mut Rng, c: &Case, allow_bytes: bool) -> u64 {
     let v = c.virt;
     let cs = c.cluster;
     // A hot zone so that requests overlap often.
-    let zone = if rng.chance(40) { (4 * cs).max(MIB).min(v) } else { v };
+    let zone = if rng.percent(40) { (4 * cs).max(MIB).min(v) } else { v };
     let raw = rng.below(zone);
     let class = rng.below(if allow_bytes { 6 } else { 5 });
     let off = match class {
@@ -160,7 +140,7 @@ fn gen_cmds(rng: &mut Rng, c: &Case, n: usize, pat0: usize, with_flush: bool) ->
             let len = pick_len(rng, c, true).min(c.virt - off);
             format!("write -P 0x{:02x} {off} {len}", pattern_byte(pat0 + i))
         } else if r < 60 {
-            let bytes = rng.chance(20);
+            let bytes = rng.percent(20);
             let off = pick_offset(rng, c, bytes);
             let len = pick_len(rng, c, false).min(c.virt - off);
             format!("write -z {off} {len}")

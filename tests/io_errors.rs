@@ -183,7 +183,7 @@ fn case(img: Img, kind: Option<WriteKind>, nth: u64, errno: i32) -> Vec<String> 
     let log = Log::new(&events);
     let state = dir.path().join("state.qcow2");
     for k in 0..6u64 {
-        let mut rng = Rng::new(nth * 1000 + errno as u64 * 7 + k);
+        let mut rng = harness_rng(nth * 1000 + errno as u64 * 7 + k);
         let c = if k == 0 { events.len() } else { rng.range(inj.at as u64, events.len() as u64) as usize };
         let (bytes, desc) = materialize(&start_bytes, &log, c, &mut rng);
         std::fs::write(&state, &bytes).unwrap();

@@ -140,17 +140,6 @@ impl Variant {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x0073_6967_6b69_6c6c) // "sigkill"
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        splitmix64(&mut self.0) % n.max(1)
-    }
-}
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -541,7 +530,7 @@ fn work_dir() -> tempfile::TempDir {
 /// The kill point of `seed`: a number of write completions, or more writes than fio does
 /// (a clean finish) one time in ten.
 fn kill_target(seed: u64, v: &Variant) -> u64 {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng(seed ^ 0x0073_6967_6b69_6c6c); // "sigkill"
     // Up to 5% beyond the expected count: a few targets fall after the last write and the
     // kill hits the final flush, the close or fio's report.
     let writes = v.disk_size() / v.avg_write * 105 / 100;

@@ -5,6 +5,10 @@
 #![allow(dead_code)]
 
 pub mod corpus;
+mod rng;
+
+#[allow(unused_imports)]
+pub use rng::Rng;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};

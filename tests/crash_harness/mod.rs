@@ -32,26 +32,10 @@ pub const MIB: u64 = 1024 * 1024;
 // ---------------------------------------------------------------------------
 // Random numbers
 
-#[derive(Clone, Debug)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x6372_6173_6821)
-    }
-    pub fn next(&mut self) -> u64 {
-        splitmix64(&mut self.0)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    pub fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
+/// The harness's seeded random sequence (the seed is mixed as it always was, so recorded
+/// seeds replay the same runs).
+pub fn harness_rng(seed: u64) -> Rng {
+    Rng(seed ^ 0x6372_6173_6821)
 }
 
 // ---------------------------------------------------------------------------
