@@ -206,3 +206,43 @@ fn file_growth_keeps_direct_writes_out_of_the_page_cache() {
         }
     }
 }
+
+/// Found by the differential scenario of iotest 250 (v2 variant): on a version 2 image without a
+/// backing file, quring wrote zero writes of whole clusters as data, allocating every
+/// cluster a guest zeroed (a 2 GiB zero write allocated 2 GiB). Content was right, so the
+/// comparison could not see it; QEMU deallocates such clusters (v2 has no zero flag, and an
+/// unallocated cluster reads as zeros without a backing file). Layout is not compared in
+/// general; this pins the one case where the difference is the whole disk.
+#[test]
+fn v2_zero_writes_of_whole_clusters_deallocate() {
+    let dir = tempfile::tempdir().unwrap();
+    for cs in [512u32, 65536, 2 << 20] {
+        let img = dir.path().join(format!("v2-{cs}.qcow2"));
+        let size = 16 * cs as u64 + 1024;
+        let o = format!("cluster_size={cs},compat=0.10");
+        qemu_img(["create", "-q", "-f", "qcow2", "-o", &o, &s(&img), &size.to_string()]).ok();
+        qemu_io_cmds(&img, "qcow2", &[format!("write -P 1 0 {size}")]);
+        let (c, v) = (cs as u64, size);
+        let r = quring([
+            "io".to_string(),
+            "-c".into(),
+            format!("write -z 0 {}", 4 * c),
+            "-c".into(),
+            format!("write -z -u {} {}", 4 * c, 4 * c),
+            "-c".into(),
+            format!("write -z {} {}", 16 * c, v - 16 * c),
+            s(&img),
+        ]);
+        assert_eq!(r.status(), 0, "[{cs}] {}", r.describe());
+        qemu_io_cmds(&img, "qcow2", &[format!("read -P 0 0 {}", 8 * c), format!("read -P 1 {} {}", 8 * c, 8 * c)]);
+        let map = qemu_img(["map", "--output=json", &s(&img)]).ok().json();
+        for e in map.as_array().unwrap() {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            let data = e["data"].as_bool().unwrap();
+            let zeroed = start < 8 * c || start + len > 16 * c;
+            assert!(!(data && zeroed), "[{cs}] zeroed range still allocated: {e}");
+        }
+        let chk = qemu_img(["check", &s(&img)]);
+        assert_eq!(chk.status(), 0, "[{cs}] {}", chk.describe());
+    }
+}
