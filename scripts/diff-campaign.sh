@@ -19,6 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${QURING_DIFF_DIR:-target/diff-campaign}
 mkdir -p "$DIR"
+# Absolute: cargo runs the campaign binary in engine/.
+DIR=$(cd "$DIR" && pwd)
 if [[ "${1:-}" == "--seed" ]]; then
     exec cargo test --release -p quring --test diff_campaign -- --seed "$2" --minimize-secs "${MINIMIZE_SECS:-600}"
 fi
