@@ -11,7 +11,9 @@
 //! * `qemu-img compare` finds the two copies identical,
 //! * `qemu-img check` passes on the quring-written copy, and `quring check` exits like it.
 //!
-//! At the end every internal snapshot is reverted on copies of both images and compared.
+//! At the end quring reads its whole copy (`quring convert -O raw`), which must equal
+//! QEMU's read of the other copy, and every internal snapshot is reverted on copies of
+//! both images and compared.
 //! A failing plan can be shrunk ([`minimize`]) and is reported as a shell script
 //! ([`Plan::script`]) that rebuilds the case from scratch.
 
@@ -118,6 +120,8 @@ pub enum FailKind {
     Snapshot,
     /// The quring-written copy takes far more disk space than the qemu-written one.
     Space,
+    /// quring reads its copy differently from how QEMU reads the other one.
+    Read,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +310,12 @@ impl Plan {
                 }
             }
             let _ = writeln!(o, "qemu-img compare quring.qcow2 qemu.qcow2 && qemu-img check -q quring.qcow2");
+        }
+        if !self.corrupt {
+            let _ = writeln!(
+                o,
+                "quring convert -O raw quring.qcow2 read.raw && qemu-img compare -f raw -F qcow2 read.raw qemu.qcow2"
+            );
         }
         o
     }
@@ -654,6 +664,26 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
     if !plan.corrupt {
         let last = st.segments as usize;
         let dir = a.parent().unwrap();
+        // quring's read path: its whole copy read through the engine (`quring convert`,
+        // 2 MiB reads, 8 in flight) must equal what QEMU reads from the other copy.
+        let raw = dir.join(format!("read{tag}.raw"));
+        let r = quring(["convert", "-O", "raw", &s(a), &s(&raw)]);
+        if !r.success() {
+            return Err(fail(
+                FailKind::Read,
+                last,
+                format!("quring convert of the quring-written copy:\n{}", r.describe()),
+            ));
+        }
+        let cmp = qemu_img(["compare", "-f", "raw", "-F", "qcow2", &s(&raw), &s(b)]);
+        let _ = std::fs::remove_file(&raw);
+        if cmp.code != Some(0) {
+            return Err(fail(
+                FailKind::Read,
+                last,
+                format!("quring's read of its copy differs from QEMU's read of the other:\n{}", cmp.describe()),
+            ));
+        }
         for (k, name) in plan.snapshots().iter().enumerate() {
             let sa = dir.join(format!("snap{k}-quring{tag}.qcow2"));
             let sb = dir.join(format!("snap{k}-qemu{tag}.qcow2"));
