@@ -78,6 +78,7 @@ fn matrix_has_every_cell() {
     assert!(plans.iter().any(|c| c.backing_short) && plans.iter().any(|c| c.snapshots == 2));
     assert!(plans.iter().any(|c| c.prealloc == Some("metadata")) && plans.iter().any(|c| c.prealloc == Some("falloc")));
     assert!(plans.iter().any(|c| c.l2_boundary));
+    assert!(plans.iter().any(|c| c.writethrough) && plans.iter().any(|c| c.l2_cache == Some(1)));
 }
 
 #[test]

@@ -68,6 +68,10 @@ pub struct Config {
     pub reopen_every: u64,
     /// The image is made large enough to span two L2 tables.
     pub l2_boundary: bool,
+    /// quring io runs with `-t writethrough`.
+    pub writethrough: bool,
+    /// quring io's L2 cache size in bytes (small ones force slice evictions).
+    pub l2_cache: Option<u64>,
 }
 
 impl Config {
@@ -141,6 +145,8 @@ impl Config {
             ops: r.range(60, 160) as usize,
             reopen_every: r.range(4, 30),
             l2_boundary: r.percent(35),
+            writethrough: r.percent(20),
+            l2_cache: if r.percent(25) { Some([1, 4096, 16384][r.below(3) as usize]) } else { None },
         };
         if c.l2_span() > 4 * GIB {
             c.l2_boundary = false;
@@ -181,6 +187,8 @@ impl Config {
         c.ops = 72;
         c.reopen_every = [6, 12, 48][i % 3];
         c.l2_boundary = i.is_multiple_of(3) && c.l2_span() <= 4 * GIB;
+        c.writethrough = i % 4 == 1;
+        c.l2_cache = [None, Some(1), None, Some(16384), None][i % 5];
         c.prealloc = if c.l2_boundary { None } else { [None, None, Some("metadata"), None, Some("falloc")][i % 5] };
         c.normalize()
     }
@@ -188,7 +196,8 @@ impl Config {
     pub fn describe(&self) -> String {
         format!(
             "seed={} cluster_size={} extended_l2={} refcount_bits={} compat={} lazy={} zstd={} prealloc={:?} \
-             backing={:?}{} snapshots={} compressed={} zeros={} ops={} reopen_every~{} l2_boundary={}",
+             backing={:?}{} snapshots={} compressed={} zeros={} ops={} reopen_every~{} l2_boundary={} \
+             writethrough={} l2_cache={:?}",
             self.seed,
             self.cluster,
             self.extended_l2,
@@ -204,7 +213,9 @@ impl Config {
             self.zeros,
             self.ops,
             self.reopen_every,
-            self.l2_boundary
+            self.l2_boundary,
+            self.writethrough,
+            self.l2_cache
         )
     }
 }
@@ -538,7 +549,14 @@ pub fn plan(c: &Config) -> Plan {
         actions: acts,
     });
     let steps = stream(c, &l, &mut r, &mut p);
-    Plan { name: format!("seed {}", c.seed), desc, files, steps, corrupt: false }
+    let mut quring_opts = Vec::new();
+    if c.writethrough {
+        quring_opts.extend(["-t".to_string(), "writethrough".into()]);
+    }
+    if let Some(n) = c.l2_cache {
+        quring_opts.extend(["--l2-cache-size".to_string(), n.to_string()]);
+    }
+    Plan { name: format!("seed {}", c.seed), desc, files, steps, corrupt: false, quring_opts }
 }
 
 /// The largest refcount a width can hold (each snapshot adds a reference).

@@ -96,6 +96,8 @@ pub struct Plan {
     /// A corrupt-image plan: each segment must fail on both sides or succeed on both
     /// (with equal content while everything succeeded); quring must never crash.
     pub corrupt: bool,
+    /// Extra `quring io` options (cache mode, L2 cache size).
+    pub quring_opts: Vec<String>,
 }
 
 /// What went wrong, coarsely: the minimizer keeps a reduction only when the failure
@@ -298,7 +300,8 @@ impl Plan {
                 Segment::Io { cmds, ro, .. } => {
                     let cs: Vec<String> = cmds.iter().map(|c| format!("-c {}", q(c))).collect();
                     let r = if ro { "-r " } else { "" };
-                    let _ = writeln!(o, "quring io -f qcow2 {r}{} quring.qcow2", cs.join(" "));
+                    let x: String = self.quring_opts.iter().map(|x| format!("{} ", q(x))).collect();
+                    let _ = writeln!(o, "quring io -f qcow2 {x}{r}{} quring.qcow2", cs.join(" "));
                     let _ = writeln!(o, "qemu-io -f qcow2 {r}{} qemu.qcow2 >/dev/null", cs.join(" "));
                 }
                 Segment::Both(c) => {
@@ -468,8 +471,9 @@ pub fn build(plan: &Plan, dir: &Path) -> Result<PathBuf, Failure> {
     Ok(dir.join(&plan.image().name))
 }
 
-fn quring_io(img: &Path, cmds: &[String], ro: bool, opts: &RunOpts) -> Run {
+fn quring_io(img: &Path, cmds: &[String], ro: bool, extra: &[String], opts: &RunOpts) -> Run {
     let mut a = vec!["io".to_string(), "-f".into(), "qcow2".into()];
+    a.extend(extra.iter().cloned());
     if ro {
         a.push("-r".into());
     }
@@ -551,7 +555,7 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
             Segment::Io { cmds, ro, either } => {
                 st.ops += cmds.len() as u64;
                 let before = file_stamp(a);
-                let ra = quring_io(a, cmds, *ro, opts);
+                let ra = quring_io(a, cmds, *ro, &plan.quring_opts, opts);
                 if *ro && file_stamp(a) != before {
                     return Err(fail(
                         FailKind::QuringError,

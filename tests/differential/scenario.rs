@@ -168,6 +168,7 @@ fn expand(name: &str, cluster: Option<u64>, lines: &[(usize, String)]) -> Result
         files: Vec::new(),
         steps: Vec::new(),
         corrupt: false,
+        quring_opts: Vec::new(),
     };
     for (lno, l) in lines {
         let err = |e: String| format!("line {lno}: {e}");
