@@ -116,6 +116,8 @@ fn main() {
     }
     st.runs += 1;
     let t0 = Instant::now();
+    // Minutes count the run's wall clock (plans, minimization and the runner's overhead).
+    let base_seconds = st.seconds;
     let deadline = Duration::from_secs_f64(minutes * 60.0);
     let (mut plans, mut ops, mut fails) = (0u64, 0u64, 0u64);
     let first = st.next_seed;
@@ -154,7 +156,7 @@ fn main() {
                 let _ = writeln!(f, "==== seed {seed} ({})\n{e}\n", c.describe());
             }
         }
-        st.seconds += t.elapsed().as_secs_f64();
+        st.seconds = base_seconds + t0.elapsed().as_secs_f64();
         st.save(&state_path);
     }
     println!(
