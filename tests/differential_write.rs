@@ -154,3 +154,10 @@ fn scenarios_060_080_corrupt_images() {
     run_scenarios("060");
     run_scenarios("080");
 }
+
+/// The project's own combinations: compressed, zero and backing clusters shared with
+/// snapshots, short backing files.
+#[test]
+fn scenarios_900_mixed() {
+    run_scenarios("900");
+}
