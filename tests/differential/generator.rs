@@ -568,7 +568,10 @@ fn max_refcount(bits: u32) -> u32 {
 /// reopens, and now and then a compressed write or a snapshot by QEMU on both copies.
 pub fn stream(c: &Config, l: &Layout, r: &mut Rng, p: &mut Pat) -> Vec<Step> {
     let mut v = Vec::new();
-    let mut snaps = 0;
+    // Snapshots in the image: those of the starting image, then those the stream makes.
+    let mut snaps: Vec<String> = (1..=c.snapshots).map(|k| format!("s{k}")).collect();
+    let mut made = 0;
+    let snap = |args: [&str; 2], name: &str| Step::Img(vec![args[0].into(), args[1].into(), name.to_string()]);
     for _ in 0..c.ops {
         let k = r.below(100);
         let step = if k < 35 {
@@ -586,16 +589,29 @@ pub fn stream(c: &Config, l: &Layout, r: &mut Rng, p: &mut Pat) -> Vec<Step> {
             let bytes = r.percent(5);
             let (off, len) = l.request(r, bytes);
             Step::Io(format!("discard {off} {len}"))
-        } else if k < 95 {
+        } else if k < 94 {
             Step::Io("flush".into())
-        } else if k < 98 {
+        } else if k < 97 {
             for cmd in compressed_write(l, r, p, Unmap::of(c)) {
                 v.push(Step::Both(cmd));
             }
             continue;
-        } else if snaps < 2 && c.snapshots + snaps + 1 < max_refcount(c.refcount_bits) {
-            snaps += 1;
-            Step::Img(vec!["snapshot".into(), "-c".into(), format!("t{snaps}")])
+        } else if k < 98 && made < 2 && snaps.len() as u32 + 1 < max_refcount(c.refcount_bits) {
+            // QEMU takes a snapshot of both copies: the clusters quring wrote become shared.
+            made += 1;
+            snaps.push(format!("t{made}"));
+            snap(["snapshot", "-c"], snaps.last().unwrap())
+        } else if k < 99 && !snaps.is_empty() && snaps.len() as u32 + 2 <= max_refcount(c.refcount_bits) {
+            // QEMU reverts both copies to a snapshot: the active tables become copies that
+            // share every cluster with it (it takes the new references before dropping the
+            // old ones, so it needs one refcount more).
+            let name = snaps[r.below(snaps.len() as u64) as usize].clone();
+            snap(["snapshot", "-a"], &name)
+        } else if !snaps.is_empty() {
+            // QEMU deletes a snapshot: clusters only it shared become the active layer's
+            // alone again (COPIED set again).
+            let name = snaps.remove(r.below(snaps.len() as u64) as usize);
+            snap(["snapshot", "-d"], &name)
         } else {
             Step::Io("flush".into())
         };

@@ -216,7 +216,7 @@ impl Plan {
         out
     }
 
-    /// Snapshot names the plan creates (at build time or as steps).
+    /// Snapshot names the plan creates (at build time or as steps) and does not delete.
     pub fn snapshots(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .image()
@@ -228,9 +228,12 @@ impl Plan {
             if let Step::Img(a) = s
                 && a.len() == 3
                 && a[0] == "snapshot"
-                && a[1] == "-c"
             {
-                v.push(a[2].clone());
+                match a[1].as_str() {
+                    "-c" => v.push(a[2].clone()),
+                    "-d" => v.retain(|n| *n != a[2]),
+                    _ => {}
+                }
             }
         }
         v
@@ -609,17 +612,22 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
                 }
             }
             Segment::Img(args) => {
-                for img in [a, b] {
+                let run_on = |img: &Path| {
                     let mut v = args.clone();
                     v.push(s(img));
-                    let r = qemu_img(&v);
-                    if !r.success() && !plan.corrupt {
-                        return Err(fail(
-                            FailKind::QemuError,
-                            i,
-                            format!("qemu-img on both copies:\n{}", r.describe()),
-                        ));
-                    }
+                    qemu_img(&v)
+                };
+                let (ra, rb) = (run_on(a), run_on(b));
+                // Both failing alike is QEMU's own limit (a snapshot that narrow refcounts
+                // cannot hold); one failing means the copies differ.
+                let alike =
+                    !ra.success() && !rb.success() && ra.stderr.replace(&s(a), "") == rb.stderr.replace(&s(b), "");
+                if (!ra.success() || !rb.success()) && !alike && !plan.corrupt {
+                    return Err(fail(
+                        FailKind::QemuError,
+                        i,
+                        format!("qemu-img on both copies:\n{}\n{}", ra.describe(), rb.describe()),
+                    ));
                 }
             }
         }
@@ -693,15 +701,19 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
             let sb = dir.join(format!("snap{k}-qemu{tag}.qcow2"));
             copy(a, &sa);
             copy(b, &sb);
-            for img in [&sa, &sb] {
-                let r = qemu_img(["snapshot", "-a", name, &s(img)]);
-                if !r.success() {
-                    return Err(fail(
-                        FailKind::Snapshot,
-                        last,
-                        format!("qemu-img snapshot -a {name}:\n{}", r.describe()),
-                    ));
+            let ra = qemu_img(["snapshot", "-a", name, &s(&sa)]);
+            let rb = qemu_img(["snapshot", "-a", name, &s(&sb)]);
+            if !ra.success() || !rb.success() {
+                // Both refusing alike is QEMU's limit (a revert takes the new references
+                // before it drops the old ones, which narrow refcounts may not hold).
+                if !ra.success() && !rb.success() && ra.stderr.replace(&s(&sa), "") == rb.stderr.replace(&s(&sb), "") {
+                    continue;
                 }
+                return Err(fail(
+                    FailKind::Snapshot,
+                    last,
+                    format!("qemu-img snapshot -a {name}:\n{}\n{}", ra.describe(), rb.describe()),
+                ));
             }
             compare(&sa, &sb).map_err(|e| fail(FailKind::Snapshot, last, format!("after snapshot -a {name}: {e}")))?;
             checks(&sa, last)
