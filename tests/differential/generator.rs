@@ -589,8 +589,13 @@ pub fn stream(c: &Config, l: &Layout, r: &mut Rng, p: &mut Pat) -> Vec<Step> {
             let bytes = r.percent(5);
             let (off, len) = l.request(r, bytes);
             Step::Io(format!("discard {off} {len}"))
-        } else if k < 94 {
+        } else if k < 93 {
             Step::Io("flush".into())
+        } else if k < 94 && c.lazy {
+            // QEMU writes to both copies and dies before its refcounts reach the disk: the
+            // next quring open must rebuild them (lazy refcounts leave the image dirty).
+            let (off, len) = l.request(r, false);
+            Step::Both(format!("write -P {} {off} {len} ; sigraise 9", p.next()))
         } else if k < 97 {
             for cmd in compressed_write(l, r, p, Unmap::of(c)) {
                 v.push(Step::Both(cmd));
