@@ -6,8 +6,8 @@ use super::{Io, Queue};
 use crate::counters::Counters;
 use crate::format::l2::Extent;
 use crate::format::types::GuestOffset;
+use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
-use crate::meta::mapping::Lookup;
 use io_uring::{opcode, types};
 use std::sync::Arc;
 

@@ -13,7 +13,7 @@
 //! * Zero writes and discards of whole clusters change L2 entries under the metadata lock
 //!   (zero flag / zero bitmap); partial pieces of zero writes are written as zeros, partial
 //!   pieces of discards are ignored (as QEMU does).
-//! * Flush writes metadata back in dependency order ([`crate::meta::writeback`]).
+//! * Flush writes metadata back in dependency order ([`crate::image::writeback`]).
 //!
 //! The metadata lock is only ever tried: when another queue holds it the request (or job)
 //! is parked and retried, so a queue never blocks its thread on another queue.
@@ -21,9 +21,9 @@
 use super::{Io, Parent, Queue, ReqKind};
 use crate::format::l2::{self, ClusterKind, L2Entry, SubclusterBitmap};
 use crate::format::types::GuestOffset;
+use crate::image::mapping::L2Slot;
 use crate::io::AlignedBuf;
 use crate::meta::cache::{Claim, SlotId};
-use crate::meta::mapping::L2Slot;
 use crate::{Error, Result};
 use io_uring::{opcode, types};
 
@@ -91,25 +91,6 @@ enum WPiece {
 fn sub_mask(first: u32, last: u32) -> u32 {
     let n = last - first + 1;
     if n >= 32 { u32::MAX } else { ((1u32 << n) - 1) << first }
-}
-
-impl crate::image::Image {
-    /// Refuses writes to read-only or corrupt images.
-    pub(crate) fn check_writable(&self) -> Result<()> {
-        if self.read_only || self.meta.is_none() {
-            return Err(Error::InvalidRequest("the image is open read-only".into()));
-        }
-        if self.corrupt.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::InvalidRequest("the image is marked corrupt; writes are refused".into()));
-        }
-        Ok(())
-    }
-
-    /// L1 entry checks for writers: a private table is needed.
-    fn write_l1_ready(&self, l1i: u64) -> bool {
-        let e = self.l1_entry(l1i);
-        e.l2_offset().0 != 0 && e.copied() && !e.contiguous()
-    }
 }
 
 impl Queue {

@@ -2,7 +2,7 @@
 
 use crate::util::open_ro;
 use clap::Parser;
-use quring::meta::status::BlockStatus;
+use quring::image::status::BlockStatus;
 use std::fmt::Write;
 use std::path::PathBuf;
 

@@ -5,9 +5,9 @@
 
 use crate::format::l2::Extent;
 use crate::format::types::GuestOffset;
+use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
 use crate::meta::cache::Claim;
-use crate::meta::mapping::Lookup;
 use crate::{Error, Result};
 use std::sync::Arc;
 

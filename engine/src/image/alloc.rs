@@ -2,17 +2,34 @@
 //! refcounts (one short critical section per batch, none per write), L2 table allocation
 //! and L2 table copy-on-write (tables shared with an internal snapshot).
 
-use super::refcount::MetaIo;
 use crate::counters::Counters;
 use crate::format::l1::L1Entry;
 use crate::format::types::HostCluster;
 use crate::image::{Image, MetaState};
 use crate::meta::overlap::MetaKind;
+use crate::meta::refcount::MetaIo;
 use crate::{Error, Result};
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
 impl Image {
+    /// Refuses writes to read-only or corrupt images.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only || self.meta.is_none() {
+            return Err(Error::InvalidRequest("the image is open read-only".into()));
+        }
+        if self.corrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::InvalidRequest("the image is marked corrupt; writes are refused".into()));
+        }
+        Ok(())
+    }
+
+    /// L1 entry checks for writers: a private table is needed.
+    pub(crate) fn write_l1_ready(&self, l1i: u64) -> bool {
+        let e = self.l1_entry(l1i);
+        e.l2_offset().0 != 0 && e.copied() && !e.contiguous()
+    }
+
     pub(crate) fn meta_io(&self) -> MetaIo<'_> {
         MetaIo { ring: &self.sync, fd: self.file.fd() }
     }
