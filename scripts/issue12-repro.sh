@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-20}
 scripts/ensure-deps.sh >/dev/null
-cargo build --release -q -p quring -p quring-fio
+cargo build --release -q -p quring-cli -p quring-fio
 q=$PWD/target/release/quring
 plugin=$PWD/target/release/libquring_fio.so
 d=$(mktemp -d /tmp/issue12.XXXXXX)
