@@ -6,25 +6,15 @@ use quring::format::feature;
 use quring::image::Image;
 use serde_json::{Map, Value, json};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
 /// Arguments of `quring info`.
 #[derive(Parser)]
 pub struct Args {
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
-    /// Image format (only qcow2).
-    #[arg(short = 'f')]
-    format: Option<String>,
-    /// Force share (accepted for compatibility; inspection never takes a write lock).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image.
-    image: PathBuf,
+    #[command(flatten)]
+    a: crate::util::InspectArgs,
 }
 
-pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(f) = &a.format
         && f != "qcow2"
     {
@@ -32,10 +22,10 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let img = open_ro(&a.image, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let v = info_json(&img, &a.image)?;
-    match a.output.as_str() {
-        "json" => println!("{}", serde_json::to_string_pretty(&v)?),
-        "human" => print!("{}", human(&img, &v)),
-        o => return Err(format!("--output must be 'human' or 'json', not '{o}'").into()),
+    if a.json() {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", human(&img, &v));
     }
     Ok(0)
 }

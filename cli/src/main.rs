@@ -45,7 +45,15 @@ fn main() -> ExitCode {
     // Like C tools: die quietly on a closed pipe (`quring map | head`) instead of panicking.
     // SAFETY: setting a signal disposition to SIG_DFL before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    // Usage errors exit 1, as qemu-img's do (clap's own default is 2); help and version 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if usage { 1 } else { 0 });
+        }
+    };
     let r = match cli.cmd {
         Cmd::Check(a) => check::run(a),
         Cmd::Create(a) => create::run(a),

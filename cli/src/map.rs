@@ -4,22 +4,12 @@ use crate::util::open_ro;
 use clap::Parser;
 use quring::image::status::BlockStatus;
 use std::fmt::Write;
-use std::path::PathBuf;
 
 /// Arguments of `quring map`.
 #[derive(Parser)]
 pub struct Args {
-    /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
-    output: String,
-    /// Image format (only qcow2).
-    #[arg(short = 'f')]
-    format: Option<String>,
-    /// Force share (accepted for compatibility).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image.
-    image: PathBuf,
+    #[command(flatten)]
+    a: crate::util::InspectArgs,
 }
 
 struct Entry {
@@ -39,13 +29,9 @@ fn mergeable(a: &Entry, b: &Entry) -> bool {
         && x.offset.is_none_or(|o| Some(o + x.len) == y.offset)
 }
 
-pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let img = open_ro(&a.image, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
-    let json = match a.output.as_str() {
-        "json" => true,
-        "human" => false,
-        o => return Err(format!("--output must be 'human' or 'json', not '{o}'").into()),
-    };
+    let json = a.json();
     let size = img.size();
     let mut out = String::new();
     if json {

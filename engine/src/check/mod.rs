@@ -10,11 +10,13 @@
 //! array is sized from the file length (at most one cluster more, for a semi-allocated last
 //! cluster), never from a header field. Nothing here panics on any input.
 
+use crate::format::bytes::{be16, be32, be64};
 use crate::format::extension::EXT_BITMAPS;
 use crate::format::feature::{AUTOCLEAR_BITMAPS, INCOMPAT_L2LESS};
 use crate::format::geometry::{MAX_L1_BYTES, OFFSET_MASK};
 use crate::format::header::{Header, MAX_SNAPSHOTS};
 use crate::format::l1::{L1_RESERVED, L1Entry};
+use crate::format::l2::L2_RESERVED;
 use crate::format::l2::{self, ClusterKind, L2_COMPRESSED, L2_COPIED, L2_ZERO, L2Entry};
 use crate::format::{Geometry, refcount, snapshot};
 use crate::{Error, Result};
@@ -32,6 +34,30 @@ pub trait MetaRead {
     /// Is the file empty?
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// [`MetaRead`] over an image file, through a synchronous ring (O_DIRECT reads).
+pub struct FileMeta<'a> {
+    /// The ring the reads go through.
+    pub ring: &'a crate::io::SyncRing,
+    /// The image file.
+    pub file: &'a crate::io::ImageFile,
+    /// The file's length in bytes.
+    pub len: u64,
+}
+
+impl MetaRead for FileMeta<'_> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if off >= self.len {
+            return Ok(0);
+        }
+        let (data, valid) = self.ring.read(self.file.fd(), off, buf.len())?;
+        buf.copy_from_slice(&data);
+        Ok(valid)
+    }
+    fn len(&self) -> u64 {
+        self.len
     }
 }
 
@@ -244,15 +270,6 @@ fn c_alt_hex(v: u64) -> String {
     if v == 0 { "0".into() } else { format!("{v:#x}") }
 }
 
-fn be32(b: &[u8], o: usize) -> u32 {
-    b.get(o..o + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).unwrap_or(0)
-}
-fn be64(b: &[u8], o: usize) -> u64 {
-    b.get(o..o + 8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
-}
-
-/// Reserved bits of a standard (non-compressed) L2 entry (QEMU's `L2E_STD_RESERVED_MASK`).
-const L2_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Reserved bits of a refcount table entry.
 const REFT_RESERVED: u64 = 0x1ff;
 /// Largest snapshot table QEMU reads (bytes).
@@ -489,8 +506,8 @@ impl Checker<'_> {
             let (s, _) = snapshot::parse_entry(&ent)?;
             let unpadded = snapshot::FIXED_LEN as u64
                 + be32(&fixed, 36) as u64
-                + u16::from_be_bytes([fixed[12], fixed[13]]) as u64
-                + u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
+                + be16(&fixed, 12) as u64
+                + be16(&fixed, 14) as u64;
             pos = pos.checked_add(unpadded).ok_or_else(|| Error::corrupt("snapshot table", "offset overflows"))?;
             len += unpadded;
             if len > MAX_SNAPSHOTS_SIZE {
@@ -634,7 +651,7 @@ impl Checker<'_> {
                 }
                 continue;
             }
-            if raw & L2_STD_RESERVED != 0 {
+            if raw & L2_RESERVED != 0 {
                 self.rep.corrupt(format!("ERROR found l2 entry with reserved bits set: {raw:x}"));
             }
             let offset = entry.host_offset().0;
