@@ -282,6 +282,13 @@ pub fn write_entry(g: &Geometry, buf: &mut [u8], index: usize, entry: L2Entry, b
     }
 }
 
+/// The subcluster bitmap mask of subclusters `first..=last` (bit `i` for subcluster `i`).
+pub fn subcluster_mask(first: u32, last: u32) -> u32 {
+    debug_assert!(first <= last && last < 32);
+    let n = last - first + 1;
+    if n >= 32 { u32::MAX } else { ((1u32 << n) - 1) << first }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

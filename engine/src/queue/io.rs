@@ -1,0 +1,149 @@
+//! What each SQE is for ([`Io`], keyed by the SQE's `user_data`) and the dispatch of its
+//! completion to the request, job or slice load that issued it.
+
+use super::*;
+
+/// What one SQE is for.
+pub(crate) enum Io {
+    /// Data read straight into the guest buffer.
+    Data { req: usize, dst: *mut u8, len: usize },
+    /// Data read through an aligned bounce buffer.
+    Bounce { req: usize, buf: AlignedBuf, skip: usize, dst: *mut u8, len: usize },
+    /// A compressed cluster read; decompressed into `dst` on completion.
+    Compressed {
+        req: usize,
+        buf: AlignedBuf,
+        skip: usize,
+        clen: usize,
+        layer: Arc<Image>,
+        in_cluster: usize,
+        dst: *mut u8,
+        len: usize,
+    },
+    /// An L2 slice load into a cache slot.
+    Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
+    /// A whole guest read served by one data read straight into its buffer: the request
+    /// needs no state beyond this (no [`Req`]); see `Queue::try_whole_read`.
+    Whole { user_data: u64, dst: *mut u8, len: usize },
+    /// A data write straight from the guest buffer (`token`: the test hook's).
+    Write { req: usize, token: u64 },
+    /// A data write from an aligned copy of an unaligned guest buffer.
+    WriteBounce { req: usize, _buf: AlignedBuf, token: u64 },
+    /// An allocation job's data write (from its bounce buffer or the guest buffer).
+    JobWrite { job: usize },
+}
+
+impl Queue {
+    pub(super) fn complete_io(&mut self, io: usize, res: i32) {
+        let Some(entry) = self.ios.try_remove(io) else {
+            return;
+        };
+        match entry {
+            Io::Data { req, dst, len } => {
+                if res < 0 {
+                    self.fail(req, res);
+                } else if (res as usize) < len {
+                    // Past the end of the file: the rest reads as zeros.
+                    // SAFETY: dst..dst+len is inside the request's guest buffer.
+                    unsafe { std::ptr::write_bytes(dst.add(res as usize), 0, len - res as usize) };
+                }
+                self.io_done(req);
+            }
+            Io::Bounce { req, buf, skip, dst, len } => {
+                if res < 0 {
+                    self.fail(req, res);
+                } else {
+                    let avail = (res as usize).saturating_sub(skip).min(len);
+                    // SAFETY: dst..dst+len is inside the guest buffer; buf holds skip+len bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(buf.as_ptr().add(skip), dst, avail);
+                        std::ptr::write_bytes(dst.add(avail), 0, len - avail);
+                    }
+                }
+                self.put_buf(buf);
+                self.io_done(req);
+            }
+            Io::Compressed { req, buf, skip, clen, layer, in_cluster, dst, len } => {
+                if res < 0 {
+                    self.fail(req, res);
+                } else {
+                    let avail = (res as usize).saturating_sub(skip).min(clen);
+                    let mut cluster = vec![0u8; layer.geo.cluster_size() as usize];
+                    match crate::format::compress::decompress(layer.compression, &buf[skip..skip + avail], &mut cluster)
+                    {
+                        Ok(()) => {
+                            // SAFETY: dst..dst+len is inside the guest buffer.
+                            unsafe { std::ptr::copy_nonoverlapping(cluster.as_ptr().add(in_cluster), dst, len) };
+                        }
+                        Err(e) => self.fail_with(req, e),
+                    }
+                }
+                self.put_buf(buf);
+                self.io_done(req);
+            }
+            Io::Load { layer, slot, key, len } => {
+                let checked = if res < 0 || (res as usize) < len {
+                    Err(None)
+                } else {
+                    // The slot is ours (loading) until complete_load: nobody else reads or
+                    // writes its words, and nobody sees them before the check passed.
+                    layer.check_l2_slice(key, |w| layer.l2_cache.load_word(slot, w)).map_err(Some)
+                };
+                match checked {
+                    Ok(()) => layer.l2_cache.complete_load(slot),
+                    Err(bad) => {
+                        layer.l2_cache.abort_load(slot);
+                        // Fail the requests parked on this slice.
+                        let err = if res < 0 { res } else { -libc::EIO };
+                        let (hit, keep): (Vec<_>, Vec<_>) =
+                            std::mem::take(&mut self.parked).into_iter().partition(|&(_, k)| k == key);
+                        self.parked = keep;
+                        for (id, _) in hit {
+                            self.reqs[id].parked = false;
+                            match &bad {
+                                Some(Error::Corrupt { what, detail }) => {
+                                    let e = Error::corrupt(what, detail.clone());
+                                    // A write that would have used the slice marks the image
+                                    // corrupt; a read only fails (see Image::check_l2_slice).
+                                    let writes = !matches!(self.reqs[id].kind, ReqKind::Read);
+                                    let e = if writes && Arc::ptr_eq(&layer, &self.image) {
+                                        layer.signal_corruption(e)
+                                    } else {
+                                        e
+                                    };
+                                    self.fail_with(id, e);
+                                }
+                                _ => self.fail(id, err),
+                            }
+                            self.maybe_finish(id);
+                        }
+                    }
+                }
+                crate::counters::Counters::add(&self.counters.meta_loads, 1);
+                self.retry_parked();
+            }
+            Io::Whole { user_data, dst, len } => {
+                self.whole_in_flight -= 1;
+                if res >= 0 {
+                    if (res as usize) < len {
+                        // Past the end of the file: the rest reads as zeros.
+                        // SAFETY: dst..dst+len is the request's guest buffer.
+                        unsafe { std::ptr::write_bytes(dst.add(res as usize), 0, len - res as usize) };
+                    }
+                    Counters::bump(&self.counters.guest_reads, 1);
+                    Counters::bump(&self.counters.read_bytes, len as u64);
+                }
+                self.done.push(Completion { user_data, result: res.min(0) });
+            }
+            Io::Write { req, token } | Io::WriteBounce { req, token, .. } => {
+                if res < 0 {
+                    self.fail(req, res);
+                } else if let Some(h) = &self.image.hook {
+                    h.0.completed(token);
+                }
+                self.io_done(req);
+            }
+            Io::JobWrite { job } => self.job_write_done(job, res),
+        }
+    }
+}
