@@ -16,8 +16,11 @@ pub mod mapping;
 mod open;
 mod overlap;
 mod resize;
+mod slices;
 pub mod status;
 mod writeback;
+
+pub(crate) use slices::SliceClaim;
 
 pub use create::create;
 pub use open::{probe_format, resolve_backing_path};

@@ -5,9 +5,9 @@
 
 use crate::format::l2::Extent;
 use crate::format::types::GuestOffset;
+use crate::image::SliceClaim;
 use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
-use crate::meta::cache::Claim;
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -43,39 +43,18 @@ impl Image {
     /// Loads the L2 slice `key` into the cache synchronously (tools only).
     pub(crate) fn load_slice_sync(&self, key: u64) -> Result<()> {
         loop {
-            match self.l2_cache.claim(key) {
-                Claim::Present(_) => return Ok(()),
-                Claim::Busy => std::thread::yield_now(),
-                Claim::Load(slot) => {
-                    crate::counters::Counters::add(&self.counters.l2_misses, 1);
-                    let len = self.l2_cache.slot_size();
-                    let r = self.sync.read(self.file.fd(), key, len);
-                    match r {
-                        Ok((buf, valid)) if valid == len => {
-                            // Checked before it is published, as on the queues' load path
-                            // (tools only read: nothing is marked).
-                            let word = |w: usize| u64::from_be_bytes(buf[w * 8..w * 8 + 8].try_into().unwrap());
-                            if let Err(e) = self.check_l2_slice(key, word) {
-                                self.l2_cache.abort_load(slot);
-                                return Err(e);
-                            }
-                            // SAFETY: we own the slot in loading state; it holds `len` bytes.
-                            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.l2_cache.slot_ptr(slot), len) };
-                            self.l2_cache.complete_load(slot);
-                            return Ok(());
-                        }
-                        Ok(_) => {
-                            self.l2_cache.abort_load(slot);
-                            return Err(Error::corrupt(
-                                "L2 table",
-                                format!("slice at {key:#x} extends past the end of the file"),
-                            ));
-                        }
-                        Err(e) => {
-                            self.l2_cache.abort_load(slot);
-                            return Err(e);
-                        }
-                    }
+            match self.claim_slice(key, &self.counters) {
+                SliceClaim::Cached => return Ok(()),
+                SliceClaim::Busy => std::thread::yield_now(),
+                SliceClaim::Load { slot, ptr, len } => {
+                    let read = self.sync.read(self.file.fd(), key, len).map(|(buf, valid)| {
+                        // SAFETY: we own the slot in loading state; it holds `len` bytes.
+                        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), ptr, len) };
+                        valid
+                    });
+                    // Checked before it is published, as on the queues' load path (tools
+                    // only read: nothing is marked).
+                    return self.publish_slice(slot, key, read);
                 }
             }
         }

@@ -21,7 +21,7 @@ pub(crate) enum Io {
         len: usize,
     },
     /// An L2 slice load into a cache slot.
-    Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
+    Load { layer: Arc<Image>, slot: SlotId, key: u64 },
     /// A whole guest read served by one data read straight into its buffer: the request
     /// needs no state beyond this (no [`Req`]); see `Queue::try_whole_read`.
     Whole { user_data: u64, dst: *mut u8, len: usize },
@@ -81,47 +81,7 @@ impl Queue {
                 self.put_buf(buf);
                 self.io_done(req);
             }
-            Io::Load { layer, slot, key, len } => {
-                let checked = if res < 0 || (res as usize) < len {
-                    Err(None)
-                } else {
-                    // The slot is ours (loading) until complete_load: nobody else reads or
-                    // writes its words, and nobody sees them before the check passed.
-                    layer.check_l2_slice(key, |w| layer.l2_cache.load_word(slot, w)).map_err(Some)
-                };
-                match checked {
-                    Ok(()) => layer.l2_cache.complete_load(slot),
-                    Err(bad) => {
-                        layer.l2_cache.abort_load(slot);
-                        // Fail the requests parked on this slice.
-                        let err = if res < 0 { res } else { -libc::EIO };
-                        let (hit, keep): (Vec<_>, Vec<_>) =
-                            std::mem::take(&mut self.parked).into_iter().partition(|&(_, k)| k == key);
-                        self.parked = keep;
-                        for (id, _) in hit {
-                            self.reqs[id].parked = false;
-                            match &bad {
-                                Some(Error::Corrupt { what, detail }) => {
-                                    let e = Error::corrupt(what, detail.clone());
-                                    // A write that would have used the slice marks the image
-                                    // corrupt; a read only fails (see Image::check_l2_slice).
-                                    let writes = !matches!(self.reqs[id].kind, ReqKind::Read);
-                                    let e = if writes && Arc::ptr_eq(&layer, &self.image) {
-                                        layer.signal_corruption(e)
-                                    } else {
-                                        e
-                                    };
-                                    self.fail_with(id, e);
-                                }
-                                _ => self.fail(id, err),
-                            }
-                            self.maybe_finish(id);
-                        }
-                    }
-                }
-                crate::counters::Counters::add(&self.counters.meta_loads, 1);
-                self.retry_parked();
-            }
+            Io::Load { layer, slot, key } => self.slice_loaded(layer, slot, key, res),
             Io::Whole { user_data, dst, len } => {
                 self.whole_in_flight -= 1;
                 if res >= 0 {

@@ -272,19 +272,13 @@ impl Queue {
         if matches!(kind, ReqKind::Read | ReqKind::Write) && buf.is_null() && len > 0 {
             return Err(Error::InvalidRequest("null buffer".into()));
         }
-        let writes = matches!(kind, ReqKind::Write | ReqKind::Zero { .. } | ReqKind::Discard);
-        if writes {
+        if kind.writes() {
             self.image.check_writable()?;
         }
         if kind == ReqKind::Read && self.try_whole_read(req.user_data, offset, len, buf) {
             return Ok(());
         }
-        let id = self.new_req(req.user_data, kind, offset, len, buf, Parent::Caller);
-        if writes {
-            self.reqs[id].counted = true;
-            self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            self.reqs[id].wt_flush = self.image.cache_mode == crate::image::CacheMode::Writethrough;
-        }
+        let id = self.new_guest_req(req.user_data, kind, offset, len, buf);
         self.drive(id);
         Ok(())
     }
@@ -307,12 +301,7 @@ impl Queue {
             self.image.check_writable()?;
         }
         let kind = if write { ReqKind::Write } else { ReqKind::Read };
-        let id = self.new_req(user_data, kind, offset, len, std::ptr::null_mut(), Parent::Caller);
-        if write {
-            self.reqs[id].counted = true;
-            self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            self.reqs[id].wt_flush = self.image.cache_mode == crate::image::CacheMode::Writethrough;
-        }
+        let id = self.new_guest_req(user_data, kind, offset, len, std::ptr::null_mut());
         // The parent is walked at once; its children carry the work.
         self.reqs[id].cursor = offset + len;
         self.reqs[id].pending += 1;

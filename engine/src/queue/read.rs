@@ -153,7 +153,7 @@ impl Queue {
                     if self.load_slice(layer, key) {
                         continue;
                     }
-                    self.reqs[id].parked = true;
+                    self.park(id);
                     self.parked.push((id, key));
                     break;
                 }

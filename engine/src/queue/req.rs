@@ -16,18 +16,35 @@ pub(crate) struct Req {
     pub pending: u32,
     /// First error (negative errno).
     pub error: i32,
-    /// Waiting for a metadata slice.
-    pub parked: bool,
+    /// Where the request is in its life (see [`ReqState`]).
+    pub state: ReqState,
     /// The error behind `error`, when the engine knows more than an errno.
     pub detail: Option<Error>,
     /// Who waits for this request: the caller, or (internal requests) a job or request.
     pub parent: Parent,
-    /// Writethrough: flush before completing.
-    pub wt_flush: bool,
-    /// Counted in the image's `writes_in_flight`.
-    pub counted: bool,
-    /// Data done; the writethrough flush runs now.
-    pub flushing: bool,
+}
+
+/// Where a request is in its life. Transitions (each asserted where it happens):
+///
+/// ```text
+///   Active --park--> Parked --retry--> Active
+///   Active --data done, writethrough write--> Syncing --group flush--> (finished)
+///   Active --nothing pending, range walked--> (finished)
+/// ```
+///
+/// A guest write (write, zero write, discard) counts in the image's `writes_in_flight`
+/// while it is `Active` or `Parked` (freed clusters are not reused while any is); a
+/// writethrough one leaves that count when it starts `Syncing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReqState {
+    /// Walking its range and issuing sub-I/Os (`pending` counts those in flight).
+    Active,
+    /// Waiting before it walks on: for an L2 slice load (listed in `Queue::parked`) or for
+    /// the metadata lock (`Queue::lock_parked`). Its sub-I/Os already issued run on.
+    Parked,
+    /// A writethrough guest write whose data is done: waiting for the flush that makes it
+    /// and its metadata durable (`Queue::flush_waiters`).
+    Syncing,
 }
 
 /// The waiter of a request.
@@ -41,6 +58,7 @@ pub(crate) enum Parent {
     Req(usize),
 }
 
+/// What a request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ReqKind {
     Read,
@@ -48,6 +66,20 @@ pub(crate) enum ReqKind {
     Zero { unmap: bool },
     Discard,
     Flush,
+}
+
+impl ReqKind {
+    /// Does it change the image (a write, zero write or discard)?
+    pub fn writes(self) -> bool {
+        matches!(self, ReqKind::Write | ReqKind::Zero { .. } | ReqKind::Discard)
+    }
+}
+
+impl Req {
+    /// A guest write that counts in the image's `writes_in_flight` (see [`ReqState`]).
+    fn counts_in_flight(&self) -> bool {
+        self.parent == Parent::Caller && self.kind.writes() && self.state != ReqState::Syncing
+    }
 }
 
 impl Queue {
@@ -70,18 +102,51 @@ impl Queue {
             cursor: offset,
             pending: 0,
             error: 0,
-            parked: false,
+            state: ReqState::Active,
             detail: None,
             parent,
-            wt_flush: false,
-            counted: false,
-            flushing: false,
         })
+    }
+
+    /// Creates a guest request (from the caller) and counts a write in the image's
+    /// `writes_in_flight`.
+    pub(super) fn new_guest_req(
+        &mut self,
+        user_data: u64,
+        kind: ReqKind,
+        offset: u64,
+        len: u64,
+        buf: *mut u8,
+    ) -> usize {
+        let id = self.new_req(user_data, kind, offset, len, buf, Parent::Caller);
+        if self.reqs[id].counts_in_flight() {
+            self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        id
+    }
+
+    /// Parks an active request (it waits for a slice load or the metadata lock; the caller
+    /// lists it where that wait ends).
+    pub(super) fn park(&mut self, id: usize) {
+        let r = &mut self.reqs[id];
+        assert_eq!(r.state, ReqState::Active, "request {id} parked twice");
+        r.state = ReqState::Parked;
+    }
+
+    /// Makes a parked request active again; false when it is gone or was not parked.
+    pub(super) fn unpark(&mut self, id: usize) -> bool {
+        match self.reqs.get_mut(id) {
+            Some(r) if r.state == ReqState::Parked => {
+                r.state = ReqState::Active;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Advances a request of any kind.
     pub(crate) fn drive(&mut self, id: usize) {
-        if self.reqs[id].flushing {
+        if self.reqs[id].state == ReqState::Syncing {
             self.drive_flush(id);
             return;
         }
@@ -118,12 +183,12 @@ impl Queue {
     pub(crate) fn maybe_finish(&mut self, req: usize) {
         let r = &self.reqs[req];
         let walked = r.cursor >= r.offset + r.len || r.error != 0;
-        if r.pending == 0 && walked && !r.parked {
-            if r.wt_flush && r.error == 0 {
+        if r.pending == 0 && walked && r.state == ReqState::Active {
+            let writethrough = self.image.cache_mode == crate::image::CacheMode::Writethrough;
+            if writethrough && r.parent == Parent::Caller && r.kind.writes() && r.error == 0 {
                 // Writethrough: the data is written; now make it and its metadata durable.
-                self.reqs[req].wt_flush = false;
-                self.reqs[req].flushing = true;
                 self.uncount(req);
+                self.reqs[req].state = ReqState::Syncing;
                 self.drive_flush(req);
                 return;
             }
@@ -131,9 +196,9 @@ impl Queue {
         }
     }
 
-    /// Drops a request from the image's in-flight write count.
+    /// Drops a request from the image's in-flight write count, if it is in it.
     fn uncount(&mut self, req: usize) {
-        if std::mem::replace(&mut self.reqs[req].counted, false) {
+        if self.reqs[req].counts_in_flight() {
             self.image.writes_in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
@@ -182,14 +247,12 @@ impl Queue {
 
     pub(super) fn retry_parked(&mut self) {
         for (id, _) in std::mem::take(&mut self.parked) {
-            if let Some(r) = self.reqs.get_mut(id) {
-                r.parked = false;
+            if self.unpark(id) {
                 self.drive(id);
             }
         }
         for id in std::mem::take(&mut self.lock_parked) {
-            if let Some(r) = self.reqs.get_mut(id) {
-                r.parked = false;
+            if self.unpark(id) {
                 self.drive(id);
             }
         }

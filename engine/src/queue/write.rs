@@ -137,7 +137,7 @@ impl Queue {
     }
 
     pub(super) fn park_lock(&mut self, id: usize) {
-        self.reqs[id].parked = true;
+        self.park(id);
         self.lock_parked.push(id);
     }
 
