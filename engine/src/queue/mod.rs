@@ -154,6 +154,8 @@ pub struct Queue {
     pub(crate) zeros: AlignedBuf,
     /// Reused buffer for completions taken from the ring.
     pub(crate) cqe_buf: Vec<(u64, i32)>,
+    /// Completions taken from the ring but not handled yet (see `Queue::push`).
+    pub(crate) cqe_backlog: Vec<(u64, i32)>,
     /// The queue's pool of aligned bounce buffers (copy-on-write, compressed reads).
     pub(crate) pool: Vec<AlignedBuf>,
     /// Flushes (and writethrough writes) waiting for the next group commit.
@@ -200,6 +202,7 @@ impl Queue {
             local_frees: Vec::new(),
             zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
             cqe_buf: Vec::with_capacity(256),
+            cqe_backlog: Vec::new(),
             pool: Vec::new(),
             flush_waiters: Vec::new(),
             counters,

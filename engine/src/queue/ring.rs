@@ -1,5 +1,10 @@
 //! The ring driver: submission (one `io_uring_enter` per commit), completion reaping and
 //! waiting. No request policy lives here.
+//!
+//! Completion handlers run only from [`Queue::reap`] (and [`Queue::reap_posted`]), never from
+//! inside a submission: when the submission queue is full, [`Queue::push`] hands the queued
+//! SQEs to the kernel, and if the kernel refuses because its completion queue overflowed,
+//! the posted completions are moved into a backlog that the next reap handles first.
 
 use super::*;
 use io_uring::squeue;
@@ -20,9 +25,7 @@ impl Queue {
             match self.submit_posting() {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.process_cqes();
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.stash_cqes(),
                 Err(e) => return Err(Error::io("io_uring_enter", e)),
             }
         }
@@ -142,22 +145,37 @@ impl Queue {
                 self.unsubmitted += 1;
                 return;
             }
-            // Ring full: submit what is queued, reaping completions if the kernel is busy.
+            // Ring full: hand what is queued to the kernel. When it refuses (its completion
+            // queue overflowed, or the enter was interrupted), make room in the completion
+            // queue by moving what is posted into the backlog, and try again. Handlers are
+            // not run here: this may be inside one.
             match self.ring.submit() {
                 Ok(_) => self.unsubmitted = 0,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(_) => {}
+                Err(_) => self.stash_cqes(),
             }
-            self.process_cqes();
         }
     }
 
+    /// Moves the completions the kernel has posted into the backlog, unhandled.
+    fn stash_cqes(&mut self) {
+        let backlog = &mut self.cqe_backlog;
+        backlog.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+
+    /// Runs the handlers of the backlog and of every posted completion (handlers may push
+    /// SQEs, which may add to the backlog: it is drained until empty).
     pub(super) fn process_cqes(&mut self) {
         let mut batch = std::mem::take(&mut self.cqe_buf);
-        batch.clear();
-        batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(ud, res) in &batch {
-            self.complete_io(ud as usize, res);
+        loop {
+            batch.clear();
+            std::mem::swap(&mut batch, &mut self.cqe_backlog);
+            batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if batch.is_empty() {
+                break;
+            }
+            for &(ud, res) in &batch {
+                self.complete_io(ud as usize, res);
+            }
         }
         self.cqe_buf = batch;
     }
