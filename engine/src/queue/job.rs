@@ -1,42 +1,43 @@
 //! Copy-on-write allocation jobs: one cluster (or the subclusters of one) written whole
 //! into its new place, then published in the L2 entry.
 
+use super::cow;
 use super::*;
-use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, subcluster_mask};
+use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap};
+use crate::format::types::{GuestOffset, HostCluster, HostOffset};
 use crate::image::mapping::L2Slot;
 use crate::io::AlignedBuf;
 use crate::meta::cache::SlotId;
 use io_uring::{opcode, types};
 
-/// One copy-on-write allocation of (part of) a cluster.
+/// One copy-on-write allocation of (part of) a cluster: the [`cow::CowPlan`] being carried
+/// out. Lives from `start_job` until `job_end`; its L2 slot is pinned meanwhile.
 pub(crate) struct Job {
     /// The request this piece belongs to.
     req: usize,
-    /// Guest range written by the request in this cluster.
-    pos: u64,
+    /// Guest bytes written by the request in this cluster, and where they come from.
+    guest: GuestOffset,
     len: u64,
-    /// Guest data for `pos..pos+len`.
     src: *const u8,
     /// Guest offset of the cluster.
-    cstart: u64,
-    /// Where the L2 entry lives (pinned for the job's lifetime).
+    cluster: GuestOffset,
+    /// The L2 entry (pinned slot and word) and its value when the job was planned.
     slot: SlotId,
     word: usize,
-    old_e: u64,
-    old_b: u64,
-    /// Host offset of the cluster written.
-    host: u64,
-    /// `host` came from the batch (give it back if the entry changed under us).
+    old: (L2Entry, SubclusterBitmap),
+    /// The cluster written (the image's own, or a new one from the batch).
+    host: HostOffset,
+    /// `host` came from the batch (given back if the entry changed under us).
     fresh: bool,
-    /// Byte range inside the cluster that is written.
-    wstart: u64,
-    /// Bounce buffer for wstart..wend (None: written straight from the guest buffer).
+    /// First byte of the cluster that is written (the plan's `write.start`).
+    write_start: u64,
+    /// Bounce buffer for the written bytes (None: written straight from the guest buffer).
     buf: Option<AlignedBuf>,
     /// Entry and bitmap to publish.
-    new_e: u64,
-    new_b: u64,
-    /// Decrements owed once published (the old cluster, when replaced).
+    new: (L2Entry, SubclusterBitmap),
+    /// The old entry's clusters are freed once the new one is published.
     free_old: bool,
+    /// Fill reads in flight (plus one while they are being issued).
     reads_pending: u32,
     /// The test hook's token for the data write.
     token: u64,
@@ -48,98 +49,52 @@ pub(crate) struct Job {
 pub(super) enum Started {
     /// The job runs; the piece is taken care of.
     Yes,
-    /// The metadata lock is busy (batch refill): park the request.
+    /// The metadata lock is busy (batch refill), or another job fills this cluster in
+    /// place: park the request.
     NeedLock,
     /// The L2 slice was evicted meanwhile: the request is parked on its reload.
     Parked,
 }
 
 impl Queue {
-    /// Plans and starts an allocation job. `Ok(false)`: needs the lock (park).
-    pub(super) fn start_job(&mut self, id: usize, pos: u64, len: u64, at: L2Slot, e: u64, b: u64) -> Result<Started> {
+    /// Plans ([`cow::plan`]) and starts an allocation job for `len` bytes at `pos` (inside
+    /// one cluster) whose L2 entry at `at` held `e` / `b` when the write resolved it.
+    pub(super) fn start_job(
+        &mut self,
+        id: usize,
+        pos: GuestOffset,
+        len: u64,
+        at: L2Slot,
+        e: L2Entry,
+        b: SubclusterBitmap,
+    ) -> Result<Started> {
         let img = self.image.clone();
         let g = img.geo;
-        let cs = g.cluster_size();
-        let cstart = pos - g.offset_in_cluster(pos);
-        let in_c = pos - cstart;
-        let kind = L2Entry(e).decode(&g)?;
+        let in_c = g.offset_in_cluster(pos.0);
+        let cluster = GuestOffset(pos.0 - in_c);
+        let kind = e.decode(&g)?;
         let Some(slot) = img.l2_cache.pin(at.key) else {
             // Evicted since we looked: reload, then the request resolves the piece again.
             self.park_slice(id, at.key);
             return Ok(Started::Parked);
         };
-        // What gets written and where.
-        let (mut host, fresh, wstart, wend, new_e, new_b, free_old);
-        let ext = g.extended_l2;
-        let scs = g.subcluster_size();
-        match kind {
-            ClusterKind::Normal { host: h, copied: true } if ext => {
-                // Allocate subclusters inside our own cluster.
-                let (s0, s1) = (g.subcluster_index(in_c), g.subcluster_index(in_c + len - 1));
-                let m = subcluster_mask(s0, s1);
-                let bm = SubclusterBitmap(b);
-                host = h.0;
-                fresh = false;
-                // Edge subclusters that already hold data are written only where this
-                // request writes: rewriting their other bytes from a fill read would race
-                // with concurrent writes there (a read-modify-write of someone else's bytes).
-                wstart = if bm.alloc() >> s0 & 1 != 0 { in_c } else { s0 as u64 * scs };
-                wend = if bm.alloc() >> s1 & 1 != 0 { in_c + len } else { (s1 as u64 + 1) * scs };
-                new_e = e;
-                new_b = SubclusterBitmap::from_parts(bm.alloc() | m, bm.zero() & !m).0;
-                free_old = false;
+        let in_disk = (img.vsize() - cluster.0).min(g.cluster_size());
+        let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some());
+        let host = match plan.target {
+            cow::Target::Own(h) => {
+                // Only one in-place fill per host cluster at a time (see Image::fill_busy).
+                let claimed = match img.fill_busy.try_lock() {
+                    Ok(mut set) => set.insert(g.host_cluster(h).0),
+                    Err(_) => false,
+                };
+                if !claimed {
+                    img.l2_cache.unpin(slot);
+                    return Ok(Started::NeedLock);
+                }
+                h
             }
-            ClusterKind::ZeroAlloc { host: h, copied: true } if !ext => {
-                // A preallocated zero cluster we own: write it in place, zero-filled.
-                host = h.0;
-                fresh = false;
-                wstart = 0;
-                wend = cs;
-                new_e = L2Entry::normal(h, true).0;
-                new_b = 0;
-                free_old = false;
-            }
-            ClusterKind::Unallocated | ClusterKind::ZeroPlain if ext => {
-                let (s0, s1) = (g.subcluster_index(in_c), g.subcluster_index(in_c + len - 1));
-                let m = subcluster_mask(s0, s1);
-                let bm = SubclusterBitmap(b);
-                host = 0;
-                fresh = true;
-                wstart = s0 as u64 * scs;
-                wend = (s1 as u64 + 1) * scs;
-                new_e = 0; // set once the cluster is known
-                new_b = SubclusterBitmap::from_parts(bm.alloc() | m, bm.zero() & !m).0;
-                free_old = false;
-            }
-            _ => {
-                // Whole-cluster copy-on-write into a new cluster.
-                host = 0;
-                fresh = true;
-                wstart = 0;
-                wend = cs;
-                new_e = 0;
-                new_b = if ext { SubclusterBitmap::from_parts(u32::MAX, 0).0 } else { 0 };
-                free_old = matches!(
-                    kind,
-                    ClusterKind::Normal { .. } | ClusterKind::ZeroAlloc { .. } | ClusterKind::Compressed { .. }
-                );
-            }
-        }
-        if !fresh {
-            // Only one in-place fill per host cluster at a time (see Image::fill_busy).
-            let hc = host >> g.cluster_bits;
-            let claimed = match img.fill_busy.try_lock() {
-                Ok(mut set) => set.insert(hc),
-                Err(_) => false,
-            };
-            if !claimed {
-                img.l2_cache.unpin(slot);
-                return Ok(Started::NeedLock);
-            }
-        }
-        if fresh {
-            match self.take_cluster() {
-                Ok(Some(c)) => host = c << g.cluster_bits,
+            cow::Target::Fresh => match self.take_cluster() {
+                Ok(Some(c)) => g.host_offset(c),
                 Ok(None) => {
                     img.l2_cache.unpin(slot);
                     return Ok(Started::NeedLock);
@@ -148,70 +103,52 @@ impl Queue {
                     img.l2_cache.unpin(slot);
                     return Err(err);
                 }
-            }
-        }
-        let new_e = if new_e == 0 { L2Entry::normal(crate::format::HostOffset(host), true).0 } else { new_e };
-        // Fill ranges (guest offsets) that the write does not cover, clipped to the disk.
-        let vend = (cstart + wend).min(img.vsize());
-        let fills: Vec<(u64, u64)> =
-            [(cstart + wstart, pos), (pos + len, vend)].into_iter().filter(|(a, b)| b > a).collect();
-        // Do the parts of the cluster the write does not cover read as zeros now?
-        let fill_is_zero = match kind {
-            ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc { .. } => true,
-            ClusterKind::Unallocated => img.backing.is_none(),
-            // Only unallocated edge subclusters are filled (see above): zeros without a
-            // backing file.
-            ClusterKind::Normal { copied: true, .. } if ext => img.backing.is_none(),
-            _ => false,
+            },
         };
-        // A fresh batch cluster reads as zeros on disk (see reserve_clusters): then only the
-        // guest's bytes need writing.
-        let skip_fill = fresh && fill_is_zero;
-        let (wstart, fills) = if skip_fill { (in_c, Vec::new()) } else { (wstart, fills) };
-        let wend = if skip_fill { in_c + len } else { wend };
-        let zero_source = fill_is_zero;
+        let new_e = match plan.entry {
+            cow::NewEntry::Keep => e,
+            cow::NewEntry::Normal => L2Entry::normal(host, true),
+        };
         let r = &self.reqs[id];
         // SAFETY: pos lies inside the request.
-        let src = unsafe { r.buf.add((pos - r.offset) as usize) } as *const u8;
-        let direct = fills.is_empty() && wend - wstart == len && (src as usize).is_multiple_of(512);
-        let buf = if direct { None } else { Some(self.get_buf((wend - wstart) as usize)) };
+        let src = unsafe { r.buf.add((pos.0 - r.offset) as usize) } as *const u8;
+        let wlen = plan.write.end - plan.write.start;
+        let direct = wlen == len && (src as usize).is_multiple_of(512);
+        let buf = if direct { None } else { Some(self.get_buf(wlen as usize)) };
         let job = self.jobs.insert(Job {
             req: id,
-            pos,
+            guest: pos,
             len,
             src,
-            cstart,
+            cluster,
             slot,
             word: at.word,
-            old_e: e,
-            old_b: b,
+            old: (e, b),
             host,
-            fresh,
-            wstart,
+            fresh: plan.target == cow::Target::Fresh,
+            write_start: plan.write.start,
             buf,
-            new_e,
-            new_b,
-            free_old,
-            reads_pending: 0,
+            new: (new_e, plan.bitmap),
+            free_old: plan.free_old,
+            // Held open while the fill reads are issued: a read that completes at once
+            // must not start the write before the others are issued.
+            reads_pending: 1,
             token: 0,
             error: 0,
             detail: None,
         });
         self.reqs[id].pending += 1;
-        // Hold the job open while its fill reads start: a read that completes at once must
-        // not start the write before the others are issued.
-        self.jobs[job].reads_pending = 1;
-        if !zero_source {
-            for (a, bnd) in fills {
-                let j = &mut self.jobs[job];
-                let dst = j.buf.as_mut().expect("fills imply a bounce buffer").as_mut_ptr();
-                // SAFETY: a - (cstart+wstart) < wend - wstart: inside the bounce buffer.
-                let dst = unsafe { dst.add((a - cstart - wstart) as usize) };
-                j.reads_pending += 1;
-                crate::counters::Counters::add(&self.counters.cow_bytes, bnd - a);
-                let rid = self.new_req(0, ReqKind::Read, a, bnd - a, dst, Parent::Job(job));
-                self.drive_read(rid);
-            }
+        for fill in plan.fills {
+            let j = &mut self.jobs[job];
+            let dst = j.buf.as_mut().expect("fills imply a bounce buffer").as_mut_ptr();
+            // SAFETY: write.start <= fill.start < fill.end <= write.end: inside the bounce
+            // buffer of write.end - write.start bytes.
+            let dst = unsafe { dst.add((fill.start - plan.write.start) as usize) };
+            j.reads_pending += 1;
+            Counters::add(&self.counters.cow_bytes, fill.end - fill.start);
+            let rid =
+                self.new_req(0, ReqKind::Read, cluster.0 + fill.start, fill.end - fill.start, dst, Parent::Job(job));
+            self.drive_read(rid);
         }
         self.job_read_done(job, 0, None);
         Ok(Started::Yes)
@@ -238,11 +175,12 @@ impl Queue {
         let j = &mut self.jobs[job];
         let (ptr, n) = match &mut j.buf {
             Some(b) => {
-                // SAFETY: src holds len bytes; the bounce holds wend-wstart >= the offset+len.
+                // SAFETY: src holds len bytes; the bounce buffer covers the written range,
+                // which contains the guest's bytes.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         j.src,
-                        b.as_mut_ptr().add((j.pos - j.cstart - j.wstart) as usize),
+                        b.as_mut_ptr().add((j.guest.0 - j.cluster.0 - j.write_start) as usize),
                         j.len as usize,
                     )
                 };
@@ -250,7 +188,7 @@ impl Queue {
             }
             None => (j.src, j.len as usize),
         };
-        let off = j.host + j.wstart;
+        let off = (j.host + j.write_start).0;
         if let Some(h) = &self.image.hook {
             if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, n as u64) {
                 j.error = -errno;
@@ -285,12 +223,12 @@ impl Queue {
     pub(crate) fn job_commit(&mut self, job: usize) {
         let img = self.image.clone();
         let g = img.geo;
-        let (slot, word, old_e, old_b, new_e, new_b) = {
+        let (slot, word, (old_e, old_b), (new_e, new_b)) = {
             let j = &self.jobs[job];
-            (j.slot, j.word, j.old_e, j.old_b, j.new_e, j.new_b)
+            (j.slot, j.word, j.old, j.new)
         };
         if !g.extended_l2 {
-            if img.l2_cache.cas_word(slot, word, old_e, new_e) {
+            if img.l2_cache.cas_word(slot, word, old_e.0, new_e.0) {
                 self.job_end(job, true);
             } else {
                 self.job_end(job, false);
@@ -313,11 +251,11 @@ impl Queue {
         };
         let cur_e = img.l2_cache.load_word(slot, word);
         let cur_b = img.l2_cache.load_word(slot, word + 1);
-        let ok = cur_e == old_e && cur_b == old_b;
+        let ok = cur_e == old_e.0 && cur_b == old_b.0;
         if ok {
             // Both words in one seqlock write: no reader sees the new offset with the old
             // bitmap (it would fill a subcluster that is being published with zeros).
-            img.l2_cache.store_pair(slot, word, new_e, new_b);
+            img.l2_cache.store_pair(slot, word, new_e.0, new_b.0);
         }
         drop(st);
         self.job_end(job, ok);
@@ -332,14 +270,15 @@ impl Queue {
         }
         let img = self.image.clone();
         img.l2_cache.unpin(j.slot);
+        let host = img.geo.host_cluster(j.host);
         if !j.fresh {
-            img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&(j.host >> img.geo.cluster_bits));
+            img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&host.0);
         }
         let id = j.req;
         if j.error != 0 {
             if j.fresh {
                 // It may hold bytes now: never reuse it as a known-zero batch cluster.
-                self.local_frees.push((j.host >> img.geo.cluster_bits, 1));
+                self.owe(host, 1);
             }
             match j.detail {
                 Some(d) => self.fail_with(id, d),
@@ -350,7 +289,7 @@ impl Queue {
         }
         if published {
             if j.free_old {
-                self.owe_free(L2Entry(j.old_e));
+                self.owe_free(j.old.0);
             }
             self.io_done(id);
             return;
@@ -358,10 +297,16 @@ impl Queue {
         // Lost the race: the cluster changed under us. Redo this piece.
         if j.fresh {
             // It may hold bytes now: never reuse it as a known-zero batch cluster.
-            self.local_frees.push((j.host >> img.geo.cluster_bits, 1));
+            self.owe(host, 1);
         }
-        let rid = self.new_req(0, ReqKind::Write, j.pos, j.len, j.src as *mut u8, Parent::Req(id));
+        let rid = self.new_req(0, ReqKind::Write, j.guest.0, j.len, j.src as *mut u8, Parent::Req(id));
         self.drive_write(rid);
+    }
+
+    /// Owes `n` refcount decrements to host cluster `c` (handed to the image's pending
+    /// frees the next time this queue takes the metadata lock).
+    pub(super) fn owe(&mut self, c: HostCluster, n: u64) {
+        self.local_frees.push((c.0, n));
     }
 
     /// Records the decrements an L2 entry's clusters are owed.
@@ -369,11 +314,12 @@ impl Queue {
         let g = self.image.geo;
         match e.decode(&g) {
             Ok(ClusterKind::Normal { host, .. }) | Ok(ClusterKind::ZeroAlloc { host, .. }) => {
-                self.local_frees.push((host.0 >> g.cluster_bits, 1));
+                self.owe(g.host_cluster(host), 1);
             }
             Ok(ClusterKind::Compressed { host, len }) => {
-                for c in host.0 >> g.cluster_bits..=(host.0 + len - 1) >> g.cluster_bits {
-                    self.local_frees.push((c, 1));
+                let last = g.host_cluster(host + (len - 1));
+                for c in g.host_cluster(host).0..=last.0 {
+                    self.owe(HostCluster(c), 1);
                 }
             }
             _ => {}

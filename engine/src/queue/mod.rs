@@ -7,6 +7,7 @@
 //! serving other requests meanwhile. The request completes when its last SQE does.
 
 mod blocking;
+mod cow;
 mod flush;
 mod io;
 mod job;
@@ -14,6 +15,7 @@ mod pool;
 mod read;
 mod req;
 mod ring;
+mod run;
 mod slice;
 mod write;
 mod zero;
@@ -143,7 +145,7 @@ pub struct Queue {
     /// Allocation jobs (copy-on-write writes of one cluster).
     pub(crate) jobs: Slab<job::Job>,
     /// Host clusters reserved for this queue (refcount already 1).
-    pub(crate) batch: Vec<u64>,
+    pub(crate) batch: Vec<crate::format::types::HostCluster>,
     /// Requests waiting for the metadata lock.
     pub(crate) lock_parked: Vec<usize>,
     /// Jobs waiting for the metadata lock to commit.

@@ -2,10 +2,11 @@
 //! backing chain, and issue one SQE per contiguous host run (zero pieces are filled in
 //! place). A piece whose L2 slice is missing parks the request on that slice.
 
+use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
 use crate::counters::Counters;
 use crate::format::l2::Extent;
-use crate::format::types::GuestOffset;
+use crate::format::types::{GuestOffset, HostOffset};
 use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
 use io_uring::{opcode, types};
@@ -83,8 +84,7 @@ impl Queue {
         // that finishes at once) must not finish it under our feet.
         self.reqs[id].pending += 1;
         let top = Arc::clone(&self.image);
-        // A pending contiguous data run: (fd, host start, guest start, len).
-        let mut run: Option<(i32, u64, u64, u64)> = None;
+        let mut run = RunBuilder::default();
         loop {
             let r = &self.reqs[id];
             let end = r.offset + r.len;
@@ -101,18 +101,8 @@ impl Queue {
             };
             match piece {
                 Piece::Data { fd, host, len } => {
-                    match &mut run {
-                        Some((rfd, rhost, rguest, rlen))
-                            if *rfd == fd && *rhost + *rlen == host && *rguest + *rlen == pos =>
-                        {
-                            *rlen += len;
-                        }
-                        _ => {
-                            if let Some(r) = run.take() {
-                                self.issue_data(id, r);
-                            }
-                            run = Some((fd, host, pos, len));
-                        }
+                    if let Some(done) = run.add(Run { fd, host: HostOffset(host), guest: GuestOffset(pos), len }) {
+                        self.issue_data(id, done);
                     }
                     self.reqs[id].cursor += len;
                 }
@@ -199,7 +189,10 @@ impl Queue {
         unsafe { r.buf.add((pos - r.offset) as usize) }
     }
 
-    fn issue_data(&mut self, id: usize, (fd, host, guest, len): (i32, u64, u64, u64)) {
+    /// Issues the read of one run (straight into the guest buffer when everything is
+    /// sector-aligned, through a bounce buffer otherwise).
+    fn issue_data(&mut self, id: usize, Run { fd, host, guest, len }: Run) {
+        let (host, guest) = (host.0, guest.0);
         let dst = self.dst(id, guest);
         let aligned = (dst as usize).is_multiple_of(512) && host % 512 == 0 && len % 512 == 0;
         let (io, ptr, off, n) = if aligned {

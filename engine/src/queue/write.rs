@@ -19,9 +19,10 @@
 //! is parked and retried, so a queue never blocks its thread on another queue.
 
 use super::job::Started;
+use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
 use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, subcluster_mask};
-use crate::format::types::GuestOffset;
+use crate::format::types::{GuestOffset, HostCluster, HostOffset};
 use crate::image::mapping::L2Slot;
 use crate::io::AlignedBuf;
 
@@ -34,9 +35,9 @@ const BATCH: u64 = 64;
 /// What a write piece needs.
 enum WPiece {
     /// Overwrite in place: `len` bytes at host offset `host`.
-    InPlace { host: u64, len: u64 },
-    /// Allocation job for `len` bytes.
-    Alloc { slot: L2Slot, e: u64, b: u64, len: u64 },
+    InPlace { host: HostOffset, len: u64 },
+    /// Allocation job for `len` bytes; the L2 entry at `slot` holds `entry` and `bitmap`.
+    Alloc { slot: L2Slot, entry: L2Entry, bitmap: SubclusterBitmap, len: u64 },
     /// L1 entry `l1i` needs a (private) L2 table first.
     NeedTable { l1i: u64 },
     /// L2 slice `key` is not cached.
@@ -44,21 +45,22 @@ enum WPiece {
 }
 
 impl Queue {
-    fn resolve_write(&self, pos: u64, len: u64) -> Result<WPiece> {
+    /// What writing up to `len` bytes at `pos` (never past the cluster) needs now.
+    fn resolve_write(&self, pos: GuestOffset, len: u64) -> Result<WPiece> {
         let img = &self.image;
         let g = &img.geo;
-        let in_c = g.offset_in_cluster(pos);
+        let in_c = g.offset_in_cluster(pos.0);
         let len = len.min(g.cluster_size() - in_c);
-        let l1i = g.l1_index(g.guest_cluster(GuestOffset(pos)));
+        let l1i = g.l1_index(g.guest_cluster(pos));
         if img.l1_entry(l1i).contiguous() && img.l1_entry(l1i).copied() {
             // L2-less range: the data lives at a fixed place; no metadata.
-            let host = img.contiguous_host(GuestOffset(pos)).expect("contiguous");
-            return Ok(WPiece::InPlace { host, len });
+            let host = img.contiguous_host(pos).expect("contiguous");
+            return Ok(WPiece::InPlace { host: HostOffset(host), len });
         }
         if !img.write_l1_ready(l1i) {
             return Ok(WPiece::NeedTable { l1i });
         }
-        let slot = img.l2_slot(GuestOffset(pos))?.expect("L1 entry checked");
+        let slot = img.l2_slot(pos)?.expect("L1 entry checked");
         let (e, b) = if g.extended_l2 {
             match img.l2_cache.read_pair(slot.key, slot.word) {
                 Some(p) => {
@@ -76,26 +78,25 @@ impl Queue {
                 None => return Ok(WPiece::Miss { key: slot.key }),
             }
         };
-        let kind = L2Entry(e).decode(g)?;
-        if let ClusterKind::Normal { host, copied: true } = kind {
+        let (entry, bitmap) = (L2Entry(e), SubclusterBitmap(b));
+        if let ClusterKind::Normal { host, copied: true } = entry.decode(g)? {
             if !g.extended_l2 {
-                return Ok(WPiece::InPlace { host: host.0 + in_c, len });
+                return Ok(WPiece::InPlace { host: host + in_c, len });
             }
-            let bm = SubclusterBitmap(b);
-            if bm.alloc() & bm.zero() != 0 {
+            if bitmap.alloc() & bitmap.zero() != 0 {
                 return Err(Error::corrupt("L2 bitmap", format!("{b:#018x} has subclusters both allocated and zero")));
             }
             let m = subcluster_mask(g.subcluster_index(in_c), g.subcluster_index(in_c + len - 1));
-            if bm.alloc() & m == m {
-                return Ok(WPiece::InPlace { host: host.0 + in_c, len });
+            if bitmap.alloc() & m == m {
+                return Ok(WPiece::InPlace { host: host + in_c, len });
             }
         }
-        Ok(WPiece::Alloc { slot, e, b, len })
+        Ok(WPiece::Alloc { slot, entry, bitmap, len })
     }
 
     /// Takes a host cluster from the batch, refilling it under the metadata lock.
     /// `Ok(None)`: the lock is busy (park).
-    pub(super) fn take_cluster(&mut self) -> Result<Option<u64>> {
+    pub(super) fn take_cluster(&mut self) -> Result<Option<HostCluster>> {
         if let Some(c) = self.batch.pop() {
             return Ok(Some(c));
         }
@@ -106,8 +107,7 @@ impl Queue {
         img.reserve_clusters(&mut st, BATCH, &mut got, &self.counters)?;
         drop(st);
         // Pop from the end: keep ascending order for contiguous layout.
-        got.reverse();
-        self.batch = got;
+        self.batch = got.into_iter().rev().map(HostCluster).collect();
         Ok(self.batch.pop())
     }
 
@@ -120,7 +120,7 @@ impl Queue {
         if let Some(m) = &img.meta {
             let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
             st.rc.pending_free.append(&mut self.local_frees);
-            let batch = std::mem::take(&mut self.batch);
+            let batch: Vec<u64> = std::mem::take(&mut self.batch).into_iter().map(|c| c.0).collect();
             let _ = img.unreserve_clusters(&mut st, &batch);
         }
     }
@@ -154,15 +154,16 @@ impl Queue {
         // Hold the request open while we walk it: a nested completion (a child request
         // that finishes at once) must not finish it under our feet.
         self.reqs[id].pending += 1;
-        let mut run: Option<(u64, u64, u64)> = None; // (host, guest, len)
+        let fd = self.image.file.fd();
+        let mut run = RunBuilder::default();
         loop {
             let r = &self.reqs[id];
             let end = r.offset + r.len;
             if r.cursor >= end || r.error != 0 {
                 break;
             }
-            let pos = r.cursor;
-            let piece = match self.resolve_write(pos, end - pos) {
+            let pos = GuestOffset(r.cursor);
+            let piece = match self.resolve_write(pos, end - pos.0) {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail_write(id, e);
@@ -171,14 +172,8 @@ impl Queue {
             };
             match piece {
                 WPiece::InPlace { host, len } => {
-                    match &mut run {
-                        Some((rh, rg, rl)) if *rh + *rl == host && *rg + *rl == pos => *rl += len,
-                        _ => {
-                            if let Some(r) = run.take() {
-                                self.issue_write(id, r);
-                            }
-                            run = Some((host, pos, len));
-                        }
+                    if let Some(done) = run.add(Run { fd, host, guest: pos, len }) {
+                        self.issue_write(id, done);
                     }
                     self.reqs[id].cursor += len;
                 }
@@ -197,11 +192,11 @@ impl Queue {
                         break;
                     }
                 },
-                WPiece::Alloc { slot, e, b, len } => {
+                WPiece::Alloc { slot, entry, bitmap, len } => {
                     if let Some(r) = run.take() {
                         self.issue_write(id, r);
                     }
-                    match self.start_job(id, pos, len, slot, e, b) {
+                    match self.start_job(id, pos, len, slot, entry, bitmap) {
                         Ok(Started::Yes) => self.reqs[id].cursor += len,
                         Ok(Started::NeedLock) => {
                             self.park_lock(id);
@@ -223,11 +218,13 @@ impl Queue {
         self.maybe_finish(id);
     }
 
-    fn issue_write(&mut self, id: usize, (host, guest, len): (u64, u64, u64)) {
+    /// Issues the data write of one run of an overwrite (straight from the guest buffer
+    /// when it is aligned).
+    fn issue_write(&mut self, id: usize, Run { fd, host, guest, len }: Run) {
         let r = &self.reqs[id];
         // SAFETY: guest lies within the request's range, so inside its buffer.
-        let src = unsafe { r.buf.add((guest - r.offset) as usize) } as *const u8;
-        let fd = self.image.file.fd();
+        let src = unsafe { r.buf.add((guest.0 - r.offset) as usize) } as *const u8;
+        let host = host.0;
         if let Some(h) = &self.image.hook
             && let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, host, len)
         {
