@@ -261,8 +261,9 @@ fn sqpoll_and_fast_path_reads() {
                 2 => ((i as u64 * 11 % 1000) * 4096, 4096, 512),
                 _ => (6 << 20, 4096, 0),
             };
-            // SAFETY: the buffer outlives the request (reaped below, before `bufs` drops).
+            // SAFETY: skip < the buffer's length, so the pointer stays inside it.
             let ptr = unsafe { b.as_mut_ptr().add(skip) };
+            // SAFETY: the buffer outlives the request (reaped below, before `bufs` drops).
             unsafe { q.submit(Request { op: Op::Read { offset: off, buf: ptr, len }, user_data: i as u64 }) }.unwrap();
             want.push((off as usize, len, skip));
         }

@@ -109,9 +109,7 @@ impl Queue {
             cow::NewEntry::Keep => e,
             cow::NewEntry::Normal => L2Entry::normal(host, true),
         };
-        let r = &self.reqs[id];
-        // SAFETY: pos lies inside the request.
-        let src = unsafe { r.buf.add((pos.0 - r.offset) as usize) } as *const u8;
+        let src = self.reqs[id].mem(pos.0, len) as *const u8;
         let wlen = plan.write.end - plan.write.start;
         let direct = wlen == len && (src as usize).is_multiple_of(512);
         let buf = if direct { None } else { Some(self.get_buf(wlen as usize)) };

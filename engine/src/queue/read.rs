@@ -107,8 +107,8 @@ impl Queue {
                     self.reqs[id].cursor += len;
                 }
                 Piece::Zero { len } => {
-                    let dst = self.dst(id, pos);
-                    // SAFETY: [pos, pos+len) lies inside the request, so inside its buffer.
+                    let dst = self.dst(id, pos, len);
+                    // SAFETY: dst is valid for len bytes (GuestBuf::at checked the range).
                     unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
                     self.reqs[id].cursor += len;
                 }
@@ -122,7 +122,7 @@ impl Queue {
                     let mut buf = self.get_read_buf(total as usize);
                     let ptr = buf.as_mut_ptr();
                     let fd = layer.file.fd();
-                    let dst = self.dst(id, pos);
+                    let dst = self.dst(id, pos, len);
                     let io = self.ios.insert(Io::Compressed {
                         req: id,
                         buf,
@@ -182,18 +182,17 @@ impl Queue {
         true
     }
 
+    /// The request's memory for `len` bytes at guest offset `pos`.
     #[inline]
-    fn dst(&self, id: usize, pos: u64) -> *mut u8 {
-        let r = &self.reqs[id];
-        // SAFETY: pos lies within [offset, offset+len) of the request.
-        unsafe { r.buf.add((pos - r.offset) as usize) }
+    fn dst(&self, id: usize, pos: u64, len: u64) -> *mut u8 {
+        self.reqs[id].mem(pos, len)
     }
 
     /// Issues the read of one run (straight into the guest buffer when everything is
     /// sector-aligned, through a bounce buffer otherwise).
     fn issue_data(&mut self, id: usize, Run { fd, host, guest, len }: Run) {
         let (host, guest) = (host.0, guest.0);
-        let dst = self.dst(id, guest);
+        let dst = self.dst(id, guest, len);
         let aligned = (dst as usize).is_multiple_of(512) && host % 512 == 0 && len % 512 == 0;
         let (io, ptr, off, n) = if aligned {
             (self.ios.insert(Io::Data { req: id, dst, len: len as usize }), dst, host, len)

@@ -9,7 +9,8 @@ pub(crate) struct Req {
     pub kind: ReqKind,
     pub offset: u64,
     pub len: u64,
-    pub buf: *mut u8,
+    /// The memory of `offset..offset + len` (none for zero writes, discards and flushes).
+    pub buf: GuestBuf,
     /// Next guest offset to translate.
     pub cursor: u64,
     /// SQEs (or loads) in flight for this request.
@@ -22,6 +23,37 @@ pub(crate) struct Req {
     pub detail: Option<Error>,
     /// Who waits for this request: the caller, or (internal requests) a job or request.
     pub parent: Parent,
+}
+
+/// A request's memory: `len` bytes at `ptr` that the submitter keeps valid until the
+/// request completes ([`Queue::submit`]'s contract; internal requests point into a job's
+/// bounce buffer, the queue's zero cluster or their parent's memory). Pointers into it are
+/// only handed out for ranges inside it: a range outside is an engine bug, and panics
+/// before any memory is touched.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GuestBuf {
+    ptr: *mut u8,
+    len: u64,
+}
+
+impl GuestBuf {
+    /// `len` bytes at `ptr` (null for requests without memory, with `len` 0 then).
+    pub fn new(ptr: *mut u8, len: u64) -> Self {
+        GuestBuf { ptr, len: if ptr.is_null() { 0 } else { len } }
+    }
+
+    /// The address of `n` bytes at byte `at` of the buffer.
+    #[inline]
+    pub fn at(&self, at: u64, n: u64) -> *mut u8 {
+        assert!(
+            !self.ptr.is_null() && at.checked_add(n).is_some_and(|end| end <= self.len),
+            "request memory: {n} bytes at {at} lie outside its {} bytes",
+            self.len
+        );
+        // SAFETY: at + n <= len, so the result lies inside (or one past the end of) the
+        // submitter's allocation of `len` bytes at `ptr`.
+        unsafe { self.ptr.add(at as usize) }
+    }
 }
 
 /// Where a request is in its life. Transitions (each asserted where it happens):
@@ -76,6 +108,12 @@ impl ReqKind {
 }
 
 impl Req {
+    /// The address of the request's memory for `n` bytes at guest offset `pos`.
+    #[inline]
+    pub fn mem(&self, pos: u64, n: u64) -> *mut u8 {
+        self.buf.at(pos - self.offset, n)
+    }
+
     /// A guest write that counts in the image's `writes_in_flight` (see [`ReqState`]).
     fn counts_in_flight(&self) -> bool {
         self.parent == Parent::Caller && self.kind.writes() && self.state != ReqState::Syncing
@@ -98,7 +136,7 @@ impl Queue {
             kind,
             offset,
             len,
-            buf,
+            buf: GuestBuf::new(buf, len),
             cursor: offset,
             pending: 0,
             error: 0,

@@ -221,9 +221,7 @@ impl Queue {
     /// Issues the data write of one run of an overwrite (straight from the guest buffer
     /// when it is aligned).
     fn issue_write(&mut self, id: usize, Run { fd, host, guest, len }: Run) {
-        let r = &self.reqs[id];
-        // SAFETY: guest lies within the request's range, so inside its buffer.
-        let src = unsafe { r.buf.add((guest.0 - r.offset) as usize) } as *const u8;
+        let src = self.reqs[id].mem(guest.0, len) as *const u8;
         let host = host.0;
         if let Some(h) = &self.image.hook
             && let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, host, len)
