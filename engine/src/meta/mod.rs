@@ -2,6 +2,7 @@
 //! guest -> host mapping through L1 and L2.
 
 pub(crate) mod alloc;
+pub(crate) mod audit;
 pub mod cache;
 pub mod mapping;
 pub mod overlap;

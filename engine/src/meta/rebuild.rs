@@ -13,10 +13,11 @@ use crate::format::refcount as rc;
 use crate::io::{ImageFile, SyncRing};
 use crate::{Error, Result};
 
-struct Reader<'a> {
-    sync: &'a SyncRing,
-    file: &'a ImageFile,
-    len: u64,
+/// The image file as the checker reads it (also used by [`crate::meta::audit`]).
+pub(crate) struct Reader<'a> {
+    pub sync: &'a SyncRing,
+    pub file: &'a ImageFile,
+    pub len: u64,
 }
 
 impl MetaRead for Reader<'_> {

@@ -327,6 +327,12 @@ impl Refcounts {
         Ok(())
     }
 
+    /// The cached refcount blocks as (offset, contents, dirty) ([`crate::meta::audit`]
+    /// compares them with the disk).
+    pub fn cached_blocks(&self) -> impl Iterator<Item = (u64, &[u8], bool)> {
+        self.blocks.iter().map(|(&off, b)| (off, &b.buf[..], b.dirty))
+    }
+
     /// Are there unwritten changes?
     pub fn dirty(&self) -> bool {
         self.table_dirty || self.blocks.values().any(|b| b.dirty)
