@@ -98,8 +98,18 @@ impl Image {
         }
         // 4. Refcount decreases, now that nothing durable refers to those clusters. Only
         //    when no data write is in flight that could still target a freed cluster.
+        //    A decrement below zero (a cluster freed more often than it was referenced) is a
+        //    corruption: the others are applied and written, then the image is marked corrupt
+        //    (Image::signal_corruption) and the flush fails.
         if !st.rc.pending_free.is_empty() && self.writes_in_flight.load(Ordering::Acquire) == 0 {
-            st.rc.apply_pending(&io)?;
+            let applied = st.rc.apply_pending(&io);
+            let corrupt = match applied {
+                Err(e @ crate::Error::Corrupt { .. }) => Some(e),
+                other => {
+                    other?;
+                    None
+                }
+            };
             for cl in std::mem::take(&mut st.rc.freed) {
                 let off = cl << self.geo.cluster_bits;
                 self.l2_cache.forget(off);
@@ -115,6 +125,9 @@ impl Image {
                 Counters::add(&c.reftable_writes, t);
                 Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
                 self.device_flush(c)?;
+            }
+            if let Some(e) = corrupt {
+                return Err(self.signal_corruption(e));
             }
         }
         Ok(())
