@@ -470,6 +470,11 @@ fn run_thread(
             }
             continue;
         }
+        // Now and then the thread stalls with requests not entered yet or in flight (as
+        // a descheduled I/O thread does), so that other queues overtake them.
+        if rng.percent(4) {
+            std::thread::sleep(Duration::from_micros(rng.below(1500)));
+        }
         q.commit().map_err(|e| format!("commit: {e}"))?;
         done.clear();
         q.reap(&mut done, 1, Some(Duration::from_secs(60))).map_err(|e| format!("reap: {e}"))?;
@@ -826,4 +831,47 @@ fn model() {
         }
     }
     println!("mq_model suite: {} configurations x 2, {total} ops in {:?}", CONFIGS.len(), start.elapsed());
+}
+
+/// A read in flight keeps the host cluster it reads from: a concurrent discard may free
+/// the cluster, but the cluster must not be reused (and written) before the read is done,
+/// or the read returns another guest offset's data. Queue A submits a read of guest
+/// cluster 0 (its SQE not entered yet, as when A's thread is descheduled); queue B
+/// discards that cluster, flushes (which frees it), and writes guest cluster 1, which is
+/// given the freed host cluster; then A's read runs. It may return the old data or zeros,
+/// never B's.
+#[test]
+fn read_in_flight_never_sees_a_reused_cluster() {
+    let dir = tempdir();
+    let path = dir.path().join("reuse.qcow2");
+    let cs = 64 * KIB;
+    build_qcow2(&path, &Qcow2Opts::cluster(cs as u32), 16 * cs, &["write -P 0xa1 0 64k".into()]);
+    let img = Image::open(&path, &Options::default()).unwrap();
+    let mut a = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut b = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let mut warm = vec![0u8; 4096];
+    a.read_at(&mut warm, 0).unwrap(); // the L2 slice is cached: the read goes straight out
+    let mut buf = Buf::new(cs as usize, false);
+    let ptr = buf.bytes(cs as usize).as_mut_ptr();
+    // SAFETY: `buf` outlives the reap below.
+    unsafe { a.submit(Request { op: Op::Read { offset: 0, buf: ptr, len: cs as usize }, user_data: 7 }) }.unwrap();
+    b.discard(0, cs).unwrap();
+    b.flush().unwrap();
+    b.write_at(&vec![0xb2; cs as usize], cs).unwrap();
+    a.commit().unwrap();
+    let mut done = Vec::new();
+    while done.is_empty() {
+        a.reap(&mut done, 1, Some(Duration::from_secs(10))).unwrap();
+    }
+    assert_eq!(done[0].result, 0);
+    let got = buf.bytes(cs as usize);
+    let first_bad = got.iter().position(|&x| x != 0xa1 && x != 0);
+    assert!(
+        first_bad.is_none() && (got.iter().all(|&x| x == 0) || got.iter().all(|&x| x == 0xa1)),
+        "the read in flight returned {:#04x} at {:#x} (0xb2 is the data written to guest cluster 1 later)",
+        got[first_bad.unwrap_or(0)],
+        first_bad.unwrap_or(0)
+    );
+    drop((a, b));
+    img.close().unwrap();
 }

@@ -142,9 +142,14 @@ pub struct Image {
     pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
     /// Writer state (None when read-only).
     pub(crate) meta: Option<Mutex<MetaState>>,
-    /// Data writes submitted and not completed, over all queues (a freed cluster may be
-    /// reused only when none is in flight).
+    /// Data writes submitted and not completed, over all queues ([`Image::audit`] requires
+    /// none; when a freed cluster may be reused is decided by [`crate::meta::epoch`]).
     pub(crate) writes_in_flight: AtomicU64,
+    /// Reclamation epoch: queued decrements wait for the requests of the previous epoch
+    /// ([`crate::meta::epoch`]).
+    pub(crate) epoch: AtomicU64,
+    /// Every live queue's requests in flight per epoch parity.
+    pub(crate) gates: Mutex<Vec<Arc<crate::meta::epoch::Gate>>>,
     /// The cache mode.
     pub(crate) cache_mode: CacheMode,
     /// QEMU-compatible image lock, held while open.
@@ -348,6 +353,8 @@ impl Image {
             prealloc_detected: std::sync::OnceLock::new(),
             meta,
             writes_in_flight: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            gates: Mutex::new(Vec::new()),
             cache_mode: opts.cache,
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),

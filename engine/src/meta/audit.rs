@@ -43,9 +43,9 @@ impl Image {
         let len = self.file.len()?;
         let mut rep = check::check(&Reader { sync: &self.sync, file: &self.file, len })?;
         let mut problems = Vec::new();
-        if !st.rc.pending_free.is_empty() {
-            problems
-                .push(format!("{} refcount decrements still queued after the write-back", st.rc.pending_free.len()));
+        let queued = st.rc.pending_free.len() + st.rc.retiring.len();
+        if queued > 0 {
+            problems.push(format!("{queued} refcount decrements still queued after the write-back"));
         }
         // L2 slices in the cache.
         let cache = &self.l2_cache;

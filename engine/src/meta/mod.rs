@@ -4,6 +4,7 @@
 pub(crate) mod alloc;
 pub(crate) mod audit;
 pub mod cache;
+pub(crate) mod epoch;
 pub mod mapping;
 pub mod overlap;
 pub(crate) mod rebuild;

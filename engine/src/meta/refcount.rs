@@ -80,6 +80,9 @@ pub(crate) struct Refcounts {
     pub end_cluster: u64,
     /// Decrements waiting for the reference drop to be durable: (cluster, count).
     pub pending_free: Vec<(u64, u64)>,
+    /// Decrements taken from `pending_free` at the last epoch flip, applied once every
+    /// request that may still use their clusters is done ([`crate::meta::epoch`]).
+    pub retiring: Vec<(u64, u64)>,
     /// Clusters whose refcount dropped to zero in the last applied batch (to punch).
     pub freed: Vec<u64>,
 }
@@ -114,6 +117,7 @@ impl Refcounts {
             free_hint: 0,
             end_cluster: geo.clusters_for(file_len),
             pending_free: Vec::new(),
+            retiring: Vec::new(),
             freed: Vec::new(),
         })
     }
@@ -275,7 +279,8 @@ impl Refcounts {
     /// corruption error too.
     pub fn alloc_contiguous(&mut self, io: &MetaIo, n: u64) -> Result<u64> {
         // Clusters with queued decrements (built only when there are any).
-        let pending: std::collections::HashSet<u64> = self.pending_free.iter().map(|&(c, _)| c).collect();
+        let pending: std::collections::HashSet<u64> =
+            self.pending_free.iter().chain(&self.retiring).map(|&(c, _)| c).collect();
         // Move the hint past clusters in use: allocations that do not start at the hint
         // (refcount blocks, a grown table, clusters taken after a gap) leave used clusters
         // at it, and every later scan would walk over them again.
@@ -345,8 +350,19 @@ impl Refcounts {
         self.pending_free.push((cluster, count));
     }
 
-    /// Applies the queued decrements (the flush calls this once the L2/L1 changes that
-    /// dropped the references are durable).
+    /// Makes the queued decrements the retiring batch, if none is retiring. Returns whether
+    /// a batch started retiring (the caller then flips the epoch).
+    pub fn start_retiring(&mut self) -> bool {
+        if !self.retiring.is_empty() || self.pending_free.is_empty() {
+            return false;
+        }
+        self.retiring = std::mem::take(&mut self.pending_free);
+        true
+    }
+
+    /// Applies the retiring decrements (the flush calls this once the L2/L1 changes that
+    /// dropped the references are durable and no request that may still use the clusters
+    /// is in flight).
     ///
     /// Every decrement that can be applied is, even after one that cannot: a decrement below
     /// zero (a double free) is left out and reported as a corruption error after the rest
@@ -354,7 +370,7 @@ impl Refcounts {
     /// batch into a leak. An I/O error stops at once; the decrements not applied yet stay
     /// queued.
     pub fn apply_pending(&mut self, io: &MetaIo) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending_free);
+        let pending = std::mem::take(&mut self.retiring);
         let mut bad: Vec<String> = Vec::new();
         for (i, &(c, n)) in pending.iter().enumerate() {
             match self.add(io, c, -(n as i64)) {
@@ -362,7 +378,7 @@ impl Refcounts {
                 Ok(_) => {}
                 Err(Error::Corrupt { detail, .. }) => bad.push(detail),
                 Err(e) => {
-                    self.pending_free.extend_from_slice(&pending[i..]);
+                    self.retiring.extend_from_slice(&pending[i..]);
                     return Err(e);
                 }
             }
@@ -458,6 +474,7 @@ mod tests {
         for c in [40, 40, 41, 43, 42] {
             rc.free_later(c, 1);
         }
+        assert!(rc.start_retiring());
         let e = rc.apply_pending(&io).unwrap_err();
         assert!(matches!(&e, Error::Corrupt { detail, .. } if detail.contains("cluster 40")), "{e}");
         for (c, want) in [(40, 0), (41, 0), (42, 0), (43, 1)] {
@@ -466,7 +483,7 @@ mod tests {
         let mut freed = rc.freed.clone();
         freed.sort_unstable();
         assert_eq!(freed, [40, 41, 42]);
-        assert!(rc.pending_free.is_empty());
+        assert!(rc.pending_free.is_empty() && rc.retiring.is_empty());
     }
 
     #[test]
@@ -479,8 +496,13 @@ mod tests {
             rc.set(&io, c, 1).unwrap();
         }
         rc.free_later(8, 1);
-        let e = rc.alloc_contiguous(&io, 2).unwrap_err();
-        assert!(matches!(&e, Error::Corrupt { detail, .. } if detail.contains("cluster 8")), "{e}");
-        assert_eq!(rc.get(&io, 8).unwrap(), 0, "nothing allocated");
+        for retiring in [false, true] {
+            if retiring {
+                assert!(rc.start_retiring());
+            }
+            let e = rc.alloc_contiguous(&io, 2).unwrap_err();
+            assert!(matches!(&e, Error::Corrupt { detail, .. } if detail.contains("cluster 8")), "{e}");
+            assert_eq!(rc.get(&io, 8).unwrap(), 0, "nothing allocated");
+        }
     }
 }

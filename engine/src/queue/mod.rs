@@ -143,6 +143,9 @@ pub(crate) struct Req {
     pub wt_flush: bool,
     /// Counted in the image's `writes_in_flight`.
     pub counted: bool,
+    /// The epoch parity this (caller) request entered the queue's gate with
+    /// ([`crate::meta::epoch`]); it leaves when it finishes.
+    pub entered: Option<u8>,
     /// Data done; the writethrough flush runs now.
     pub flushing: bool,
 }
@@ -188,7 +191,7 @@ pub(crate) enum Io {
     Load { layer: Arc<Image>, slot: SlotId, key: u64, len: usize },
     /// A whole guest read served by one data read straight into its buffer: the request
     /// needs no state beyond this (no [`Req`]); see `Queue::try_whole_read`.
-    Whole { user_data: u64, dst: *mut u8, len: usize },
+    Whole { user_data: u64, dst: *mut u8, len: usize, entered: u8 },
     /// A data write straight from the guest buffer (`token`: the test hook's).
     Write { req: usize, token: u64 },
     /// A data write from an aligned copy of an unaligned guest buffer.
@@ -232,6 +235,8 @@ pub struct Queue {
     pub(crate) counters: Arc<Counters>,
     /// Guest reads in flight as a single [`Io::Whole`] (not in `reqs`).
     pub(crate) whole_in_flight: usize,
+    /// This queue's requests in flight per epoch parity ([`crate::meta::epoch`]).
+    pub(crate) gate: Arc<crate::meta::epoch::Gate>,
 }
 
 impl Queue {
@@ -273,6 +278,7 @@ impl Queue {
             flush_waiters: Vec::new(),
             counters,
             whole_in_flight: 0,
+            gate: image.open_gate(),
         })
     }
 
@@ -345,10 +351,17 @@ impl Queue {
         if writes {
             self.image.check_writable()?;
         }
-        if kind == ReqKind::Read && self.try_whole_read(req.user_data, offset, len, buf) {
+        // Every request that may touch host clusters holds its epoch until it is done: no
+        // cluster it looks up can be freed and reused under it.
+        let entered = (kind != ReqKind::Flush).then(|| self.image.enter(&self.gate));
+        if let Some(p) = entered
+            && kind == ReqKind::Read
+            && self.try_whole_read(req.user_data, offset, len, buf, p)
+        {
             return Ok(());
         }
         let id = self.new_req(req.user_data, kind, offset, len, buf, Parent::Caller);
+        self.reqs[id].entered = entered;
         if writes {
             self.reqs[id].counted = true;
             self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -376,7 +389,9 @@ impl Queue {
             self.image.check_writable()?;
         }
         let kind = if write { ReqKind::Write } else { ReqKind::Read };
+        let entered = self.image.enter(&self.gate);
         let id = self.new_req(user_data, kind, offset, len, std::ptr::null_mut(), Parent::Caller);
+        self.reqs[id].entered = Some(entered);
         if write {
             self.reqs[id].counted = true;
             self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -421,6 +436,7 @@ impl Queue {
             parent,
             wt_flush: false,
             counted: false,
+            entered: None,
             flushing: false,
         })
     }
@@ -680,8 +696,9 @@ impl Queue {
                 crate::counters::Counters::add(&self.counters.meta_loads, 1);
                 self.retry_parked();
             }
-            Io::Whole { user_data, dst, len } => {
+            Io::Whole { user_data, dst, len, entered } => {
                 self.whole_in_flight -= 1;
+                self.image.leave(&self.gate, entered);
                 if res >= 0 {
                     if (res as usize) < len {
                         // Past the end of the file: the rest reads as zeros.
@@ -783,10 +800,13 @@ impl Queue {
         }
     }
 
-    /// Drops a request from the image's in-flight write count.
+    /// Drops a request from the image's in-flight write count and from its epoch.
     fn uncount(&mut self, req: usize) {
         if std::mem::replace(&mut self.reqs[req].counted, false) {
             self.image.writes_in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        if let Some(p) = self.reqs[req].entered.take() {
+            self.image.leave(&self.gate, p);
         }
     }
 
@@ -910,6 +930,7 @@ impl Drop for Queue {
             self.parked.clear();
         }
         self.image.retire_queue_counters(&self.counters);
+        self.image.close_gate(&self.gate);
     }
 }
 
