@@ -404,6 +404,8 @@ fn plan(w: &World, seed: u64, batch: usize, thread: usize, n: usize) -> Vec<Rec>
 struct Buf {
     mem: Vec<u8>,
     start: usize,
+    /// The segments of a vectored request over `mem`.
+    iov: Vec<libc::iovec>,
 }
 
 impl Buf {
@@ -411,7 +413,7 @@ impl Buf {
         let mem = vec![0u8; len + 4096 + 8];
         let base = mem.as_ptr() as usize;
         let start = base.next_multiple_of(4096) - base + if misalign { 8 } else { 0 };
-        Buf { mem, start }
+        Buf { mem, start, iov: Vec::new() }
     }
     fn bytes(&mut self, len: usize) -> &mut [u8] {
         &mut self.mem[self.start..self.start + len]
@@ -448,12 +450,33 @@ fn run_thread(
                         }
                     }
                     let ptr = b.bytes(r.len as usize).as_mut_ptr();
-                    bufs.insert(next, b);
-                    if r.kind == Kind::Write {
+                    let sectors = r.len / SECTOR;
+                    let op = if sectors > 1 && rng.percent(15) {
+                        // Vectored: up to 4 segments at sector boundaries (one may be empty).
+                        let mut cuts: Vec<u64> = (0..rng.range(1, 3)).map(|_| rng.below(sectors + 1)).collect();
+                        cuts.extend([0, sectors]);
+                        cuts.sort_unstable();
+                        // SAFETY: every segment lies inside the buffer.
+                        b.iov = cuts
+                            .windows(2)
+                            .map(|w| libc::iovec {
+                                iov_base: unsafe { ptr.add((w[0] * SECTOR) as usize) }.cast(),
+                                iov_len: ((w[1] - w[0]) * SECTOR) as usize,
+                            })
+                            .collect();
+                        let (iov, iovcnt) = (b.iov.as_ptr(), b.iov.len());
+                        if r.kind == Kind::Write {
+                            Op::Writev { offset: r.off, iov, iovcnt }
+                        } else {
+                            Op::Readv { offset: r.off, iov, iovcnt }
+                        }
+                    } else if r.kind == Kind::Write {
                         Op::Write { offset: r.off, buf: ptr, len: r.len as usize }
                     } else {
                         Op::Read { offset: r.off, buf: ptr, len: r.len as usize }
-                    }
+                    };
+                    bufs.insert(next, b);
+                    op
                 }
                 Kind::Zero { unmap } => Op::WriteZeroes { offset: r.off, len: r.len, unmap },
                 Kind::Discard => Op::Discard { offset: r.off, len: r.len },
