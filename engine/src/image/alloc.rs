@@ -157,13 +157,25 @@ impl Image {
         Ok(())
     }
 
-    /// Returns unused batch clusters (never referenced, so freed at once).
+    /// Returns unused batch clusters (never referenced, so freed at once). One whose
+    /// refcount is already zero was freed by someone else while the queue held it: every
+    /// other cluster is still returned, then the image is marked corrupt.
     pub(crate) fn unreserve_clusters(&self, st: &mut MetaState, clusters: &[u64]) -> Result<()> {
         let io = self.meta_io();
+        let mut bad = None;
         for &c in clusters {
-            st.rc.add(&io, c, -1)?;
+            match st.rc.add(&io, c, -1) {
+                Ok(_) => {}
+                Err(e @ Error::Corrupt { .. }) => {
+                    bad.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        match bad {
+            Some(e) => Err(self.signal_corruption(e)),
+            None => Ok(()),
+        }
     }
 
     /// Makes L1 entry `l1i` point to a private (COPIED) L2 table: allocates a zeroed table

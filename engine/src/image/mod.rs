@@ -10,7 +10,9 @@
 //! order), `overlap` (metadata overlap checks on the live image), [`status`] (block status).
 
 mod alloc;
+mod audit;
 mod create;
+pub(crate) mod epoch;
 mod header;
 pub mod mapping;
 mod open;
@@ -163,9 +165,14 @@ pub struct Image {
     pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
     /// Writer state (None when read-only).
     pub(crate) meta: Option<Mutex<MetaState>>,
-    /// Data writes submitted and not completed, over all queues (a freed cluster may be
-    /// reused only when none is in flight).
+    /// Data writes submitted and not completed, over all queues ([`Image::audit`] requires
+    /// none; when a freed cluster may be reused is decided by [`epoch`]).
     pub(crate) writes_in_flight: AtomicU64,
+    /// Reclamation epoch: queued decrements wait for the requests of the previous epoch
+    /// ([`epoch`]).
+    pub(crate) epoch: AtomicU64,
+    /// Every live queue's requests in flight per epoch parity.
+    pub(crate) gates: Mutex<Vec<Arc<epoch::Gate>>>,
     /// The cache mode.
     pub(crate) cache_mode: CacheMode,
     /// QEMU-compatible image lock, held while open.

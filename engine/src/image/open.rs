@@ -187,6 +187,8 @@ impl Image {
             prealloc_detected: std::sync::OnceLock::new(),
             meta,
             writes_in_flight: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            gates: Mutex::new(Vec::new()),
             cache_mode: opts.cache,
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),

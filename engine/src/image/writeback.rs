@@ -96,10 +96,27 @@ impl Image {
         if need_flush {
             self.device_flush(c)?;
         }
-        // 4. Refcount decreases, now that nothing durable refers to those clusters. Only
-        //    when no data write is in flight that could still target a freed cluster.
-        if !st.rc.pending_free.is_empty() && self.writes_in_flight.load(Ordering::Acquire) == 0 {
-            st.rc.apply_pending(&io)?;
+        // 4. Refcount decreases, now that nothing durable refers to those clusters, and
+        //    only once no request that may still read or write them is in flight: the
+        //    queued decrements retire at an epoch flip and are applied when every request
+        //    of the old epoch is done, here or at a later flush (crate::meta::epoch).
+        //    A decrement below zero (a cluster freed more often than it was referenced) is
+        //    a corruption: the others are applied and written, then the image is marked
+        //    corrupt (Image::signal_corruption) and the flush fails.
+        let mut corrupt = None;
+        loop {
+            if st.rc.start_retiring() {
+                self.flip_epoch();
+            }
+            if st.rc.retiring.is_empty() || !self.old_epoch_drained() {
+                break;
+            }
+            match st.rc.apply_pending(&io) {
+                Err(e @ crate::Error::Corrupt { .. }) => {
+                    corrupt.get_or_insert(e);
+                }
+                other => other?,
+            }
             for cl in std::mem::take(&mut st.rc.freed) {
                 let off = cl << self.geo.cluster_bits;
                 self.l2_cache.forget(off);
@@ -116,6 +133,9 @@ impl Image {
                 Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
                 self.device_flush(c)?;
             }
+        }
+        if let Some(e) = corrupt {
+            return Err(self.signal_corruption(e));
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ pub(crate) enum Io {
     Load { layer: Arc<Image>, slot: SlotId, key: u64 },
     /// A whole guest read served by one data read straight into its buffer: the request
     /// needs no state beyond this (no [`Req`]); see `Queue::try_whole_read`.
-    Whole { user_data: u64, dst: *mut u8, len: usize },
+    Whole { user_data: u64, dst: *mut u8, len: usize, entered: u8 },
     /// A data write straight from the guest buffer (`token`: the test hook's).
     Write { req: usize, token: u64 },
     /// A data write from an aligned copy of an unaligned guest buffer.
@@ -82,8 +82,9 @@ impl Queue {
                 self.io_done(req);
             }
             Io::Load { layer, slot, key } => self.slice_loaded(layer, slot, key, res),
-            Io::Whole { user_data, dst, len } => {
+            Io::Whole { user_data, dst, len, entered } => {
                 self.whole_in_flight -= 1;
+                self.image.leave(&self.gate, entered);
                 if res >= 0 {
                     if (res as usize) < len {
                         // Past the end of the file: the rest reads as zeros.

@@ -167,6 +167,8 @@ pub struct Queue {
     pub(crate) counters: Arc<Counters>,
     /// Guest reads in flight as a single [`Io::Whole`] (not in `reqs`).
     pub(crate) whole_in_flight: usize,
+    /// This queue's requests in flight per epoch parity ([`crate::image::epoch`]).
+    pub(crate) gate: Arc<crate::image::epoch::Gate>,
 }
 
 impl Queue {
@@ -209,6 +211,7 @@ impl Queue {
             flush_waiters: Vec::new(),
             counters,
             whole_in_flight: 0,
+            gate: image.open_gate(),
         })
     }
 
@@ -280,10 +283,16 @@ impl Queue {
         if kind.writes() {
             self.image.check_writable()?;
         }
-        if kind == ReqKind::Read && self.try_whole_read(req.user_data, offset, len, buf) {
+        // Every request that may touch host clusters holds its epoch until it is done: no
+        // cluster it looks up can be freed and reused under it.
+        let entered = (kind != ReqKind::Flush).then(|| self.image.enter(&self.gate));
+        if let Some(p) = entered
+            && kind == ReqKind::Read
+            && self.try_whole_read(req.user_data, offset, len, buf, p)
+        {
             return Ok(());
         }
-        let id = self.new_guest_req(req.user_data, kind, offset, len, buf);
+        let id = self.new_guest_req(req.user_data, kind, offset, len, buf, entered);
         self.drive(id);
         Ok(())
     }
@@ -306,7 +315,8 @@ impl Queue {
             self.image.check_writable()?;
         }
         let kind = if write { ReqKind::Write } else { ReqKind::Read };
-        let id = self.new_guest_req(user_data, kind, offset, len, std::ptr::null_mut());
+        let entered = self.image.enter(&self.gate);
+        let id = self.new_guest_req(user_data, kind, offset, len, std::ptr::null_mut(), Some(entered));
         // The parent is walked at once; its children carry the work.
         self.reqs[id].cursor = offset + len;
         self.reqs[id].pending += 1;
@@ -342,6 +352,7 @@ impl Drop for Queue {
             self.parked.clear();
         }
         self.image.retire_queue_counters(&self.counters);
+        self.image.close_gate(&self.gate);
     }
 }
 

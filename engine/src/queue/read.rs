@@ -162,7 +162,7 @@ impl Queue {
     /// state ([`Io::Whole`]). Anything else returns false without side effects (the lookup
     /// is counted by the general path that follows).
     #[inline]
-    pub(crate) fn try_whole_read(&mut self, user_data: u64, offset: u64, len: u64, buf: *mut u8) -> bool {
+    pub(crate) fn try_whole_read(&mut self, user_data: u64, offset: u64, len: u64, buf: *mut u8, entered: u8) -> bool {
         let img = &self.image;
         let Ok(Lookup::Mapped { extent: Extent::Data(h), len: n, cached }) = img.lookup(GuestOffset(offset), len)
         else {
@@ -175,7 +175,7 @@ impl Queue {
             Counters::bump(&self.counters.l2_hits, 1);
         }
         let fd = img.file.fd();
-        let io = self.ios.insert(Io::Whole { user_data, dst: buf, len: len as usize });
+        let io = self.ios.insert(Io::Whole { user_data, dst: buf, len: len as usize, entered });
         self.whole_in_flight += 1;
         let sqe = opcode::Read::new(types::Fd(fd), buf, len as u32).offset(h.0).build().user_data(io as u64);
         self.push(sqe);

@@ -23,6 +23,9 @@ pub(crate) struct Req {
     pub detail: Option<Error>,
     /// Who waits for this request: the caller, or (internal requests) a job or request.
     pub parent: Parent,
+    /// The epoch parity a guest request entered the queue's gate with
+    /// ([`crate::image::epoch`]); it leaves when its I/O is done.
+    pub entered: Option<u8>,
 }
 
 /// A request's memory: `len` bytes at `ptr` that the submitter keeps valid until the
@@ -143,11 +146,12 @@ impl Queue {
             state: ReqState::Active,
             detail: None,
             parent,
+            entered: None,
         })
     }
 
-    /// Creates a guest request (from the caller) and counts a write in the image's
-    /// `writes_in_flight`.
+    /// Creates a guest request (from the caller) that entered the epoch gate with parity
+    /// `entered`, and counts a write in the image's `writes_in_flight`.
     pub(super) fn new_guest_req(
         &mut self,
         user_data: u64,
@@ -155,8 +159,10 @@ impl Queue {
         offset: u64,
         len: u64,
         buf: *mut u8,
+        entered: Option<u8>,
     ) -> usize {
         let id = self.new_req(user_data, kind, offset, len, buf, Parent::Caller);
+        self.reqs[id].entered = entered;
         if self.reqs[id].counts_in_flight() {
             self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
@@ -234,10 +240,14 @@ impl Queue {
         }
     }
 
-    /// Drops a request from the image's in-flight write count, if it is in it.
+    /// Its I/O is done: drops a request from the image's in-flight write count (if it is in
+    /// it) and from its epoch.
     fn uncount(&mut self, req: usize) {
         if self.reqs[req].counts_in_flight() {
             self.image.writes_in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        if let Some(p) = self.reqs[req].entered.take() {
+            self.image.leave(&self.gate, p);
         }
     }
 
