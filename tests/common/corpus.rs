@@ -481,6 +481,18 @@ fn specs() -> Vec<Spec> {
             let o = read_be64(p, H_SNAPSHOTS_OFFSET);
             patch_be64(p, H_SNAPSHOTS_OFFSET, o + 0x200);
         }),
+        // QEMU validates the snapshot table offset even when there are no snapshots
+        // (iotest 080); found by the differential scenarios.
+        header_case!(
+            "snapshots_offset_misaligned_no_snapshots",
+            plain,
+            SNAPSHOT,
+            "nb_snapshots 0, snapshots_offset 0x1234567890abcdef",
+            |p| {
+                patch_be32(p, H_NB_SNAPSHOTS, 0);
+                patch_be64(p, H_SNAPSHOTS_OFFSET, 0x1234_5678_90ab_cdef);
+            }
+        ),
         check_case!("snapshot_l1_size_huge", snap, SNAPSHOT, "snapshot 1 has l1_size 2^31-1", |p| {
             let o = read_be64(p, H_SNAPSHOTS_OFFSET);
             patch_be32(p, o + 8, 0x7fff_ffff);

@@ -326,10 +326,9 @@ impl Header {
                 format!("{} exceeds the limit of {MAX_SNAPSHOTS}", h.nb_snapshots),
             ));
         }
-        if h.nb_snapshots > 0 {
-            // Entries are at least 40 bytes.
-            check_table("snapshots_offset", h.snapshots_offset, h.nb_snapshots as u64 * 40)?;
-        }
+        // Entries are at least 40 bytes. Like QEMU, the offset must be valid even when
+        // there are no snapshots.
+        check_table("snapshots_offset", h.snapshots_offset, h.nb_snapshots as u64 * 40)?;
         if h.version == 2 && h.refcount_order != 4 {
             return Err(Error::corrupt("refcount_order", "version 2 images must use 16-bit refcounts"));
         }

@@ -122,7 +122,19 @@ impl L2Entry {
             ));
         }
         if !g.extended_l2 && e & L2_ZERO != 0 {
-            return Ok(if host.0 == 0 { ClusterKind::ZeroPlain } else { ClusterKind::ZeroAlloc { host, copied } });
+            if host.0 == 0 {
+                return Ok(ClusterKind::ZeroPlain);
+            }
+            // A write turns a preallocated zero cluster into data at its host offset, so an
+            // unaligned one must not be trusted (QEMU: "Preallocated zero cluster offset ...
+            // unaligned" on writes, "Cluster allocation offset ... unaligned" on reads).
+            if !g.is_cluster_aligned(host.0) {
+                return Err(Error::corrupt(
+                    "L2 entry",
+                    format!("preallocated zero cluster entry {e:#018x} points to unaligned host offset {:#x}", host.0),
+                ));
+            }
+            return Ok(ClusterKind::ZeroAlloc { host, copied });
         }
         if host.0 == 0 {
             return Ok(ClusterKind::Unallocated);
@@ -367,6 +379,8 @@ mod tests {
             ClusterKind::ZeroAlloc { host: HostOffset(0x50000), copied: true }
         );
         assert!(L2Entry(0x50200).decode(&g).is_err());
+        // A preallocated zero cluster at an unaligned host offset is corrupt too.
+        assert!(L2Entry(0x52a00 | 1 | L2_COPIED).decode(&g).is_err());
         assert!(L2Entry(L2_COMPRESSED | L2_COPIED | 0x1234).decode(&g).is_err());
     }
 
