@@ -533,8 +533,8 @@ impl Checker<'_> {
                 return Ok(());
             }
         };
-        let first = offset >> self.g.cluster_bits;
-        let last = (end - 1) >> self.g.cluster_bits;
+        let first = self.g.cluster_index(offset);
+        let last = self.g.cluster_index(end - 1);
         let max = self.g.refcount_max();
         for k in first..=last {
             if k >= self.nb_clusters {
@@ -549,7 +549,7 @@ impl Checker<'_> {
             }
             let rc = refcount::get(&self.refs, k, self.g.refcount_order);
             if rc == max {
-                self.rep.corrupt(format!("ERROR: overflow cluster offset={:#x}", k << self.g.cluster_bits));
+                self.rep.corrupt(format!("ERROR: overflow cluster offset={:#x}", self.g.cluster_bytes(k)));
                 self.rep.note(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
                 );
@@ -630,7 +630,7 @@ impl Checker<'_> {
                 if raw & L2_COPIED != 0 {
                     self.rep.corrupt(format!(
                         "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
-                        raw & ((1u64 << (62 - (g.cluster_bits - 8))) - 1)
+                        entry.compressed_offset_field(&g)
                     ));
                 }
                 if bitmap != 0 {
@@ -757,7 +757,7 @@ impl Checker<'_> {
         for i in 0..self.reftable.len() {
             let raw = self.reftable[i];
             let offset = raw & !REFT_RESERVED;
-            let cluster = offset >> self.g.cluster_bits;
+            let cluster = self.g.cluster_index(offset);
             if raw & REFT_RESERVED != 0 {
                 self.rep.corrupt(format!("ERROR refcount table entry {i} has reserved bits set"));
                 continue;
@@ -841,7 +841,7 @@ impl Checker<'_> {
                 let n = self.range_clusters(i as u64);
                 let mut all_one = true;
                 for k in 0..n {
-                    if let Stored::Value(rc) = self.stored_refcount((l2_offset >> g.cluster_bits) + k)? {
+                    if let Stored::Value(rc) = self.stored_refcount(g.cluster_index(l2_offset) + k)? {
                         all_one &= rc == 1;
                     }
                 }
@@ -852,7 +852,7 @@ impl Checker<'_> {
                 continue;
             }
             // An unreadable refcount skips the whole L2 table, silently (as QEMU).
-            let Stored::Value(rc) = self.stored_refcount(l2_offset >> g.cluster_bits)? else {
+            let Stored::Value(rc) = self.stored_refcount(g.cluster_index(l2_offset))? else {
                 continue;
             };
             if (rc == 1) != e.copied() {
@@ -868,7 +868,7 @@ impl Checker<'_> {
                 if raw & L2_COMPRESSED != 0 || data == 0 {
                     continue;
                 }
-                if let Stored::Value(rc) = self.stored_refcount(data >> g.cluster_bits)?
+                if let Stored::Value(rc) = self.stored_refcount(g.cluster_index(data))?
                     && (rc == 1) != entry.copied()
                 {
                     self.rep.corrupt(format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"));

@@ -85,6 +85,13 @@ impl L2Entry {
         L2Entry(L2_COMPRESSED | ((sectors - 1) << x) | host.0)
     }
 
+    /// The host offset field of a compressed descriptor: bits 0 to x-1, where
+    /// x = 62 - (cluster_bits - 8) (spec: "Compressed Clusters Descriptor").
+    #[inline]
+    pub fn compressed_offset_field(self, g: &Geometry) -> u64 {
+        self.0 & ((1u64 << (62 - (g.cluster_bits - 8))) - 1)
+    }
+
     /// The host offset bits (9-55).
     #[inline]
     pub fn host_offset(self) -> HostOffset {

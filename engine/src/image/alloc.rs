@@ -57,7 +57,7 @@ impl Image {
 
     /// Records the logical end of the file (allocated clusters may not be written yet).
     pub(crate) fn note_end(&self, st: &MetaState) {
-        let end = st.rc.end_cluster << self.geo.cluster_bits;
+        let end = self.geo.cluster_bytes(st.rc.end_cluster);
         self.file_len.fetch_max(end, Ordering::AcqRel);
     }
 
@@ -72,11 +72,10 @@ impl Image {
         self.mark_dirty_for_lazy(st, cnt)?;
         let io = self.meta_io();
         let first_new = out.len();
-        let cb = self.geo.cluster_bits;
         // Every cluster at or past the allocation end reads as zeros: it lay past the end of
         // the file at open (`end_cluster` starts there and only grows), was never allocated
         // since, and the file only grew over it by `grow_ahead` (holes).
-        let zero_from = st.rc.end_cluster << cb;
+        let zero_from = self.geo.cluster_bytes(st.rc.end_cluster);
         st.rc.alloc_batch(&io, n, out)?;
         self.note_end(st);
         Counters::add(&cnt.clusters_allocated, n);
@@ -90,7 +89,7 @@ impl Image {
             while j < out.len() && out[j] == out[j - 1] + 1 {
                 j += 1;
             }
-            let (a, b) = (out[i] << cb, (out[j - 1] + 1) << cb);
+            let (a, b) = (self.geo.cluster_bytes(out[i]), self.geo.cluster_bytes(out[j - 1] + 1));
             top = top.max(b);
             let reused_end = b.min(zero_from);
             if a < reused_end {
@@ -149,7 +148,7 @@ impl Image {
         while end > floor && st.rc.get(&io, end - 1)? == 0 {
             end -= 1;
         }
-        let end = (end << self.geo.cluster_bits).max(self.opened_len);
+        let end = self.geo.cluster_bytes(end).max(self.opened_len);
         if self.file.len()? > end {
             self.sync.ftruncate(self.file.fd(), end)?;
         }
@@ -201,7 +200,7 @@ impl Image {
         let c = st.rc.alloc_contiguous(&io, 1)?;
         self.note_end(st);
         self.overlap.record(MetaKind::ActiveL2, HostCluster(c), 1);
-        let off = c << self.geo.cluster_bits;
+        let off = self.geo.cluster_bytes(c);
         let mut table = crate::io::AlignedBuf::new(cs);
         if old.l2_offset().0 != 0 {
             let data = self.sync.read_exact(self.file.fd(), old.l2_offset().0, cs, "L2 table")?;
@@ -214,7 +213,7 @@ impl Image {
         Counters::add(&cnt.l2_write_bytes, cs as u64);
         Counters::add(&cnt.clusters_allocated, 1);
         if old.l2_offset().0 != 0 {
-            let oc = old.l2_offset().0 >> self.geo.cluster_bits;
+            let oc = self.geo.cluster_index(old.l2_offset().0);
             st.rc.free_later(oc, 1);
             // A snapshot still uses the old table.
             self.overlap.relabel(HostCluster(oc), MetaKind::ActiveL2, MetaKind::InactiveL2);
@@ -234,8 +233,8 @@ impl Image {
         let n = self.range_clusters(l1i);
         let c = st.rc.alloc_contiguous(&io, n)?;
         self.note_end(st);
-        let off = c << self.geo.cluster_bits;
-        let len = n << self.geo.cluster_bits;
+        let off = self.geo.cluster_bytes(c);
+        let len = self.geo.cluster_bytes(n);
         self.sync.punch(crate::io::hook::WriteKind::Data, self.file.fd(), off, len)?;
         // The extent lies inside the file, so its first writes are not extending ones.
         self.grow_ahead(st, off + len)?;
@@ -259,11 +258,11 @@ impl Image {
         let t = st.rc.alloc_contiguous(&io, 1)?;
         self.note_end(st);
         self.overlap.record(MetaKind::ActiveL2, HostCluster(t), 1);
-        let toff = t << g.cluster_bits;
+        let toff = g.cluster_bytes(t);
         let mut table = crate::io::AlignedBuf::new(cs);
         let ext = old.l2_offset().0;
         for j in 0..self.range_clusters(l1i) {
-            let host = crate::format::HostOffset(ext + (j << g.cluster_bits));
+            let host = crate::format::HostOffset(ext + (g.cluster_bytes(j)));
             let bitmap = crate::format::l2::SubclusterBitmap::from_parts(u32::MAX, 0);
             crate::format::l2::write_entry(
                 &g,

@@ -36,13 +36,12 @@ impl Image {
     /// shared with a writer, `-U`): the known length was updated, check again.
     fn check_l2_slice_once(&self, key: u64, word: &impl Fn(usize) -> u64) -> Result<(), Option<Error>> {
         let g = &self.geo;
-        let cb = g.cluster_bits;
         let cs = g.cluster_size();
         let file_len = self.file_len();
         let eof = g.clusters_for(file_len);
         let table = key & !(cs - 1);
         let m = self.overlap.read();
-        let tc = table >> cb;
+        let tc = g.cluster_index(table);
         let table_conflict = if tc >= eof {
             Some(Conflict::PastEof { file_len })
         } else {
@@ -71,11 +70,11 @@ impl Image {
                 if host == 0 {
                     continue;
                 }
-                let c = host >> cb;
+                let c = g.cluster_index(host);
                 if c < eof && !m.is_meta(c) {
                     continue;
                 }
-                let conflict = self.overlap.check_data(&m, HostOffset(c << cb), cs, file_len);
+                let conflict = self.overlap.check_data(&m, HostOffset(g.cluster_bytes(c)), cs, file_len);
                 if let Some(conflict) = conflict {
                     drop(m);
                     return Err(self.l2_conflict(key, i, L2Entry(e), conflict, file_len));
@@ -116,7 +115,7 @@ impl Image {
         let table = key & !(g.cluster_size() - 1);
         let index = (key - table) / g.l2_entry_size() + i as u64;
         let guest = self.l1_index_of(table).map_or("guest offset unknown".into(), |l1i| {
-            format!("guest offset {}", GuestOffset((l1i * g.l2_entries() + index) << g.cluster_bits))
+            format!("guest offset {}", GuestOffset(g.cluster_bytes(l1i * g.l2_entries() + index)))
         });
         let target = match e.decode(g) {
             Ok(ClusterKind::Compressed { host, len }) => {
@@ -154,7 +153,7 @@ impl Image {
                 continue;
             }
             let off = e.l2_offset();
-            let len = self.range_clusters(i) << g.cluster_bits;
+            let len = g.cluster_bytes(self.range_clusters(i));
             let conflict = if off.0.saturating_add(len) > file_len.div_ceil(g.cluster_size()) * g.cluster_size() {
                 Some(Conflict::PastEof { file_len })
             } else {

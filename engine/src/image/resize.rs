@@ -55,14 +55,14 @@ impl Image {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
             }
             self.flush_metadata(&mut st, false, &self.counters)?; // the new clusters' refcounts
-            self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), c << g.cluster_bits, &bytes)?;
+            self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), g.cluster_bytes(c), &bytes)?;
             self.sync.fdatasync(self.file.fd())?;
             let old_off = h.l1_table_offset.0;
             let old_clusters = (h.l1_size as u64 * 8).div_ceil(cs);
-            h.l1_table_offset = crate::format::HostOffset(c << g.cluster_bits);
+            h.l1_table_offset = crate::format::HostOffset(g.cluster_bytes(c));
             h.l1_size = need as u32;
             for i in 0..old_clusters {
-                st.rc.free_later((old_off >> g.cluster_bits) + i, 1);
+                st.rc.free_later(g.cluster_index(old_off) + i, 1);
             }
         }
         h.size = new_size;

@@ -38,7 +38,7 @@ impl Image {
             st.rc.table_moved = false;
             if let Some((o, n)) = st.rc.old_table.take() {
                 for i in 0..n {
-                    st.rc.free_later((o >> self.geo.cluster_bits) + i, 1);
+                    st.rc.free_later(self.geo.cluster_index(o) + i, 1);
                 }
             }
         }
@@ -118,7 +118,7 @@ impl Image {
                 other => other?,
             }
             for cl in std::mem::take(&mut st.rc.freed) {
-                let off = cl << self.geo.cluster_bits;
+                let off = self.geo.cluster_bytes(cl);
                 self.l2_cache.forget(off);
                 // Whatever it was, it is free now and may become data.
                 self.overlap.forget(crate::format::types::HostCluster(cl));

@@ -136,7 +136,7 @@ impl fmt::Display for Conflict {
 
 /// The metadata clusters of one image (see the module documentation).
 pub(crate) struct OverlapMap {
-    cluster_bits: u32,
+    geo: Geometry,
     inner: RwLock<Clusters>,
 }
 
@@ -202,8 +202,8 @@ impl Clusters {
 }
 
 impl OverlapMap {
-    fn new(cluster_bits: u32) -> Self {
-        OverlapMap { cluster_bits, inner: RwLock::new(Clusters { bits: Vec::new(), kinds: HashMap::new() }) }
+    fn new(geo: Geometry) -> Self {
+        OverlapMap { geo, inner: RwLock::new(Clusters { bits: Vec::new(), kinds: HashMap::new() }) }
     }
 
     /// Records every metadata structure the header, the active L1 table, the refcount table
@@ -221,7 +221,7 @@ impl OverlapMap {
         snapshot_table_bytes: u64,
         file_len: u64,
     ) -> Self {
-        let map = OverlapMap::new(geo.cluster_bits);
+        let map = OverlapMap::new(*geo);
         let cs = geo.cluster_size();
         let eof = geo.clusters_for(file_len);
         {
@@ -304,11 +304,11 @@ impl OverlapMap {
         if host.0 >= file_len {
             return Some(Conflict::PastEof { file_len });
         }
-        let first = host.0 >> self.cluster_bits;
-        let last = (host.0 + len.max(1) - 1) >> self.cluster_bits;
+        let first = self.geo.cluster_index(host.0);
+        let last = self.geo.cluster_index(host.0 + len.max(1) - 1);
         m.first_meta_in(first, last - first + 1).map(|c| Conflict::Metadata {
             kind: m.kind(c).unwrap_or(MetaKind::Header),
-            cluster: HostOffset(c << self.cluster_bits),
+            cluster: HostOffset(self.geo.cluster_bytes(c)),
         })
     }
 }
@@ -326,7 +326,7 @@ pub(crate) fn check_reftable(geo: &Geometry, map: &OverlapMap, table: &[u64], fi
         if off == 0 {
             continue;
         }
-        let c = off >> geo.cluster_bits;
+        let c = geo.cluster_index(off);
         let conflict = if off >= file_len {
             Some(Conflict::PastEof { file_len })
         } else {
@@ -349,7 +349,7 @@ mod tests {
     use super::*;
 
     fn map(cb: u32) -> OverlapMap {
-        OverlapMap::new(cb)
+        OverlapMap::new(Geometry::new(cb, false, 4).unwrap())
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl Refcounts {
         // which terminates: each level moves to a later cluster).
         let bc = self.end_cluster;
         self.end_cluster += 1;
-        let off = bc << self.geo.cluster_bits;
+        let off = self.geo.cluster_bytes(bc);
         self.tick += 1;
         let cs = self.geo.cluster_size() as usize;
         self.blocks.insert(off, Block { buf: AlignedBuf::new(cs), dirty: true, used: self.tick });
@@ -250,7 +250,7 @@ impl Refcounts {
         self.end_cluster += clusters;
         let old = (self.table_offset, self.table_clusters);
         self.table.resize(want, 0);
-        self.table_offset = start << self.geo.cluster_bits;
+        self.table_offset = self.geo.cluster_bytes(start);
         self.table_clusters = clusters;
         self.table_dirty = true;
         self.table_moved = true;
@@ -259,7 +259,7 @@ impl Refcounts {
         if let Some((o, n)) = self.old_table.replace(old) {
             // A table from an earlier growth that was never made durable: never referenced
             // by the header, so it can simply be freed with the others.
-            self.pending_free.extend((0..n).map(|i| ((o >> self.geo.cluster_bits) + i, 1)));
+            self.pending_free.extend((0..n).map(|i| (self.geo.cluster_index(o) + i, 1)));
         }
         for c in start..start + clusters {
             self.set(io, c, 1)?;
@@ -308,7 +308,7 @@ impl Refcounts {
                         format!(
                             "cluster {c} (host offset {:#x}) has refcount 0 but is still referenced (a decrement \
                              is queued for it): preventing its allocation",
-                            c << self.geo.cluster_bits
+                            self.geo.cluster_bytes(c)
                         ),
                     ));
                 }
@@ -317,7 +317,7 @@ impl Refcounts {
                         "refcount",
                         format!(
                             "cluster {c} (host offset {:#x}, the {kind}) has refcount 0: preventing its allocation",
-                            c << self.geo.cluster_bits
+                            self.geo.cluster_bytes(c)
                         ),
                     ));
                 }
