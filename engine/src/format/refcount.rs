@@ -65,6 +65,9 @@ pub fn max_value(order: u32) -> u64 {
     if order >= 6 { u64::MAX } else { (1u64 << (1u32 << order)) - 1 }
 }
 
+/// Reserved bits of a refcount table entry (bits 0-8).
+pub const REFTABLE_RESERVED: u64 = 0x1ff;
+
 /// One refcount table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RefTableEntry(pub u64);
@@ -73,11 +76,11 @@ impl RefTableEntry {
     /// Offset of the refcount block (0 = not allocated).
     #[inline]
     pub fn block_offset(self) -> HostOffset {
-        HostOffset(self.0 & !0x1ff)
+        HostOffset(self.0 & !REFTABLE_RESERVED)
     }
     /// Validates the entry: reserved bits 0-8 clear, cluster aligned.
     pub fn validate(self, index: u64, cluster_size: u64) -> Result<()> {
-        if self.0 & 0x1ff != 0 {
+        if self.0 & REFTABLE_RESERVED != 0 {
             return Err(Error::corrupt(
                 "refcount table entry",
                 format!("entry {index} ({:#x}) has reserved bits 0-8 set", self.0),
@@ -89,7 +92,7 @@ impl RefTableEntry {
                 format!("entry {index} points to unaligned refcount block offset {:#x}", self.0),
             ));
         }
-        if self.0 & !OFFSET_MASK & !0x1ff != 0 && self.0 > (1u64 << 56) {
+        if self.0 & !OFFSET_MASK & !REFTABLE_RESERVED != 0 && self.0 > (1u64 << 56) {
             return Err(Error::corrupt(
                 "refcount table entry",
                 format!("entry {index} offset {:#x} is beyond the addressable range", self.0),

@@ -225,7 +225,7 @@ impl Image {
         while i < end && count < threshold {
             let ti = (i / per_block) as usize;
             let Some(e) = rt.get(ti * 8..ti * 8 + 8) else { break };
-            let block = u64::from_be_bytes(e.try_into().unwrap()) & !0x1ff;
+            let block = crate::format::refcount::RefTableEntry(crate::format::bytes::be64(e, 0)).block_offset().0;
             let span_end = ((ti as u64 + 1) * per_block).min(end);
             if block == 0 {
                 i = span_end;

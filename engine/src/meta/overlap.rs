@@ -240,8 +240,8 @@ impl OverlapMap {
             range(MetaKind::ActiveL1, h.l1_table_offset.0, h.l1_size as u64 * 8);
             range(MetaKind::RefcountTable, h.refcount_table_offset.0, h.refcount_table_clusters as u64 * cs);
             for &e in reftable {
-                let off = e & !0x1ff;
-                if off != 0 && e & 0x1ff == 0 && geo.is_cluster_aligned(off) {
+                let off = e & !crate::format::refcount::REFTABLE_RESERVED;
+                if off != 0 && e & crate::format::refcount::REFTABLE_RESERVED == 0 && geo.is_cluster_aligned(off) {
                     range(MetaKind::RefcountBlock, off, cs);
                 }
             }
@@ -322,7 +322,7 @@ pub(crate) fn check_reftable(geo: &Geometry, map: &OverlapMap, table: &[u64], fi
     let cs = geo.cluster_size();
     for (i, &e) in table.iter().enumerate() {
         crate::format::refcount::RefTableEntry(e).validate(i as u64, cs)?;
-        let off = e & !0x1ff;
+        let off = e & !crate::format::refcount::REFTABLE_RESERVED;
         if off == 0 {
             continue;
         }

@@ -155,7 +155,7 @@ impl Refcounts {
     pub fn get(&mut self, io: &MetaIo, cluster: u64) -> Result<u64> {
         let ti = (cluster >> self.geo.refblock_bits()) as usize;
         let Some(&e) = self.table.get(ti) else { return Ok(0) };
-        let off = e & !0x1ff;
+        let off = rc::RefTableEntry(e).block_offset().0;
         if off == 0 {
             return Ok(0);
         }
@@ -217,7 +217,7 @@ impl Refcounts {
         if ti >= self.table.len() {
             self.grow_table(io, ti)?;
         }
-        let e = self.table[ti] & !0x1ff;
+        let e = rc::RefTableEntry(self.table[ti]).block_offset().0;
         if e != 0 {
             return Ok(e);
         }
