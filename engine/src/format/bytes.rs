@@ -22,6 +22,16 @@ pub fn be64(b: &[u8], off: usize) -> u64 {
     b.get(off..off.wrapping_add(8)).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// The big-endian 64-bit words of a table (a trailing partial word is ignored).
+pub fn be64_words(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    b.chunks_exact(8).map(|c| be64(c, 0))
+}
+
+/// A table of 64-bit words as big-endian bytes.
+pub fn to_be64_bytes(words: impl IntoIterator<Item = u64>) -> Vec<u8> {
+    words.into_iter().flat_map(u64::to_be_bytes).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

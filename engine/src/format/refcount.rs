@@ -104,12 +104,12 @@ impl RefTableEntry {
 
 /// Decodes a big-endian refcount table.
 pub fn decode_table(bytes: &[u8]) -> Vec<RefTableEntry> {
-    bytes.chunks_exact(8).map(|c| RefTableEntry(u64::from_be_bytes(c.try_into().unwrap()))).collect()
+    super::bytes::be64_words(bytes).map(RefTableEntry).collect()
 }
 
 /// Encodes a refcount table.
 pub fn encode_table(entries: &[RefTableEntry]) -> Vec<u8> {
-    entries.iter().flat_map(|e| e.0.to_be_bytes()).collect()
+    super::bytes::to_be64_bytes(entries.iter().map(|e| e.0))
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ impl Image {
         let reftable: Vec<u64> = sync
             .read_exact(file.fd(), header.refcount_table_offset.0, rt_bytes, "refcount table")?
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .map(|c| crate::format::bytes::be64(c, 0))
             .collect();
         let overlap =
             Arc::new(OverlapMap::build(&geo, &header, &entries, &reftable, &snapshots, snapshot_table_bytes, file_len));

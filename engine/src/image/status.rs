@@ -37,6 +37,19 @@ impl BlockStatus {
     fn unallocated(len: u64, depth: usize) -> Self {
         BlockStatus { len, depth, present: false, zero: true, data: false, compressed: false, offset: None, file: None }
     }
+
+    /// `len` bytes of data in the layer at `depth`, at `offset` of its file (`zero`: they are
+    /// known to read as zeros, e.g. a hole of a preallocated file).
+    fn data(len: u64, depth: usize, zero: bool, offset: u64, file: Option<std::path::PathBuf>) -> Self {
+        BlockStatus { len, depth, present: true, zero, data: true, compressed: false, offset: Some(offset), file }
+    }
+
+    /// `len` bytes that read as zeros in the layer at `depth` (allocated there or not),
+    /// with the host offset QEMU reports for them, if any.
+    fn zeros(len: u64, depth: usize, present: bool, offset: Option<u64>, file: Option<std::path::PathBuf>) -> Self {
+        let file = offset.and(file);
+        BlockStatus { len, depth, present, zero: true, data: false, compressed: false, offset, file }
+    }
 }
 
 impl Image {
@@ -99,42 +112,13 @@ impl Image {
                             seek_data_hole(layer.file.fd(), h.0, n.min(flen - h.0), flen)?
                         };
                         let run = if h.0 < flen && h.0 + run >= flen && !data { n } else { run };
-                        return Ok(BlockStatus {
-                            len: run.min(n),
-                            depth,
-                            present: true,
-                            zero: !data,
-                            data: true,
-                            compressed: false,
-                            offset: Some(h.0),
-                            file: path,
-                        });
+                        return Ok(BlockStatus::data(run.min(n), depth, !data, h.0, path));
                     }
-                    return Ok(BlockStatus {
-                        len: n,
-                        depth,
-                        present: true,
-                        zero: false,
-                        data: true,
-                        compressed: false,
-                        offset: Some(h.0),
-                        file: path,
-                    });
+                    return Ok(BlockStatus::data(n, depth, false, h.0, path));
                 }
                 Extent::Zero => {
                     // Zero clusters with a host offset report it (QEMU: ZERO_ALLOC).
-                    let offset = layer.alloc_offset(off)?;
-                    let file = offset.and(path);
-                    return Ok(BlockStatus {
-                        len: n,
-                        depth,
-                        present: true,
-                        zero: true,
-                        data: false,
-                        compressed: false,
-                        offset,
-                        file,
-                    });
+                    return Ok(BlockStatus::zeros(n, depth, true, layer.alloc_offset(off)?, path));
                 }
                 Extent::Compressed { .. } => {
                     return Ok(BlockStatus {
@@ -152,18 +136,7 @@ impl Image {
                     None => {
                         // Extended L2: unallocated subclusters of an allocated cluster still
                         // report the host offset (QEMU: UNALLOCATED_ALLOC).
-                        let offset = layer.alloc_offset(off)?;
-                        let file = offset.and(path);
-                        return Ok(BlockStatus {
-                            len: n,
-                            depth,
-                            present: false,
-                            zero: true,
-                            data: false,
-                            compressed: false,
-                            offset,
-                            file,
-                        });
+                        return Ok(BlockStatus::zeros(n, depth, false, layer.alloc_offset(off)?, path));
                     }
                     Some(Backing::Raw(raw)) => {
                         if off >= raw.size {

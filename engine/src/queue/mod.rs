@@ -292,7 +292,8 @@ impl Queue {
         {
             return Ok(());
         }
-        let id = self.new_guest_req(req.user_data, kind, offset, len, buf, entered);
+        let id = self.new_req(req.user_data, kind, offset, len, buf, Parent::Caller);
+        self.admit(id, entered);
         self.drive(id);
         Ok(())
     }
@@ -316,7 +317,8 @@ impl Queue {
         }
         let kind = if write { ReqKind::Write } else { ReqKind::Read };
         let entered = self.image.enter(&self.gate);
-        let id = self.new_guest_req(user_data, kind, offset, len, std::ptr::null_mut(), Some(entered));
+        let id = self.new_req(user_data, kind, offset, len, std::ptr::null_mut(), Parent::Caller);
+        self.admit(id, Some(entered));
         // The parent is walked at once; its children carry the work.
         self.reqs[id].cursor = offset + len;
         self.reqs[id].pending += 1;

@@ -85,13 +85,7 @@ impl Queue {
         self.reqs[id].pending += 1;
         let top = Arc::clone(&self.image);
         let mut run = RunBuilder::default();
-        loop {
-            let r = &self.reqs[id];
-            let end = r.offset + r.len;
-            if r.cursor >= end || r.error != 0 {
-                break;
-            }
-            let pos = r.cursor;
+        while let Some((pos, end)) = self.walk_next(id) {
             let piece = match resolve(&top, pos, end - pos, &self.counters) {
                 Ok(p) => p,
                 Err(e) => {

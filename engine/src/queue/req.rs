@@ -150,23 +150,22 @@ impl Queue {
         })
     }
 
-    /// Creates a guest request (from the caller) that entered the epoch gate with parity
-    /// `entered`, and counts a write in the image's `writes_in_flight`.
-    pub(super) fn new_guest_req(
-        &mut self,
-        user_data: u64,
-        kind: ReqKind,
-        offset: u64,
-        len: u64,
-        buf: *mut u8,
-        entered: Option<u8>,
-    ) -> usize {
-        let id = self.new_req(user_data, kind, offset, len, buf, Parent::Caller);
+    /// A guest request (from the caller) that entered the epoch gate with parity `entered`
+    /// joins the image's accounting: its epoch, and `writes_in_flight` for a write.
+    pub(super) fn admit(&mut self, id: usize, entered: Option<u8>) {
         self.reqs[id].entered = entered;
         if self.reqs[id].counts_in_flight() {
             self.image.writes_in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
-        id
+    }
+
+    /// The next guest offset to walk and the request's end, or None when the request is
+    /// walked (or has failed): the head of every walk loop.
+    #[inline]
+    pub(super) fn walk_next(&self, id: usize) -> Option<(u64, u64)> {
+        let r = &self.reqs[id];
+        let end = r.offset + r.len;
+        (r.cursor < end && r.error == 0).then_some((r.cursor, end))
     }
 
     /// Parks an active request (it waits for a slice load or the metadata lock; the caller

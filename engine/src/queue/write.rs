@@ -142,11 +142,27 @@ impl Queue {
     }
 
     /// Ensures a private L2 table for `l1i` under the lock. `Ok(false)`: lock busy.
-    pub(super) fn make_table(&mut self, l1i: u64) -> Result<bool> {
+    fn make_table(&mut self, l1i: u64) -> Result<bool> {
         let img = self.image.clone();
         let Some(mut st) = img.try_meta()? else { return Ok(false) };
         img.ensure_l2_table(&mut st, l1i, &self.counters)?;
         Ok(true)
+    }
+
+    /// Makes sure L1 entry `l1i` has a private L2 table for request `id`'s walk; when it
+    /// cannot now, parks the request (lock busy) or fails it. Returns whether the walk goes on.
+    pub(super) fn table_ready(&mut self, id: usize, l1i: u64) -> bool {
+        match self.make_table(l1i) {
+            Ok(true) => true,
+            Ok(false) => {
+                self.park_lock(id);
+                false
+            }
+            Err(e) => {
+                self.fail_write(id, e);
+                false
+            }
+        }
     }
 
     /// Advances a write request.
@@ -156,13 +172,8 @@ impl Queue {
         self.reqs[id].pending += 1;
         let fd = self.image.file.fd();
         let mut run = RunBuilder::default();
-        loop {
-            let r = &self.reqs[id];
-            let end = r.offset + r.len;
-            if r.cursor >= end || r.error != 0 {
-                break;
-            }
-            let pos = GuestOffset(r.cursor);
+        while let Some((pos, end)) = self.walk_next(id) {
+            let pos = GuestOffset(pos);
             let piece = match self.resolve_write(pos, end - pos.0) {
                 Ok(p) => p,
                 Err(e) => {
@@ -181,17 +192,11 @@ impl Queue {
                     self.park_slice(id, key);
                     break;
                 }
-                WPiece::NeedTable { l1i } => match self.make_table(l1i) {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        self.park_lock(id);
+                WPiece::NeedTable { l1i } => {
+                    if !self.table_ready(id, l1i) {
                         break;
                     }
-                    Err(e) => {
-                        self.fail_write(id, e);
-                        break;
-                    }
-                },
+                }
                 WPiece::Alloc { slot, entry, bitmap, len } => {
                     if let Some(r) = run.take() {
                         self.issue_write(id, r);

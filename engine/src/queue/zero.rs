@@ -16,13 +16,8 @@ impl Queue {
         let g = img.geo;
         let cs = g.cluster_size();
         let v3 = img.version >= 3;
-        loop {
-            let r = &self.reqs[id];
-            let end = r.offset + r.len;
-            if r.cursor >= end || r.error != 0 {
-                break;
-            }
-            let (kind, pos) = (r.kind, r.cursor);
+        while let Some((pos, end)) = self.walk_next(id) {
+            let kind = self.reqs[id].kind;
             let cstart = pos - g.offset_in_cluster(pos);
             let cend = (cstart + cs).min(img.vsize());
             let n = end.min(cend) - pos;
@@ -79,17 +74,10 @@ impl Queue {
                 continue;
             }
             if !img.write_l1_ready(l1i) {
-                match self.make_table(l1i) {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        self.park_lock(id);
-                        break;
-                    }
-                    Err(e) => {
-                        self.fail_write(id, e);
-                        break;
-                    }
+                if self.table_ready(id, l1i) {
+                    continue;
                 }
+                break;
             }
             let at = match img.l2_slot(GuestOffset(pos)) {
                 Ok(Some(s)) => s,

@@ -172,31 +172,19 @@ impl MetaCache {
     /// The hit path: reads big-endian word `word` of the slice `key`, if cached.
     #[inline]
     pub fn read_word(&self, key: u64, word: usize) -> Option<u64> {
-        let set = self.set_of(key);
-        let kb = key_bits(key);
-        for s in set * WAYS..(set + 1) * WAYS {
-            let c1 = self.ctl[s].load(Ordering::Acquire);
-            if c1 & !(GEN_MASK | PIN_MASK) != kb | ST_VALID {
-                continue;
-            }
-            let v = self.word_ptr(s, word).load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            let c2 = self.ctl[s].load(Ordering::Relaxed);
-            if (c1 ^ c2) & !PIN_MASK == 0 {
-                if self.used[s].load(Ordering::Relaxed) == 0 {
-                    self.used[s].store(1, Ordering::Relaxed);
-                }
-                return Some(u64::from_be(v));
-            }
-            // Raced with an eviction: treat as a miss, the caller will claim and retry.
-            return None;
-        }
-        None
+        self.read_words::<1>(key, word).map(|[a]| a)
     }
 
     /// Reads two consecutive words (extended L2 entries) under one validation.
     #[inline]
     pub fn read_pair(&self, key: u64, word: usize) -> Option<(u64, u64)> {
+        self.read_words::<2>(key, word).map(|[a, b]| (a, b))
+    }
+
+    /// Reads `N` consecutive big-endian words from `word` of slice `key`, if cached, under
+    /// one seqlock validation (no lock, no syscall).
+    #[inline]
+    fn read_words<const N: usize>(&self, key: u64, word: usize) -> Option<[u64; N]> {
         let set = self.set_of(key);
         let kb = key_bits(key);
         for s in set * WAYS..(set + 1) * WAYS {
@@ -204,16 +192,16 @@ impl MetaCache {
             if c1 & !(GEN_MASK | PIN_MASK) != kb | ST_VALID {
                 continue;
             }
-            let a = self.word_ptr(s, word).load(Ordering::Relaxed);
-            let b = self.word_ptr(s, word + 1).load(Ordering::Relaxed);
+            let v: [u64; N] = std::array::from_fn(|i| self.word_ptr(s, word + i).load(Ordering::Relaxed));
             fence(Ordering::Acquire);
             let c2 = self.ctl[s].load(Ordering::Relaxed);
             if (c1 ^ c2) & !PIN_MASK == 0 {
                 if self.used[s].load(Ordering::Relaxed) == 0 {
                     self.used[s].store(1, Ordering::Relaxed);
                 }
-                return Some((u64::from_be(a), u64::from_be(b)));
+                return Some(v.map(u64::from_be));
             }
+            // Raced with an eviction: treat as a miss, the caller will claim and retry.
             return None;
         }
         None
@@ -229,13 +217,8 @@ impl MetaCache {
     /// eviction as its own (queues keep per-queue counters).
     pub fn claim_noting(&self, key: u64, evicted: &mut bool) -> Claim {
         let set = self.set_of(key);
-        let kb = key_bits(key);
-        let range = set * WAYS..(set + 1) * WAYS;
-        for s in range.clone() {
-            let c = self.ctl[s].load(Ordering::Acquire);
-            if c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK != ST_EMPTY {
-                return if c & ST_MASK == ST_VALID { Claim::Present(SlotId(s as u32)) } else { Claim::Busy };
-            }
+        if let Some(found) = self.find_claimed(key, set) {
+            return found;
         }
         // Only one claimer per set may pick a victim: two claimers of the same key that both
         // missed above would otherwise load it into two ways, and the copies diverge as soon
@@ -249,17 +232,28 @@ impl MetaCache {
         r
     }
 
+    /// The claim outcome when `key` already has a slot in `set` (valid: present; loading:
+    /// busy), None when it has none.
+    fn find_claimed(&self, key: u64, set: usize) -> Option<Claim> {
+        let kb = key_bits(key);
+        (set * WAYS..(set + 1) * WAYS).find_map(|s| {
+            let c = self.ctl[s].load(Ordering::Acquire);
+            (c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK != ST_EMPTY).then_some(if c & ST_MASK == ST_VALID {
+                Claim::Present(SlotId(s as u32))
+            } else {
+                Claim::Busy
+            })
+        })
+    }
+
     /// [`MetaCache::claim`] past the first lookup, with the set's claim flag held.
     fn claim_victim(&self, key: u64, set: usize, evicted: &mut bool) -> Claim {
         let kb = key_bits(key);
         let range = set * WAYS..(set + 1) * WAYS;
         // Look again: a claimer that held the flag since our first look may have inserted
         // the key (the flag's Acquire makes its CAS visible here).
-        for s in range.clone() {
-            let c = self.ctl[s].load(Ordering::Acquire);
-            if c >> KEY_SHIFT << KEY_SHIFT == kb && c & ST_MASK != ST_EMPTY {
-                return if c & ST_MASK == ST_VALID { Claim::Present(SlotId(s as u32)) } else { Claim::Busy };
-            }
+        if let Some(found) = self.find_claimed(key, set) {
+            return found;
         }
         // Clock sweep over the set: two passes clear "used" bits, then take any free slot.
         for _ in 0..3 * WAYS {
