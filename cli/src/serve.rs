@@ -10,9 +10,10 @@
 //! another queue's metadata work are only retried when the queue is reaped; nothing signals
 //! the ring fd for them).
 //!
-//! A virtio request becomes one engine request per guest memory segment (there is no iovec
-//! submission in the engine yet); when segments are not multiples of 512 bytes the data goes
-//! through a bounce buffer. The request completes when all its segments did.
+//! A virtio request becomes one engine request per guest memory segment (the engine's
+//! `Op::Readv`/`Op::Writev` would make it one request; not used here yet); when segments are
+//! not multiples of 512 bytes the data goes through a bounce buffer. The request completes
+//! when all its segments did.
 //!
 //! The server handles one front-end connection: when it disconnects, or on SIGTERM/SIGINT,
 //! the threads drain their in-flight requests, the image is closed cleanly and a per-queue

@@ -27,7 +27,7 @@
 //! their refcount drops to zero.
 //!
 //! What a bad entry does (QEMU's `qcow2_signal_corruption`, see
-//! [`Image::signal_corruption`](crate::image::Image::signal_corruption)):
+//! `Image::signal_corruption` in `image/header.rs`):
 //!
 //! * the request that meets it fails (EIO) with an error naming the entry, the guest offset,
 //!   the host offset and the structure there (or the end of the file);

@@ -1,7 +1,7 @@
 //! The per-thread [`Queue`]: one io_uring, a slab of in-flight requests, a slab of
 //! sub-I/Os (each SQE's `user_data` is its key), and the request state machines.
 //!
-//! A guest request walks its range cluster by cluster ([`read`]); each piece becomes a data
+//! A guest request walks its range cluster by cluster (`read.rs`, `write.rs`, `zero.rs`); each piece becomes a data
 //! read SQE, a zero fill, a backing-file read or a compressed read. A piece whose L2 slice
 //! is not cached parks the request and issues (or waits for) the slice load; the queue keeps
 //! serving other requests meanwhile. The request completes when its last SQE does.

@@ -1,22 +1,17 @@
-//! Write, zero-write, discard and flush request state machines, and copy-on-write
-//! allocation jobs.
+//! The write request state machine: walk the guest range cluster by cluster and resolve
+//! each piece ([`WPiece`]).
 //!
 //! * An overwrite of data the image owns (a COPIED cluster; with extended L2, subclusters
-//!   already allocated) is one data write: no metadata, no lock.
-//! * Anything else in a cluster becomes a [`Job`]: take a host cluster from the queue's
-//!   reserved batch, fill the parts of the written cluster (or subclusters) that the
-//!   request does not cover from what the guest sees there now (backing file, zeros, a
-//!   compressed or snapshot-shared cluster) by internal reads, write everything as one I/O,
-//!   then publish the new L2 entry: a compare-and-swap on the cached L2 word (standard L2,
-//!   no lock) or an update under the metadata lock (extended L2's two words). A queue that
-//!   loses the race gives its cluster back and redoes the piece as an overwrite.
-//! * Zero writes and discards of whole clusters change L2 entries under the metadata lock
-//!   (zero flag / zero bitmap); partial pieces of zero writes are written as zeros, partial
-//!   pieces of discards are ignored (as QEMU does).
-//! * Flush writes metadata back in dependency order ([`crate::image::writeback`]).
+//!   already allocated; an L2-less range) joins a run of contiguous host bytes, and each run
+//!   is one data write: no metadata, no lock.
+//! * Anything else in a cluster becomes an allocation job ([`super::job`], planned by
+//!   [`super::cow`]) on a host cluster from the queue's reserved batch ([`BATCH`] clusters
+//!   taken under the metadata lock at a time).
+//! * A cluster whose L1 entry has no private L2 table gets one first (under the lock); a
+//!   piece whose L2 slice is not cached parks the request on the slice's load.
 //!
-//! The metadata lock is only ever tried: when another queue holds it the request (or job)
-//! is parked and retried, so a queue never blocks its thread on another queue.
+//! The metadata lock is only ever tried: when another queue holds it the request is parked
+//! and retried, so a queue never blocks its thread on another queue.
 
 use super::job::Started;
 use super::run::{Run, RunBuilder};
