@@ -61,9 +61,11 @@ while :; do
     rc=$?
     set -e
     took=$(( $(date +%s) - t0 ))
-    grep '^mq-run ' "$out" >>"$LOG" || true
-    runs=$(grep -c '^mq-run ' "$out" || true)
-    ops=$(awk '/^mq-run / { for (i = 1; i <= NF; i++) if ($i ~ /^ops=/) { split($i, a, "="); s += a[2] } } END { print s + 0 }' "$out")
+    # (libtest prints "test model ... " in front of the first line.)
+    sed -n 's/.*\(mq-run .*\)/\1/p' "$out" >"$out.runs"
+    cat "$out.runs" >>"$LOG"
+    runs=$(wc -l <"$out.runs")
+    ops=$(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^ops=/) { split($i, a, "="); s += a[2] } } END { print s + 0 }' "$out.runs")
     # The seeds of this chunk are used up (a failing run's seed included).
     next=$(( seed + runs + (rc != 0 ? 1 : 0) ))
     awk -v q="$q" -v t="$took" -v r="$runs" -v o="$ops" -v n="$next" -v bad=$(( rc != 0 )) '

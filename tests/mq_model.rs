@@ -677,6 +677,25 @@ fn check_batch(w: &mut World, img: &Arc<Image>, recs: &[Rec], out: &mut Outcome)
                         allowed,
                         ops
                     ));
+                    if bad.len() == 1 {
+                        // Every op of the batch in the same cluster, in submit order.
+                        let cl = s * SECTOR / cs;
+                        let mut near: Vec<&Rec> = recs
+                            .iter()
+                            .filter(|r| r.len > 0 && r.off / cs <= cl && cl <= (r.off + r.len - 1) / cs)
+                            .collect();
+                        near.sort_by_key(|r| r.s);
+                        let list: Vec<String> = near
+                            .iter()
+                            .map(|r| {
+                                format!(
+                                    "  {:#x} t{} {:?} {:#x}+{:#x} [{}, {}]",
+                                    r.id, r.thread, r.kind, r.off, r.len, r.s, r.c
+                                )
+                            })
+                            .collect();
+                        bad.push(format!("ops of batch in cluster {:#x}:\n{}", cl * cs, list.join("\n")));
+                    }
                 }
                 w.model[s as usize] = got;
             }

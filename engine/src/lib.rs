@@ -64,6 +64,12 @@
 //! * Guest data is never written onto metadata: an L1, L2 or refcount table entry that
 //!   points into metadata or past the end of the file is refused before any write uses it,
 //!   and the image is then marked corrupt as QEMU does ([`meta::overlap`]).
+//! * A freed host cluster is reused only after every request that started before its last
+//!   reference was dropped has completed, so no request in flight reads or writes another
+//!   guest offset's data. A refcount that would go below zero or past its width's maximum,
+//!   or a free cluster that metadata still refers to, marks the image corrupt the same way.
+//!   [`Image::audit`](image::Image::audit) checks, with the queues idle, that every
+//!   cluster's refcount equals its references and that cached metadata equals the disk.
 //!
 //! ## Layers
 //!

@@ -54,6 +54,8 @@ pub(super) enum Started {
     NeedLock,
     /// The L2 slice was evicted meanwhile: the request is parked on its reload.
     Parked,
+    /// The entry changed since the piece was resolved: resolve it again.
+    Stale,
 }
 
 impl Queue {
@@ -90,6 +92,19 @@ impl Queue {
                 if !claimed {
                     img.l2_cache.unpin(slot);
                     return Ok(Started::NeedLock);
+                }
+                // The plan comes from the entry as it was looked up. A job that held the
+                // claim meanwhile may have published since (allocated the subclusters this
+                // one would fill, turned the zero cluster into data): a fill planned from the
+                // old entry would then write its zeros over that job's data in the live
+                // cluster, before the commit could notice. Plans are made only from the entry
+                // as it is under the claim.
+                let now_e = L2Entry(img.l2_cache.load_word(slot, at.word));
+                let now_b = if g.extended_l2 { SubclusterBitmap(img.l2_cache.load_word(slot, at.word + 1)) } else { b };
+                if now_e != e || now_b != b {
+                    img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&g.host_cluster(h).0);
+                    img.l2_cache.unpin(slot);
+                    return Ok(Started::Stale);
                 }
                 h
             }

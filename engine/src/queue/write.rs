@@ -203,6 +203,7 @@ impl Queue {
                             break;
                         }
                         Ok(Started::Parked) => break,
+                        Ok(Started::Stale) => continue,
                         Err(err) => {
                             self.fail_write(id, err);
                             break;
@@ -251,5 +252,64 @@ impl Queue {
             let sqe = opcode::Write::new(types::Fd(fd), ptr, len as u32).offset(host).build().user_data(io as u64);
             self.push(sqe);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::layout::CreateOptions;
+    use crate::image::{Image, Options};
+    use crate::queue::{Parent, QueueOptions, ReqKind};
+
+    /// A job that fills subclusters of its own cluster in place must plan from the entry as
+    /// it is once it holds the cluster's fill claim. Here the write into the first half of
+    /// subcluster 23 is resolved while that subcluster is unallocated; then a whole-cluster
+    /// write allocates every subcluster and publishes; then the first job starts. Planned
+    /// from the stale bitmap it filled the second half of subcluster 23 with zeros over the
+    /// whole-cluster write's data (its commit then failed and it redid only its own bytes):
+    /// found by tests/mq_model.rs (c64k-ext-rc1, 8 queues, seed 886000275).
+    #[test]
+    fn in_place_fill_plans_from_the_entry_under_its_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fill.qcow2");
+        let cs = 65536u64;
+        let o = CreateOptions { size: 4 * cs, cluster_size: cs, extended_l2: true, ..Default::default() };
+        crate::image::create(&path, &o, false).unwrap();
+        let img = Image::open(&path, &Options::default()).unwrap();
+        let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+        // Cluster 0 exists with only subcluster 0 allocated.
+        q.write_at(&[0x11; 2048], 0).unwrap();
+        let (pos, len) = (GuestOffset(23 * 2048), 1024);
+        let Ok(WPiece::Alloc { slot, entry, bitmap, .. }) = q.resolve_write(pos, len) else {
+            panic!("subcluster 23 is not allocated yet: an allocation job is planned");
+        };
+        // Another writer allocates every subcluster meanwhile.
+        q.write_at(&vec![0xb2; cs as usize], 0).unwrap();
+        // The first job starts with what it looked up.
+        let data = vec![0xa5u8; len as usize];
+        let id = q.new_req(9, ReqKind::Write, pos.0, len, data.as_ptr() as *mut u8, Parent::Caller);
+        q.reqs[id].pending += 1;
+        let started = q.start_job(id, pos, len, slot, entry, bitmap).unwrap();
+        q.reqs[id].pending -= 1;
+        if matches!(started, Started::Yes) {
+            q.reqs[id].cursor += len;
+            q.maybe_finish(id);
+        } else {
+            q.drive_write(id);
+        }
+        q.commit().unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            q.reap(&mut done, 1, Some(std::time::Duration::from_secs(10))).unwrap();
+        }
+        assert_eq!(done[0], crate::queue::Completion { user_data: 9, result: 0 });
+        let mut got = vec![0u8; 2048];
+        q.read_at(&mut got, pos.0).unwrap();
+        assert!(got[..1024].iter().all(|&x| x == 0xa5), "the job's own bytes");
+        let bad = got[1024..].iter().position(|&x| x != 0xb2);
+        assert_eq!(bad, None, "the rest of subcluster 23 holds the whole-cluster write's data");
+        drop(q);
+        img.close().unwrap();
     }
 }
