@@ -51,9 +51,12 @@ pub struct Options {
     pub read_only: bool,
     /// Cache mode for writes.
     pub cache: CacheMode,
-    /// `l2-cache-size` in bytes (None: enough for the whole image, at most 32 MiB).
+    /// `l2-cache-size` in bytes (None: enough for the whole image, at most 32 MiB). Capped
+    /// at what the image can use, as QEMU does (see `cache_sizes`): any value is accepted,
+    /// and one that is still larger than the machine's memory fails the open.
     pub l2_cache_size: Option<u64>,
-    /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB).
+    /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB),
+    /// capped at what the image can use.
     pub refcount_cache_size: Option<u64>,
     /// `l2-cache-entry-size` in bytes (None: min(cluster size, 4 KiB)).
     pub l2_cache_entry_size: Option<u64>,
@@ -249,15 +252,7 @@ impl Image {
             }
             None => geo.cluster_size().min(4096),
         };
-        let whole = geo.clusters_for(header.size).saturating_mul(geo.l2_entry_size());
-        // Default: room for every L2 slice of the image (twice over, since the cache is
-        // set-associative), at most 32 MiB.
-        let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
-            whole
-                .saturating_mul(2)
-                .saturating_add(crate::meta::cache::WAYS as u64 * entry_size)
-                .clamp(entry_size, DEFAULT_L2_CACHE_MAX)
-        });
+        let (l2_bytes, rc_bytes) = cache_sizes(&geo, header.size, file_len, entry_size, opts)?;
         let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);
         let slice_entries = entry_size / geo.l2_entry_size();
 
@@ -306,7 +301,6 @@ impl Image {
             if let Err(e) = crate::meta::overlap::check_reftable(&geo, &overlap, &reftable, file_len) {
                 return Err(mark_corrupt_at_open(&sync, file.fd(), &mut header, e));
             }
-            let rc_bytes = opts.refcount_cache_size.unwrap_or((l2_bytes / 4).max(256 << 10));
             let rc = crate::meta::refcount::Refcounts::open(
                 geo,
                 reftable,
@@ -670,6 +664,49 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     Ok(())
 }
 
+/// The L2 and refcount cache sizes in bytes for an image of `vsize` bytes in a file of
+/// `file_len` bytes, from the options, as QEMU's `read_cache_sizes` does it: a cache is never
+/// larger than what the image can use, whatever the option says.
+///
+/// * L2: what the image can use is room for every L2 slice of the whole disk, twice over
+///   (the cache is set-associative) plus one set. The default is that, at most
+///   [`DEFAULT_L2_CACHE_MAX`]; an `l2-cache-size` above it is cut down to it (QEMU caps at the
+///   L2 tables of the whole disk). What remains is allocated at open, so a size larger than
+///   the machine's memory is refused ("L2 cache size too big") instead of aborting.
+/// * Refcounts: what the image can use is the refcount blocks covering a file of
+///   `file_len + 2 * vsize` bytes (the file as it is plus a fully allocated disk and its
+///   metadata, or a second copy for snapshots), at least 4 clusters. The default is a quarter
+///   of the L2 cache, at least 256 KiB, within that. (The refcount cache only holds blocks
+///   it has read, so this bounds a count, not an allocation.)
+pub(crate) fn cache_sizes(
+    geo: &Geometry,
+    vsize: u64,
+    file_len: u64,
+    entry_size: u64,
+    opts: &Options,
+) -> Result<(u64, u64)> {
+    let whole = geo.clusters_for(vsize).saturating_mul(geo.l2_entry_size());
+    let l2_need = whole.saturating_mul(2).saturating_add(crate::meta::cache::WAYS as u64 * entry_size).max(entry_size);
+    let l2 = match opts.l2_cache_size {
+        Some(s) => s.min(l2_need),
+        None => l2_need.min(DEFAULT_L2_CACHE_MAX),
+    };
+    if let Some(mem) = crate::io::buf::physical_memory()
+        && l2 > mem
+    {
+        return Err(Error::InvalidRequest(format!(
+            "L2 cache size too big: l2-cache-size {} is {l2} bytes for this image (the L2 tables of its \
+             whole disk), more than this machine's memory ({mem} bytes)",
+            opts.l2_cache_size.unwrap_or(l2)
+        )));
+    }
+    let host = file_len.saturating_add(vsize.saturating_mul(2));
+    let blocks = geo.clusters_for(host).div_ceil(geo.refblock_entries()).max(4);
+    let rc_need = blocks.saturating_mul(geo.cluster_size());
+    let rc = opts.refcount_cache_size.unwrap_or((l2 / 4).max(256 << 10)).min(rc_need);
+    Ok((l2, rc))
+}
+
 /// Serializes `h` and writes it to cluster 0, then flushes the device (the header write of
 /// every header update). Returns the number of bytes written.
 fn write_header(sync: &SyncRing, fd: i32, h: &mut Header) -> Result<usize> {
@@ -787,4 +824,40 @@ pub fn probe_format(path: &Path) -> Result<String> {
     let mut magic = [0u8; 4];
     let n = f.read(&mut magic).map_err(|e| Error::io(format!("read '{}'", path.display()), e))?;
     Ok(if n == 4 && u32::from_be_bytes(magic) == crate::format::header::MAGIC { "qcow2".into() } else { "raw".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(cluster_bits: u32, vsize: u64, l2: Option<u64>, rc: Option<u64>) -> Result<(u64, u64)> {
+        let geo = Geometry::new(cluster_bits, false, 4).unwrap();
+        let opts = Options { l2_cache_size: l2, refcount_cache_size: rc, ..Options::default() };
+        cache_sizes(&geo, vsize, 0, geo.cluster_size().min(4096), &opts)
+    }
+
+    #[test]
+    fn caches_are_capped_at_what_the_image_can_use() {
+        // 16 MiB of 64 KiB clusters: 256 L2 entries (2 KiB), twice over plus a set of 4 KiB
+        // slices.
+        let need = 2 * 2048 + crate::meta::cache::WAYS as u64 * 4096;
+        assert_eq!(sizes(16, 16 << 20, None, None).unwrap().0, need);
+        for asked in [2 << 30, 8 << 30, 1 << 40, u64::MAX] {
+            let (l2, rc) = sizes(16, 16 << 20, Some(asked), Some(asked)).unwrap();
+            assert_eq!(l2, need, "l2-cache-size {asked}");
+            // 16 MiB + 32 MiB of 64 KiB clusters fit in one refcount block: 4 clusters minimum.
+            assert_eq!(rc, 4 << 16, "refcount-cache-size {asked}");
+        }
+        // Smaller than the need: taken as is.
+        assert_eq!(sizes(16, 16 << 20, Some(4096), None).unwrap().0, 4096);
+        // The default stays at 32 MiB for large disks.
+        assert_eq!(sizes(16, 1 << 50, None, None).unwrap().0, DEFAULT_L2_CACHE_MAX);
+    }
+
+    #[test]
+    fn a_cache_larger_than_memory_is_an_error() {
+        // 2^60 bytes of 512-byte clusters would need 2^54 bytes of L2 tables.
+        let e = sizes(9, 1 << 60, Some(1 << 53), None).unwrap_err();
+        assert!(e.to_string().contains("L2 cache size too big"), "{e}");
+    }
 }
