@@ -7,6 +7,7 @@ mod convert;
 mod create;
 mod info;
 mod io_cmd;
+mod io_lang;
 mod map;
 mod serve;
 mod util;
