@@ -9,6 +9,7 @@ mod info;
 mod io_cmd;
 mod io_lang;
 mod map;
+mod output;
 mod serve;
 mod util;
 
