@@ -77,7 +77,8 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     };
     let cache = if a.cache == "directsync" { quring::image::CacheMode::Writethrough } else { cache };
     let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
-    let opts = Options { read_only: !a.write, cache, l2_cache_size, ..Options::default() };
+    let opts =
+        Options { read_only: !a.write, cache, l2_cache_size, hook: quring::io::hook::from_env(), ..Options::default() };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let size = img.size();
     if bufsize == 0 || bufsize > size || bufsize % 512 != 0 {

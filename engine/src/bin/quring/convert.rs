@@ -69,7 +69,8 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             crate::output::check_replace(&a.dst, &chain, a.force_share).map_err(refuse)?;
             // create takes the write lock before it truncates.
             quring::image::create(&a.dst, &o, true).map_err(|e| refuse(e.to_string()))?;
-            let out = quring::image::Image::open(&a.dst, &quring::image::Options::default())?;
+            let opts = quring::image::Options { hook: quring::io::hook::from_env(), ..Default::default() };
+            let out = quring::image::Image::open(&a.dst, &opts)?;
             let q = Queue::new(&out, &QueueOptions::default())?;
             Sink::Qcow2(out, Box::new(q))
         }

@@ -60,6 +60,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         force_share: a.force_share,
         cache,
         l2_cache_size,
+        hook: quring::io::hook::from_env(),
         ..Options::default()
     };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
