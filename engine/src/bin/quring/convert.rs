@@ -61,7 +61,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         }
         "qcow2" => {
             let mut o = quring::format::layout::CreateOptions::default();
-            crate::create::apply_opts(&mut o, &a.options)?;
+            crate::util::apply_create_opts(&mut o, &a.options)?;
             if o.backing_file.is_some() {
                 return Err("convert does not take a backing file for the output".into());
             }

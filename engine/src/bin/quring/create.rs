@@ -1,8 +1,7 @@
 //! `quring create`: new qcow2 images laid out exactly as `qemu-img create` does.
 
-use crate::util::{parse_opts, parse_size};
+use crate::util::{apply_create_opts, parse_size};
 use clap::Parser;
-use quring::format::header::CompressionType;
 use quring::format::layout::{CreateOptions, Preallocation};
 use std::path::PathBuf;
 
@@ -35,20 +34,12 @@ pub struct Args {
     size: Option<String>,
 }
 
-fn on_off(k: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
-    }
-}
-
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if a.format != "qcow2" {
         return Err(format!("unsupported format '{}' (quring creates qcow2)", a.format).into());
     }
     let mut o = CreateOptions::default();
-    apply_opts(&mut o, &a.options)?;
+    apply_create_opts(&mut o, &a.options)?;
     if let Some(b) = a.backing {
         o.backing_file = Some(b);
     }
@@ -126,48 +117,4 @@ fn backing_info(
         }
         f => Err(format!("Unknown backing format '{f}'").into()),
     }
-}
-
-/// Applies qemu-img style `-o` options to `o`.
-pub fn apply_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let mut compat_set = None;
-    for (k, v) in parse_opts(list)? {
-        match k.as_str() {
-            "cluster_size" => o.cluster_size = parse_size(&v)?,
-            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
-            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
-            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
-            "compat" => {
-                compat_set = Some(match v.as_str() {
-                    "0.10" | "v2" => true,
-                    "1.1" | "v3" => false,
-                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
-                })
-            }
-            "preallocation" => {
-                o.preallocation = match v.as_str() {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
-                }
-            }
-            "backing_file" => o.backing_file = Some(v),
-            "backing_fmt" => o.backing_fmt = Some(v),
-            "compression_type" => {
-                o.compression = match v.as_str() {
-                    "zlib" => CompressionType::Deflate,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(format!("Invalid compression type '{v}'").into()),
-                }
-            }
-            "l2_less" => o.l2_less = on_off(&k, &v)?,
-            other => return Err(format!("Invalid parameter '{other}'").into()),
-        }
-    }
-    if let Some(v2) = compat_set {
-        o.compat_v2 = v2;
-    }
-    Ok(())
 }

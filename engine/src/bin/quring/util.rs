@@ -1,5 +1,10 @@
 //! Shared CLI helpers: qemu-style sizes and `-o key=value,...` option lists.
+//!
+//! Like `io_lang.rs`, this file only uses the library's public API: the fuzz target `cli`
+//! (fuzz/harness.rs) includes it by path to fuzz the option values the tools parse.
 
+use quring::format::header::CompressionType;
+use quring::format::layout::{CreateOptions, Preallocation};
 use quring::image::{Image, Options};
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +50,58 @@ pub fn parse_opts(list: &[String]) -> Result<Vec<(String, String)>, String> {
         }
     }
     Ok(out)
+}
+
+fn on_off(k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+    }
+}
+
+/// Applies qemu-img style `-o` options to `o`.
+pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut compat_set = None;
+    for (k, v) in parse_opts(list)? {
+        match k.as_str() {
+            "cluster_size" => o.cluster_size = parse_size(&v)?,
+            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
+            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
+            "compat" => {
+                compat_set = Some(match v.as_str() {
+                    "0.10" | "v2" => true,
+                    "1.1" | "v3" => false,
+                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
+                })
+            }
+            "preallocation" => {
+                o.preallocation = match v.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
+                }
+            }
+            "backing_file" => o.backing_file = Some(v),
+            "backing_fmt" => o.backing_fmt = Some(v),
+            "compression_type" => {
+                o.compression = match v.as_str() {
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err(format!("Invalid compression type '{v}'").into()),
+                }
+            }
+            "l2_less" => o.l2_less = on_off(&k, &v)?,
+            other => return Err(format!("Invalid parameter '{other}'").into()),
+        }
+    }
+    if let Some(v2) = compat_set {
+        o.compat_v2 = v2;
+    }
+    Ok(())
 }
 
 /// Opens an image read-only for inspection tools (`force_share`: qemu-img's -U).
