@@ -164,3 +164,26 @@ fn fio_l2_cache_size_1t_is_capped() {
     assert_eq!(r.rss_exceeds(128 * 1024), Some(false), "fio peak RSS {} KiB:\n{}", r.maxrss_kib, r.describe());
     qemu_img(["check", &s(&p)]).ok();
 }
+
+#[test]
+fn bench_depth_and_buffers_are_bounded() {
+    // One buffer per request in flight: an absurd depth, or buffers larger than memory
+    // together, are refused before any is allocated (qemu-img bench aborts or crashes on
+    // these).
+    let d = tempdir();
+    let p = image(d.path());
+    for depth in ["0", "1000000000"] {
+        let r = quring(["bench", "-d", depth, "-c", "10", &s(&p)]);
+        assert_clean_failure(&r);
+        assert!(r.stderr.contains("Invalid queue depth specified. Must be between 1 and 8192."), "{}", r.describe());
+    }
+    // 8192 requests of 1 GiB (on a sparse 1 TiB disk) need 8 TiB of buffers.
+    let big = d.path().join("big.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", &s(&big), "1T"]).ok();
+    let r = quring(["bench", "-d", "8192", "-s", "1G", "-c", "10", &s(&big)]);
+    assert_clean_failure(&r);
+    assert!(r.stderr.contains("more than this machine's memory"), "{}", r.describe());
+    // The deepest queue works, in the memory its 32 MiB of buffers and its ring take.
+    let r = quring(["bench", "-d", "8192", "-c", "20000", &s(&p)]).ok();
+    assert_eq!(r.rss_exceeds(RSS_KIB + 64 * 1024), Some(false), "peak RSS {} KiB:\n{}", r.maxrss_kib, r.describe());
+}
