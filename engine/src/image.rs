@@ -707,8 +707,8 @@ pub(crate) fn cache_sizes(
         && l2 > mem
     {
         return Err(Error::InvalidRequest(format!(
-            "L2 cache size too big: l2-cache-size {} is {l2} bytes for this image (the L2 tables of its \
-             whole disk), more than this machine's memory ({mem} bytes)",
+            "L2 cache size too big: l2-cache-size {} makes a {l2}-byte cache for this image (whose L2 \
+             tables need {l2_need}), more than this machine's memory ({mem} bytes)",
             opts.l2_cache_size.unwrap_or(l2)
         )));
     }
