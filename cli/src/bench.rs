@@ -63,6 +63,10 @@ pub struct Args {
     image: PathBuf,
 }
 
+/// Deepest queue: `2 * depth` rounded up to a power of two ring entries, whose completion
+/// ring (4 times as large) must stay within io_uring's 65536.
+const MAX_DEPTH: usize = 8192;
+
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let bufsize = parse_size(&a.size)?;
     let step = match &a.step {
@@ -77,13 +81,30 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     };
     let cache = if a.cache == "directsync" { quring::image::CacheMode::Writethrough } else { cache };
     let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
-    let opts = Options { read_only: !a.write, cache, l2_cache_size, ..Options::default() };
+    let opts =
+        Options { read_only: !a.write, cache, l2_cache_size, hook: quring::io::hook::from_env(), ..Options::default() };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let size = img.size();
     if bufsize == 0 || bufsize > size || bufsize % 512 != 0 {
         return Err(
             format!("request size {bufsize} must be a non-zero multiple of 512 no larger than the image").into()
         );
+    }
+    // Depth and size are bounded before a buffer exists: one buffer per request in flight,
+    // a ring with room for all of them (io_uring's limit), and memory for all the buffers.
+    if a.depth == 0 || a.depth > MAX_DEPTH {
+        return Err(format!("Invalid queue depth specified. Must be between 1 and {MAX_DEPTH}.").into());
+    }
+    let buffers = (a.depth as u64).saturating_mul(bufsize.next_multiple_of(4096));
+    if let Some(mem) = quring::io::buf::physical_memory()
+        && buffers > mem
+    {
+        return Err(format!(
+            "{} requests of {bufsize} bytes in flight need {buffers} bytes of buffers, more than this \
+             machine's memory ({mem} bytes): lower -d or -s",
+            a.depth
+        )
+        .into());
     }
     if !a.quiet {
         println!(
@@ -94,18 +115,17 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             a.depth
         );
     }
+    let depth = a.depth;
     let mut q = Queue::new(
         &img,
-        &QueueOptions { ring_entries: (a.depth as u32 * 2).next_power_of_two().max(64), ..Default::default() },
+        &QueueOptions { ring_entries: (depth as u32 * 2).next_power_of_two().max(64), ..Default::default() },
     )?;
-    let depth = a.depth.max(1);
-    let mut bufs: Vec<AlignedBuf> = (0..depth)
-        .map(|_| {
-            let mut b = AlignedBuf::new(bufsize as usize);
-            b.fill(a.pattern);
-            b
-        })
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = Vec::with_capacity(depth);
+    for _ in 0..depth {
+        let mut b = AlignedBuf::try_new(bufsize as usize).ok_or("Cannot allocate memory for the request buffers")?;
+        b.fill(a.pattern);
+        bufs.push(b);
+    }
     let mut started = vec![Instant::now(); depth];
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);

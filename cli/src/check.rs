@@ -9,7 +9,7 @@ use quring::io::{ImageFile, SyncRing};
 #[derive(Parser)]
 pub struct Args {
     #[command(flatten)]
-    a: crate::util::InspectArgs,
+    a: crate::args::InspectArgs,
     /// Quiet: no output, only the exit code.
     #[arg(short = 'q')]
     quiet: bool,

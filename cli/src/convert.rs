@@ -46,29 +46,31 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let img = open_ro(&a.src, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
     let size = img.size();
+    // The output is checked (QEMU's write lock, and no file of the input's chain) before a
+    // byte of it changes; qemu-img's message names it and the output format.
+    let chain = crate::output::chain_files(&img);
+    let refuse = |e: String| format!("{}: error while converting {}: {e}", a.dst.display(), a.out_format);
     let mut sink = match a.out_format.as_str() {
         "raw" => {
             if !a.options.is_empty() {
                 return Err("-o is only supported with -O qcow2".into());
             }
-            Sink::Raw(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&a.dst)
-                    .map_err(|e| format!("Could not create '{}': {e}", a.dst.display()))?,
-            )
+            let (f, lock) = crate::output::open_output(&a.dst, &chain, a.force_share).map_err(refuse)?;
+            f.set_len(0).map_err(|e| refuse(format!("Could not truncate: {e}")))?;
+            Sink::Raw(f, lock)
         }
         "qcow2" => {
             let mut o = quring::format::layout::CreateOptions::default();
-            crate::create::apply_opts(&mut o, &a.options)?;
+            crate::util::apply_create_opts(&mut o, &a.options)?;
             if o.backing_file.is_some() {
                 return Err("convert does not take a backing file for the output".into());
             }
             o.size = size;
-            quring::image::create(&a.dst, &o, true)?;
-            let out = quring::image::Image::open(&a.dst, &quring::image::Options::default())?;
+            crate::output::check_replace(&a.dst, &chain, a.force_share).map_err(refuse)?;
+            // create takes the write lock before it truncates.
+            quring::image::create(&a.dst, &o, true).map_err(|e| refuse(e.to_string()))?;
+            let opts = quring::image::Options { hook: quring::io::hook::from_env(), ..Default::default() };
+            let out = quring::image::Image::open(&a.dst, &opts)?;
             let q = Queue::new(&out, &QueueOptions::default())?;
             Sink::Qcow2(out, Box::new(q))
         }
@@ -134,14 +136,15 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
 
 /// Where converted data goes.
 enum Sink {
-    Raw(std::fs::File),
+    /// A raw file, with QEMU's write lock held on it until the end.
+    Raw(std::fs::File, quring::io::lock::ImageLock),
     Qcow2(std::sync::Arc<quring::image::Image>, Box<Queue>),
 }
 
 impl Sink {
     fn write(&mut self, b: &[u8], off: u64) -> Result<(), Box<dyn std::error::Error>> {
         match self {
-            Sink::Raw(f) => f.write_all_at(b, off)?,
+            Sink::Raw(f, _) => f.write_all_at(b, off)?,
             Sink::Qcow2(_, q) => q.write_at(b, off)?,
         }
         Ok(())
@@ -149,7 +152,7 @@ impl Sink {
 
     fn finish(self, size: u64) -> Result<(), Box<dyn std::error::Error>> {
         match self {
-            Sink::Raw(f) => {
+            Sink::Raw(f, _lock) => {
                 f.set_len(size)?;
                 f.sync_all()?;
             }

@@ -1,8 +1,7 @@
 //! `quring create`: new qcow2 images laid out exactly as `qemu-img create` does.
 
-use crate::util::{parse_opts, parse_size};
+use crate::util::{apply_create_opts, parse_size};
 use clap::Parser;
-use quring::format::header::CompressionType;
 use quring::format::layout::{CreateOptions, Preallocation};
 use std::path::PathBuf;
 
@@ -35,20 +34,12 @@ pub struct Args {
     size: Option<String>,
 }
 
-fn on_off(k: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
-    }
-}
-
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if a.format != "qcow2" {
         return Err(format!("unsupported format '{}' (quring creates qcow2)", a.format).into());
     }
     let mut o = CreateOptions::default();
-    apply_opts(&mut o, &a.options)?;
+    apply_create_opts(&mut o, &a.options)?;
     if let Some(b) = a.backing {
         o.backing_file = Some(b);
     }
@@ -58,22 +49,25 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if o.backing_file.is_some() && o.backing_fmt.is_none() {
         return Err("Backing file specified without backing format".into());
     }
+    // The new image may not be its own backing file: refused before anything is opened.
+    let target = |msg: String| format!("{}: {msg}", a.image.display());
+    if let Some(b) = &o.backing_file {
+        crate::output::check_create_target(&a.image, b, &[]).map_err(target)?;
+    }
+    // The backing chain is opened (unless -u) for its size and to make sure it opens, and
+    // the target may be no file of it.
+    let mut backing_size = None;
+    if let Some(b) = o.backing_file.clone()
+        && !a.unsafe_backing
+    {
+        let (size, chain) = backing_info(&a.image, &b, o.backing_fmt.as_deref().unwrap_or("raw"))?;
+        crate::output::check_create_target(&a.image, &b, &chain).map_err(target)?;
+        backing_size = Some(size);
+    }
     o.size = match &a.size {
         Some(s) => parse_size(s)?,
-        None => {
-            let Some(b) = &o.backing_file else {
-                return Err("Image creation needs a size parameter".into());
-            };
-            if a.unsafe_backing {
-                return Err("Image creation needs a size parameter".into());
-            }
-            backing_size(&a.image, b, o.backing_fmt.as_deref().unwrap_or("raw"))?
-        }
+        None => backing_size.ok_or("Image creation needs a size parameter")?,
     };
-    if o.backing_file.is_some() && !a.unsafe_backing {
-        let b = o.backing_file.clone().unwrap();
-        backing_size(&a.image, &b, o.backing_fmt.as_deref().unwrap_or("raw"))?;
-    }
     if !a.quiet {
         let mut line = format!("Formatting '{}', fmt=qcow2 cluster_size={}", a.image.display(), o.cluster_size);
         if !o.compat_v2 {
@@ -97,63 +91,30 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         );
         println!("{line}");
     }
-    quring::image::create(&a.image, &o, true)?;
+    // The library takes QEMU's write lock before it truncates: an image in use stays whole.
+    quring::image::create(&a.image, &o, true).map_err(|e| target(e.to_string()))?;
     Ok(0)
 }
 
-fn backing_size(image: &std::path::Path, name: &str, fmt: &str) -> Result<u64, Box<dyn std::error::Error>> {
+/// The size of the backing file `name` of a new image at `image`, and the files of its
+/// chain.
+fn backing_info(
+    image: &std::path::Path,
+    name: &str,
+    fmt: &str,
+) -> Result<(u64, Vec<crate::output::ChainFile>), Box<dyn std::error::Error>> {
+    use std::os::unix::fs::MetadataExt;
     let path = quring::image::resolve_backing_path(image, name);
+    let open_err = |e: &dyn std::fmt::Display| format!("Could not open backing file '{}': {e}", path.display());
     match fmt {
-        "raw" => Ok(std::fs::metadata(&path)
-            .map_err(|e| format!("Could not open backing file '{}': {e}", path.display()))?
-            .len()),
-        "qcow2" => Ok(crate::util::open_ro(&path, true)
-            .map_err(|e| format!("Could not open backing file '{}': {e}", path.display()))?
-            .size()),
+        "raw" => {
+            let m = std::fs::metadata(&path).map_err(|e| open_err(&e))?;
+            Ok((m.len(), vec![crate::output::ChainFile { dev: m.dev(), ino: m.ino(), path: path.clone() }]))
+        }
+        "qcow2" => {
+            let img = crate::util::open_ro(&path, true).map_err(|e| open_err(&e))?;
+            Ok((img.size(), crate::output::chain_files(&img)))
+        }
         f => Err(format!("Unknown backing format '{f}'").into()),
     }
-}
-
-/// Applies qemu-img style `-o` options to `o`.
-pub fn apply_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let mut compat_set = None;
-    for (k, v) in parse_opts(list)? {
-        match k.as_str() {
-            "cluster_size" => o.cluster_size = parse_size(&v)?,
-            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
-            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
-            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
-            "compat" => {
-                compat_set = Some(match v.as_str() {
-                    "0.10" | "v2" => true,
-                    "1.1" | "v3" => false,
-                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
-                })
-            }
-            "preallocation" => {
-                o.preallocation = match v.as_str() {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
-                }
-            }
-            "backing_file" => o.backing_file = Some(v),
-            "backing_fmt" => o.backing_fmt = Some(v),
-            "compression_type" => {
-                o.compression = match v.as_str() {
-                    "zlib" => CompressionType::Deflate,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(format!("Invalid compression type '{v}'").into()),
-                }
-            }
-            "l2_less" => o.l2_less = on_off(&k, &v)?,
-            other => return Err(format!("Invalid parameter '{other}'").into()),
-        }
-    }
-    if let Some(v2) = compat_set {
-        o.compat_v2 = v2;
-    }
-    Ok(())
 }

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 #[derive(Parser)]
 pub struct Args {
     #[command(flatten)]
-    a: crate::util::InspectArgs,
+    a: crate::args::InspectArgs,
 }
 
 pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {

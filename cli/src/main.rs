@@ -1,13 +1,16 @@
 //! `quring`: qcow2 image tools on the quring engine, following qemu-img's conventions for
 //! options, output and exit codes.
 
+mod args;
 mod bench;
 mod check;
 mod convert;
 mod create;
 mod info;
 mod io_cmd;
+mod io_lang;
 mod map;
+mod output;
 mod serve;
 mod util;
 

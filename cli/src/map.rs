@@ -9,7 +9,7 @@ use std::fmt::Write;
 #[derive(Parser)]
 pub struct Args {
     #[command(flatten)]
-    a: crate::util::InspectArgs,
+    a: crate::args::InspectArgs,
 }
 
 struct Entry {

@@ -656,7 +656,8 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         Cache::Writeback => CacheMode::Writeback,
         Cache::Writethrough => CacheMode::Writethrough,
     };
-    let image = Image::open(&a.image, &Options { read_only: a.read_only, cache, ..Default::default() })?;
+    let opts = Options { read_only: a.read_only, cache, hook: quring::io::hook::from_env(), ..Default::default() };
+    let image = Image::open(&a.image, &opts)?;
     let num_queues = a.queues as usize;
 
     // SIGTERM/SIGINT go to one thread that asks the daemon to stop; block them everywhere

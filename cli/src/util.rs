@@ -1,9 +1,12 @@
 //! Shared CLI helpers: qemu-style sizes and `-o key=value,...` option lists.
+//!
+//! Like `io_lang.rs`, this file only uses the library's public API: the fuzz target `cli`
+//! (fuzz/harness.rs) includes it by path to fuzz the option values the tools parse.
 
-use clap::Args as ClapArgs;
+use quring::format::header::CompressionType;
+use quring::format::layout::{CreateOptions, Preallocation};
 use quring::image::{Image, Options};
 use std::path::Path;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Parses a qemu-img size: a number with an optional binary suffix (k, M, G, T, P, E; b for
@@ -49,6 +52,58 @@ pub fn parse_opts(list: &[String]) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
+fn on_off(k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+    }
+}
+
+/// Applies qemu-img style `-o` options to `o`.
+pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut compat_set = None;
+    for (k, v) in parse_opts(list)? {
+        match k.as_str() {
+            "cluster_size" => o.cluster_size = parse_size(&v)?,
+            "extended_l2" => o.extended_l2 = on_off(&k, &v)?,
+            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| format!("Invalid refcount_bits '{v}'"))?,
+            "lazy_refcounts" => o.lazy_refcounts = on_off(&k, &v)?,
+            "compat" => {
+                compat_set = Some(match v.as_str() {
+                    "0.10" | "v2" => true,
+                    "1.1" | "v3" => false,
+                    _ => return Err(format!("Invalid compatibility level: '{v}'").into()),
+                })
+            }
+            "preallocation" => {
+                o.preallocation = match v.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => return Err(format!("Invalid parameter '{v}' for preallocation").into()),
+                }
+            }
+            "backing_file" => o.backing_file = Some(v),
+            "backing_fmt" => o.backing_fmt = Some(v),
+            "compression_type" => {
+                o.compression = match v.as_str() {
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => return Err(format!("Invalid compression type '{v}'").into()),
+                }
+            }
+            "l2_less" => o.l2_less = on_off(&k, &v)?,
+            other => return Err(format!("Invalid parameter '{other}'").into()),
+        }
+    }
+    if let Some(v2) = compat_set {
+        o.compat_v2 = v2;
+    }
+    Ok(())
+}
+
 /// Opens an image read-only for inspection tools (`force_share`: qemu-img's -U).
 pub fn open_ro(path: &Path, force_share: bool) -> quring::Result<Arc<Image>> {
     Image::open(path, &Options { read_only: true, force_share, ..Options::default() })
@@ -91,48 +146,5 @@ mod tests {
         assert!(parse_size("12x").is_err());
         assert_eq!(human_size(4194304), "4 MiB");
         assert_eq!(human_size(331776), "324 KiB");
-    }
-}
-
-/// `--output=human|json`, as qemu-img spells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputFormat {
-    /// Text for people.
-    Human,
-    /// qemu-img's JSON.
-    Json,
-}
-
-/// Parses `--output` with qemu-img's message for a bad value.
-pub fn parse_output(s: &str) -> Result<OutputFormat, String> {
-    match s {
-        "human" => Ok(OutputFormat::Human),
-        "json" => Ok(OutputFormat::Json),
-        o => Err(format!("--output expects 'human' or 'json' not '{o}'")),
-    }
-}
-
-/// The arguments every inspecting command (`info`, `map`, `check`) takes, as qemu-img names
-/// them.
-#[derive(ClapArgs)]
-pub struct InspectArgs {
-    /// Output format: human or json.
-    #[arg(long = "output", value_parser = parse_output, default_value = "human")]
-    pub output: OutputFormat,
-    /// Image format (only qcow2).
-    #[arg(short = 'f')]
-    pub format: Option<String>,
-    /// Force share: open the image even when another process writes it (no write lock is
-    /// ever taken for inspection; with -U a reader's lock is not taken either).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
-    /// The image.
-    pub image: PathBuf,
-}
-
-impl InspectArgs {
-    /// Is JSON output wanted?
-    pub fn json(&self) -> bool {
-        self.output == OutputFormat::Json
     }
 }

@@ -1,5 +1,6 @@
 //! Creating an image laid out exactly as `qemu-img create` lays it out.
 
+use crate::io::lock::{ImageLock, LockMode};
 use crate::io::{ImageFile, SyncRing};
 use crate::{Error, Result};
 use std::path::Path;
@@ -7,6 +8,10 @@ use std::path::Path;
 /// Creates a new qcow2 image at `path` exactly as `qemu-img create` would lay it out
 /// ([`crate::format::layout`]), writing through io_uring with O_DIRECT. Fails if the file
 /// exists and `overwrite` is false.
+///
+/// An existing file is truncated only once QEMU's write lock on it is held (as qemu-img
+/// does): an image that another process (or another open in this one) uses fails with
+/// [`Error::Locked`] ("Failed to get \"write\" lock") and keeps every byte.
 pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: bool) -> Result<()> {
     use crate::format::layout::{Preallocation, plan_create};
     use std::os::unix::fs::OpenOptionsExt;
@@ -14,12 +19,14 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     let mut oo = std::fs::OpenOptions::new();
     oo.read(true).write(true).custom_flags(libc::O_CLOEXEC);
     if overwrite {
-        oo.create(true).truncate(true);
+        oo.create(true);
     } else {
         oo.create_new(true);
     }
     let f = oo.open(path).map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
-    drop(f);
+    // Held until the image is written: nobody opens it half made either.
+    let _lock = ImageLock::acquire(&f, path, LockMode::ReadWrite, false)?;
+    f.set_len(0).map_err(|e| Error::io(format!("Could not truncate '{}'", path.display()), e))?;
     let file = ImageFile::open(path, true)?;
     let sync = SyncRing::new()?;
     for (off, bytes) in &plan.writes {

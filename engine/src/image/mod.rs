@@ -11,6 +11,7 @@
 
 mod alloc;
 mod audit;
+mod cache_sizes;
 mod create;
 pub(crate) mod epoch;
 mod header;
@@ -74,9 +75,12 @@ pub struct Options {
     pub read_only: bool,
     /// Cache mode for writes.
     pub cache: CacheMode,
-    /// `l2-cache-size` in bytes (None: enough for the whole image, at most 32 MiB).
+    /// `l2-cache-size` in bytes (None: enough for the whole image, at most 32 MiB). Capped
+    /// at what the image can use, as QEMU does (see `cache_sizes`): any value is accepted,
+    /// and one that is still larger than the machine's memory fails the open.
     pub l2_cache_size: Option<u64>,
-    /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB).
+    /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB),
+    /// capped at what the image can use.
     pub refcount_cache_size: Option<u64>,
     /// `l2-cache-entry-size` in bytes (None: min(cluster size, 4 KiB)).
     pub l2_cache_entry_size: Option<u64>,
@@ -232,6 +236,12 @@ impl Image {
     /// The path the image was opened with.
     pub fn path(&self) -> &Path {
         self.file.path()
+    }
+
+    /// The open image file (tools compare it with other files by device and inode, e.g. to
+    /// refuse to overwrite a file of an image's own backing chain).
+    pub fn file(&self) -> &ImageFile {
+        &self.file
     }
 
     /// The backing layer, if any.

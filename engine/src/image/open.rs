@@ -3,6 +3,7 @@
 //! opened (qcow2 or raw files, relative names resolved against the directory of the image
 //! that names them, as QEMU does).
 
+use super::cache_sizes::cache_sizes;
 use super::header::{mark_corrupt_at_open, write_header};
 use super::*;
 use crate::format::feature;
@@ -88,15 +89,7 @@ impl Image {
             }
             None => geo.cluster_size().min(4096),
         };
-        let whole = geo.clusters_for(header.size).saturating_mul(geo.l2_entry_size());
-        // Default: room for every L2 slice of the image (twice over, since the cache is
-        // set-associative), at most 32 MiB.
-        let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
-            whole
-                .saturating_mul(2)
-                .saturating_add(crate::meta::cache::WAYS as u64 * entry_size)
-                .clamp(entry_size, DEFAULT_L2_CACHE_MAX)
-        });
+        let (l2_bytes, rc_bytes) = cache_sizes(&geo, header.size, file_len, entry_size, opts)?;
         let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);
         let slice_entries = entry_size / geo.l2_entry_size();
 
@@ -145,7 +138,6 @@ impl Image {
             if let Err(e) = crate::meta::overlap::check_reftable(&geo, &overlap, &reftable, file_len) {
                 return Err(mark_corrupt_at_open(&sync, file.fd(), &mut header, e));
             }
-            let rc_bytes = opts.refcount_cache_size.unwrap_or((l2_bytes / 4).max(256 << 10));
             let rc = crate::meta::refcount::Refcounts::open(
                 geo,
                 reftable,
