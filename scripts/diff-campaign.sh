@@ -22,16 +22,16 @@ mkdir -p "$DIR"
 # Absolute: cargo runs the campaign binary in engine/.
 DIR=$(cd "$DIR" && pwd)
 if [[ "${1:-}" == "--seed" ]]; then
-    exec cargo test --release -p quring --test diff_campaign -- --seed "$2" --minimize-secs "${MINIMIZE_SECS:-600}"
+    exec cargo test --release -p quring-tests --test diff_campaign -- --seed "$2" --minimize-secs "${MINIMIZE_SECS:-600}"
 fi
 MINUTES=${1:-15}
 if [[ -n "${RESET:-}" ]]; then
     rm -f "$DIR/state"
 fi
-cargo build --release -p quring --test diff_campaign >&2
+cargo build --release -p quring-tests --test diff_campaign >&2
 echo "differential campaign: $MINUTES minutes, state in $DIR/state, failures in $DIR/failures.log" >&2
 status=0
-cargo test --release -p quring --test diff_campaign -- --minutes "$MINUTES" --state "$DIR/state" \
+cargo test --release -p quring-tests --test diff_campaign -- --minutes "$MINUTES" --state "$DIR/state" \
     --log "$DIR/failures.log" --seed-base "${SEED_BASE:-0}" --minimize-secs "${MINIMIZE_SECS:-600}" || status=$?
 if [[ $status -ne 0 ]]; then
     echo "failures in this run: see $DIR/failures.log" >&2

@@ -85,6 +85,13 @@ impl L2Entry {
         L2Entry(L2_COMPRESSED | ((sectors - 1) << x) | host.0)
     }
 
+    /// The host offset field of a compressed descriptor: bits 0 to x-1, where
+    /// x = 62 - (cluster_bits - 8) (spec: "Compressed Clusters Descriptor").
+    #[inline]
+    pub fn compressed_offset_field(self, g: &Geometry) -> u64 {
+        self.0 & ((1u64 << (62 - (g.cluster_bits - 8))) - 1)
+    }
+
     /// The host offset bits (9-55).
     #[inline]
     pub fn host_offset(self) -> HostOffset {
@@ -292,6 +299,13 @@ pub fn write_entry(g: &Geometry, buf: &mut [u8], index: usize, entry: L2Entry, b
         let o = index * 8;
         buf[o..o + 8].copy_from_slice(&entry.0.to_be_bytes());
     }
+}
+
+/// The subcluster bitmap mask of subclusters `first..=last` (bit `i` for subcluster `i`).
+pub fn subcluster_mask(first: u32, last: u32) -> u32 {
+    debug_assert!(first <= last && last < 32);
+    let n = last - first + 1;
+    if n >= 32 { u32::MAX } else { ((1u32 << n) - 1) << first }
 }
 
 #[cfg(test)]
