@@ -126,6 +126,7 @@ impl Image {
         let ahead = (len / 8).clamp(4 << 20, 128 << 20).div_ceil(cs) * cs;
         let new = top
             .checked_add(ahead)
+            .and_then(|n| n.checked_next_multiple_of(4096))
             .ok_or_else(|| Error::InvalidRequest(format!("file length {top} + {ahead} overflows")))?;
         self.sync.ftruncate(self.file.fd(), new)?;
         st.grown_to = new;
