@@ -481,8 +481,10 @@ pub fn build(plan: &Plan, dir: &Path) -> Result<PathBuf, Failure> {
     Ok(dir.join(&plan.image().name))
 }
 
-fn quring_io(img: &Path, cmds: &[String], ro: bool, extra: &[String], opts: &RunOpts) -> Run {
-    let mut a = vec!["io".to_string(), "-f".into(), "qcow2".into()];
+/// The arguments of `qemu-io` and `quring io` (same syntax): `-f qcow2`, `extra`, `-r`
+/// when read-only, a `-c` per command, the image.
+fn io_args(img: &Path, cmds: &[String], ro: bool, extra: &[String]) -> Vec<String> {
+    let mut a = vec!["-f".to_string(), "qcow2".into()];
     a.extend(extra.iter().cloned());
     if ro {
         a.push("-r".into());
@@ -492,20 +494,17 @@ fn quring_io(img: &Path, cmds: &[String], ro: bool, extra: &[String], opts: &Run
         a.push(c.clone());
     }
     a.push(s(img));
+    a
+}
+
+fn quring_io(img: &Path, cmds: &[String], ro: bool, extra: &[String], opts: &RunOpts) -> Run {
+    let mut a = vec!["io".to_string()];
+    a.extend(io_args(img, cmds, ro, extra));
     quring_with_timeout(&a, opts.quring_timeout)
 }
 
 fn qemu_io_run(img: &Path, cmds: &[String], ro: bool) -> Run {
-    let mut a = vec!["-f".to_string(), "qcow2".into()];
-    if ro {
-        a.push("-r".into());
-    }
-    for c in cmds {
-        a.push("-c".into());
-        a.push(c.clone());
-    }
-    a.push(s(img));
-    qemu_io(&a)
+    qemu_io(&io_args(img, cmds, ro, &[]))
 }
 
 fn compare(a: &Path, b: &Path) -> Result<(), String> {
