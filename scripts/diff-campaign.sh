@@ -21,6 +21,8 @@ DIR=${QURING_DIFF_DIR:-target/diff-campaign}
 mkdir -p "$DIR"
 # Absolute: cargo runs the campaign binary in engine/.
 DIR=$(cd "$DIR" && pwd)
+# The campaign runs the release `quring` binary (found next to the test executable).
+cargo build --release -p quring-cli -p quring-tests --bins --test diff_campaign >&2
 if [[ "${1:-}" == "--seed" ]]; then
     exec cargo test --release -p quring-tests --test diff_campaign -- --seed "$2" --minimize-secs "${MINIMIZE_SECS:-600}"
 fi
@@ -28,7 +30,6 @@ MINUTES=${1:-15}
 if [[ -n "${RESET:-}" ]]; then
     rm -f "$DIR/state"
 fi
-cargo build --release -p quring-tests --test diff_campaign >&2
 echo "differential campaign: $MINUTES minutes, state in $DIR/state, failures in $DIR/failures.log" >&2
 status=0
 cargo test --release -p quring-tests --test diff_campaign -- --minutes "$MINUTES" --state "$DIR/state" \
