@@ -504,7 +504,7 @@ fn quring_io(img: &Path, cmds: &[String], ro: bool, extra: &[String], opts: &Run
 }
 
 fn qemu_io_run(img: &Path, cmds: &[String], ro: bool) -> Run {
-    qemu_io(&io_args(img, cmds, ro, &[]))
+    qemu_io(io_args(img, cmds, ro, &[]))
 }
 
 fn compare(a: &Path, b: &Path) -> Result<(), String> {

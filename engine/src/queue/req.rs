@@ -193,6 +193,10 @@ impl Queue {
             self.drive_flush(id);
             return;
         }
+        if self.reqs[id].kind.writes() {
+            // Writers may park on the metadata lock or a fill claim (queue/wake.rs).
+            self.note_lock_events();
+        }
         match self.reqs[id].kind {
             ReqKind::Read => self.drive_read(id),
             ReqKind::Write => self.drive_write(id),
