@@ -35,6 +35,8 @@ pub(crate) enum Io {
     Wake { _buf: Box<u64> },
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
     Nudge,
+    /// A read request's private copy of an L2 slice (see `queue/read.rs`).
+    Private { req: usize, layer: Arc<Image>, key: u64, buf: AlignedBuf },
 }
 
 impl Queue {
@@ -111,6 +113,7 @@ impl Queue {
             Io::JobWrite { job } => self.job_write_done(job, res),
             Io::Wake { .. } => self.woke(),
             Io::Nudge => self.nudged(),
+            Io::Private { req, layer, key, buf } => self.private_loaded(req, layer, key, buf, res),
         }
     }
 }

@@ -1,14 +1,26 @@
 //! The read request state machine: walk the guest range, translate each piece through the
 //! backing chain, and issue one SQE per contiguous host run (zero pieces are filled in
 //! place). A piece whose L2 slice is missing parks the request on that slice.
+//!
+//! Reads never wait for another queue's metadata: when the missing slice cannot be loaded
+//! into the shared cache now (another queue is loading it, or its cache set has no slot to
+//! give: the regime where misses outnumber slots), the read loads a private copy of the
+//! slice for itself ([`PrivateSlice`]) and goes on from that. The copy is read from the
+//! file after the request looked the slice up in the cache and missed, and a slice that
+//! is not in the cache has no newer version anywhere (dirty slices are never evicted), so
+//! the copy holds every update completed before the lookup: what the request may see. It
+//! serves only this request and is dropped with it. Costs one more small read per miss
+//! than waiting would, and no queue ever waits for, or wakes, another for a read.
 
 use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
 use crate::counters::Counters;
 use crate::format::l2::Extent;
 use crate::format::types::{GuestOffset, HostOffset};
+use crate::image::SliceClaim;
 use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
+use crate::io::AlignedBuf;
 use io_uring::{opcode, types};
 use std::sync::Arc;
 
@@ -24,18 +36,52 @@ enum Piece {
     Miss { layer: Arc<Image>, key: u64 },
 }
 
+/// A read request's own copy of one L2 slice of `layer`, loaded when the shared cache
+/// could not take it (see the module doc), checked as a cache load is.
+pub(crate) struct PrivateSlice {
+    layer: Arc<Image>,
+    key: u64,
+    pub(super) buf: AlignedBuf,
+}
+
+impl PrivateSlice {
+    /// Does this copy answer a miss of `key` in `layer`?
+    fn serves(&self, layer: &Arc<Image>, key: u64) -> bool {
+        self.key == key && Arc::ptr_eq(&self.layer, layer)
+    }
+
+    /// Word `w` of the slice (host-endian).
+    fn word(&self, w: usize) -> u64 {
+        be_word(&self.buf, w)
+    }
+}
+
+/// Big-endian word `w` of a slice buffer.
+fn be_word(buf: &AlignedBuf, w: usize) -> u64 {
+    u64::from_be_bytes(buf[w * 8..w * 8 + 8].try_into().expect("8 bytes"))
+}
+
 /// Translates `len` bytes at `off` through the chain starting at `top` (no reference
 /// counting on the hit path: layers are borrowed, and only cloned for the rare pieces that
-/// must keep one).
+/// must keep one). A miss that `private` serves is answered from it.
 #[inline]
-fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters) -> crate::Result<Piece> {
+fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters, private: Option<&PrivateSlice>) -> crate::Result<Piece> {
     let mut layer: &Arc<Image> = top;
     let mut len = len;
     loop {
         if off >= layer.vsize() {
             return Ok(Piece::Zero { len });
         }
-        match layer.lookup(GuestOffset(off), len)? {
+        let found = match layer.lookup(GuestOffset(off), len)? {
+            Lookup::Miss { key } if private.is_some_and(|p| p.serves(layer, key)) => {
+                let p = private.expect("checked");
+                layer.lookup_with(GuestOffset(off), len, |slot, pair| {
+                    Some((p.word(slot.word), if pair { p.word(slot.word + 1) } else { 0 }))
+                })?
+            }
+            found => found,
+        };
+        match found {
             Lookup::Miss { key } => return Ok(Piece::Miss { layer: layer.clone(), key }),
             Lookup::Mapped { extent, len: n, cached } => {
                 if cached {
@@ -78,6 +124,67 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters) -> crate::Result<
 }
 
 impl Queue {
+    /// Read request `id` missed slice `key` of `layer`: loads it into the shared cache and
+    /// parks on it, or (when the cache cannot take it now) loads a private copy for the
+    /// request. True when the slice turned out to be cached (walk on).
+    fn read_miss(&mut self, id: usize, layer: Arc<Image>, key: u64) -> bool {
+        match layer.claim_slice(key, &self.counters) {
+            SliceClaim::Cached => true,
+            SliceClaim::Load { slot, ptr, len } => {
+                self.issue_load(layer, slot, key, ptr, len);
+                self.park(id);
+                self.parked.push((id, key));
+                false
+            }
+            SliceClaim::Busy => {
+                let len = layer.l2_cache.slot_size();
+                let mut buf = self.get_buf(len);
+                let ptr = buf.as_mut_ptr();
+                let fd = layer.file.fd();
+                Counters::bump(&self.counters.meta_loads, 1);
+                Counters::bump(&self.counters.l2_private_loads, 1);
+                let io = self.ios.insert(Io::Private { req: id, layer, key, buf });
+                // The buffer's heap memory stays where it is while the Io entry holds it.
+                let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
+                self.push(sqe);
+                self.park(id);
+                false
+            }
+        }
+    }
+
+    /// The private slice load of read `id` completed with `res`: check it, keep it with the
+    /// request and walk on, or fail the request.
+    pub(super) fn private_loaded(&mut self, id: usize, layer: Arc<Image>, key: u64, buf: AlignedBuf, res: i32) {
+        let read = if res < 0 {
+            Err(crate::Error::errno(format!("reading the L2 slice at {key:#x}"), -res))
+        } else {
+            Ok(res as usize)
+        };
+        let checked = layer.check_loaded_slice(key, read, |w| be_word(&buf, w));
+        if !self.unpark(id) {
+            self.put_buf(buf);
+            return;
+        }
+        match checked {
+            Ok(()) => {
+                if let Some(old) = self.reqs[id].private.replace(PrivateSlice { layer, key, buf }) {
+                    self.put_buf(old.buf);
+                }
+                self.drive(id);
+            }
+            Err(e) => {
+                self.put_buf(buf);
+                let e = match e {
+                    e @ crate::Error::Corrupt { .. } => e,
+                    e => crate::Error::errno(e.to_string(), e.raw_os_error()),
+                };
+                self.fail_with(id, e);
+                self.maybe_finish(id);
+            }
+        }
+    }
+
     /// Advances a read request as far as possible without waiting.
     pub(crate) fn drive_read(&mut self, id: usize) {
         // Hold the request open while we walk it: a nested completion (a child request
@@ -86,7 +193,7 @@ impl Queue {
         let top = Arc::clone(&self.image);
         let mut run = RunBuilder::default();
         while let Some((pos, end)) = self.walk_next(id) {
-            let piece = match resolve(&top, pos, end - pos, &self.counters) {
+            let piece = match resolve(&top, pos, end - pos, &self.counters, self.reqs[id].private.as_ref()) {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail_with(id, e);
@@ -134,11 +241,9 @@ impl Queue {
                     self.push(sqe);
                 }
                 Piece::Miss { layer, key } => {
-                    if self.load_slice(layer, key) {
+                    if self.read_miss(id, layer, key) {
                         continue;
                     }
-                    self.park(id);
-                    self.parked.push((id, key));
                     break;
                 }
             }

@@ -44,13 +44,18 @@ impl Queue {
                 false
             }
             SliceClaim::Load { slot, ptr, len } => {
-                let fd = layer.file.fd();
-                let io = self.ios.insert(Io::Load { layer, slot, key });
-                let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
-                self.push(sqe);
+                self.issue_load(layer, slot, key, ptr, len);
                 false
             }
         }
+    }
+
+    /// Reads slice `key` of `layer` into the cache slot this queue claimed for it.
+    pub(super) fn issue_load(&mut self, layer: Arc<Image>, slot: SlotId, key: u64, ptr: *mut u8, len: usize) {
+        let fd = layer.file.fd();
+        let io = self.ios.insert(Io::Load { layer, slot, key });
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
+        self.push(sqe);
     }
 
     /// A slice load completed with `res` (bytes read or -errno): publish the slice, or fail

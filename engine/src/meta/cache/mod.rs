@@ -371,8 +371,12 @@ impl MetaCache {
         let mut c = self.ctl[s].load(Ordering::Relaxed);
         loop {
             let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
-            match self.ctl[s].compare_exchange_weak(c, g | (c & PIN_MASK) | ST_EMPTY, Ordering::Release, Ordering::Relaxed)
-            {
+            match self.ctl[s].compare_exchange_weak(
+                c,
+                g | (c & PIN_MASK) | ST_EMPTY,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(now) => c = now,
             }
