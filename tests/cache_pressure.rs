@@ -63,7 +63,7 @@ fn case(opts: Qcow2Opts, size: u64, secs: u64) {
     {
         let img = Image::open(&path, &Options::default()).expect("open");
         let mut q = Queue::new(&img, &QueueOptions::default()).expect("queue");
-        for b in (0..blocks).filter(|b| (b / cluster_blocks) % 2 == 0) {
+        for b in (0..blocks).filter(|b| (b / cluster_blocks).is_multiple_of(2)) {
             q.write_at(&pattern(b, 1), b * BLOCK as u64).expect("prefill");
         }
         drop(q);
@@ -71,8 +71,9 @@ fn case(opts: Qcow2Opts, size: u64, secs: u64) {
     }
     let slice = 4096u64;
     let img = Image::open(&path, &Options { l2_cache_size: Some(8 * slice), ..Options::default() }).expect("open");
-    let done: Arc<Vec<AtomicU64>> =
-        Arc::new((0..blocks).map(|b| AtomicU64::new(if (b / cluster_blocks) % 2 == 0 { 1 } else { 0 })).collect());
+    let done: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..blocks).map(|b| AtomicU64::new(if (b / cluster_blocks).is_multiple_of(2) { 1 } else { 0 })).collect(),
+    );
     let stop = AtomicBool::new(false);
     let reads = AtomicU64::new(0);
     let deadline = Instant::now() + Duration::from_secs(secs);
