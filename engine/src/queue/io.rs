@@ -36,7 +36,7 @@ pub(crate) enum Io {
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
     Nudge,
     /// A read request's private copy of an L2 slice (see `queue/read.rs`).
-    Private { req: usize, layer: Arc<Image>, key: u64, buf: AlignedBuf },
+    Private { req: usize, layer: Arc<Image>, key: u64, first: usize, buf: AlignedBuf },
 }
 
 impl Queue {
@@ -113,7 +113,7 @@ impl Queue {
             Io::JobWrite { job } => self.job_write_done(job, res),
             Io::Wake { .. } => self.woke(),
             Io::Nudge => self.nudged(),
-            Io::Private { req, layer, key, buf } => self.private_loaded(req, layer, key, buf, res),
+            Io::Private { req, layer, key, first, buf } => self.private_loaded(req, layer, key, first, buf, res),
         }
     }
 }

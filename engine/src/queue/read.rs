@@ -9,8 +9,9 @@
 //! file after the request looked the slice up in the cache and missed, and a slice that
 //! is not in the cache has no newer version anywhere (dirty slices are never evicted), so
 //! the copy holds every update completed before the lookup: what the request may see. It
-//! serves only this request and is dropped with it. Costs one more small read per miss
-//! than waiting would, and no queue ever waits for, or wakes, another for a read.
+//! serves only this request and is dropped with it. The copy is the one 512-byte sector of
+//! the slice that holds the entry (64 entries, 32 extended ones): a small read, and only
+//! those entries to check. No queue ever waits for, or wakes, another for a read.
 
 use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
@@ -36,23 +37,32 @@ enum Piece {
     Miss { layer: Arc<Image>, key: u64 },
 }
 
-/// A read request's own copy of one L2 slice of `layer`, loaded when the shared cache
-/// could not take it (see the module doc), checked as a cache load is.
+/// Bytes of a slice a private load reads: one sector.
+const PRIVATE_BYTES: usize = 512;
+/// 64-bit words in [`PRIVATE_BYTES`].
+const PRIVATE_WORDS: usize = PRIVATE_BYTES / 8;
+
+/// A read request's own copy of one sector of an L2 slice of `layer`, loaded when the
+/// shared cache could not take the slice (see the module doc), checked as a cache load is.
 pub(crate) struct PrivateSlice {
     layer: Arc<Image>,
+    /// The slice's cache key (host offset).
     key: u64,
+    /// The slice word the copy starts at (a multiple of [`PRIVATE_WORDS`]).
+    first: usize,
     pub(super) buf: AlignedBuf,
 }
 
 impl PrivateSlice {
-    /// Does this copy answer a miss of `key` in `layer`?
+    /// Does this copy hold (part of) slice `key` of `layer`?
     fn serves(&self, layer: &Arc<Image>, key: u64) -> bool {
         self.key == key && Arc::ptr_eq(&self.layer, layer)
     }
 
-    /// Word `w` of the slice (host-endian).
-    fn word(&self, w: usize) -> u64 {
-        be_word(&self.buf, w)
+    /// Slice word `w` (host-endian), if the copy holds it.
+    fn word(&self, w: usize) -> Option<u64> {
+        let i = w.checked_sub(self.first).filter(|&i| i < PRIVATE_WORDS)?;
+        Some(be_word(&self.buf, i))
     }
 }
 
@@ -76,7 +86,7 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters, private: Option<&
             Lookup::Miss { key } if private.is_some_and(|p| p.serves(layer, key)) => {
                 let p = private.expect("checked");
                 layer.lookup_with(GuestOffset(off), len, |slot, pair| {
-                    Some((p.word(slot.word), if pair { p.word(slot.word + 1) } else { 0 }))
+                    Some((p.word(slot.word)?, if pair { p.word(slot.word + 1)? } else { 0 }))
                 })?
             }
             found => found,
@@ -127,7 +137,7 @@ impl Queue {
     /// Read request `id` missed slice `key` of `layer`: loads it into the shared cache and
     /// parks on it, or (when the cache cannot take it now) loads a private copy for the
     /// request. True when the slice turned out to be cached (walk on).
-    fn read_miss(&mut self, id: usize, layer: Arc<Image>, key: u64) -> bool {
+    fn read_miss(&mut self, id: usize, layer: Arc<Image>, key: u64, pos: u64) -> bool {
         match layer.claim_slice(key, &self.counters) {
             SliceClaim::Cached => true,
             SliceClaim::Load { slot, ptr, len } => {
@@ -137,15 +147,29 @@ impl Queue {
                 false
             }
             SliceClaim::Busy => {
-                let len = layer.l2_cache.slot_size();
-                let mut buf = self.get_buf(len);
+                // The sector of the slice that holds this position's entry.
+                let word = match layer.l2_slot(GuestOffset(pos)) {
+                    Ok(Some(slot)) if slot.key == key => slot.word,
+                    // The L1 entry changed since the lookup (a new or copied L2 table):
+                    // resolve the piece again.
+                    Ok(_) => return true,
+                    Err(e) => {
+                        self.fail_with(id, e);
+                        return false;
+                    }
+                };
+                let first = word / PRIVATE_WORDS * PRIVATE_WORDS;
+                let mut buf = self.get_buf(PRIVATE_BYTES);
                 let ptr = buf.as_mut_ptr();
                 let fd = layer.file.fd();
                 Counters::bump(&self.counters.meta_loads, 1);
                 Counters::bump(&self.counters.l2_private_loads, 1);
-                let io = self.ios.insert(Io::Private { req: id, layer, key, buf });
+                let io = self.ios.insert(Io::Private { req: id, layer, key, first, buf });
                 // The buffer's heap memory stays where it is while the Io entry holds it.
-                let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
+                let sqe = opcode::Read::new(types::Fd(fd), ptr, PRIVATE_BYTES as u32)
+                    .offset(key + first as u64 * 8)
+                    .build()
+                    .user_data(io as u64);
                 self.push(sqe);
                 self.park(id);
                 false
@@ -155,20 +179,36 @@ impl Queue {
 
     /// The private slice load of read `id` completed with `res`: check it, keep it with the
     /// request and walk on, or fail the request.
-    pub(super) fn private_loaded(&mut self, id: usize, layer: Arc<Image>, key: u64, buf: AlignedBuf, res: i32) {
-        let read = if res < 0 {
+    pub(super) fn private_loaded(
+        &mut self,
+        id: usize,
+        layer: Arc<Image>,
+        key: u64,
+        first: usize,
+        buf: AlignedBuf,
+        res: i32,
+    ) {
+        let step = (layer.geo.l2_entry_size() / 8) as usize;
+        let entries = first / step..(first + PRIVATE_WORDS) / step;
+        let checked = if res < 0 {
             Err(crate::Error::errno(format!("reading the L2 slice at {key:#x}"), -res))
+        } else if (res as usize) < PRIVATE_BYTES {
+            Err(crate::Error::corrupt(
+                "L2 table",
+                format!(
+                    "the slice at {key:#x} extends past the end of the file (read {res} of {PRIVATE_BYTES} bytes at word {first})"
+                ),
+            ))
         } else {
-            Ok(res as usize)
+            layer.check_l2_entries(key, entries, |w| be_word(&buf, w - first))
         };
-        let checked = layer.check_loaded_slice(key, read, |w| be_word(&buf, w));
         if !self.unpark(id) {
             self.put_buf(buf);
             return;
         }
         match checked {
             Ok(()) => {
-                if let Some(old) = self.reqs[id].private.replace(PrivateSlice { layer, key, buf }) {
+                if let Some(old) = self.reqs[id].private.replace(PrivateSlice { layer, key, first, buf }) {
                     self.put_buf(old.buf);
                 }
                 self.drive(id);
@@ -241,7 +281,7 @@ impl Queue {
                     self.push(sqe);
                 }
                 Piece::Miss { layer, key } => {
-                    if self.read_miss(id, layer, key) {
+                    if self.read_miss(id, layer, key, pos) {
                         continue;
                     }
                     break;
