@@ -184,3 +184,28 @@ fn private_slices_are_never_stale_4k_clusters() {
 fn private_slices_are_never_stale_extended_l2() {
     case(Qcow2Opts { cluster_size: 16384, extended_l2: true, ..Default::default() }, 128 << 20, 4);
 }
+
+/// `cache-clean-interval`: slices nobody used for an interval are dropped (by the queues as
+/// they reap, or by `Image::clean_cache`), and reads after that load them again correctly.
+#[test]
+fn cache_clean_interval_drops_unused_slices() {
+    let d = tempdir();
+    let path = d.path().join("c.qcow2");
+    let opts = Qcow2Opts { cluster_size: 4096, ..Default::default() };
+    build_qcow2(&path, &opts, 16 << 20, &["write -P 0x5c 0 16M".to_string()]);
+    let o = Options { cache_clean_interval: Some(Duration::from_millis(1)), ..Options::default() };
+    let img = Image::open(&path, &o).expect("open");
+    let mut q = Queue::new(&img, &QueueOptions::default()).expect("queue");
+    let mut buf = vec![0u8; 16 << 20];
+    q.read_at(&mut buf, 0).expect("read");
+    assert!(buf.iter().all(|&b| b == 0x5c));
+    // Every slice was used by the read: the first clean clears the marks, the second drops.
+    img.clean_cache();
+    assert!(img.clean_cache() > 0, "unused slices were not dropped");
+    let loads = img.counters().meta_loads;
+    std::thread::sleep(Duration::from_millis(5));
+    buf.fill(0);
+    q.read_at(&mut buf, 0).expect("read again");
+    assert!(buf.iter().all(|&b| b == 0x5c), "a read after the clean reads the image's data");
+    assert!(img.counters().meta_loads > loads, "the dropped slices were loaded again");
+}

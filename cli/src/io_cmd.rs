@@ -9,6 +9,7 @@ use clap::Parser;
 use quring::image::{Image, Options};
 use quring::queue::{Queue, QueueOptions};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Arguments of `quring io`.
 #[derive(Parser)]
@@ -28,6 +29,9 @@ pub struct Args {
     /// L2 cache size in bytes (QEMU's l2-cache-size; k/M suffixes).
     #[arg(long = "l2-cache-size")]
     l2_cache_size: Option<String>,
+    /// Drop L2 slices unused for this many seconds (QEMU's cache-clean-interval; 0: never).
+    #[arg(long = "cache-clean-interval", default_value_t = 600)]
+    cache_clean_interval: u64,
     /// Cache mode: writeback (default) or writethrough.
     #[arg(short = 't', long = "cache", default_value = "writeback")]
     cache: String,
@@ -61,6 +65,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         cache,
         l2_cache_size,
         hook: quring::io::hook::from_env(),
+        cache_clean_interval: (a.cache_clean_interval != 0).then(|| Duration::from_secs(a.cache_clean_interval)),
         ..Options::default()
     };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;

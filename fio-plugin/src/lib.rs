@@ -391,6 +391,8 @@ fn read_config(td: *mut ThreadData) -> Result<(Options, QueueOptions, Option<u32
     }
     image.l2_cache_size = (o.l2_cache_size != 0).then_some(o.l2_cache_size);
     image.refcount_cache_size = (o.refcount_cache_size != 0).then_some(o.refcount_cache_size);
+    image.cache_clean_interval =
+        (o.cache_clean_interval != 0).then(|| Duration::from_secs(o.cache_clean_interval.into()));
     queue.sqpoll = o.sqpoll != 0;
     queue.register_buffers = o.register_buffers != 0;
     Ok((image, queue, (o.ring_entries != 0).then_some(o.ring_entries)))

@@ -29,13 +29,17 @@ pub struct EngineOptions {
     /// Never set by any option: fio zero-fills the block, so it stays 0. Part of the
     /// plausibility check in [`locate`].
     pub reserved: u32,
+    /// `cache_clean_interval` in seconds (0: never).
+    pub cache_clean_interval: u32,
+    /// Padding (stays 0).
+    pub pad: u32,
 }
 
 /// Highest accepted `ring_entries`.
 pub const MAX_RING_ENTRIES: u64 = 32768;
 
 /// The option table handed to fio (writable: fio's `options_init` updates entries).
-pub static mut OPTIONS: [FioOption; 7] = [
+pub static mut OPTIONS: [FioOption; 8] = [
     FioOption::engine(
         c"cache",
         c"quring image cache mode",
@@ -95,6 +99,16 @@ pub static mut OPTIONS: [FioOption; 7] = [
         1,
         c"Register the engine's I/O buffers with io_uring",
         None,
+    ),
+    FioOption::engine(
+        c"cache_clean_interval",
+        c"quring cache clean interval",
+        FIO_OPT_INT,
+        offset_of!(EngineOptions, cache_clean_interval),
+        0,
+        u32::MAX as u64,
+        c"Drop L2 slices unused for this many seconds (QEMU's cache-clean-interval; 0 = never)",
+        Some(c"600"),
     ),
     FioOption::END,
 ];
@@ -212,7 +226,7 @@ mod tests {
         assert!(offset_of!(EngineOptions, cache) >= 8, "first 8 bytes belong to fio");
         assert_eq!(offset_of!(EngineOptions, l2_cache_size), 16);
         assert_eq!(offset_of!(EngineOptions, ring_entries), 32);
-        assert_eq!(size_of::<EngineOptions>(), 48);
+        assert_eq!(size_of::<EngineOptions>(), 56);
     }
 
     #[test]
@@ -230,6 +244,8 @@ mod tests {
             sqpoll: 1,
             register_buffers: 0,
             reserved: 0,
+            cache_clean_interval: 600,
+            pad: 0,
         });
         td[3] = 0xdead_beef; // not a pointer
         td[5] = td_ptr as usize; // a pointer, but not to an option block

@@ -42,6 +42,10 @@ impl Drop for MetaGuard<'_> {
     }
 }
 
+/// Bytes of freed clusters that may wait for a flush before an allocating queue makes
+/// their freeing durable itself ([`Image::reclaim_if_many_freed`]).
+pub(crate) const FREED_BOUND: u64 = 8 << 20;
+
 impl Image {
     /// Refuses writes to read-only or corrupt images.
     pub(crate) fn check_writable(&self) -> Result<()> {
@@ -116,6 +120,22 @@ impl Image {
         self.file_len.fetch_max(end, Ordering::AcqRel);
     }
 
+    /// Freed clusters come back to the allocator without waiting for the guest's flush
+    /// (issue 14): once the decrements queued since the last write-back cover
+    /// [`FREED_BOUND`] bytes, the allocating queue writes metadata back itself (the L2
+    /// changes that dropped the references first, then the decrements, in the write-back's
+    /// dependency order) so that the next batch reuses them, lowest offsets first, and the
+    /// file stays as compact as QEMU's. Decrements retire at an epoch flip and apply once
+    /// the requests of the old epoch are done, so under steady load this takes effect from
+    /// the following batch on.
+    pub(crate) fn reclaim_if_many_freed(&self, st: &mut MetaState, cnt: &Counters) -> Result<()> {
+        let queued = (st.rc.pending_free.len() + st.rc.retiring.len()) as u64;
+        if queued.saturating_mul(self.geo.cluster_size()) < FREED_BOUND {
+            return Ok(());
+        }
+        self.flush_metadata(st, false, cnt)
+    }
+
     /// Reserves `n` host clusters (refcount 1) for a queue's batch (counted into `cnt`).
     pub(crate) fn reserve_clusters(
         &self,
@@ -125,6 +145,7 @@ impl Image {
         cnt: &Counters,
     ) -> Result<()> {
         self.mark_dirty_for_lazy(st, cnt)?;
+        self.reclaim_if_many_freed(st, cnt)?;
         let io = self.meta_io();
         let first_new = out.len();
         // Every cluster at or past the allocation end reads as zeros: it lay past the end of

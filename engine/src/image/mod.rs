@@ -12,6 +12,7 @@
 mod alloc;
 mod audit;
 mod cache_sizes;
+mod clean;
 mod create;
 pub(crate) mod epoch;
 mod header;
@@ -90,6 +91,10 @@ pub struct Options {
     pub backing: BackingPolicy,
     /// Test hook that sees (and may fail) every device write and flush.
     pub hook: Option<crate::io::hook::Hook>,
+    /// `cache-clean-interval`: L2 slices unused for this long are dropped and their memory
+    /// given back (QEMU's default on Linux: 600 s; None: never). The queues do it as they
+    /// run; an idle image is cleaned by [`Image::clean_cache`] (e.g. from a VMM's timer).
+    pub cache_clean_interval: Option<std::time::Duration>,
 }
 
 impl Default for Options {
@@ -103,6 +108,7 @@ impl Default for Options {
             force_share: false,
             backing: BackingPolicy::Open,
             hook: None,
+            cache_clean_interval: Some(std::time::Duration::from_secs(600)),
         }
     }
 }
@@ -201,6 +207,10 @@ pub struct Image {
     /// Queues waiting for the metadata lock or a fill claim (woken when either is given
     /// back; see [`crate::meta::waiters`]).
     pub(crate) lock_waiters: crate::meta::waiters::Waiters,
+    /// When the image was opened (the clock of `next_clean_ms`).
+    pub(crate) opened_at: std::time::Instant,
+    /// Milliseconds after `opened_at` when the cache is cleaned next (u64::MAX: never).
+    pub(crate) next_clean_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Image {

@@ -185,6 +185,8 @@ impl Image {
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
             lock_waiters: crate::meta::waiters::Waiters::new(),
+            opened_at: std::time::Instant::now(),
+            next_clean_ms: AtomicU64::new(opts.cache_clean_interval.map_or(u64::MAX, |d| d.as_millis() as u64)),
             l2less: l2less_bit,
             hook: opts.hook.clone(),
             version: header.version,

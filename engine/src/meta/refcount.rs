@@ -279,8 +279,7 @@ impl Refcounts {
     /// corruption error too.
     pub fn alloc_contiguous(&mut self, io: &MetaIo, n: u64) -> Result<u64> {
         // Clusters with queued decrements (built only when there are any).
-        let pending: std::collections::HashSet<u64> =
-            self.pending_free.iter().chain(&self.retiring).map(|&(c, _)| c).collect();
+        let pending = self.pending_clusters();
         // Move the hint past clusters in use: allocations that do not start at the hint
         // (refcount blocks, a grown table, clusters taken after a gap) leave used clusters
         // at it, and every later scan would walk over them again.
@@ -302,25 +301,7 @@ impl Refcounts {
                     start = c + 1;
                     continue 'search;
                 }
-                if pending.contains(&c) {
-                    return Err(Error::corrupt(
-                        "refcount",
-                        format!(
-                            "cluster {c} (host offset {:#x}) has refcount 0 but is still referenced (a decrement \
-                             is queued for it): preventing its allocation",
-                            self.geo.cluster_bytes(c)
-                        ),
-                    ));
-                }
-                if let Some(kind) = self.overlap.kind_of(HostCluster(c)) {
-                    return Err(Error::corrupt(
-                        "refcount",
-                        format!(
-                            "cluster {c} (host offset {:#x}, the {kind}) has refcount 0: preventing its allocation",
-                            self.geo.cluster_bytes(c)
-                        ),
-                    ));
-                }
+                self.check_allocatable(c, &pending)?;
             }
             break;
         }
@@ -338,10 +319,60 @@ impl Refcounts {
         Ok(start)
     }
 
-    /// Allocates up to `n` clusters, contiguous where possible.
+    /// Allocates `n` clusters, lowest offsets first: the free clusters inside the file
+    /// (freed ones, in runs of any length) before any past its end, where the rest are
+    /// contiguous. Reusing scattered free clusters keeps the file as compact as QEMU's when
+    /// random discards leave no run of `n` (issue 14); a write that spans clusters is still
+    /// issued per contiguous host run.
     pub fn alloc_batch(&mut self, io: &MetaIo, n: u64, out: &mut Vec<u64>) -> Result<()> {
-        let first = self.alloc_contiguous(io, n)?;
-        out.extend(first..first + n);
+        let mut got = 0;
+        let mut c = self.free_hint;
+        let mut pending: Option<std::collections::HashSet<u64>> = None;
+        while got < n && c < self.end_cluster {
+            if self.get(io, c)? == 0 {
+                let pending = pending.get_or_insert_with(|| self.pending_clusters());
+                self.check_allocatable(c, pending)?;
+                self.set(io, c, 1)?;
+                out.push(c);
+                got += 1;
+            }
+            c += 1;
+        }
+        if got == n {
+            return Ok(());
+        }
+        let first = self.alloc_contiguous(io, n - got)?;
+        out.extend(first..first + (n - got));
+        Ok(())
+    }
+
+    /// Clusters with queued decrements.
+    fn pending_clusters(&self) -> std::collections::HashSet<u64> {
+        self.pending_free.iter().chain(&self.retiring).map(|&(c, _)| c).collect()
+    }
+
+    /// A cluster with refcount 0 may be handed out only if nothing still refers to it: no
+    /// decrement queued for it (it was freed too often) and no metadata recorded on it.
+    fn check_allocatable(&self, c: u64, pending: &std::collections::HashSet<u64>) -> Result<()> {
+        if pending.contains(&c) {
+            return Err(Error::corrupt(
+                "refcount",
+                format!(
+                    "cluster {c} (host offset {:#x}) has refcount 0 but is still referenced (a decrement \
+                     is queued for it): preventing its allocation",
+                    self.geo.cluster_bytes(c)
+                ),
+            ));
+        }
+        if let Some(kind) = self.overlap.kind_of(HostCluster(c)) {
+            return Err(Error::corrupt(
+                "refcount",
+                format!(
+                    "cluster {c} (host offset {:#x}, the {kind}) has refcount 0: preventing its allocation",
+                    self.geo.cluster_bytes(c)
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -263,6 +263,11 @@ impl Queue {
         if let Some(p) = r.private.take() {
             self.put_buf(p.buf);
         }
+        if matches!(r.kind, ReqKind::Discard | ReqKind::Zero { .. }) && r.parent == Parent::Caller {
+            // It may have freed clusters: past the bound, make that durable now so that the
+            // requests after it (a new epoch) reuse them (Image::reclaim_if_many_freed).
+            self.reclaim_freed();
+        }
         // This queue's own counters: single writer (see `Counters::bump`).
         let c = &self.counters;
         if r.error == 0 && r.parent == Parent::Caller {

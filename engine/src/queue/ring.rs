@@ -53,6 +53,7 @@ impl Queue {
     pub fn reap(&mut self, out: &mut Vec<Completion>, min: usize, timeout: Option<Duration>) -> Result<usize> {
         // The clock is read only when there is a real timeout to keep.
         let no_wait = timeout == Some(Duration::ZERO);
+        self.image.maybe_clean_cache();
         let deadline = timeout.filter(|t| !t.is_zero()).map(|t| std::time::Instant::now() + t);
         loop {
             if min == 0 {

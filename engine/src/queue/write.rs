@@ -106,6 +106,21 @@ impl Queue {
         Ok(self.batch.pop())
     }
 
+    /// Hands this queue's owed decrements over and, when the freed clusters queued reach
+    /// the bound, has them made durable and reusable (if the metadata lock is free; else
+    /// the next allocation or flush does it). A failed write-back leaves the metadata
+    /// dirty for the next flush, which reports it.
+    pub(crate) fn reclaim_freed(&mut self) {
+        let img = self.image.clone();
+        if img.meta.is_none() {
+            return;
+        }
+        if let Ok(Some(mut st)) = img.try_meta() {
+            st.rc.pending_free.append(&mut self.local_frees);
+            let _ = img.reclaim_if_many_freed(&mut st, &self.counters);
+        }
+    }
+
     /// Returns the unused batch and owed decrements to the image (queue teardown).
     pub(crate) fn release_batch(&mut self) {
         if self.batch.is_empty() && self.local_frees.is_empty() {

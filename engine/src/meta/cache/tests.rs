@@ -92,3 +92,31 @@ fn concurrent_readers_see_only_valid_contents() {
         assert!(h.join().unwrap() > 0);
     }
 }
+
+#[test]
+fn clean_drops_what_nobody_used_since_the_last_clean() {
+    let c = MetaCache::new(8 * 4096, 4096);
+    let (a, b, d, p) = (0x10000, 0x20000, 0x30000, 0x40000);
+    load(&c, a, 1);
+    load(&c, b, 2);
+    let dirty = load(&c, d, 3);
+    let pinned = load(&c, p, 4);
+    let pin = c.pin(d).unwrap();
+    c.store_word(pin, 0, 7);
+    c.unpin(pin);
+    assert_eq!(c.pin(p), Some(pinned));
+    // Loads count as uses: the first clean only clears the marks.
+    assert_eq!(c.clean(), 0);
+    // `a` is used between the cleans, `b` is not.
+    assert_eq!(c.read_word(a, 1), Some(2));
+    assert_eq!(c.clean(), 1, "only b was unused for a whole interval");
+    assert_eq!(c.read_word(b, 0), None, "b was dropped");
+    assert_eq!(c.read_word(a, 1), Some(2));
+    assert_eq!(c.read_word(d, 0), Some(7), "a dirty slice is never dropped");
+    assert_eq!(c.read_word(p, 0), Some(4), "a pinned slice is never dropped");
+    assert!(dirty.0 < c.slots() as u32);
+    // The dropped slot is reusable, and its memory reads as what is loaded into it.
+    load(&c, b, 20);
+    assert_eq!(c.read_word(b, 5), Some(25));
+    c.unpin(pinned);
+}
