@@ -44,7 +44,7 @@ impl Drop for MetaGuard<'_> {
 
 /// Bytes of freed clusters that may wait for a flush before an allocating queue makes
 /// their freeing durable itself ([`Image::reclaim_if_many_freed`]).
-pub(crate) const FREED_BOUND: u64 = 8 << 20;
+pub(crate) const FREED_BOUND: u64 = 2 << 20;
 
 impl Image {
     /// Refuses writes to read-only or corrupt images.
