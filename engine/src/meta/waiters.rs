@@ -258,3 +258,28 @@ mod tests {
         drop(held);
     }
 }
+
+/// Under loom the registry is not modelled (the cache's tests record wakes instead).
+#[cfg(loom)]
+#[derive(Debug)]
+pub struct Waker;
+
+#[cfg(loom)]
+impl Waker {
+    /// A stand-in.
+    pub fn register() -> std::io::Result<Waker> {
+        Ok(Waker)
+    }
+    /// No bit.
+    pub fn bit(&self) -> u64 {
+        0
+    }
+    /// No fd.
+    pub fn fd(&self) -> i32 {
+        -1
+    }
+}
+
+/// Under loom: nothing to wake.
+#[cfg(loom)]
+pub fn wake(_mask: u64) {}

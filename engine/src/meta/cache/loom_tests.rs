@@ -200,3 +200,67 @@ fn no_lost_dirty_mark() {
         });
     }
 }
+
+/// Wait/wake (issue 14): a claimer told Busy because another thread loads the key registers
+/// and claims again; whatever the interleaving, it either finds the key cached then or the
+/// load's completion woke it. No wake is lost.
+#[test]
+fn a_waiter_of_a_load_is_never_forgotten() {
+    loom::model(|| {
+        let c = cache();
+        let Claim::Load(s) = c.claim(A) else { panic!("empty cache") };
+        let loader = {
+            let c = c.clone();
+            thread::spawn(move || {
+                fill(&c, s, A);
+                c.complete_load(s);
+            })
+        };
+        const ME: u64 = 1 << 5;
+        let again = match c.claim(A) {
+            Claim::Busy => {
+                c.wait(A, ME);
+                c.claim(A)
+            }
+            other => other,
+        };
+        loader.join().unwrap();
+        let found = matches!(again, Claim::Present(_));
+        let woken = c.woken.load(Ordering::SeqCst) & ME != 0;
+        assert!(found || woken, "the waiter neither found the slice nor was woken");
+    });
+}
+
+/// Wait/wake when a set has no victim: both ways pinned, a claimer of another key is told
+/// Busy and waits; the last unpin of a way wakes it or its second claim gets the way.
+#[test]
+fn a_waiter_for_a_free_way_is_never_forgotten() {
+    loom::model(|| {
+        let c = cache();
+        let sa = load(&c, A).unwrap();
+        let sb = load(&c, B).unwrap();
+        let (pa, pb) = (c.pin(A).unwrap(), c.pin(B).unwrap());
+        assert_eq!((pa, pb), (sa, sb));
+        let unpinner = {
+            let c = c.clone();
+            thread::spawn(move || c.unpin(pa))
+        };
+        const ME: u64 = 1 << 9;
+        let again = match c.claim(C) {
+            Claim::Busy => {
+                c.wait(C, ME);
+                c.claim(C)
+            }
+            other => other,
+        };
+        unpinner.join().unwrap();
+        let got = matches!(again, Claim::Load(_));
+        let woken = c.woken.load(Ordering::SeqCst) & ME != 0;
+        assert!(got || woken, "the waiter neither got the freed way nor was woken");
+        if let Claim::Load(s) = again {
+            fill(&c, s, C);
+            c.complete_load(s);
+        }
+        c.unpin(pb);
+    });
+}
