@@ -1,7 +1,11 @@
 //! Flushes: metadata written back in dependency order and the device flushed, once for
-//! every flush waiting in the queue (group commit).
+//! every flush waiting in the queue (group commit). The write-back runs under the metadata
+//! lock; the closing device flush (the one that makes the guest's data durable) is an
+//! `IORING_OP_FSYNC` on this queue's ring, issued after the lock is given back, so neither
+//! this queue's thread nor the other queues wait for the device there.
 
 use super::*;
+use io_uring::{opcode, types};
 
 impl Queue {
     /// Flush: write metadata back in dependency order and flush the device, under the
@@ -40,12 +44,37 @@ impl Queue {
         };
         let waiters = std::mem::take(&mut self.flush_waiters);
         st.rc.pending_free.append(&mut self.local_frees);
-        let r = img.flush_metadata(&mut st, false, &self.counters).and_then(|_| {
-            crate::counters::Counters::add(&self.counters.device_flushes, 1);
-            img.sync.fdatasync(img.file.fd())
-        });
+        let r = img.flush_metadata(&mut st, false, &self.counters);
         drop(st);
-        let err = r.err();
+        if let Err(e) = r {
+            self.flushed(waiters, Some(e));
+            return;
+        }
+        if let Some(errno) = img.hook.as_ref().and_then(|h| h.0.fail_flush()) {
+            self.flushed(waiters, Some(Error::errno("fdatasync", errno)));
+            return;
+        }
+        crate::counters::Counters::add(&self.counters.device_flushes, 1);
+        let token = img.hook.as_ref().map_or(0, |h| h.0.flush_issued());
+        let io = self.ios.insert(Io::Fsync { waiters, token });
+        let sqe = opcode::Fsync::new(types::Fd(img.file.fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(io as u64);
+        self.push(sqe);
+    }
+
+    /// The device flush of a group flush completed with `res`.
+    pub(super) fn fsync_done(&mut self, waiters: Vec<usize>, token: u64, res: i32) {
+        if let Some(h) = &self.image.hook {
+            h.0.flush_completed(token, res >= 0);
+        }
+        let err = (res < 0).then(|| Error::errno("fdatasync", -res));
+        self.flushed(waiters, err);
+    }
+
+    /// Finishes the flushes (and writethrough writes) of a group flush, failed with `err`.
+    fn flushed(&mut self, waiters: Vec<usize>, err: Option<Error>) {
         for id in waiters {
             if let Some(e) = &err {
                 self.fail(id, -e.raw_os_error());

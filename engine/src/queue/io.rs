@@ -35,6 +35,9 @@ pub(crate) enum Io {
     Wake { _buf: Box<u64> },
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
     Nudge,
+    /// The device flush of a group flush, for the flushes waiting on it (`token`: the test
+    /// hook's).
+    Fsync { waiters: Vec<usize>, token: u64 },
     /// A read request's private copy of an L2 slice (see `queue/read.rs`).
     Private { req: usize, layer: Arc<Image>, key: u64, first: usize, buf: AlignedBuf },
 }
@@ -113,6 +116,7 @@ impl Queue {
             Io::JobWrite { job } => self.job_write_done(job, res),
             Io::Wake { .. } => self.woke(),
             Io::Nudge => self.nudged(),
+            Io::Fsync { waiters, token } => self.fsync_done(waiters, token, res),
             Io::Private { req, layer, key, first, buf } => self.private_loaded(req, layer, key, first, buf, res),
         }
     }
