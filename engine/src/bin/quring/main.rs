@@ -8,6 +8,7 @@ mod create;
 mod info;
 mod io_cmd;
 mod map;
+mod nbd;
 mod serve;
 mod util;
 
@@ -37,7 +38,7 @@ enum Cmd {
     Io(io_cmd::Args),
     /// Benchmark reads or writes (like `qemu-img bench`).
     Bench(bench::Args),
-    /// Serve an image to a VMM (vhost-user-blk).
+    /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
 
