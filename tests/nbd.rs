@@ -652,7 +652,7 @@ fn fuzz_protocol() {
     let verify_init = initial[l.verify.0 as usize..l.verify.1 as usize].to_vec();
     let r = fuzz::run(&srv.addr, &l, seed, Duration::from_secs(secs), 3, verify_init);
     let alive = srv.alive();
-    let (touched, shadow, line) = match r {
+    let fuzz::Outcome { touched, shadow, stats: line } = match r {
         Ok(x) => x,
         Err(e) => panic!("nbd fuzz (seed {seed:#x}): {e}\nserver alive: {alive}\nserver log:\n{}", srv.log_text()),
     };

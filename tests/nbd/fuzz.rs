@@ -411,7 +411,7 @@ fn gen_request(rng: &mut Rng, l: &Layout, c: &Client, cookie: u64) -> Gen {
             expect = Expect::Err(EINVAL);
             let ty = [CMD_READ, CMD_WRITE, CMD_WRITE_ZEROES][rng.below(3) as usize];
             let len = rng.range(1, 4096);
-            let off = l.fuzz.0 + rng.below(1 << 20) | 1;
+            let off = (l.fuzz.0 + rng.below(1 << 20)) | 1;
             if ty == CMD_WRITE {
                 payload = vec![0x11; len as usize];
             }
@@ -561,7 +561,7 @@ fn transmission_session(
                 cut = true;
             }
         }
-        touched.extend(model.touched.drain(..));
+        touched.append(&mut model.touched);
         if let Err(e) = c.s.write_all(&wire) {
             // After a bad magic or DISC the server stops reading and may close while the
             // rest is still on its way (TCP then resets).
@@ -704,8 +704,15 @@ pub fn merge(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Runs `threads` fuzzers and one verifier for `dur`; returns the touched ranges and the
-/// verifier's shadow of its region.
+/// What a fuzz run leaves: the merged ranges requests could have written, the verifier's
+/// shadow of its region, and the counters.
+pub struct Outcome {
+    pub touched: Vec<(u64, u64)>,
+    pub shadow: Vec<u8>,
+    pub stats: String,
+}
+
+/// Runs `threads` fuzzers and one verifier for `dur`.
 pub fn run(
     addr: &Addr,
     l: &Layout,
@@ -713,7 +720,7 @@ pub fn run(
     dur: Duration,
     threads: u64,
     initial_verify: Vec<u8>,
-) -> Result<(Vec<(u64, u64)>, Vec<u8>, String), String> {
+) -> Result<Outcome, String> {
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let shadow = Arc::new(Mutex::new(initial_verify));
@@ -747,5 +754,5 @@ pub fn run(
         return Err(format!("{f}\n  so far: {}", stats.line()));
     }
     let sh = shadow.lock().unwrap().clone();
-    Ok((merge(touched, l.size), sh, stats.line()))
+    Ok(Outcome { touched: merge(touched, l.size), shadow: sh, stats: stats.line() })
 }
