@@ -50,8 +50,6 @@ pub struct Args {
     /// Serve the image over NBD instead (options below; `quring serve --nbd -k SOCK IMG`).
     #[arg(long)]
     nbd: bool,
-    #[command(flatten)]
-    nbd_args: crate::nbd::Args,
     /// Number of virtqueues offered (each served by its own thread and quring queue).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64), conflicts_with = "nbd")]
     queues: u16,
@@ -62,6 +60,8 @@ pub struct Args {
     /// `directsync` is writethrough).
     #[arg(long, value_enum, default_value_t = Cache::Writeback)]
     cache: Cache,
+    #[command(flatten)]
+    nbd_args: crate::nbd::Args,
     /// The qcow2 image.
     image: PathBuf,
 }

@@ -350,6 +350,7 @@ impl<'a> Conn<'a> {
         // A half-received WRITE never reached the engine: forget it.
         if let Rx::Payload { key, .. } = self.state {
             let p = self.pending.remove(key);
+            self.in_flight_bytes -= p.buf.as_ref().map_or(0, |b| b.len());
             self.recycle(p.buf);
         }
         self.state = Rx::Header;

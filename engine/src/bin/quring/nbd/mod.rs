@@ -244,6 +244,8 @@ pub fn run(a: &Args, image_path: &Path, read_only: bool, cache: CacheMode) -> Re
                 active.fetch_add(1, Ordering::AcqRel);
                 let (cfg, total, gone, done_fd) = (cfg.clone(), total.clone(), active.clone(), done_fd.clone());
                 let t = std::thread::Builder::new().name(format!("quring-nbd-{id}")).spawn(move || {
+                    // Frees the connection's slot however the thread ends (a panic included).
+                    let _slot = Slot { active: gone, done: done_fd };
                     let peer = s.peer();
                     if cfg.verbose {
                         eprintln!("quring serve: connection {id} ({peer}) opened");
@@ -253,8 +255,6 @@ pub fn run(a: &Args, image_path: &Path, read_only: bool, cache: CacheMode) -> Re
                         eprintln!("quring serve: connection {id} ({peer}) closed: {}; {r}", r.end);
                     }
                     total.lock().unwrap_or_else(|e| e.into_inner()).add(&r);
-                    gone.fetch_sub(1, Ordering::AcqRel);
-                    done_fd.signal();
                 });
                 match t {
                     Ok(t) => threads.push(t),
@@ -301,6 +301,19 @@ pub fn run(a: &Args, image_path: &Path, read_only: bool, cache: CacheMode) -> Re
         return Ok(1);
     }
     Ok(0)
+}
+
+/// A connection's place in the `--shared` count, given back when its thread ends.
+struct Slot {
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    done: Arc<EventFd>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.done.signal();
+    }
 }
 
 /// Binds the listeners: the Unix socket, or TCP on every address `-b` resolves to.
