@@ -446,15 +446,14 @@ impl<'a> Conn<'a> {
             && self.worker.as_ref().is_none_or(|w| w.busy == 0)
             && self.queue.poll_hint().is_none()
             && !self.input_closed
+            && sock::ring_wait(self.queue.ring_fd(), self.engine_in_flight as u32, BATCH_WAIT).is_ok()
         {
-            if sock::ring_wait(self.queue.ring_fd(), self.engine_in_flight as u32, BATCH_WAIT).is_ok() {
-                // The socket may have become readable meanwhile: try it next time round.
-                self.readable = true;
-                if let Some(e) = &self.ring_wake {
-                    e.drain();
-                }
-                return;
+            // The socket may have become readable meanwhile: try it next time round.
+            self.readable = true;
+            if let Some(e) = &self.ring_wake {
+                e.drain();
             }
+            return;
         }
         let mut sock_ev: libc::c_short = 0;
         if !self.input_closed && self.room() {
