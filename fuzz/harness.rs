@@ -20,6 +20,13 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+// The `quring` tool's own parsers, compiled here from the tool's source files (they use
+// only the library's public API): the `cli` target runs exactly the tool's code.
+#[path = "../cli/src/io_lang.rs"]
+mod io_lang;
+#[path = "../cli/src/util.rs"]
+mod util;
+
 /// Largest virtual size the image target reads in full.
 pub const MAX_READ_SIZE: u64 = 4 << 20;
 /// Read requests of the image target are at most this long.
@@ -226,4 +233,83 @@ pub fn fuzz_image(data: &[u8], path: &Path) {
         let _ = rep.to_json("fuzz.qcow2");
         let _ = rep.to_human();
     }
+}
+
+/// Disk size of the image the `cli` target runs commands on.
+pub const CLI_DISK: u64 = 1 << 20;
+/// Commands the `cli` target runs per input (all lines are parsed).
+const CLI_MAX_RUN: usize = 32;
+/// Largest disk the `cli` target plans a `create` layout for.
+const CLI_MAX_PLAN: u64 = 64 << 20;
+
+/// Target `cli`: the option values and the command language of the `quring` tool. The
+/// input is text (lossy UTF-8), one item per line:
+///
+/// 1. an `--l2-cache-size` value (qemu-img size syntax; anything unparsable: the default),
+/// 2. a refcount cache size (likewise),
+/// 3. a `create -o` option list, applied to `CreateOptions`,
+/// 4. a disk size for those options, whose layout is planned when it is at most 64 MiB,
+/// 5. and on: `quring io` commands.
+///
+/// Every line also goes through the number and pattern parsers. The commands that parse
+/// run in order (at most 32) on a fresh 1 MiB image opened with the cache sizes of lines
+/// 1-2, as `quring io` runs them. Nothing may panic, and (with the fuzzer's malloc limit)
+/// nothing may allocate more than such a small image needs, whatever the numbers say.
+pub fn fuzz_cli(data: &[u8], path: &Path) {
+    let text = String::from_utf8_lossy(data);
+    let lines: Vec<&str> = text.split('\n').collect();
+    let line = |i: usize| lines.get(i).copied().unwrap_or("");
+    for l in &lines {
+        if let Ok(v) = io_lang::cvtnum(l) {
+            assert!(v <= i64::MAX as u64, "cvtnum({l:?}) = {v} above INT64_MAX");
+        }
+        let _ = io_lang::parse_pattern(l);
+        let _ = util::parse_size(l);
+    }
+    // Option values.
+    let l2 = util::parse_size(line(0)).ok();
+    let rc = util::parse_size(line(1)).ok();
+    let mut co = quring::format::layout::CreateOptions::default();
+    if util::apply_create_opts(&mut co, &[line(2).to_string()]).is_ok()
+        && let Ok(size) = util::parse_size(line(3))
+        && size <= CLI_MAX_PLAN
+    {
+        co.size = size;
+        co.backing_file = None;
+        let _ = quring::format::layout::plan_create(&co);
+    }
+    // Commands.
+    let mut cmds = Vec::new();
+    for l in lines.iter().skip(4) {
+        if let Ok(c) = io_lang::parse(l) {
+            if let io_lang::Cmd::Read { off, len, .. } | io_lang::Cmd::Discard { off, len, .. } = c {
+                assert!(off <= i64::MAX as u64 && len <= io_lang::MAX_REQUEST, "{l:?} parsed to {c:?}");
+            }
+            if let io_lang::Cmd::Write { off, len, zero, .. } = c {
+                assert!(off <= i64::MAX as u64 && (zero || len <= io_lang::MAX_REQUEST), "{l:?} parsed to {c:?}");
+            }
+            cmds.push(c);
+        }
+    }
+    if cmds.is_empty() {
+        return;
+    }
+    // A fresh image per input: the bytes of one made once (faster than creating it).
+    static FRESH: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let fresh = FRESH.get_or_init(|| {
+        let new = quring::format::layout::CreateOptions { size: CLI_DISK, ..Default::default() };
+        quring::image::create(path, &new, true).expect("cannot create the fuzz image");
+        std::fs::read(path).expect("cannot read the fuzz image")
+    });
+    std::fs::write(path, fresh).expect("cannot write the fuzz image");
+    let opts = Options { l2_cache_size: l2, refcount_cache_size: rc, ..Default::default() };
+    let Ok(img) = Image::open(path, &opts) else { return };
+    let Ok(mut q) = Queue::new(&img, &QueueOptions::default()) else { return };
+    let size = img.size();
+    let (mut out, mut err) = (std::io::sink(), std::io::sink());
+    for c in cmds.iter().take(CLI_MAX_RUN) {
+        io_lang::run(&mut q, size, c, &mut out, &mut err);
+    }
+    drop(q);
+    let _ = img.close();
 }

@@ -44,9 +44,9 @@ if [ -n "$need" ]; then
         fi
         target="-t bookworm-backports"
     fi
-    $SUDO apt-get update -qq >/dev/null
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
     # shellcheck disable=SC2086 # word splitting of the package list is intended
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $target $need >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $target $need >/dev/null
     qemu-img --version >/dev/null || { echo "build-guest: qemu-img is gone after installing:$need" >&2; exit 1; }
 fi
 

@@ -13,6 +13,7 @@ STATES=${1:-${QURING_CRASH_STATES:-20000}}
 SEED_BASE=${SEED_BASE:-$(( $(date +%s) % 1000000 * 1000 ))}
 PER_WORKLOAD=${PER_WORKLOAD:-20}
 echo "crash campaign: $STATES states, seeds from $SEED_BASE, $PER_WORKLOAD states per workload" >&2
+cargo build --release -p quring-cli -p quring-fio
 env QURING_CRASH_STATES="$STATES" QURING_CRASH_SEED_BASE="$SEED_BASE" QURING_CRASH_PER_WORKLOAD="$PER_WORKLOAD" \
     ${KEEP_GOING:+QURING_CRASH_KEEP_GOING=1} \
-    cargo test --release -p quring --test crash -- --nocapture --test-threads 1 crash_states
+    cargo test --release -p quring-tests --test crash -- --nocapture --test-threads 1 crash_states

@@ -8,7 +8,7 @@
 #   -j          run two targets at a time (the machine's two cores)
 #   --merge     afterwards, merge inputs with new coverage into fuzz/corpus/<target>
 #   SECONDS     time per target (default 1800)
-#   TARGET      default: every target (header decode image)
+#   TARGET      default: every target (header decode image cli)
 #
 # New corpus entries go to fuzz/corpus-run/<target> (not committed); the committed corpus
 # fuzz/corpus/<target> is only read (unless --merge). Crash reproducers land in
@@ -34,7 +34,7 @@ for a in "$@"; do
         *) secs=$a ;;
     esac
 done
-[ ${#targets[@]} -eq 0 ] && targets=(header decode image)
+[ ${#targets[@]} -eq 0 ] && targets=(header decode image cli)
 
 # Per-target input size limits: a header cluster, a decoder input, a small image file.
 max_len() {
@@ -42,7 +42,17 @@ max_len() {
         header) echo 65536 ;;
         decode) echo 70000 ;;
         image) echo 530000 ;;
+        cli) echo 4096 ;;
         *) echo 65536 ;;
+    esac
+}
+
+# Per-target single-allocation limits (MiB): `cli` runs commands on a 1 MiB image, so any
+# allocation near 32 MiB is one beyond what the image needs.
+malloc_limit() {
+    case "$1" in
+        cli) echo 32 ;;
+        *) echo 256 ;;
     esac
 }
 
@@ -80,7 +90,7 @@ run_target() {
         [ "$left" -le 0 ] && break
         local part="$logdir/$t.part"
         nice -n 19 "$bin" "$run" "$seeds" \
-            -max_total_time="$left" -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=60 \
+            -max_total_time="$left" -rss_limit_mb=512 -malloc_limit_mb="$(malloc_limit "$t")" -timeout=60 \
             -report_slow_units=30 -max_len="$(max_len "$t")" -artifact_prefix="$art" -print_final_stats=1 \
             -close_fd_mask=1 >"$part" 2>&1
         local rc=$?

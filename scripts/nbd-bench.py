@@ -15,7 +15,7 @@ Each round runs A, B, C once per cell (a server is started for its run and stopp
 a warm-up round is discarded; the report gives the medians and the median of the
 round-by-round ratios A/B (goal >= 1.5) and A/C (goal >= 0.5) with min-max.
 
-    cargo build --release -p quring -p quring-fio
+    cargo build --release -p quring-cli -p quring-fio
     scripts/nbd-bench.py [--rounds 5] [--runtime 4] [--dir /dev/shm] [--out results.md]
 """
 import argparse, os, re, shutil, signal, statistics, subprocess, tempfile, time

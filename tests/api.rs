@@ -261,8 +261,9 @@ fn sqpoll_and_fast_path_reads() {
                 2 => ((i as u64 * 11 % 1000) * 4096, 4096, 512),
                 _ => (6 << 20, 4096, 0),
             };
-            // SAFETY: the buffer outlives the request (reaped below, before `bufs` drops).
+            // SAFETY: skip < the buffer's length, so the pointer stays inside it.
             let ptr = unsafe { b.as_mut_ptr().add(skip) };
+            // SAFETY: the buffer outlives the request (reaped below, before `bufs` drops).
             unsafe { q.submit(Request { op: Op::Read { offset: off, buf: ptr, len }, user_data: i as u64 }) }.unwrap();
             want.push((off as usize, len, skip));
         }
@@ -281,4 +282,69 @@ fn sqpoll_and_fast_path_reads() {
         assert_eq!(q.in_flight(), 0);
         assert!(q.counters().guest_reads >= 64, "{:?}", q.counters());
     }
+}
+
+/// A ring far smaller than the requests in flight: submissions fill the submission queue
+/// many times over (each allocating write also issues fill reads and slice loads), and every
+/// request still completes with the right data.
+#[test]
+fn tiny_ring_many_requests_in_flight() {
+    let dir = tempdir();
+    let path = dir.path().join("t.qcow2");
+    let r = quring(["create", "-q", "-o", "cluster_size=4k", &s(&path), "64M"]);
+    assert_eq!(r.status(), 0, "{}", r.describe());
+    let img = Image::open(&path, &Options { l2_cache_size: Some(16 << 10), ..Options::default() }).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions { ring_entries: 8, ..QueueOptions::default() }).unwrap();
+    const N: usize = 256;
+    let mut bufs: Vec<AlignedBuf> = (0..N)
+        .map(|i| {
+            let mut b = AlignedBuf::new(6144);
+            b.fill(i as u8 ^ 0x5a);
+            b
+        })
+        .collect();
+    // Writes of 6 KiB at 6 KiB steps spread over the disk: every one straddles clusters.
+    let off = |i: usize| (i as u64 * 6144 * 37) % ((64 << 20) - 6144) / 512 * 512;
+    let mut order: Vec<usize> = (0..N).collect();
+    order.sort_by_key(|&i| off(i));
+    order.dedup_by_key(|i| off(*i) / 8192);
+    for &i in &order {
+        // SAFETY: the buffers outlive the requests (reaped below).
+        unsafe {
+            q.submit(Request {
+                op: Op::Write { offset: off(i), buf: bufs[i].as_ptr(), len: 6144 },
+                user_data: i as u64,
+            })
+        }
+        .unwrap();
+    }
+    let mut out = Vec::new();
+    while out.len() < order.len() {
+        q.reap(&mut out, 1, Some(Duration::from_secs(10))).unwrap();
+    }
+    assert!(out.iter().all(|c| c.result == 0), "{out:?}");
+    out.clear();
+    for &i in &order {
+        bufs[i].fill(0);
+        // SAFETY: as above.
+        unsafe {
+            q.submit(Request {
+                op: Op::Read { offset: off(i), buf: bufs[i].as_mut_ptr(), len: 6144 },
+                user_data: i as u64,
+            })
+        }
+        .unwrap();
+    }
+    while out.len() < order.len() {
+        q.reap(&mut out, 1, Some(Duration::from_secs(10))).unwrap();
+    }
+    assert!(out.iter().all(|c| c.result == 0), "{out:?}");
+    for &i in &order {
+        assert!(bufs[i].iter().all(|&b| b == i as u8 ^ 0x5a), "request {i} at {} read back wrong", off(i));
+    }
+    drop(q);
+    img.close().unwrap();
+    drop(img);
+    let chk = qemu_img(["check", &s(&path)]);
+    assert_eq!(chk.status(), 0, "{}", chk.describe());
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const TARGETS: [&str; 3] = ["header", "decode", "image"];
+const TARGETS: [&str; 4] = ["header", "decode", "image", "cli"];
 
 fn inputs(kind: &str, target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join(target);
@@ -64,6 +64,7 @@ fn replay(kind: &str) -> (usize, Vec<String>) {
                 "header" => harness::fuzz_header(&data),
                 "decode" => harness::fuzz_decode(&data),
                 "image" => harness::fuzz_image(&data, &scratch),
+                "cli" => harness::fuzz_cli(&data, &scratch),
                 _ => unreachable!(),
             }));
             *current.lock().unwrap() = None;

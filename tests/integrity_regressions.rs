@@ -144,3 +144,36 @@ fn multi_queue_discard_storm_frees_nothing_twice() {
         assert_eq!(chk.status(), 0, "[{cs}{opts}] qemu-img check:\n{}", &chk.stdout[..chk.stdout.len().min(4000)]);
     }
 }
+
+/// Found by the differential scenarios (QEMU iotest 060's "unaligned pre-allocated zero
+/// cluster"): a preallocated zero cluster (zero flag with a host offset) whose host offset
+/// is not cluster aligned was trusted. A write turned it into a data cluster at that offset,
+/// writing guest data across two host clusters (here the tail of the old data cluster and
+/// the next one), and reads returned zeros. QEMU refuses both (the write marks the image
+/// corrupt).
+#[test]
+fn unaligned_preallocated_zero_cluster_is_corrupt() {
+    let dir = tempdir();
+    for cs in [4096u32, 65536] {
+        let img = dir.path().join(format!("prealloc-zero-{cs}.qcow2"));
+        create_qcow2(&img, &Qcow2Opts::cluster(cs), 64 << 20);
+        qemu_io_cmds(&img, "qcow2", &cmds(&[&format!("write -P 0x11 0 {cs}"), &format!("write -P 0x22 {cs} {cs}")]));
+        // The first L2 table follows the L1 table; its entry 0 maps guest cluster 0.
+        let l1 = read_be64(&img, 40);
+        let l2 = read_be64(&img, l1) & 0x00ff_ffff_ffff_fe00;
+        let data = read_be64(&img, l2) & 0x00ff_ffff_ffff_fe00;
+        let bad = data + 0x2a00 % cs as u64;
+        patch_be64(&img, l2, (1 << 63) | bad | 1);
+        let before = std::fs::read(&img).unwrap();
+        let r = quring(["io", "-c", &format!("write -P 0x33 0 {cs}"), &s(&img)]);
+        assert_ne!(r.status(), 0, "[{cs}] the write was accepted:\n{}", r.describe());
+        let after = std::fs::read(&img).unwrap();
+        // No guest data reached the file; only the header may change (the corrupt bit).
+        assert_eq!(before.len(), after.len(), "[{cs}]");
+        assert!(before[512..] == after[512..], "[{cs}] the refused write changed the file");
+        assert_eq!(read_be64(&img, 72) & 2, 2, "[{cs}] the image is not marked corrupt");
+        let r = quring(["io", "-r", "-c", &format!("read 0 {cs}"), &s(&img)]);
+        assert_ne!(r.status(), 0, "[{cs}] the read was served:\n{}", r.describe());
+        assert!(r.status() != 101 && r.signal.is_none(), "[{cs}] {}", r.describe());
+    }
+}

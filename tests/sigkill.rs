@@ -609,7 +609,7 @@ fn sigkill_states() {
             Err(e) => {
                 let msg = format!(
                     "SIGKILL CRASH VIOLATION, seed {seed} (variant {}, kill after {} write completions; \
-                     reproduce: QURING_SIGKILL_SEED={seed} QURING_SIGKILL_KILLS=1 cargo test -p quring --test sigkill \
+                     reproduce: QURING_SIGKILL_SEED={seed} QURING_SIGKILL_KILLS=1 cargo test -p quring-tests --test sigkill \
                      -- --nocapture sigkill_states), after {k} good kill states:\n{e}\n{}",
                     v.name,
                     if target == u64::MAX { "all".to_string() } else { target.to_string() },

@@ -64,22 +64,33 @@
 //! * Guest data is never written onto metadata: an L1, L2 or refcount table entry that
 //!   points into metadata or past the end of the file is refused before any write uses it,
 //!   and the image is then marked corrupt as QEMU does ([`meta::overlap`]).
+//! * A freed host cluster is reused only after every request that started before its last
+//!   reference was dropped has completed, so no request in flight reads or writes another
+//!   guest offset's data. A refcount that would go below zero or past its width's maximum,
+//!   or a free cluster that metadata still refers to, marks the image corrupt the same way.
+//!   [`Image::audit`](image::Image::audit) checks, with the queues idle, that every
+//!   cluster's refcount equals its references and that cached metadata equals the disk.
 //!
 //! ## Layers
 //!
-//! Bottom up (each only calls the one below):
+//! Bottom up; each module uses only its own layer and the ones below (checked by
+//! `tests/layers.rs`; `docs/architecture.md` draws the import graph):
 //!
+//! * [`error`], [`counters`]: the error type and the cost counters.
 //! * [`format`]: pure on-disk codecs (header, feature bits, extensions, L1/L2 entries,
 //!   refcount packing, snapshot table, geometry, create layout). No I/O.
-//! * [`io`]: aligned buffers, O_DIRECT files, the synchronous admin ring, QEMU-compatible
-//!   image locks, test hooks.
-//! * [`meta`]: the shared lock-free metadata cache, mapping (guest -> host), refcounts,
-//!   allocation, write-back ordering, rebuild, block status.
-//! * [`queue`]: the per-thread [`Queue`](queue::Queue) and its request state machines.
-//! * [`image`]: the shared [`Image`](image::Image), its options, open, create and close.
-//! * [`check`]: `qemu-img check`'s verdicts.
+//! * [`io`]: aligned buffers, O_DIRECT files, the synchronous ring, QEMU-compatible image
+//!   locks, test hooks.
+//! * [`check`]: `qemu-img check`'s verdicts over an image file's metadata.
+//! * [`meta`]: what needs no [`Image`](image::Image): the lock-free L2 slice cache,
+//!   refcount bookkeeping, the record of metadata clusters, the refcount rebuild.
+//! * [`image`]: the shared [`Image`](image::Image) and every `impl Image`: open, create,
+//!   close, mapping, allocation, write-back, overlap checks, block status, audit.
+//! * [`queue`]: the per-thread [`Queue`](queue::Queue): ring driver, request lifecycle and
+//!   one state machine per I/O kind.
 //!
-//! Front ends (the `quring` CLI, the fio plugin, the benches) sit on top.
+//! Front ends sit on top in their own packages: the `quring` CLI and `quring serve`
+//! (`cli/`), the fio plugin (`fio-plugin/`), the benches (`bench/`).
 
 #![warn(missing_docs)]
 

@@ -50,6 +50,7 @@ pub const FIO_Q_QUEUED: c_int = 1;
 pub const FIO_Q_BUSY: c_int = 2;
 
 // enum fio_file_flags
+pub const FIO_FILE_OPEN: u32 = 1 << 0;
 pub const FIO_FILE_SIZE_KNOWN: u32 = 1 << 4;
 
 // enum fio_opt_type (fio 3.33 numbering)
@@ -172,9 +173,21 @@ pub struct FioFile {
     _pad1: [u8; 168 - 72],
     pub engine_pos: u64,
     pub engine_data: *mut c_void,
-    _pad2: [u8; 364 - 184],
+    _pad2: [u8; 360 - 184],
+    /// Users of the open file (fio's `get_file`/`put_file`); the last `put_file` closes it.
+    pub references: c_int,
     pub flags: u32,
     _tail: [u8; 376 - 368],
+}
+
+impl FioFile {
+    /// An all-zero `fio_file` (no name, no lock, no disk-util link), for a stand-in file
+    /// the engine hands to fio itself.
+    pub fn zeroed() -> Self {
+        // SAFETY: FioFile is plain old data (integers, byte arrays and raw pointers): all
+        // zero bytes is a valid value of every field.
+        unsafe { std::mem::zeroed() }
+    }
 }
 
 /// `struct fio_option` (1512 bytes). Unnamed regions (alias, off2..off6, floating limits,
@@ -338,6 +351,7 @@ mod tests {
         assert_eq!(offset_of!(FioFile, io_size), 64);
         assert_eq!(offset_of!(FioFile, engine_pos), 168);
         assert_eq!(offset_of!(FioFile, engine_data), 176);
+        assert_eq!(offset_of!(FioFile, references), 360);
         assert_eq!(offset_of!(FioFile, flags), 364);
     }
 

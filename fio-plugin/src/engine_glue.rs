@@ -60,6 +60,8 @@ impl SharedImage {
             l2_cache_size: cfg.l2_cache_size,
             refcount_cache_size: cfg.refcount_cache_size,
             force_share: cfg.force_share,
+            // Fault injection for tests (QURING_INJECT_ERROR), none otherwise.
+            hook: engine::io::hook::from_env(),
             ..Options::default()
         };
         Image::open(path, &opts).map(SharedImage).map_err(GlueError::from_engine)

@@ -68,6 +68,47 @@ static FIO_IO_U_QUEUED: LazyLock<Option<QueuedFn>> = LazyLock::new(|| {
     (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, QueuedFn>(p) })
 });
 
+/// fio's `void put_file_log(struct thread_data *, struct fio_file *)`: drops one reference
+/// on an open file; the last one closes it through the engine's `close_file`, and a
+/// non-zero result becomes the job's error (`td_verror(td, ret, "file close")`), which makes
+/// fio's exit status non-zero. The only exported way for an engine to fail its job after
+/// the last I/O: fio ignores what `cleanup` and the `close_file` of the job's own files
+/// report.
+type PutFileLogFn = unsafe extern "C" fn(*mut ThreadData, *mut FioFile);
+
+static FIO_PUT_FILE_LOG: LazyLock<Option<PutFileLogFn>> = LazyLock::new(|| {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks a symbol up.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"put_file_log".as_ptr()) };
+    // SAFETY: a non-null `put_file_log` in a fio process is the function typed above.
+    (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut libc::c_void, PutFileLogFn>(p) })
+});
+
+/// `engine_data` of the stand-in file of [`fail_job`]: `close_file` returns its
+/// `engine_pos` as the error.
+const FAILED_CLOSE_FILE: usize = usize::MAX;
+
+/// Makes `td`'s job fail with `errno` (fio then reports it in the job's `err=` and exits
+/// non-zero): a stand-in `fio_file`, open with one reference, goes through fio's
+/// `put_file_log`, whose close (our `close_file`) returns `errno`. Called from `cleanup`,
+/// after fio closed and freed every file of the job; the one side effect is that fio's
+/// count of the job's open files (used for its ETA line while the job exists) goes one
+/// below zero, as it counts the stand-in's close too.
+fn fail_job(td: *mut ThreadData, errno: c_int) {
+    let Some(put) = *FIO_PUT_FILE_LOG else {
+        log(true, "quring: this fio does not export put_file_log: the error above cannot fail the job\n");
+        return;
+    };
+    let mut f = FioFile::zeroed();
+    f.fd = -1;
+    f.flags = FIO_FILE_OPEN;
+    f.references = 1;
+    f.engine_data = FAILED_CLOSE_FILE as *mut libc::c_void;
+    f.engine_pos = errno.max(1) as u64;
+    // SAFETY: td is the job's own thread_data (we are in one of its callbacks); `f` is a
+    // complete fio_file that lives across the call, and fio only reads and updates it.
+    unsafe { put(td, &mut f) };
+}
+
 /// Sets `issue_time` of every io_u in `ios` to now, with one clock read for the batch, and
 /// lets fio record each one's submission latency, as fio's own io_uring engine does at
 /// commit (fio skips its per-io_u clock read in `td_io_queue` because the engine sets
@@ -182,7 +223,9 @@ fn acquire_image(key: &Path, cfg: &ImageConfig) -> Result<SharedImage, GlueError
     Ok(image)
 }
 
-fn release_image(key: &Path) {
+/// Drops one user of the image at `key`; the last user closes it. A failed close fails
+/// the job of `td` (when given), so that fio's exit status reports it.
+fn release_image(key: &Path, td: Option<*mut ThreadData>) {
     let last = {
         let mut map = images();
         match map.get_mut(key) {
@@ -197,7 +240,12 @@ fn release_image(key: &Path) {
     if let Some(image) = last {
         match image.close() {
             Ok(()) => ack_log(format_args!("C")),
-            Err(e) => log(true, &format!("quring: closing {}: {}\n", key.display(), e.msg)),
+            Err(e) => {
+                log(true, &format!("quring: closing {}: {}\n", key.display(), e.msg));
+                if let Some(td) = td {
+                    fail_job(td, e.errno);
+                }
+            }
         }
         log(false, &format!("quring: {}:\n{}\n", key.display(), image.counters_text()));
     }
@@ -394,11 +442,12 @@ fn hold_image(job: &mut Job, key: &Path) -> Result<SharedImage, c_int> {
     }
 }
 
-/// Drops this job's image references; the last user of an image closes it.
-fn release_all(job: &mut Job) {
+/// Drops this job's image references; the last user of an image closes it (and a failed
+/// close fails the job of `td`, when given).
+fn release_all(job: &mut Job, td: Option<*mut ThreadData>) {
     for (key, image) in job.held.drain(..) {
         drop(image);
-        release_image(&key);
+        release_image(&key, td);
     }
 }
 
@@ -429,7 +478,7 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
     let known = sized_files().remove(&(td as usize)).unwrap_or_default();
     for key in known {
         if let Err(errno) = hold_image(&mut job, &key) {
-            release_all(&mut job);
+            release_all(&mut job, None);
             return errno;
         }
     }
@@ -442,7 +491,7 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
     if !link_job(td as usize, p as usize) {
         // SAFETY: p came from Box::into_raw just above and was never shared.
         let mut job = unsafe { Box::from_raw(p) };
-        release_all(&mut job);
+        release_all(&mut job, None);
         log(true, &format!("quring: more than {JOB_SLOTS} jobs in one fio process"));
         return 1;
     }
@@ -528,6 +577,11 @@ unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int 
 unsafe extern "C" fn q_close_file(_td: *mut ThreadData, f: *mut FioFile) -> c_int {
     // SAFETY: fio passes a valid fio_file owned by this td for the whole call.
     let f = unsafe { &mut *f };
+    if f.engine_data as usize == FAILED_CLOSE_FILE {
+        // fail_job's stand-in: report its error.
+        f.fd = -1;
+        return f.engine_pos as c_int;
+    }
     // The image and queue stay with the job until cleanup (fio may reopen the file).
     f.fd = -1;
     0
@@ -780,7 +834,7 @@ unsafe extern "C" fn q_cleanup(td: *mut ThreadData) {
         }
         drop(slot);
     }
-    release_all(&mut job);
+    release_all(&mut job, Some(td));
 }
 
 // ---------------------------------------------------------------------------------------

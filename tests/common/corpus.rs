@@ -199,54 +199,37 @@ fn no_base(_: &Bases) -> Option<&Path> {
 
 use Must::{Either, Fail, SameAsQemu};
 
-/// Header-level problem: every command must refuse the image.
-macro_rules! header_case {
-    ($name:expr, $base:expr, $expect:expr, $what:expr, $patch:expr) => {
+/// One corpus case: what info, convert and check must do with the damaged image.
+macro_rules! case {
+    ($info:expr, $convert:expr, $check:expr; $name:expr, $base:expr, $expect:expr, $what:expr, $patch:expr) => {
         Spec {
             name: $name,
             base: $base,
             patch: $patch,
             expect: $expect,
-            info: Fail,
-            convert: Fail,
-            check: Fail,
+            info: $info,
+            convert: $convert,
+            check: $check,
             what: $what,
         }
     };
+}
+
+/// Header-level problem: every command must refuse the image.
+macro_rules! header_case {
+    ($($t:tt)*) => { case!(Fail, Fail, Fail; $($t)*) };
 }
 
 /// Problem in the data path that QEMU can open: info may succeed, convert
 /// must fail, check must agree with qemu-img check.
 macro_rules! data_case {
-    ($name:expr, $base:expr, $expect:expr, $what:expr, $patch:expr) => {
-        Spec {
-            name: $name,
-            base: $base,
-            patch: $patch,
-            expect: $expect,
-            info: Either,
-            convert: Fail,
-            check: SameAsQemu,
-            what: $what,
-        }
-    };
+    ($($t:tt)*) => { case!(Either, Fail, SameAsQemu; $($t)*) };
 }
 
 /// Metadata inconsistency that does not affect reading guest data: only
 /// check has to notice (and agree with qemu-img check).
 macro_rules! check_case {
-    ($name:expr, $base:expr, $expect:expr, $what:expr, $patch:expr) => {
-        Spec {
-            name: $name,
-            base: $base,
-            patch: $patch,
-            expect: $expect,
-            info: Either,
-            convert: Either,
-            check: SameAsQemu,
-            what: $what,
-        }
-    };
+    ($($t:tt)*) => { case!(Either, Either, SameAsQemu; $($t)*) };
 }
 
 fn specs() -> Vec<Spec> {
@@ -481,6 +464,18 @@ fn specs() -> Vec<Spec> {
             let o = read_be64(p, H_SNAPSHOTS_OFFSET);
             patch_be64(p, H_SNAPSHOTS_OFFSET, o + 0x200);
         }),
+        // QEMU validates the snapshot table offset even when there are no snapshots
+        // (iotest 080); found by the differential scenarios.
+        header_case!(
+            "snapshots_offset_misaligned_no_snapshots",
+            plain,
+            SNAPSHOT,
+            "nb_snapshots 0, snapshots_offset 0x1234567890abcdef",
+            |p| {
+                patch_be32(p, H_NB_SNAPSHOTS, 0);
+                patch_be64(p, H_SNAPSHOTS_OFFSET, 0x1234_5678_90ab_cdef);
+            }
+        ),
         check_case!("snapshot_l1_size_huge", snap, SNAPSHOT, "snapshot 1 has l1_size 2^31-1", |p| {
             let o = read_be64(p, H_SNAPSHOTS_OFFSET);
             patch_be32(p, o + 8, 0x7fff_ffff);

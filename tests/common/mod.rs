@@ -255,7 +255,19 @@ where
 /// that forwards to qemu-img/qemu-io, to validate the tests themselves),
 /// otherwise the binary cargo built.
 pub fn quring_bin() -> String {
-    std::env::var("QURING_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_quring").to_string())
+    if let Ok(p) = std::env::var("QURING_BIN") {
+        return p;
+    }
+    let p = build_dir().join("quring");
+    assert!(p.exists(), "{} not found: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    p.display().to_string()
+}
+
+/// The target directory of the profile these tests were built with (the test executable
+/// lives in its `deps/`): the `quring` binary and the fio plugin of the same build are there.
+pub fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
 }
 
 pub fn qemu_img<I, S>(args: I) -> Run
@@ -588,20 +600,15 @@ pub fn hexdump(path: &Path, off: u64, len: usize) -> String {
     out
 }
 
-/// The fio plugin built by `cargo build --workspace` (`QURING_FIO` overrides; the debug
-/// build is preferred over the release build when both exist).
+/// The fio plugin built by `cargo build --workspace` with the same profile as the tests
+/// (`QURING_FIO` overrides).
 pub fn fio_plugin() -> PathBuf {
     if let Ok(p) = std::env::var("QURING_FIO") {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    for profile in ["debug", "release"] {
-        let p = root.join("target").join(profile).join("libquring_fio.so");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("libquring_fio.so not found: run `cargo build --workspace` first (scripts/test.sh does)");
+    let p = build_dir().join("libquring_fio.so");
+    assert!(p.exists(), "{} not found: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    p
 }
 
 /// Joins a directory and file name.

@@ -2,6 +2,7 @@
 //! after the fixed header, each padded to 8 bytes, ended by type 0. Every extension is kept
 //! as raw bytes in file order, so unknown ones survive a rewrite byte for byte.
 
+use super::bytes::be32;
 use crate::{Error, Result};
 
 /// End of the header extension area.
@@ -38,8 +39,8 @@ pub fn parse_extensions(buf: &[u8], start: usize, end: usize) -> Result<(Vec<Ext
             // QEMU stops quietly when no room is left for another header.
             return Ok((out, off));
         }
-        let kind = u32::from_be_bytes(buf[off..off + 4].try_into().unwrap());
-        let len = u32::from_be_bytes(buf[off + 4..off + 8].try_into().unwrap()) as usize;
+        let kind = be32(buf, off);
+        let len = be32(buf, off + 4) as usize;
         off += 8;
         if kind == EXT_END {
             return Ok((out, off));

@@ -161,6 +161,17 @@ impl Geometry {
     pub const fn refblock_index(&self, c: HostCluster) -> u64 {
         c.0 & (self.refblock_entries() - 1)
     }
+    /// The index of the cluster containing byte `off` (guest or host: the caller's
+    /// newtype says which; see [`Geometry::guest_cluster`] and [`Geometry::host_cluster`]).
+    #[inline]
+    pub const fn cluster_index(&self, off: u64) -> u64 {
+        off >> self.cluster_bits
+    }
+    /// Bytes in `n` clusters; also the byte offset of cluster index `n`.
+    #[inline]
+    pub const fn cluster_bytes(&self, n: u64) -> u64 {
+        n << self.cluster_bits
+    }
     /// L1 entries needed for a virtual size (None on overflow).
     pub fn l1_entries_for(&self, size: u64) -> Option<u64> {
         let clusters = size.checked_add(self.cluster_size() - 1)? >> self.cluster_bits;

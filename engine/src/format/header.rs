@@ -2,6 +2,7 @@
 //! file name. Parsing validates every field before any of it is used; serializing keeps
 //! unknown header bytes (beyond byte 105) and unknown extensions byte for byte.
 
+use super::bytes::{be32, be64};
 use super::extension::{self, EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_DATA_FILE, EXT_FEATURE_TABLE, Extension};
 use super::feature::{self, FeatureName};
 use super::geometry::{Geometry, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
@@ -87,13 +88,6 @@ pub struct Header {
     pub extensions: Vec<Extension>,
     /// Backing file name, as stored (not NUL-terminated on disk).
     pub backing_file: Option<String>,
-}
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
-}
-fn be64(b: &[u8], off: usize) -> u64 {
-    u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
 }
 
 impl Header {
@@ -332,10 +326,9 @@ impl Header {
                 format!("{} exceeds the limit of {MAX_SNAPSHOTS}", h.nb_snapshots),
             ));
         }
-        if h.nb_snapshots > 0 {
-            // Entries are at least 40 bytes.
-            check_table("snapshots_offset", h.snapshots_offset, h.nb_snapshots as u64 * 40)?;
-        }
+        // Entries are at least 40 bytes. Like QEMU, the offset must be valid even when
+        // there are no snapshots.
+        check_table("snapshots_offset", h.snapshots_offset, h.nb_snapshots as u64 * 40)?;
         if h.version == 2 && h.refcount_order != 4 {
             return Err(Error::corrupt("refcount_order", "version 2 images must use 16-bit refcounts"));
         }

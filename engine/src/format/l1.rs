@@ -62,12 +62,12 @@ impl L1Entry {
 
 /// Decodes a big-endian L1 table.
 pub fn decode_table(bytes: &[u8]) -> Vec<L1Entry> {
-    bytes.chunks_exact(8).map(|c| L1Entry(u64::from_be_bytes(c.try_into().unwrap()))).collect()
+    super::bytes::be64_words(bytes).map(L1Entry).collect()
 }
 
 /// Encodes an L1 table as big-endian bytes.
 pub fn encode_table(entries: &[L1Entry]) -> Vec<u8> {
-    entries.iter().flat_map(|e| e.0.to_be_bytes()).collect()
+    super::bytes::to_be64_bytes(entries.iter().map(|e| e.0))
 }
 
 #[cfg(test)]

@@ -85,6 +85,13 @@ impl L2Entry {
         L2Entry(L2_COMPRESSED | ((sectors - 1) << x) | host.0)
     }
 
+    /// The host offset field of a compressed descriptor: bits 0 to x-1, where
+    /// x = 62 - (cluster_bits - 8) (spec: "Compressed Clusters Descriptor").
+    #[inline]
+    pub fn compressed_offset_field(self, g: &Geometry) -> u64 {
+        self.0 & ((1u64 << (62 - (g.cluster_bits - 8))) - 1)
+    }
+
     /// The host offset bits (9-55).
     #[inline]
     pub fn host_offset(self) -> HostOffset {
@@ -122,7 +129,19 @@ impl L2Entry {
             ));
         }
         if !g.extended_l2 && e & L2_ZERO != 0 {
-            return Ok(if host.0 == 0 { ClusterKind::ZeroPlain } else { ClusterKind::ZeroAlloc { host, copied } });
+            if host.0 == 0 {
+                return Ok(ClusterKind::ZeroPlain);
+            }
+            // A write turns a preallocated zero cluster into data at its host offset, so an
+            // unaligned one must not be trusted (QEMU: "Preallocated zero cluster offset ...
+            // unaligned" on writes, "Cluster allocation offset ... unaligned" on reads).
+            if !g.is_cluster_aligned(host.0) {
+                return Err(Error::corrupt(
+                    "L2 entry",
+                    format!("preallocated zero cluster entry {e:#018x} points to unaligned host offset {:#x}", host.0),
+                ));
+            }
+            return Ok(ClusterKind::ZeroAlloc { host, copied });
         }
         if host.0 == 0 {
             return Ok(ClusterKind::Unallocated);
@@ -282,6 +301,13 @@ pub fn write_entry(g: &Geometry, buf: &mut [u8], index: usize, entry: L2Entry, b
     }
 }
 
+/// The subcluster bitmap mask of subclusters `first..=last` (bit `i` for subcluster `i`).
+pub fn subcluster_mask(first: u32, last: u32) -> u32 {
+    debug_assert!(first <= last && last < 32);
+    let n = last - first + 1;
+    if n >= 32 { u32::MAX } else { ((1u32 << n) - 1) << first }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +386,8 @@ mod tests {
             ClusterKind::ZeroAlloc { host: HostOffset(0x50000), copied: true }
         );
         assert!(L2Entry(0x50200).decode(&g).is_err());
+        // A preallocated zero cluster at an unaligned host offset is corrupt too.
+        assert!(L2Entry(0x52a00 | 1 | L2_COPIED).decode(&g).is_err());
         assert!(L2Entry(L2_COMPRESSED | L2_COPIED | 0x1234).decode(&g).is_err());
     }
 

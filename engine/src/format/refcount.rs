@@ -65,6 +65,9 @@ pub fn max_value(order: u32) -> u64 {
     if order >= 6 { u64::MAX } else { (1u64 << (1u32 << order)) - 1 }
 }
 
+/// Reserved bits of a refcount table entry (bits 0-8).
+pub const REFTABLE_RESERVED: u64 = 0x1ff;
+
 /// One refcount table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RefTableEntry(pub u64);
@@ -73,11 +76,11 @@ impl RefTableEntry {
     /// Offset of the refcount block (0 = not allocated).
     #[inline]
     pub fn block_offset(self) -> HostOffset {
-        HostOffset(self.0 & !0x1ff)
+        HostOffset(self.0 & !REFTABLE_RESERVED)
     }
     /// Validates the entry: reserved bits 0-8 clear, cluster aligned.
     pub fn validate(self, index: u64, cluster_size: u64) -> Result<()> {
-        if self.0 & 0x1ff != 0 {
+        if self.0 & REFTABLE_RESERVED != 0 {
             return Err(Error::corrupt(
                 "refcount table entry",
                 format!("entry {index} ({:#x}) has reserved bits 0-8 set", self.0),
@@ -89,7 +92,7 @@ impl RefTableEntry {
                 format!("entry {index} points to unaligned refcount block offset {:#x}", self.0),
             ));
         }
-        if self.0 & !OFFSET_MASK & !0x1ff != 0 && self.0 > (1u64 << 56) {
+        if self.0 & !OFFSET_MASK & !REFTABLE_RESERVED != 0 && self.0 > (1u64 << 56) {
             return Err(Error::corrupt(
                 "refcount table entry",
                 format!("entry {index} offset {:#x} is beyond the addressable range", self.0),
@@ -101,12 +104,12 @@ impl RefTableEntry {
 
 /// Decodes a big-endian refcount table.
 pub fn decode_table(bytes: &[u8]) -> Vec<RefTableEntry> {
-    bytes.chunks_exact(8).map(|c| RefTableEntry(u64::from_be_bytes(c.try_into().unwrap()))).collect()
+    super::bytes::be64_words(bytes).map(RefTableEntry).collect()
 }
 
 /// Encodes a refcount table.
 pub fn encode_table(entries: &[RefTableEntry]) -> Vec<u8> {
-    entries.iter().flat_map(|e| e.0.to_be_bytes()).collect()
+    super::bytes::to_be64_bytes(entries.iter().map(|e| e.0))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The internal snapshot table (spec: "Snapshots"). Entries are kept with their extra data
 //! verbatim so that a rewrite preserves what QEMU stored.
 
+use super::bytes::{be16, be32, be64};
 use super::types::HostOffset;
 use crate::{Error, Result};
 
@@ -35,7 +36,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Virtual disk size recorded in the extra data, if present.
     pub fn disk_size(&self) -> Option<u64> {
-        self.extra.get(8..16).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+        (self.extra.len() >= 16).then(|| be64(&self.extra, 8))
     }
 }
 
@@ -45,9 +46,9 @@ pub fn entry_len(fixed: &[u8]) -> Result<usize> {
     if fixed.len() < FIXED_LEN {
         return Err(Error::corrupt("snapshot table", "entry is truncated"));
     }
-    let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
-    let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
-    let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap());
+    let id_len = be16(fixed, 12) as usize;
+    let name_len = be16(fixed, 14) as usize;
+    let extra = be32(fixed, 36);
     if extra > MAX_EXTRA {
         return Err(Error::corrupt(
             "snapshot extra_data_size",
@@ -64,10 +65,9 @@ pub fn parse_entry(buf: &[u8]) -> Result<(Snapshot, usize)> {
     if buf.len() < len {
         return Err(Error::corrupt("snapshot table", "entry is truncated"));
     }
-    let be32 = |o: usize| u32::from_be_bytes(buf[o..o + 4].try_into().unwrap());
-    let id_len = u16::from_be_bytes([buf[12], buf[13]]) as usize;
-    let name_len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
-    let extra_len = be32(36) as usize;
+    let id_len = be16(buf, 12) as usize;
+    let name_len = be16(buf, 14) as usize;
+    let extra_len = be32(buf, 36) as usize;
     let mut o = FIXED_LEN;
     let extra = buf[o..o + extra_len].to_vec();
     o += extra_len;
@@ -75,14 +75,14 @@ pub fn parse_entry(buf: &[u8]) -> Result<(Snapshot, usize)> {
     o += id_len;
     let name = String::from_utf8_lossy(&buf[o..o + name_len]).into_owned();
     let s = Snapshot {
-        l1_table_offset: HostOffset(u64::from_be_bytes(buf[0..8].try_into().unwrap())),
-        l1_size: be32(8),
+        l1_table_offset: HostOffset(be64(buf, 0)),
+        l1_size: be32(buf, 8),
         id,
         name,
-        date_sec: be32(16),
-        date_nsec: be32(20),
-        vm_clock_nsec: u64::from_be_bytes(buf[24..32].try_into().unwrap()),
-        vm_state_size: be32(32),
+        date_sec: be32(buf, 16),
+        date_nsec: be32(buf, 20),
+        vm_clock_nsec: be64(buf, 24),
+        vm_state_size: be32(buf, 32),
         extra,
     };
     Ok((s, len.div_ceil(8) * 8))

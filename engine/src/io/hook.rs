@@ -80,3 +80,78 @@ impl fmt::Debug for Hook {
         f.write_str("Hook")
     }
 }
+
+/// The environment variable of [`from_env`].
+pub const INJECT_ENV: &str = "QURING_INJECT_ERROR";
+
+/// What [`Inject`] makes fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectWhat {
+    /// Every device flush (fdatasync); writes go through.
+    Flush,
+    /// Every device flush and every write of the image's own structures (L2 tables, refcount
+    /// blocks and table, L1 table, header); guest data writes and everything else go through.
+    Metadata,
+}
+
+/// Fails device flushes, or flushes and metadata writes, with one errno.
+#[derive(Debug)]
+pub struct Inject {
+    /// What fails.
+    pub what: InjectWhat,
+    /// The positive errno returned.
+    pub errno: i32,
+}
+
+impl IoHook for Inject {
+    fn fail_write(&self, kind: WriteKind, _off: u64, _len: u64) -> Option<i32> {
+        let meta = matches!(
+            kind,
+            WriteKind::L2 | WriteKind::RefBlock | WriteKind::RefTable | WriteKind::L1 | WriteKind::Header
+        );
+        (self.what == InjectWhat::Metadata && meta).then_some(self.errno)
+    }
+    fn fail_flush(&self) -> Option<i32> {
+        Some(self.errno)
+    }
+    fn issued(&self, _kind: WriteKind, _off: u64, _data: WriteData<'_>) -> u64 {
+        0
+    }
+    fn completed(&self, _token: u64) {}
+    fn flush_issued(&self) -> u64 {
+        0
+    }
+    fn flush_completed(&self, _token: u64, _ok: bool) {}
+}
+
+/// Fault injection for tests of whole programs (the `quring` tool, the fio plugin), which
+/// pass the result to [`crate::image::Options::hook`]: `QURING_INJECT_ERROR=flush:EIO`
+/// makes every device flush of the images they open fail, `metadata:EIO` also every write
+/// of the images' own structures ([`Inject`]; `ENOSPC` or an errno number work too). In
+/// writeback mode guest writes into existing L2 tables then complete, and the flush or
+/// close that writes the metadata back fails: the way to see that a program reports a failed
+/// final flush or close in its exit status. `None` (no hook, no cost) without the
+/// variable; a value of another form is reported on stderr and ignored.
+pub fn from_env() -> Option<Hook> {
+    let v = std::env::var(INJECT_ENV).ok()?;
+    let parsed = v.split_once(':').and_then(|(what, errno)| {
+        let what = match what {
+            "flush" => InjectWhat::Flush,
+            "metadata" => InjectWhat::Metadata,
+            _ => return None,
+        };
+        let errno = match errno {
+            "EIO" => libc::EIO,
+            "ENOSPC" => libc::ENOSPC,
+            n => n.parse::<i32>().ok().filter(|&e| e > 0)?,
+        };
+        Some(Inject { what, errno })
+    });
+    match parsed {
+        Some(i) => Some(Hook(Arc::new(i))),
+        None => {
+            eprintln!("quring: ignoring {INJECT_ENV}={v} (expected flush:ERRNO or metadata:ERRNO, e.g. flush:EIO)");
+            None
+        }
+    }
+}

@@ -1,6 +1,8 @@
-//! A small io_uring for synchronous administrative I/O (open, metadata loads in tools,
-//! create). Each call submits one SQE and waits for its CQE: the same O_DIRECT path as the
-//! data path, used where nothing else is in flight.
+//! A small io_uring for synchronous I/O: open, close, create, the tools' metadata loads,
+//! and (until every queue drives its own metadata writes) the writers' metadata work under
+//! the image's metadata lock: cluster reservation, new L2 tables, write-back and the
+//! flush's device flush. Each call submits one SQE and waits for its CQE: the same O_DIRECT
+//! path as the data path.
 
 use super::hook::{Hook, WriteData, WriteKind};
 use super::{AlignedBuf, SECTOR};

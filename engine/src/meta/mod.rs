@@ -1,13 +1,10 @@
-//! Metadata layer: the shared lock-free cache of L2 slices and refcount blocks, and the
-//! guest -> host mapping through L1 and L2.
+//! Metadata layer: what needs no [`Image`](crate::image::Image): the shared lock-free cache
+//! of L2 slices, refcount bookkeeping, the record of metadata clusters (overlap map) and the
+//! refcount rebuild of a dirty image.
 
-pub(crate) mod alloc;
 pub mod cache;
-pub mod mapping;
 pub mod overlap;
 pub(crate) mod rebuild;
 pub(crate) mod refcount;
-pub mod status;
-pub(crate) mod writeback;
 
 pub use cache::MetaCache;

@@ -27,7 +27,7 @@
 //! their refcount drops to zero.
 //!
 //! What a bad entry does (QEMU's `qcow2_signal_corruption`, see
-//! [`Image::signal_corruption`](crate::image::Image::signal_corruption)):
+//! `Image::signal_corruption` in `image/header.rs`):
 //!
 //! * the request that meets it fails (EIO) with an error naming the entry, the guest offset,
 //!   the host offset and the structure there (or the end of the file);
@@ -53,10 +53,8 @@ use crate::Error;
 use crate::format::Geometry;
 use crate::format::header::Header;
 use crate::format::l1::L1Entry;
-use crate::format::l2::{ClusterKind, L2_COMPRESSED, L2Entry};
 use crate::format::snapshot::Snapshot;
-use crate::format::types::{GuestOffset, HostCluster, HostOffset};
-use crate::image::Image;
+use crate::format::types::{HostCluster, HostOffset};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -99,7 +97,7 @@ impl MetaKind {
     }
 
     /// Is this an L2 table (active or not)?
-    fn is_l2(self) -> bool {
+    pub(crate) fn is_l2(self) -> bool {
         matches!(self, MetaKind::ActiveL2 | MetaKind::InactiveL2)
     }
 }
@@ -138,7 +136,7 @@ impl fmt::Display for Conflict {
 
 /// The metadata clusters of one image (see the module documentation).
 pub(crate) struct OverlapMap {
-    cluster_bits: u32,
+    geo: Geometry,
     inner: RwLock<Clusters>,
 }
 
@@ -204,8 +202,8 @@ impl Clusters {
 }
 
 impl OverlapMap {
-    fn new(cluster_bits: u32) -> Self {
-        OverlapMap { cluster_bits, inner: RwLock::new(Clusters { bits: Vec::new(), kinds: HashMap::new() }) }
+    fn new(geo: Geometry) -> Self {
+        OverlapMap { geo, inner: RwLock::new(Clusters { bits: Vec::new(), kinds: HashMap::new() }) }
     }
 
     /// Records every metadata structure the header, the active L1 table, the refcount table
@@ -223,7 +221,7 @@ impl OverlapMap {
         snapshot_table_bytes: u64,
         file_len: u64,
     ) -> Self {
-        let map = OverlapMap::new(geo.cluster_bits);
+        let map = OverlapMap::new(*geo);
         let cs = geo.cluster_size();
         let eof = geo.clusters_for(file_len);
         {
@@ -242,8 +240,8 @@ impl OverlapMap {
             range(MetaKind::ActiveL1, h.l1_table_offset.0, h.l1_size as u64 * 8);
             range(MetaKind::RefcountTable, h.refcount_table_offset.0, h.refcount_table_clusters as u64 * cs);
             for &e in reftable {
-                let off = e & !0x1ff;
-                if off != 0 && e & 0x1ff == 0 && geo.is_cluster_aligned(off) {
+                let off = e & !crate::format::refcount::REFTABLE_RESERVED;
+                if off != 0 && e & crate::format::refcount::REFTABLE_RESERVED == 0 && geo.is_cluster_aligned(off) {
                     range(MetaKind::RefcountBlock, off, cs);
                 }
             }
@@ -306,11 +304,11 @@ impl OverlapMap {
         if host.0 >= file_len {
             return Some(Conflict::PastEof { file_len });
         }
-        let first = host.0 >> self.cluster_bits;
-        let last = (host.0 + len.max(1) - 1) >> self.cluster_bits;
+        let first = self.geo.cluster_index(host.0);
+        let last = self.geo.cluster_index(host.0 + len.max(1) - 1);
         m.first_meta_in(first, last - first + 1).map(|c| Conflict::Metadata {
             kind: m.kind(c).unwrap_or(MetaKind::Header),
-            cluster: HostOffset(c << self.cluster_bits),
+            cluster: HostOffset(self.geo.cluster_bytes(c)),
         })
     }
 }
@@ -324,11 +322,11 @@ pub(crate) fn check_reftable(geo: &Geometry, map: &OverlapMap, table: &[u64], fi
     let cs = geo.cluster_size();
     for (i, &e) in table.iter().enumerate() {
         crate::format::refcount::RefTableEntry(e).validate(i as u64, cs)?;
-        let off = e & !0x1ff;
+        let off = e & !crate::format::refcount::REFTABLE_RESERVED;
         if off == 0 {
             continue;
         }
-        let c = off >> geo.cluster_bits;
+        let c = geo.cluster_index(off);
         let conflict = if off >= file_len {
             Some(Conflict::PastEof { file_len })
         } else {
@@ -346,179 +344,12 @@ pub(crate) fn check_reftable(geo: &Geometry, map: &OverlapMap, table: &[u64], fi
     Ok(())
 }
 
-impl Image {
-    /// Validates an L2 slice that was just read from disk at host offset `key`, before the
-    /// cache publishes it; `word(i)` is its i-th 64-bit word (host-endian).
-    ///
-    /// Checks that the slice's table is not another kind of metadata (the L1 entry's target)
-    /// and that no entry maps guest data (standard, zero-with-offset, extended or
-    /// compressed) onto a metadata cluster or past the end of the file. Entries that are
-    /// malformed in other ways (reserved bits, misalignment) are left to the per-request
-    /// decoding, which names them when they are used.
-    ///
-    /// QEMU checks the same ranges on every host write and not at all on reads (a read of
-    /// such a mapping returns the metadata's bytes). quring refuses the whole slice instead,
-    /// so a read of it fails clearly as well; marking the image corrupt is left to the
-    /// caller, which does it only for writes ([`Image::signal_corruption`]), as QEMU does.
-    pub(crate) fn check_l2_slice(&self, key: u64, word: impl Fn(usize) -> u64) -> crate::Result<()> {
-        match self.check_l2_slice_once(key, &word) {
-            Err(Some(e)) => Err(e),
-            Err(None) => self.check_l2_slice_once(key, &word).map_err(|e| {
-                e.unwrap_or_else(|| Error::corrupt("L2 table", format!("slice at {key:#x} keeps growing")))
-            }),
-            Ok(()) => Ok(()),
-        }
-    }
-
-    /// One pass of [`Image::check_l2_slice`]. `Err(None)`: an entry points past the end of
-    /// the file as this image knew it, but the file has grown since (a read-only image
-    /// shared with a writer, `-U`): the known length was updated, check again.
-    fn check_l2_slice_once(&self, key: u64, word: &impl Fn(usize) -> u64) -> Result<(), Option<Error>> {
-        let g = &self.geo;
-        let cb = g.cluster_bits;
-        let cs = g.cluster_size();
-        let file_len = self.file_len();
-        let eof = g.clusters_for(file_len);
-        let table = key & !(cs - 1);
-        let m = self.overlap.read();
-        let tc = table >> cb;
-        let table_conflict = if tc >= eof {
-            Some(Conflict::PastEof { file_len })
-        } else {
-            m.kind(tc).filter(|k| !k.is_l2()).map(|kind| Conflict::Metadata { kind, cluster: HostOffset(table) })
-        };
-        if let Some(conflict) = table_conflict {
-            if self.refresh_file_len(conflict, file_len) {
-                return Err(None);
-            }
-            let l1i = self.l1_index_of(table);
-            let guest = l1i.map(|i| GuestOffset(i * g.l1_coverage()));
-            return Err(Some(Error::corrupt(
-                "L1 entry",
-                format!(
-                    "entry {} ({}) points to an L2 table at {table:#x}, which {conflict}",
-                    l1i.map_or("?".into(), |i| i.to_string()),
-                    guest.map_or("guest offset unknown".into(), |o| format!("guest offset {o}")),
-                ),
-            )));
-        }
-        let step = (g.l2_entry_size() / 8) as usize;
-        for i in 0..self.slice_entries as usize {
-            let e = word(i * step);
-            if e & L2_COMPRESSED == 0 {
-                let host = e & crate::format::geometry::OFFSET_MASK;
-                if host == 0 {
-                    continue;
-                }
-                let c = host >> cb;
-                if c < eof && !m.is_meta(c) {
-                    continue;
-                }
-                let conflict = self.overlap.check_data(&m, HostOffset(c << cb), cs, file_len);
-                if let Some(conflict) = conflict {
-                    drop(m);
-                    return Err(self.l2_conflict(key, i, L2Entry(e), conflict, file_len));
-                }
-            } else if let Ok(ClusterKind::Compressed { host, len }) = L2Entry(e).decode(g)
-                && let Some(conflict) = self.overlap.check_data(&m, host, len, file_len)
-            {
-                drop(m);
-                return Err(self.l2_conflict(key, i, L2Entry(e), conflict, file_len));
-            }
-        }
-        Ok(())
-    }
-
-    /// After a past-the-end conflict on a read-only image: has the file grown since its
-    /// length was taken? (A writer that shares it may have appended clusters.) Records the
-    /// new length. Cold path: one stat.
-    fn refresh_file_len(&self, conflict: Conflict, known: u64) -> bool {
-        if !matches!(conflict, Conflict::PastEof { .. }) || self.meta.is_some() {
-            return false;
-        }
-        match self.file.len() {
-            Ok(n) if n > known => {
-                self.file_len.fetch_max(n, std::sync::atomic::Ordering::AcqRel);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The error for entry `i` of the slice at `key`: names the entry, its guest offset,
-    /// where it points and what is there.
-    fn l2_conflict(&self, key: u64, i: usize, e: L2Entry, conflict: Conflict, file_len: u64) -> Option<Error> {
-        if self.refresh_file_len(conflict, file_len) {
-            return None;
-        }
-        let g = &self.geo;
-        let table = key & !(g.cluster_size() - 1);
-        let index = (key - table) / g.l2_entry_size() + i as u64;
-        let guest = self.l1_index_of(table).map_or("guest offset unknown".into(), |l1i| {
-            format!("guest offset {}", GuestOffset((l1i * g.l2_entries() + index) << g.cluster_bits))
-        });
-        let target = match e.decode(g) {
-            Ok(ClusterKind::Compressed { host, len }) => {
-                format!("compressed cluster descriptor {:#018x}: {len} bytes at host offset {host}", e.0)
-            }
-            _ => format!("host offset {}", e.host_offset()),
-        };
-        Some(Error::corrupt(
-            "L2 entry",
-            format!("entry {index} of the L2 table at {table:#x} ({guest}) maps to {target}, which {conflict}"),
-        ))
-    }
-
-    /// The active L1 index whose L2 table is at `table` (messages only: a linear scan).
-    fn l1_index_of(&self, table: u64) -> Option<u64> {
-        (0..self.l1.len() as u64).find(|&i| {
-            let e = self.l1_entry(i);
-            !e.contiguous() && e.l2_offset().0 == table
-        })
-    }
-
-    /// Checks quring's L2-less ranges (L1 entries that map a whole range to one host
-    /// extent, which no L2 slice load would see) at open: each extent must lie inside the
-    /// file and on no metadata.
-    pub(crate) fn check_contiguous_ranges(&self) -> crate::Result<()> {
-        if !self.l2less {
-            return Ok(());
-        }
-        let g = &self.geo;
-        let file_len = self.file_len();
-        let m = self.overlap.read();
-        for i in 0..self.l1.len() as u64 {
-            let e = self.l1_entry(i);
-            if !e.contiguous() || e.l2_offset().0 == 0 {
-                continue;
-            }
-            let off = e.l2_offset();
-            let len = self.range_clusters(i) << g.cluster_bits;
-            let conflict = if off.0.saturating_add(len) > file_len.div_ceil(g.cluster_size()) * g.cluster_size() {
-                Some(Conflict::PastEof { file_len })
-            } else {
-                self.overlap.check_data(&m, off, len, file_len)
-            };
-            if let Some(conflict) = conflict {
-                return Err(Error::corrupt(
-                    "L1 entry",
-                    format!(
-                        "entry {i} (guest offset {}) maps an L2-less range of {len} bytes to host offset {off}, which {conflict}",
-                        GuestOffset(i * g.l1_coverage())
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn map(cb: u32) -> OverlapMap {
-        OverlapMap::new(cb)
+        OverlapMap::new(Geometry::new(cb, false, 4).unwrap())
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Until the header is rewritten the old (stale) structures stay in place, so a crash during
 //! the rebuild leaves the image as dirty as before; the old structures become free space.
 
-use crate::check::{MetaRead, reference_counts};
+use crate::check::{FileMeta, reference_counts};
 use crate::format::HostOffset;
 use crate::format::feature::INCOMPAT_DIRTY;
 use crate::format::header::Header;
@@ -13,30 +13,10 @@ use crate::format::refcount as rc;
 use crate::io::{ImageFile, SyncRing};
 use crate::{Error, Result};
 
-struct Reader<'a> {
-    sync: &'a SyncRing,
-    file: &'a ImageFile,
-    len: u64,
-}
-
-impl MetaRead for Reader<'_> {
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
-        if off >= self.len {
-            return Ok(0);
-        }
-        let (data, valid) = self.sync.read(self.file.fd(), off, buf.len())?;
-        buf.copy_from_slice(&data);
-        Ok(valid)
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-}
-
 /// Rebuilds the refcounts of a dirty image and clears the dirty bit (on disk and in `h`).
 pub(crate) fn rebuild_refcounts(sync: &SyncRing, file: &ImageFile, h: &mut Header) -> Result<()> {
     let len = file.len()?;
-    let mut counts = reference_counts(&Reader { sync, file, len })?;
+    let mut counts = reference_counts(&FileMeta { ring: sync, file, len })?;
     let g = h.geometry();
     let cs = g.cluster_size();
     let e = g.refblock_entries();

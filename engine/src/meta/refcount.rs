@@ -80,6 +80,9 @@ pub(crate) struct Refcounts {
     pub end_cluster: u64,
     /// Decrements waiting for the reference drop to be durable: (cluster, count).
     pub pending_free: Vec<(u64, u64)>,
+    /// Decrements taken from `pending_free` at the last epoch flip, applied once every
+    /// request that may still use their clusters is done ([`crate::meta::epoch`]).
+    pub retiring: Vec<(u64, u64)>,
     /// Clusters whose refcount dropped to zero in the last applied batch (to punch).
     pub freed: Vec<u64>,
 }
@@ -114,6 +117,7 @@ impl Refcounts {
             free_hint: 0,
             end_cluster: geo.clusters_for(file_len),
             pending_free: Vec::new(),
+            retiring: Vec::new(),
             freed: Vec::new(),
         })
     }
@@ -151,7 +155,7 @@ impl Refcounts {
     pub fn get(&mut self, io: &MetaIo, cluster: u64) -> Result<u64> {
         let ti = (cluster >> self.geo.refblock_bits()) as usize;
         let Some(&e) = self.table.get(ti) else { return Ok(0) };
-        let off = e & !0x1ff;
+        let off = rc::RefTableEntry(e).block_offset().0;
         if off == 0 {
             return Ok(0);
         }
@@ -184,12 +188,25 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Adds `delta` (may be negative) to a cluster's refcount.
+    /// Adds `delta` (may be negative) to a cluster's refcount. A refcount that would go
+    /// below zero (a cluster freed more often than it was referenced) or above the width's
+    /// maximum is a corruption ([`Error::Corrupt`]): nothing is changed, and the caller marks
+    /// the image corrupt ([`crate::image::Image::signal_corruption`]).
     pub fn add(&mut self, io: &MetaIo, cluster: u64, delta: i64) -> Result<u64> {
         let cur = self.get(io, cluster)?;
         let new = cur.checked_add_signed(delta).ok_or_else(|| {
             Error::corrupt("refcount", format!("cluster {cluster}: refcount {cur} cannot change by {delta}"))
         })?;
+        if new > self.geo.refcount_max() {
+            return Err(Error::corrupt(
+                "refcount",
+                format!(
+                    "cluster {cluster}: refcount {cur} cannot change by {delta} (the {}-bit maximum is {})",
+                    self.geo.refcount_bits(),
+                    self.geo.refcount_max()
+                ),
+            ));
+        }
         self.set(io, cluster, new)?;
         Ok(new)
     }
@@ -200,7 +217,7 @@ impl Refcounts {
         if ti >= self.table.len() {
             self.grow_table(io, ti)?;
         }
-        let e = self.table[ti] & !0x1ff;
+        let e = rc::RefTableEntry(self.table[ti]).block_offset().0;
         if e != 0 {
             return Ok(e);
         }
@@ -209,7 +226,7 @@ impl Refcounts {
         // which terminates: each level moves to a later cluster).
         let bc = self.end_cluster;
         self.end_cluster += 1;
-        let off = bc << self.geo.cluster_bits;
+        let off = self.geo.cluster_bytes(bc);
         self.tick += 1;
         let cs = self.geo.cluster_size() as usize;
         self.blocks.insert(off, Block { buf: AlignedBuf::new(cs), dirty: true, used: self.tick });
@@ -233,7 +250,7 @@ impl Refcounts {
         self.end_cluster += clusters;
         let old = (self.table_offset, self.table_clusters);
         self.table.resize(want, 0);
-        self.table_offset = start << self.geo.cluster_bits;
+        self.table_offset = self.geo.cluster_bytes(start);
         self.table_clusters = clusters;
         self.table_dirty = true;
         self.table_moved = true;
@@ -242,7 +259,7 @@ impl Refcounts {
         if let Some((o, n)) = self.old_table.replace(old) {
             // A table from an earlier growth that was never made durable: never referenced
             // by the header, so it can simply be freed with the others.
-            self.pending_free.extend((0..n).map(|i| ((o >> self.geo.cluster_bits) + i, 1)));
+            self.pending_free.extend((0..n).map(|i| (self.geo.cluster_index(o) + i, 1)));
         }
         for c in start..start + clusters {
             self.set(io, c, 1)?;
@@ -255,7 +272,15 @@ impl Refcounts {
     /// A free cluster (refcount 0) that is recorded as metadata is never handed out: its
     /// refcount is wrong, and using it would overwrite the structure (QEMU: "Preventing
     /// invalid allocation of ..."). That is a corruption error.
+    ///
+    /// A free cluster with a decrement still queued (`pending_free`) is referenced by
+    /// metadata on disk: its refcount dropped to zero before every reference to it was gone
+    /// (it was freed too often). Handing it out would give one cluster two owners; that is a
+    /// corruption error too.
     pub fn alloc_contiguous(&mut self, io: &MetaIo, n: u64) -> Result<u64> {
+        // Clusters with queued decrements (built only when there are any).
+        let pending: std::collections::HashSet<u64> =
+            self.pending_free.iter().chain(&self.retiring).map(|&(c, _)| c).collect();
         // Move the hint past clusters in use: allocations that do not start at the hint
         // (refcount blocks, a grown table, clusters taken after a gap) leave used clusters
         // at it, and every later scan would walk over them again.
@@ -277,12 +302,22 @@ impl Refcounts {
                     start = c + 1;
                     continue 'search;
                 }
+                if pending.contains(&c) {
+                    return Err(Error::corrupt(
+                        "refcount",
+                        format!(
+                            "cluster {c} (host offset {:#x}) has refcount 0 but is still referenced (a decrement \
+                             is queued for it): preventing its allocation",
+                            self.geo.cluster_bytes(c)
+                        ),
+                    ));
+                }
                 if let Some(kind) = self.overlap.kind_of(HostCluster(c)) {
                     return Err(Error::corrupt(
                         "refcount",
                         format!(
                             "cluster {c} (host offset {:#x}, the {kind}) has refcount 0: preventing its allocation",
-                            c << self.geo.cluster_bits
+                            self.geo.cluster_bytes(c)
                         ),
                     ));
                 }
@@ -315,16 +350,50 @@ impl Refcounts {
         self.pending_free.push((cluster, count));
     }
 
-    /// Applies the queued decrements (the flush calls this once the L2/L1 changes that
-    /// dropped the references are durable).
+    /// Makes the queued decrements the retiring batch, if none is retiring. Returns whether
+    /// a batch started retiring (the caller then flips the epoch).
+    pub fn start_retiring(&mut self) -> bool {
+        if !self.retiring.is_empty() || self.pending_free.is_empty() {
+            return false;
+        }
+        self.retiring = std::mem::take(&mut self.pending_free);
+        true
+    }
+
+    /// Applies the retiring decrements (the flush calls this once the L2/L1 changes that
+    /// dropped the references are durable and no request that may still use the clusters
+    /// is in flight).
+    ///
+    /// Every decrement that can be applied is, even after one that cannot: a decrement below
+    /// zero (a double free) is left out and reported as a corruption error after the rest
+    /// are applied, so one bad decrement does not turn every other freed cluster of the
+    /// batch into a leak. An I/O error stops at once; the decrements not applied yet stay
+    /// queued.
     pub fn apply_pending(&mut self, io: &MetaIo) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending_free);
-        for (c, n) in pending {
-            if self.add(io, c, -(n as i64))? == 0 {
-                self.freed.push(c);
+        let pending = std::mem::take(&mut self.retiring);
+        let mut bad: Vec<String> = Vec::new();
+        for (i, &(c, n)) in pending.iter().enumerate() {
+            match self.add(io, c, -(n as i64)) {
+                Ok(0) => self.freed.push(c),
+                Ok(_) => {}
+                Err(Error::Corrupt { detail, .. }) => bad.push(detail),
+                Err(e) => {
+                    self.retiring.extend_from_slice(&pending[i..]);
+                    return Err(e);
+                }
             }
         }
-        Ok(())
+        match bad.len() {
+            0 => Ok(()),
+            1 => Err(Error::corrupt("refcount", bad.remove(0))),
+            n => Err(Error::corrupt("refcount", format!("{} (and {} more)", bad[0], n - 1))),
+        }
+    }
+
+    /// The cached refcount blocks as (offset, contents, dirty) ([`crate::meta::audit`]
+    /// compares them with the disk).
+    pub fn cached_blocks(&self) -> impl Iterator<Item = (u64, &[u8], bool)> {
+        self.blocks.iter().map(|(&off, b)| (off, &b.buf[..], b.dirty))
     }
 
     /// Are there unwritten changes?
@@ -358,5 +427,82 @@ impl Refcounts {
             nt = 1;
         }
         Ok((nb, nt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::header::{CompressionType, Header};
+
+    /// Refcounts of a 1-bit (order 0) or 16-bit (order 4) image of 4 KiB clusters whose
+    /// blocks are all created in memory (no I/O reaches the file).
+    fn counts(order: u32) -> (Refcounts, SyncRing, std::fs::File) {
+        let geo = Geometry::new(12, false, order).unwrap();
+        let h = Header::new_v3(1 << 20, geo, CompressionType::Deflate);
+        let overlap = Arc::new(OverlapMap::build(&geo, &h, &[], &[], &[], 0, 0));
+        let rc = Refcounts::open(geo, vec![0; 4], 1 << 12, 1, 16 << 12, 1 << 16, overlap).unwrap();
+        (rc, SyncRing::new().unwrap(), tempfile::tempfile().unwrap())
+    }
+
+    #[test]
+    fn refcount_below_zero_or_above_the_width_is_corruption() {
+        use std::os::fd::AsRawFd;
+        for order in [0, 4] {
+            let (mut rc, ring, f) = counts(order);
+            let io = MetaIo { ring: &ring, fd: f.as_raw_fd() };
+            assert!(matches!(rc.add(&io, 40, -1), Err(Error::Corrupt { .. })), "order {order}: 0 - 1");
+            assert_eq!(rc.get(&io, 40).unwrap(), 0);
+            let max = rc.geo.refcount_max();
+            rc.set(&io, 41, max).unwrap();
+            let e = rc.add(&io, 41, 1).unwrap_err();
+            assert!(matches!(e, Error::Corrupt { .. }), "order {order}: max + 1: {e}");
+            assert_eq!(rc.get(&io, 41).unwrap(), max, "unchanged");
+        }
+    }
+
+    #[test]
+    fn apply_pending_applies_every_good_decrement_and_reports_the_bad_one() {
+        use std::os::fd::AsRawFd;
+        let (mut rc, ring, f) = counts(4);
+        let io = MetaIo { ring: &ring, fd: f.as_raw_fd() };
+        for c in [40, 41, 42] {
+            rc.set(&io, c, 1).unwrap();
+        }
+        rc.set(&io, 43, 2).unwrap();
+        // 40 is freed twice (a double free); everything queued after it must still be applied.
+        for c in [40, 40, 41, 43, 42] {
+            rc.free_later(c, 1);
+        }
+        assert!(rc.start_retiring());
+        let e = rc.apply_pending(&io).unwrap_err();
+        assert!(matches!(&e, Error::Corrupt { detail, .. } if detail.contains("cluster 40")), "{e}");
+        for (c, want) in [(40, 0), (41, 0), (42, 0), (43, 1)] {
+            assert_eq!(rc.get(&io, c).unwrap(), want, "cluster {c}");
+        }
+        let mut freed = rc.freed.clone();
+        freed.sort_unstable();
+        assert_eq!(freed, [40, 41, 42]);
+        assert!(rc.pending_free.is_empty() && rc.retiring.is_empty());
+    }
+
+    #[test]
+    fn a_free_cluster_with_a_queued_decrement_is_not_handed_out() {
+        use std::os::fd::AsRawFd;
+        let (mut rc, ring, f) = counts(4);
+        let io = MetaIo { ring: &ring, fd: f.as_raw_fd() };
+        // Clusters 0..8 in use, 8 free but still referenced (a decrement is queued for it).
+        for c in 0..8 {
+            rc.set(&io, c, 1).unwrap();
+        }
+        rc.free_later(8, 1);
+        for retiring in [false, true] {
+            if retiring {
+                assert!(rc.start_retiring());
+            }
+            let e = rc.alloc_contiguous(&io, 2).unwrap_err();
+            assert!(matches!(&e, Error::Corrupt { detail, .. } if detail.contains("cluster 8")), "{e}");
+            assert_eq!(rc.get(&io, 8).unwrap(), 0, "nothing allocated");
+        }
     }
 }

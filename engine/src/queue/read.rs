@@ -2,12 +2,13 @@
 //! backing chain, and issue one SQE per contiguous host run (zero pieces are filled in
 //! place). A piece whose L2 slice is missing parks the request on that slice.
 
+use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
 use crate::counters::Counters;
 use crate::format::l2::Extent;
-use crate::format::types::GuestOffset;
+use crate::format::types::{GuestOffset, HostOffset};
+use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
-use crate::meta::mapping::Lookup;
 use io_uring::{opcode, types};
 use std::sync::Arc;
 
@@ -83,15 +84,8 @@ impl Queue {
         // that finishes at once) must not finish it under our feet.
         self.reqs[id].pending += 1;
         let top = Arc::clone(&self.image);
-        // A pending contiguous data run: (fd, host start, guest start, len).
-        let mut run: Option<(i32, u64, u64, u64)> = None;
-        loop {
-            let r = &self.reqs[id];
-            let end = r.offset + r.len;
-            if r.cursor >= end || r.error != 0 {
-                break;
-            }
-            let pos = r.cursor;
+        let mut run = RunBuilder::default();
+        while let Some((pos, end)) = self.walk_next(id) {
             let piece = match resolve(&top, pos, end - pos, &self.counters) {
                 Ok(p) => p,
                 Err(e) => {
@@ -101,24 +95,14 @@ impl Queue {
             };
             match piece {
                 Piece::Data { fd, host, len } => {
-                    match &mut run {
-                        Some((rfd, rhost, rguest, rlen))
-                            if *rfd == fd && *rhost + *rlen == host && *rguest + *rlen == pos =>
-                        {
-                            *rlen += len;
-                        }
-                        _ => {
-                            if let Some(r) = run.take() {
-                                self.issue_data(id, r);
-                            }
-                            run = Some((fd, host, pos, len));
-                        }
+                    if let Some(done) = run.add(Run { fd, host: HostOffset(host), guest: GuestOffset(pos), len }) {
+                        self.issue_data(id, done);
                     }
                     self.reqs[id].cursor += len;
                 }
                 Piece::Zero { len } => {
-                    let dst = self.dst(id, pos);
-                    // SAFETY: [pos, pos+len) lies inside the request, so inside its buffer.
+                    let dst = self.dst(id, pos, len);
+                    // SAFETY: dst is valid for len bytes (GuestBuf::at checked the range).
                     unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
                     self.reqs[id].cursor += len;
                 }
@@ -132,7 +116,7 @@ impl Queue {
                     let mut buf = self.get_read_buf(total as usize);
                     let ptr = buf.as_mut_ptr();
                     let fd = layer.file.fd();
-                    let dst = self.dst(id, pos);
+                    let dst = self.dst(id, pos, len);
                     let io = self.ios.insert(Io::Compressed {
                         req: id,
                         buf,
@@ -153,7 +137,7 @@ impl Queue {
                     if self.load_slice(layer, key) {
                         continue;
                     }
-                    self.reqs[id].parked = true;
+                    self.park(id);
                     self.parked.push((id, key));
                     break;
                 }
@@ -172,7 +156,7 @@ impl Queue {
     /// state ([`Io::Whole`]). Anything else returns false without side effects (the lookup
     /// is counted by the general path that follows).
     #[inline]
-    pub(crate) fn try_whole_read(&mut self, user_data: u64, offset: u64, len: u64, buf: *mut u8) -> bool {
+    pub(crate) fn try_whole_read(&mut self, user_data: u64, offset: u64, len: u64, buf: *mut u8, entered: u8) -> bool {
         let img = &self.image;
         let Ok(Lookup::Mapped { extent: Extent::Data(h), len: n, cached }) = img.lookup(GuestOffset(offset), len)
         else {
@@ -185,22 +169,24 @@ impl Queue {
             Counters::bump(&self.counters.l2_hits, 1);
         }
         let fd = img.file.fd();
-        let io = self.ios.insert(Io::Whole { user_data, dst: buf, len: len as usize });
+        let io = self.ios.insert(Io::Whole { user_data, dst: buf, len: len as usize, entered });
         self.whole_in_flight += 1;
         let sqe = opcode::Read::new(types::Fd(fd), buf, len as u32).offset(h.0).build().user_data(io as u64);
         self.push(sqe);
         true
     }
 
+    /// The request's memory for `len` bytes at guest offset `pos`.
     #[inline]
-    fn dst(&self, id: usize, pos: u64) -> *mut u8 {
-        let r = &self.reqs[id];
-        // SAFETY: pos lies within [offset, offset+len) of the request.
-        unsafe { r.buf.add((pos - r.offset) as usize) }
+    fn dst(&self, id: usize, pos: u64, len: u64) -> *mut u8 {
+        self.reqs[id].mem(pos, len)
     }
 
-    fn issue_data(&mut self, id: usize, (fd, host, guest, len): (i32, u64, u64, u64)) {
-        let dst = self.dst(id, guest);
+    /// Issues the read of one run (straight into the guest buffer when everything is
+    /// sector-aligned, through a bounce buffer otherwise).
+    fn issue_data(&mut self, id: usize, Run { fd, host, guest, len }: Run) {
+        let (host, guest) = (host.0, guest.0);
+        let dst = self.dst(id, guest, len);
         let aligned = (dst as usize).is_multiple_of(512) && host % 512 == 0 && len % 512 == 0;
         let (io, ptr, off, n) = if aligned {
             (self.ios.insert(Io::Data { req: id, dst, len: len as usize }), dst, host, len)

@@ -1,0 +1,85 @@
+//! `quring io`: qemu-io style commands (`read [-P pat] off len`, `write [-P pat] [-z [-u]]
+//! off len`, `discard off len`, `flush`; the language is in `io_lang.rs`), with qemu-io's
+//! output and exit status (1 when a command failed or a pattern did not verify, or when the
+//! image could not be closed cleanly).
+
+use crate::io_lang::{self, Cmd};
+use crate::util::parse_size;
+use clap::Parser;
+use quring::image::{Image, Options};
+use quring::queue::{Queue, QueueOptions};
+use std::path::PathBuf;
+
+/// Arguments of `quring io`.
+#[derive(Parser)]
+pub struct Args {
+    /// A command to run (repeatable), e.g. -c 'read -P 0xab 0 64k'.
+    #[arg(short = 'c', long = "cmd")]
+    cmds: Vec<String>,
+    /// Open read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Image format (only qcow2).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Force share.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// L2 cache size in bytes (QEMU's l2-cache-size; k/M suffixes).
+    #[arg(long = "l2-cache-size")]
+    l2_cache_size: Option<String>,
+    /// Cache mode: writeback (default) or writethrough.
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: String,
+    /// The image.
+    image: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
+    // Every command is parsed (and its numbers bounded) before the image is opened: a
+    // command line with a mistake in it touches nothing.
+    let mut cmds = Vec::with_capacity(a.cmds.len());
+    for c in &a.cmds {
+        match io_lang::parse(c) {
+            Ok(cmd) => cmds.push(cmd),
+            Err(msg) => {
+                eprintln!("{msg}");
+                return Ok(1);
+            }
+        }
+    }
+    let writes = cmds.iter().any(Cmd::writes);
+    let cache = match a.cache.as_str() {
+        "writeback" | "none" => quring::image::CacheMode::Writeback,
+        "writethrough" | "directsync" => quring::image::CacheMode::Writethrough,
+        c => return Err(format!("Invalid cache mode '{c}'").into()),
+    };
+    let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
+    let opts = Options {
+        read_only: a.read_only || !writes,
+        force_share: a.force_share,
+        cache,
+        l2_cache_size,
+        hook: quring::io::hook::from_env(),
+        ..Options::default()
+    };
+    let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
+    let mut q = Queue::new(&img, &QueueOptions::default())?;
+    let size = img.size();
+    let mut status = 0u8;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
+    for c in &cmds {
+        if !io_lang::run(&mut q, size, c, &mut out, &mut err) {
+            status = 1;
+        }
+    }
+    drop(out);
+    // Close explicitly: a failure to make the writes durable is this command's failure (a
+    // close left to Drop could only print it).
+    drop(q);
+    if let Err(e) = img.close() {
+        eprintln!("quring: closing '{}' failed: {e}", a.image.display());
+        status = 1;
+    }
+    Ok(status)
+}

@@ -1,0 +1,78 @@
+//! `quring`: qcow2 image tools on the quring engine, following qemu-img's conventions for
+//! options, output and exit codes.
+
+mod args;
+mod bench;
+mod check;
+mod convert;
+mod create;
+mod info;
+mod io_cmd;
+mod io_lang;
+mod map;
+mod nbd;
+mod output;
+mod serve;
+mod util;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "quring", version, about = "qcow2 image tools on the quring io_uring engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new image (like `qemu-img create`).
+    Create(create::Args),
+    /// Check an image for consistency (like `qemu-img check`).
+    Check(check::Args),
+    /// Show information about an image (like `qemu-img info`).
+    Info(info::Args),
+    /// Show the mapping of guest ranges to files (like `qemu-img map`).
+    Map(map::Args),
+    /// Convert an image to raw or qcow2 (like `qemu-img convert`).
+    Convert(convert::Args),
+    /// Run qemu-io style commands (read, write, discard, flush) on an image.
+    Io(io_cmd::Args),
+    /// Benchmark reads or writes (like `qemu-img bench`).
+    Bench(bench::Args),
+    /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
+    Serve(serve::Args),
+}
+
+fn main() -> ExitCode {
+    // Like C tools: die quietly on a closed pipe (`quring map | head`) instead of panicking.
+    // SAFETY: setting a signal disposition to SIG_DFL before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // Usage errors exit 1, as qemu-img's do (clap's own default is 2); help and version 0.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if usage { 1 } else { 0 });
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::Check(a) => check::run(a),
+        Cmd::Create(a) => create::run(a),
+        Cmd::Info(a) => info::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Convert(a) => convert::run(a),
+        Cmd::Io(a) => io_cmd::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Serve(a) => serve::run(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("quring: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The shared [`Image`]: opened once, used by every [`Queue`](crate::queue::Queue).
+//!
+//! Opening reads the header, the active L1 table and the snapshot table through io_uring
+//! with O_DIRECT, validates them, and opens the backing chain (qcow2 or raw files, relative
+//! names resolved against the directory of the image that names them, as QEMU does).
+//!
+//! Every `impl Image` lives in this folder, one concern per file:
+//! [`mapping`] (guest -> host through L1 and the L2 cache), `alloc` (host clusters for
+//! writers, L2 tables, L2-less extents), `writeback` (metadata write-back in dependency
+//! order), `overlap` (metadata overlap checks on the live image), [`status`] (block status).
+
+mod alloc;
+mod audit;
+mod cache_sizes;
+mod create;
+pub(crate) mod epoch;
+mod header;
+pub mod mapping;
+mod open;
+mod overlap;
+mod resize;
+mod slices;
+pub mod status;
+mod writeback;
+
+pub(crate) use slices::SliceClaim;
+
+pub use create::create;
+pub use open::{probe_format, resolve_backing_path};
+
+use crate::counters::{CounterSnapshot, Counters};
+use crate::format::Geometry;
+use crate::format::header::{CompressionType, Header};
+use crate::format::l1::L1Entry;
+use crate::format::snapshot::Snapshot;
+use crate::io::lock::ImageLock;
+use crate::io::{ImageFile, SyncRing};
+use crate::meta::MetaCache;
+use crate::meta::overlap::OverlapMap;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Deepest backing chain accepted (protects against loops).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+/// Default upper bound of the L2 cache (QEMU's default maximum).
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// How writes complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// A write completes when its data is on the device; metadata reaches the disk at flush.
+    #[default]
+    Writeback,
+    /// A write completes only when it and its metadata are durable.
+    Writethrough,
+}
+
+/// What to do with the backing chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    /// Open the whole chain.
+    #[default]
+    Open,
+    /// Do not open backing files: unallocated ranges read as zeros (`qemu-img -U`-like tools
+    /// that only inspect one layer).
+    Ignore,
+}
+
+/// Options for [`Image::open`]. Cache sizes are named as QEMU's runtime options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Cache mode for writes.
+    pub cache: CacheMode,
+    /// `l2-cache-size` in bytes (None: enough for the whole image, at most 32 MiB). Capped
+    /// at what the image can use, as QEMU does (see `cache_sizes`): any value is accepted,
+    /// and one that is still larger than the machine's memory fails the open.
+    pub l2_cache_size: Option<u64>,
+    /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB),
+    /// capped at what the image can use.
+    pub refcount_cache_size: Option<u64>,
+    /// `l2-cache-entry-size` in bytes (None: min(cluster size, 4 KiB)).
+    pub l2_cache_entry_size: Option<u64>,
+    /// Share the image with other users (`-U`): no write lock expected.
+    pub force_share: bool,
+    /// Backing chain policy.
+    pub backing: BackingPolicy,
+    /// Test hook that sees (and may fail) every device write and flush.
+    pub hook: Option<crate::io::hook::Hook>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            read_only: false,
+            cache: CacheMode::Writeback,
+            l2_cache_size: None,
+            refcount_cache_size: None,
+            l2_cache_entry_size: None,
+            force_share: false,
+            backing: BackingPolicy::Open,
+            hook: None,
+        }
+    }
+}
+
+/// A raw backing file.
+pub struct RawBacking {
+    /// The file.
+    pub file: ImageFile,
+    /// Its size (reads beyond it are zeros).
+    pub size: u64,
+}
+
+/// The layer below an image.
+pub enum Backing {
+    /// A qcow2 image.
+    Qcow2(Arc<Image>),
+    /// A raw file.
+    Raw(RawBacking),
+}
+
+/// Metadata state that writers change under the image's metadata mutex (see
+/// [`crate::meta::refcount`]): refcounts, the L1/dirty-bit bookkeeping.
+pub(crate) struct MetaState {
+    pub rc: crate::meta::refcount::Refcounts,
+    /// The in-memory L1 table has entries not yet written.
+    pub l1_dirty: bool,
+    /// Lazy refcounts (compatible bit 0) are in use.
+    pub lazy: bool,
+    /// The dirty bit is set on disk.
+    pub dirty_bit_set: bool,
+    /// close() already ran.
+    pub closed: bool,
+    /// The file length this session last extended the file to ahead of allocation (0: it
+    /// has not; see [`Image::grow_ahead`]).
+    pub grown_to: u64,
+}
+
+/// An open qcow2 image, shared by all queues (wrap in `Arc`).
+pub struct Image {
+    pub(crate) file: ImageFile,
+    pub(crate) sync: SyncRing,
+    pub(crate) header: Mutex<Header>,
+    pub(crate) geo: Geometry,
+    /// Virtual size (grows with [`Image::resize`]).
+    pub(crate) size: AtomicU64,
+    pub(crate) compression: CompressionType,
+    pub(crate) l1: Box<[AtomicU64]>,
+    pub(crate) l2_cache: MetaCache,
+    /// L2 entries per cache slot.
+    pub(crate) slice_entries: u64,
+    pub(crate) backing: Option<Backing>,
+    pub(crate) file_len: AtomicU64,
+    /// Length of the file when it was opened.
+    pub(crate) opened_len: u64,
+    pub(crate) snapshots: Vec<Snapshot>,
+    /// Counts of work done outside any queue, plus those of queues that are gone.
+    pub(crate) counters: Counters,
+    /// The counters of the live queues.
+    pub(crate) queue_counters: Mutex<Vec<Arc<Counters>>>,
+    pub(crate) read_only: bool,
+    pub(crate) opts: Options,
+    pub(crate) depth: usize,
+    /// QEMU's "metadata preallocation" detection result (block status only).
+    pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
+    /// Writer state (None when read-only).
+    pub(crate) meta: Option<Mutex<MetaState>>,
+    /// Data writes submitted and not completed, over all queues ([`Image::audit`] requires
+    /// none; when a freed cluster may be reused is decided by [`epoch`]).
+    pub(crate) writes_in_flight: AtomicU64,
+    /// Reclamation epoch: queued decrements wait for the requests of the previous epoch
+    /// ([`epoch`]).
+    pub(crate) epoch: AtomicU64,
+    /// Every live queue's requests in flight per epoch parity.
+    pub(crate) gates: Mutex<Vec<Arc<epoch::Gate>>>,
+    /// The cache mode.
+    pub(crate) cache_mode: CacheMode,
+    /// QEMU-compatible image lock, held while open.
+    _lock: ImageLock,
+    /// quring's L2-less ranges are enabled (incompatible bit 61).
+    pub(crate) l2less: bool,
+    /// Test hook on device writes (see [`crate::io::hook`]).
+    pub(crate) hook: Option<crate::io::hook::Hook>,
+    /// Header version (2 or 3), kept out of the header mutex for the hot paths.
+    pub(crate) version: u32,
+    /// The corrupt bit (incompatible bit 1) is set: writes are refused.
+    pub(crate) corrupt: std::sync::atomic::AtomicBool,
+    /// A corruption event was already reported (QEMU: "further corruption events will be
+    /// suppressed").
+    pub(crate) signaled: std::sync::atomic::AtomicBool,
+    /// The metadata clusters guest data must never be placed on ([`crate::meta::overlap`]).
+    pub(crate) overlap: Arc<OverlapMap>,
+    /// Host clusters that an allocation job is filling in place (subclusters of an owned
+    /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
+    /// two copy-on-write fills never overwrite each other's data.
+    pub(crate) fill_busy: Mutex<std::collections::HashSet<u64>>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").field("path", &self.file.path()).field("size", &self.vsize()).finish()
+    }
+}
+
+impl Image {
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.vsize()
+    }
+
+    /// The virtual size (hot paths).
+    #[inline]
+    pub(crate) fn vsize(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The image geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.header.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The path the image was opened with.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The open image file (tools compare it with other files by device and inode, e.g. to
+    /// refuse to overwrite a file of an image's own backing chain).
+    pub fn file(&self) -> &ImageFile {
+        &self.file
+    }
+
+    /// The backing layer, if any.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
+    }
+
+    /// Is the image open read-only?
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Counters of the whole image: every queue's (live or gone) plus the work done
+    /// outside queues, with the shared cache's evictions. [`crate::queue::Queue::counters`]
+    /// has one queue's.
+    pub fn counters(&self) -> CounterSnapshot {
+        let mut s = self.counters.snapshot();
+        for q in self.queue_counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            s.accumulate(&q.snapshot());
+        }
+        s.l2_evictions = self.l2_cache.evictions();
+        s
+    }
+
+    /// A new queue's counters join the image's sum.
+    pub(crate) fn register_queue_counters(&self, c: &Arc<Counters>) {
+        self.queue_counters.lock().unwrap_or_else(|e| e.into_inner()).push(c.clone());
+    }
+
+    /// A queue is gone: its counts move into the image's own.
+    pub(crate) fn retire_queue_counters(&self, c: &Arc<Counters>) {
+        let mut list = self.queue_counters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = list.iter().position(|x| Arc::ptr_eq(x, c)) {
+            list.swap_remove(i);
+            self.counters.absorb(&c.snapshot());
+        }
+    }
+
+    /// Current L1 entry `i` (0 when out of range).
+    #[inline]
+    pub(crate) fn l1_entry(&self, i: u64) -> L1Entry {
+        self.l1.get(i as usize).map(|a| L1Entry(a.load(Ordering::Acquire))).unwrap_or_default()
+    }
+
+    /// Reads host bytes synchronously (tools: check, map of metadata).
+    pub fn read_host(&self, off: u64, len: usize) -> Result<(Vec<u8>, usize)> {
+        self.sync.read(self.file.fd(), off, len)
+    }
+
+    /// Length of the image file.
+    pub fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// Does the image use quring's L2-less ranges (incompatible bit 61)?
+    pub fn l2_less(&self) -> bool {
+        self.l2less
+    }
+
+    /// Virtual-disk clusters of L1 range `i` (what a contiguous extent covers).
+    pub(crate) fn range_clusters(&self, i: u64) -> u64 {
+        let g = &self.geo;
+        let start = i.saturating_mul(g.l1_coverage());
+        let end = start.saturating_add(g.l1_coverage()).min(self.vsize());
+        end.saturating_sub(start).div_ceil(g.cluster_size())
+    }
+
+    /// Depth of this image in its chain (0 = top).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Makes every completed write durable (metadata write-back in dependency order plus
+    /// device flushes). Blocks the calling thread; queues use [`Op::Flush`](crate::queue::Op)
+    /// instead.
+    pub fn flush(&self) -> Result<()> {
+        let Some(m) = &self.meta else { return Ok(()) };
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_metadata(&mut st, false, &self.counters)
+    }
+
+    /// Flushes metadata and closes the image cleanly (clears the lazy-refcount dirty bit).
+    /// Call when the last queue is gone; dropping the last `Arc` does it too, ignoring
+    /// errors.
+    pub fn close(&self) -> Result<()> {
+        let Some(m) = &self.meta else { return Ok(()) };
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed {
+            return Ok(());
+        }
+        self.close_metadata(&mut st)?;
+        st.closed = true;
+        Ok(())
+    }
+
+    /// The cache mode writes use.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache_mode
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            eprintln!("quring: closing '{}' failed: {e}", self.path().display());
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Blocking helpers for tools and tests: one request, waited for.
+
+use super::*;
+
+impl Queue {
+    /// Blocking helper: reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let op = Op::Read { offset, buf: buf.as_mut_ptr(), len: buf.len() };
+        self.run_one(op)
+    }
+
+    /// Blocking helper: writes `buf` at `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.run_one(Op::Write { offset, buf: buf.as_ptr(), len: buf.len() })
+    }
+
+    /// Blocking helper: writes zeros (`unmap`: clusters may be deallocated).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.run_one(Op::WriteZeroes { offset, len, unmap })
+    }
+
+    /// Blocking helper: discards.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.run_one(Op::Discard { offset, len })
+    }
+
+    /// Blocking helper: flushes.
+    pub fn flush(&mut self) -> Result<()> {
+        self.run_one(Op::Flush)
+    }
+
+    fn run_one(&mut self, op: Op) -> Result<()> {
+        const TAG: u64 = u64::MAX - 1;
+        // SAFETY: the buffer (if any) is borrowed by our caller for the whole call, and we
+        // wait for the completion of this request before returning.
+        unsafe { self.submit(Request { op, user_data: TAG })? };
+        let mut out = Vec::new();
+        loop {
+            self.reap(&mut out, 1, None)?;
+            if let Some(pos) = out.iter().position(|c| c.user_data == TAG) {
+                let c = out.remove(pos);
+                self.done.extend(out);
+                if c.result == 0 {
+                    return Ok(());
+                }
+                return Err(self.error_detail(TAG).unwrap_or_else(|| Error::errno("request", -c.result)));
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Copy-on-write allocation jobs: one cluster (or the subclusters of one) written whole
+//! into its new place, then published in the L2 entry.
+
+use super::cow;
+use super::*;
+use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap};
+use crate::format::types::{GuestOffset, HostCluster, HostOffset};
+use crate::image::mapping::L2Slot;
+use crate::io::AlignedBuf;
+use crate::meta::cache::SlotId;
+use io_uring::{opcode, types};
+
+/// One copy-on-write allocation of (part of) a cluster: the [`cow::CowPlan`] being carried
+/// out. Lives from `start_job` until `job_end`; its L2 slot is pinned meanwhile.
+pub(crate) struct Job {
+    /// The request this piece belongs to.
+    req: usize,
+    /// Guest bytes written by the request in this cluster, and where they come from.
+    guest: GuestOffset,
+    len: u64,
+    src: *const u8,
+    /// Guest offset of the cluster.
+    cluster: GuestOffset,
+    /// The L2 entry (pinned slot and word) and its value when the job was planned.
+    slot: SlotId,
+    word: usize,
+    old: (L2Entry, SubclusterBitmap),
+    /// The cluster written (the image's own, or a new one from the batch).
+    host: HostOffset,
+    /// `host` came from the batch (given back if the entry changed under us).
+    fresh: bool,
+    /// First byte of the cluster that is written (the plan's `write.start`).
+    write_start: u64,
+    /// Bounce buffer for the written bytes (None: written straight from the guest buffer).
+    buf: Option<AlignedBuf>,
+    /// Entry and bitmap to publish.
+    new: (L2Entry, SubclusterBitmap),
+    /// The old entry's clusters are freed once the new one is published.
+    free_old: bool,
+    /// Fill reads in flight (plus one while they are being issued).
+    reads_pending: u32,
+    /// The test hook's token for the data write.
+    token: u64,
+    error: i32,
+    detail: Option<Error>,
+}
+
+/// How starting a job went.
+pub(super) enum Started {
+    /// The job runs; the piece is taken care of.
+    Yes,
+    /// The metadata lock is busy (batch refill), or another job fills this cluster in
+    /// place: park the request.
+    NeedLock,
+    /// The L2 slice was evicted meanwhile: the request is parked on its reload.
+    Parked,
+    /// The entry changed since the piece was resolved: resolve it again.
+    Stale,
+}
+
+impl Queue {
+    /// Plans ([`cow::plan`]) and starts an allocation job for `len` bytes at `pos` (inside
+    /// one cluster) whose L2 entry at `at` held `e` / `b` when the write resolved it.
+    pub(super) fn start_job(
+        &mut self,
+        id: usize,
+        pos: GuestOffset,
+        len: u64,
+        at: L2Slot,
+        e: L2Entry,
+        b: SubclusterBitmap,
+    ) -> Result<Started> {
+        let img = self.image.clone();
+        let g = img.geo;
+        let in_c = g.offset_in_cluster(pos.0);
+        let cluster = GuestOffset(pos.0 - in_c);
+        let kind = e.decode(&g)?;
+        let Some(slot) = img.l2_cache.pin(at.key) else {
+            // Evicted since we looked: reload, then the request resolves the piece again.
+            self.park_slice(id, at.key);
+            return Ok(Started::Parked);
+        };
+        let in_disk = (img.vsize() - cluster.0).min(g.cluster_size());
+        let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some());
+        let host = match plan.target {
+            cow::Target::Own(h) => {
+                // Only one in-place fill per host cluster at a time (see Image::fill_busy).
+                let claimed = match img.fill_busy.try_lock() {
+                    Ok(mut set) => set.insert(g.host_cluster(h).0),
+                    Err(_) => false,
+                };
+                if !claimed {
+                    img.l2_cache.unpin(slot);
+                    return Ok(Started::NeedLock);
+                }
+                // The plan comes from the entry as it was looked up. A job that held the
+                // claim meanwhile may have published since (allocated the subclusters this
+                // one would fill, turned the zero cluster into data): a fill planned from the
+                // old entry would then write its zeros over that job's data in the live
+                // cluster, before the commit could notice. Plans are made only from the entry
+                // as it is under the claim.
+                let now_e = L2Entry(img.l2_cache.load_word(slot, at.word));
+                let now_b = if g.extended_l2 { SubclusterBitmap(img.l2_cache.load_word(slot, at.word + 1)) } else { b };
+                if now_e != e || now_b != b {
+                    img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&g.host_cluster(h).0);
+                    img.l2_cache.unpin(slot);
+                    return Ok(Started::Stale);
+                }
+                h
+            }
+            cow::Target::Fresh => match self.take_cluster() {
+                Ok(Some(c)) => g.host_offset(c),
+                Ok(None) => {
+                    img.l2_cache.unpin(slot);
+                    return Ok(Started::NeedLock);
+                }
+                Err(err) => {
+                    img.l2_cache.unpin(slot);
+                    return Err(err);
+                }
+            },
+        };
+        let new_e = match plan.entry {
+            cow::NewEntry::Keep => e,
+            cow::NewEntry::Normal => L2Entry::normal(host, true),
+        };
+        let src = self.reqs[id].mem(pos.0, len) as *const u8;
+        let wlen = plan.write.end - plan.write.start;
+        let direct = wlen == len && (src as usize).is_multiple_of(512);
+        let buf = if direct { None } else { Some(self.get_buf(wlen as usize)) };
+        let job = self.jobs.insert(Job {
+            req: id,
+            guest: pos,
+            len,
+            src,
+            cluster,
+            slot,
+            word: at.word,
+            old: (e, b),
+            host,
+            fresh: plan.target == cow::Target::Fresh,
+            write_start: plan.write.start,
+            buf,
+            new: (new_e, plan.bitmap),
+            free_old: plan.free_old,
+            // Held open while the fill reads are issued: a read that completes at once
+            // must not start the write before the others are issued.
+            reads_pending: 1,
+            token: 0,
+            error: 0,
+            detail: None,
+        });
+        self.reqs[id].pending += 1;
+        for fill in plan.fills {
+            let j = &mut self.jobs[job];
+            let dst = j.buf.as_mut().expect("fills imply a bounce buffer").as_mut_ptr();
+            // SAFETY: write.start <= fill.start < fill.end <= write.end: inside the bounce
+            // buffer of write.end - write.start bytes.
+            let dst = unsafe { dst.add((fill.start - plan.write.start) as usize) };
+            j.reads_pending += 1;
+            Counters::add(&self.counters.cow_bytes, fill.end - fill.start);
+            let rid =
+                self.new_req(0, ReqKind::Read, cluster.0 + fill.start, fill.end - fill.start, dst, Parent::Job(job));
+            self.drive_read(rid);
+        }
+        self.job_read_done(job, 0, None);
+        Ok(Started::Yes)
+    }
+
+    pub(crate) fn job_read_done(&mut self, job: usize, err: i32, detail: Option<Error>) {
+        let j = &mut self.jobs[job];
+        j.reads_pending -= 1;
+        if err != 0 && j.error == 0 {
+            j.error = err;
+            j.detail = detail;
+        }
+        if j.reads_pending == 0 {
+            if j.error != 0 {
+                self.job_end(job, false);
+            } else {
+                self.job_write(job);
+            }
+        }
+    }
+
+    pub(super) fn job_write(&mut self, job: usize) {
+        let fd = self.image.file.fd();
+        let j = &mut self.jobs[job];
+        let (ptr, n) = match &mut j.buf {
+            Some(b) => {
+                // SAFETY: src holds len bytes; the bounce buffer covers the written range,
+                // which contains the guest's bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        j.src,
+                        b.as_mut_ptr().add((j.guest.0 - j.cluster.0 - j.write_start) as usize),
+                        j.len as usize,
+                    )
+                };
+                (b.as_ptr(), b.len())
+            }
+            None => (j.src, j.len as usize),
+        };
+        let off = (j.host + j.write_start).0;
+        if let Some(h) = &self.image.hook {
+            if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, n as u64) {
+                j.error = -errno;
+                self.job_end(job, false);
+                return;
+            }
+            // SAFETY: ptr is valid for n bytes (bounce buffer or guest buffer).
+            let data = unsafe { std::slice::from_raw_parts(ptr, n) };
+            j.token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
+        }
+        crate::counters::Counters::add(&self.counters.data_writes, 1);
+        crate::counters::Counters::add(&self.counters.data_write_bytes, n as u64);
+        let io = self.ios.insert(Io::JobWrite { job });
+        let sqe = opcode::Write::new(types::Fd(fd), ptr, n as u32).offset(off).build().user_data(io as u64);
+        self.push(sqe);
+    }
+
+    pub(crate) fn job_write_done(&mut self, job: usize, res: i32) {
+        let j = &mut self.jobs[job];
+        if res < 0 {
+            j.error = res;
+            self.job_end(job, false);
+            return;
+        }
+        if let Some(h) = &self.image.hook {
+            h.0.completed(j.token);
+        }
+        self.job_commit(job);
+    }
+
+    /// Publishes the job's L2 entry.
+    pub(crate) fn job_commit(&mut self, job: usize) {
+        let img = self.image.clone();
+        let g = img.geo;
+        let (slot, word, (old_e, old_b), (new_e, new_b)) = {
+            let j = &self.jobs[job];
+            (j.slot, j.word, j.old, j.new)
+        };
+        if !g.extended_l2 {
+            if img.l2_cache.cas_word(slot, word, old_e.0, new_e.0) {
+                self.job_end(job, true);
+            } else {
+                self.job_end(job, false);
+            }
+            return;
+        }
+        let st = match img.try_meta() {
+            Ok(Some(st)) => st,
+            Ok(None) => {
+                self.job_parked.push(job);
+                return;
+            }
+            Err(e) => {
+                let j = &mut self.jobs[job];
+                j.error = -e.raw_os_error();
+                j.detail = Some(e);
+                self.job_end(job, false);
+                return;
+            }
+        };
+        let cur_e = img.l2_cache.load_word(slot, word);
+        let cur_b = img.l2_cache.load_word(slot, word + 1);
+        let ok = cur_e == old_e.0 && cur_b == old_b.0;
+        if ok {
+            // Both words in one seqlock write: no reader sees the new offset with the old
+            // bitmap (it would fill a subcluster that is being published with zeros).
+            img.l2_cache.store_pair(slot, word, new_e.0, new_b.0);
+        }
+        drop(st);
+        self.job_end(job, ok);
+    }
+
+    /// Finishes a job: on success owe the old cluster's decrement; on a lost race give the
+    /// cluster back and redo the piece; on error fail the request.
+    fn job_end(&mut self, job: usize, published: bool) {
+        let mut j = self.jobs.remove(job);
+        if let Some(b) = j.buf.take() {
+            self.put_buf(b);
+        }
+        let img = self.image.clone();
+        img.l2_cache.unpin(j.slot);
+        let host = img.geo.host_cluster(j.host);
+        if !j.fresh {
+            img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&host.0);
+        }
+        let id = j.req;
+        if j.error != 0 {
+            if j.fresh {
+                // It may hold bytes now: never reuse it as a known-zero batch cluster.
+                self.owe(host, 1);
+            }
+            match j.detail {
+                Some(d) => self.fail_with(id, d),
+                None => self.fail(id, j.error),
+            }
+            self.io_done(id);
+            return;
+        }
+        if published {
+            if j.free_old {
+                self.owe_free(j.old.0);
+            }
+            self.io_done(id);
+            return;
+        }
+        // Lost the race: the cluster changed under us. Redo this piece.
+        if j.fresh {
+            // It may hold bytes now: never reuse it as a known-zero batch cluster.
+            self.owe(host, 1);
+        }
+        let rid = self.new_req(0, ReqKind::Write, j.guest.0, j.len, j.src as *mut u8, Parent::Req(id));
+        self.drive_write(rid);
+    }
+
+    /// Owes `n` refcount decrements to host cluster `c` (handed to the image's pending
+    /// frees the next time this queue takes the metadata lock).
+    pub(super) fn owe(&mut self, c: HostCluster, n: u64) {
+        self.local_frees.push((c.0, n));
+    }
+
+    /// Records the decrements an L2 entry's clusters are owed.
+    pub(super) fn owe_free(&mut self, e: L2Entry) {
+        let g = self.image.geo;
+        match e.decode(&g) {
+            Ok(ClusterKind::Normal { host, .. }) | Ok(ClusterKind::ZeroAlloc { host, .. }) => {
+                self.owe(g.host_cluster(host), 1);
+            }
+            Ok(ClusterKind::Compressed { host, len }) => {
+                let last = g.host_cluster(host + (len - 1));
+                for c in g.host_cluster(host).0..=last.0 {
+                    self.owe(HostCluster(c), 1);
+                }
+            }
+            _ => {}
+        }
+    }
+}

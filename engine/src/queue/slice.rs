@@ -1,0 +1,78 @@
+//! L2 slice loads on the queue's ring: claim a cache slot, read the slice into it, park
+//! requests on it.
+
+use super::*;
+use crate::image::SliceClaim;
+use io_uring::{opcode, types};
+
+impl Queue {
+    /// When the L2 cache set of `key` is full of dirty slices, writes metadata back (under
+    /// the metadata lock, if free) so that a slot can be reused.
+    pub(crate) fn unclog(&mut self, layer: &Arc<Image>, key: u64) {
+        if layer.meta.is_none() || !layer.l2_cache.set_clogged(key) {
+            return;
+        }
+        if let Ok(Some(mut st)) = layer.try_meta() {
+            st.rc.pending_free.append(&mut self.local_frees);
+            let _ = layer.flush_metadata(&mut st, false, &self.counters);
+        }
+    }
+
+    /// Starts loading L2 slice `key` of `layer` (or waits for the queue loading it).
+    /// Returns true when it is already cached.
+    pub(crate) fn load_slice(&mut self, layer: Arc<Image>, key: u64) -> bool {
+        match layer.claim_slice(key, &self.counters) {
+            SliceClaim::Cached => true,
+            SliceClaim::Busy => {
+                self.unclog(&layer, key);
+                false
+            }
+            SliceClaim::Load { slot, ptr, len } => {
+                let fd = layer.file.fd();
+                let io = self.ios.insert(Io::Load { layer, slot, key });
+                let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
+                self.push(sqe);
+                false
+            }
+        }
+    }
+
+    /// A slice load completed with `res` (bytes read or -errno): publish the slice, or fail
+    /// the requests parked on it; then retry the parked requests.
+    pub(super) fn slice_loaded(&mut self, layer: Arc<Image>, slot: SlotId, key: u64, res: i32) {
+        let read = if res < 0 {
+            Err(Error::errno(format!("reading the L2 slice at {key:#x}"), -res))
+        } else {
+            Ok(res as usize)
+        };
+        if let Err(bad) = layer.publish_slice(slot, key, read) {
+            let (hit, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.parked).into_iter().partition(|&(_, k)| k == key);
+            self.parked = keep;
+            for (id, _) in hit {
+                self.unpark(id);
+                let e = match &bad {
+                    Error::Corrupt { what, detail } => {
+                        let e = Error::corrupt(what, detail.clone());
+                        // A write that would have used the slice marks the image corrupt; a
+                        // read only fails (see Image::check_l2_slice).
+                        let writes = !matches!(self.reqs[id].kind, ReqKind::Read);
+                        if writes && Arc::ptr_eq(&layer, &self.image) { layer.signal_corruption(e) } else { e }
+                    }
+                    e => Error::errno(e.to_string(), e.raw_os_error()),
+                };
+                self.fail_with(id, e);
+                self.maybe_finish(id);
+            }
+        }
+        self.retry_parked();
+    }
+
+    /// Parks request `id` until L2 slice `key` of this image is cached (starting its load).
+    pub(crate) fn park_slice(&mut self, id: usize, key: u64) {
+        // If it is cached already the parked request is simply retried at once.
+        self.load_slice(self.image.clone(), key);
+        self.park(id);
+        self.parked.push((id, key));
+    }
+}
