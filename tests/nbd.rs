@@ -17,6 +17,9 @@
 //!   fuzz requests could write, the verifier's region intact, the image clean.
 //! * `drops_while_fio_verifies`: 64 connections opened and dropped at random points while
 //!   fio verifies on another connection.
+//! * `effects::*` (nbd/effects.rs): what --discard, --detect-zeroes, NO_HOLE, FAST_ZERO (v2,
+//!   v3, extended L2) and FUA do to the file, engine errors as NBD errnos, --shared=N,
+//!   --persistent and the pid file.
 //! * `options_and_shutdown`: --read-only, --shared=1 (no multi-conn, one connection at a
 //!   time), export names, the handshake limit, --bitmap and -k refusals, the exit without
 //!   --persistent, SIGTERM with requests in flight.
@@ -24,6 +27,8 @@
 #[path = "nbd/client.rs"]
 mod client;
 mod common;
+#[path = "nbd/effects.rs"]
+mod effects;
 #[path = "nbd/fuzz.rs"]
 mod fuzz;
 

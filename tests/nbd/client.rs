@@ -93,13 +93,18 @@ pub struct Server {
     pub child: Child,
     pub addr: Addr,
     pub log: PathBuf,
-    pid_file: PathBuf,
+    pub pid_file: PathBuf,
 }
 
 impl Server {
     /// Starts the server on `img` (with `--persistent` and a pid file) and waits until it
     /// listens. `tcp`: loopback TCP on a free port, else a Unix socket in `dir`.
     pub fn start(dir: &Path, img: &Path, tcp: bool, extra: &[&str]) -> Server {
+        Server::start_env(dir, img, tcp, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables for the server.
+    pub fn start_env(dir: &Path, img: &Path, tcp: bool, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let tag =
             format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
         let pid_file = dir.join(format!("nbd-{tag}.pid"));
@@ -115,6 +120,7 @@ impl Server {
         args.push(s(img));
         let child = Command::new(quring_bin())
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -142,6 +148,10 @@ impl Server {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn alive(&mut self) -> bool {
