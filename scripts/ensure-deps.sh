@@ -1,11 +1,13 @@
 #!/bin/sh
-# Installs the tools the fio benchmarks need (fio, strace) when they are missing.
+# Installs the tools the fio benchmarks and the NBD tests need (fio, strace, libnbd's
+# nbdinfo/nbdcopy) when they are missing.
 # Idempotent and silent when everything is already present.
 set -eu
 
 missing=""
 command -v fio >/dev/null 2>&1 || missing="$missing fio"
 command -v strace >/dev/null 2>&1 || missing="$missing strace"
+command -v nbdcopy >/dev/null 2>&1 || missing="$missing libnbd-bin"
 [ -z "$missing" ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

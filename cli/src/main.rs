@@ -10,6 +10,7 @@ mod info;
 mod io_cmd;
 mod io_lang;
 mod map;
+mod nbd;
 mod output;
 mod serve;
 mod util;
@@ -40,7 +41,7 @@ enum Cmd {
     Io(io_cmd::Args),
     /// Benchmark reads or writes (like `qemu-img bench`).
     Bench(bench::Args),
-    /// Serve an image to a VMM (vhost-user-blk).
+    /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
 

@@ -46,17 +46,23 @@ use vmm_sys_util::timerfd::TimerFd;
 pub struct Args {
     /// Serve the image as a vhost-user-blk device on this UNIX socket (created; an existing
     /// file is replaced).
-    #[arg(long = "vhost-user-blk", value_name = "SOCKET")]
-    socket: PathBuf,
+    #[arg(long = "vhost-user-blk", value_name = "SOCKET", required_unless_present = "nbd", conflicts_with = "nbd")]
+    socket: Option<PathBuf>,
+    /// Serve the image over NBD instead (options below; `quring serve --nbd -k SOCK IMG`).
+    #[arg(long)]
+    nbd: bool,
     /// Number of virtqueues offered (each served by its own thread and quring queue).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64), conflicts_with = "nbd")]
     queues: u16,
-    /// Export the image read-only (VIRTIO_BLK_F_RO).
-    #[arg(long = "read-only")]
+    /// Export the image read-only (VIRTIO_BLK_F_RO; NBD_FLAG_READ_ONLY).
+    #[arg(short = 'r', long = "read-only")]
     read_only: bool,
-    /// Write cache mode of the image.
+    /// Write cache mode of the image (I/O is always O_DIRECT: qemu's `none` is writeback,
+    /// `directsync` is writethrough).
     #[arg(long, value_enum, default_value_t = Cache::Writeback)]
     cache: Cache,
+    #[command(flatten)]
+    nbd_args: crate::nbd::NbdArgs,
     /// The qcow2 image.
     image: PathBuf,
 }
@@ -64,7 +70,9 @@ pub struct Args {
 /// `--cache` values.
 #[derive(Clone, Copy, ValueEnum)]
 enum Cache {
+    #[value(alias = "none")]
     Writeback,
+    #[value(alias = "directsync")]
     Writethrough,
 }
 
@@ -656,6 +664,10 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         Cache::Writeback => CacheMode::Writeback,
         Cache::Writethrough => CacheMode::Writethrough,
     };
+    if a.nbd {
+        return crate::nbd::run(&a.nbd_args, &a.image, a.read_only, cache);
+    }
+    let socket = a.socket.ok_or("--vhost-user-blk or --nbd is required")?;
     let opts = Options { read_only: a.read_only, cache, hook: quring::io::hook::from_env(), ..Default::default() };
     let image = Image::open(&a.image, &opts)?;
     let num_queues = a.queues as usize;
@@ -724,13 +736,13 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         })?;
     }
 
-    let mut listener = Listener::new(&a.socket, true).map_err(|e| format!("{}: {e}", a.socket.display()))?;
+    let mut listener = Listener::new(&socket, true).map_err(|e| format!("{}: {e}", socket.display()))?;
     eprintln!(
         "quring serve: {} ({} bytes, {} queue(s)) on {}",
         a.image.display(),
         image.size(),
         num_queues,
-        a.socket.display()
+        socket.display()
     );
     daemon.start(&mut listener).map_err(|e| format!("vhost-user: {e}"))?;
     {
