@@ -41,7 +41,7 @@ pub struct Args {
     /// AIO mode (accepted for compatibility; quring always uses io_uring).
     #[arg(short = 'i')]
     aio: Option<String>,
-    /// Image format (only qcow2).
+    /// Image format (qcow2; raw is probed but not served by the engine).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Random offsets (aligned to the request size) instead of the step pattern.
@@ -83,6 +83,13 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
     let opts =
         Options { read_only: !a.write, cache, l2_cache_size, hook: quring::io::hook::from_env(), ..Options::default() };
+    if crate::probe::resolve(&a.image, a.format.as_deref(), a.write)? == crate::probe::ImageFormat::Raw {
+        return Err(format!(
+            "Could not open '{}': quring bench serves qcow2 images only (the file is raw)",
+            a.image.display()
+        )
+        .into());
+    }
     let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let size = img.size();
     if bufsize == 0 || bufsize > size || bufsize % 512 != 0 {

@@ -19,7 +19,7 @@ pub struct Args {
     /// Open read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
-    /// Image format (only qcow2).
+    /// Image format (qcow2; raw is probed but not served by the engine).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Force share.
@@ -55,6 +55,15 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         c => return Err(format!("Invalid cache mode '{c}'").into()),
     };
     let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
+    let fmt = crate::probe::resolve(&a.image, a.format.as_deref(), !a.read_only)
+        .map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
+    if fmt == crate::probe::ImageFormat::Raw {
+        return Err(format!(
+            "can't open device {}: quring io serves qcow2 images only (the file is raw)",
+            a.image.display()
+        )
+        .into());
+    }
     let opts = Options {
         read_only: a.read_only || !writes,
         force_share: a.force_share,

@@ -5,12 +5,15 @@ mod args;
 mod bench;
 mod check;
 mod convert;
+mod convert_io;
 mod create;
 mod info;
 mod io_cmd;
 mod io_lang;
 mod map;
 mod output;
+mod probe;
+mod qjson;
 mod serve;
 mod util;
 

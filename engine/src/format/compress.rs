@@ -37,13 +37,22 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let out = match kind {
         CompressionType::Deflate => {
-            let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = Vec::with_capacity(input.len());
-            c.compress_vec(input, &mut out, flate2::FlushCompress::Finish)
-                .map_err(|e| Error::InvalidRequest(format!("deflate failed: {e}")))?;
-            if c.total_in() as usize != input.len() {
-                return Ok(None);
+            // QEMU's parameters: deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+            // Z_DEFAULT_STRATEGY), a raw stream that must fit in less than the input.
+            let config = zlib_rs::DeflateConfig {
+                level: 6,
+                method: zlib_rs::Method::Deflated,
+                window_bits: -12,
+                mem_level: 9,
+                strategy: zlib_rs::Strategy::Default,
+            };
+            let mut out = vec![0u8; input.len().saturating_sub(1)];
+            let (done, rc) = zlib_rs::compress_slice(&mut out, input, config);
+            if rc != zlib_rs::ReturnCode::Ok {
+                return Ok(None); // did not fit: not worth compressing
             }
+            let n = done.len();
+            out.truncate(n);
             out
         }
         CompressionType::Zstd => zstd::bulk::compress(input, 0).map_err(|e| Error::io("zstd compress", e))?,

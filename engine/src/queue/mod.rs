@@ -7,6 +7,7 @@
 //! serving other requests meanwhile. The request completes when its last SQE does.
 
 mod blocking;
+mod compressed;
 mod cow;
 mod flush;
 mod io;
