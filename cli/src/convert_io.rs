@@ -213,6 +213,8 @@ fn plan_chunk(
     let mut off = start;
     while off < end {
         let (s, n) = sh.src.status(off, end - off, sh.top_only)?;
+        // -S 0: the output is fully allocated (zeros are written as data, as qemu-img).
+        let s = if s == Status::Zero && sh.gran == 0 && !sh.compress { Status::Data } else { s };
         match runs.last_mut() {
             Some((ls, lo, ll)) if *ls == s && *lo + *ll == off => *ll += n,
             _ => runs.push((s, off, n)),

@@ -108,6 +108,12 @@ pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
         print!("{out}");
         return Err(NO_OFFSET.into());
     }
+    if json && size == 0 {
+        // qemu-img's one entry for an empty image.
+        out.push_str(
+            "{ \"start\": 0, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}",
+        );
+    }
     if json {
         out.push_str("]\n");
     }
