@@ -82,3 +82,71 @@ fn map_matches_qemu_img() {
     assert_eq!((ours.status(), ours.stdout.as_str()), (q.status(), q.stdout.as_str()));
     assert!(ours.stderr.contains("File contains external, encrypted or compressed clusters."), "{}", ours.describe());
 }
+
+/// qemu-io's command set on copies of one image: the same output (timings cut off), the
+/// same exit status; an unknown command is reported and the others still run.
+#[test]
+fn io_commands_match_qemu_io() {
+    let d = dir_with_images();
+    let cut = |t: &str| -> String {
+        t.lines().map(|l| l.split(" ops; ").next().unwrap_or(l).to_string()).collect::<Vec<_>>().join("\n")
+    };
+    let cmds: &[&[&str]] = &[
+        &["write -q -P 7 0 4k", "foo", "read -q -P 7 0 4k", "bar 1", "read -P 8 0 512"],
+        &["length"],
+        &["info"],
+        &["map"],
+        &["alloc 0 64k", "alloc 64k", "alloc 0 128k"],
+        &["read -v 0 32"],
+        &["write -n 0 4k"],
+        &["sleep 10", "truncate 8M", "length"],
+        &["aio_write -P 3 0 4k", "aio_flush", "aio_read -P 3 0 4k"],
+        &["writev -P 3 0 4k 4k", "readv -P 3 0 4k 4k"],
+        &["help read"],
+    ];
+    for (i, list) in cmds.iter().enumerate() {
+        let (a, b) = (d.path().join(format!("q{i}.qcow2")), d.path().join(format!("o{i}.qcow2")));
+        std::fs::copy(d.path().join("a.qcow2"), &a).unwrap();
+        std::fs::copy(d.path().join("a.qcow2"), &b).unwrap();
+        let args = |p: &Path| {
+            let mut v: Vec<String> = Vec::new();
+            for c in *list {
+                v.push("-c".into());
+                v.push(c.to_string());
+            }
+            v.push(s(p));
+            v
+        };
+        let q = qemu_io(args(&a));
+        let mut ours_args = vec!["io".to_string()];
+        ours_args.extend(args(&b));
+        let o = quring(ours_args);
+        assert_eq!(o.status(), q.status(), "{list:?}:\n{}\n{}", q.describe(), o.describe());
+        if list[0] == "help read" {
+            // The usage line (qemu-io's long help text follows it).
+            assert_eq!(o.stdout.lines().next(), q.stdout.lines().next());
+            continue;
+        }
+        assert_eq!(cut(&o.stdout), cut(&q.stdout), "{list:?}");
+        assert_eq!(o.stderr, q.stderr, "{list:?}");
+        // Both images read the same afterwards.
+        qemu_img(["compare", &s(&a), &s(&b)]).ok();
+    }
+}
+
+/// `quring bench`'s option checks give qemu-img bench's messages.
+#[test]
+fn bench_options_match_qemu_img() {
+    let d = dir_with_images();
+    for args in
+        [&["bench", "-d", "0", "a.qcow2"][..], &["bench", "-c", "0", "a.qcow2"], &["bench", "-s", "0", "a.qcow2"]]
+    {
+        let q = run_in(d.path(), "qemu-img", args);
+        let o = quring_in(d.path(), args);
+        assert_eq!(o.stderr.replace("quring:", "qemu-img:").lines().next(), q.stderr.lines().next(), "{args:?}");
+    }
+    // -S 0 steps by the request size.
+    let o = quring_in(d.path(), ["bench", "-c", "4", "-S", "0", "a.qcow2"]).ok();
+    let q = run_in(d.path(), "qemu-img", ["bench", "-c", "4", "-S", "0", "a.qcow2"]).ok();
+    assert_eq!(o.stdout.lines().next(), q.stdout.lines().next());
+}

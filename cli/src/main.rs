@@ -9,6 +9,7 @@ mod convert_io;
 mod create;
 mod info;
 mod io_cmd;
+mod io_extra;
 mod io_lang;
 mod map;
 mod output;
