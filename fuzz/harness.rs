@@ -18,7 +18,18 @@ use quring::io::AlignedBuf;
 use quring::queue::{Queue, QueueOptions};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The scratch image file of this fuzz process (one per target binary): on /dev/shm when
+/// there is one, named by `tag` and the process id so that parallel fuzzers do not meet.
+pub fn scratch(tag: &str) -> &'static PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let dir = if Path::new("/dev/shm").is_dir() { "/dev/shm".into() } else { std::env::temp_dir() };
+        dir.join(format!("quring-fuzz-{tag}-{}.qcow2", std::process::id()))
+    })
+}
 
 // The `quring` tool's own parsers, compiled here from the tool's source files (they use
 // only the library's public API): the `cli` target runs exactly the tool's code.

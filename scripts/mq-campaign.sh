@@ -41,7 +41,7 @@ budget=$(( MINUTES * 60 ))
 # change the campaign under way).
 # MQ_BIN=<path> runs a test binary built before instead.
 bin=${MQ_BIN:-}
-[[ -n $bin ]] || bin=$(cargo test --release -p quring --test mq_model --no-run --message-format=json 2>/dev/null |
+[[ -n $bin ]] || bin=$(cargo test --release -p quring-tests --test mq_model --no-run --message-format=json 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 [[ -x $bin ]] || { echo "mq-campaign: building the mq_model test failed" >&2; exit 1; }
 echo "mq-campaign: $bin ($(git rev-parse --short HEAD)$(git diff --quiet HEAD -- engine tests || echo '+changes'))" | tee -a "$LOG" >&2

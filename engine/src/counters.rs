@@ -89,6 +89,9 @@ counters!(
     l2_misses,
     /// L2 cache evictions.
     l2_evictions,
+    /// L2 slices a read loaded for itself because the cache could not take them then
+    /// (see `queue/read.rs`); also counted in `meta_loads`.
+    l2_private_loads,
 );
 
 impl Counters {

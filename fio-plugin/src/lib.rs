@@ -1,12 +1,13 @@
 //! fio external ioengine "quring": runs fio jobs against a qcow2 image through the quring
-//! engine (or, until it lands, the raw-file stub; see `engine_glue.rs`).
+//! engine's public API ([`quring::image::Image`], [`quring::queue::Queue`]), as a VMM
+//! embeds it: one image per file, one queue per job thread.
 //!
 //! Load with `ioengine=external:/path/to/libquring_fio.so`.
 //!
 //! Design:
-//! * **Per-job state** lives in a [`Job`] kept in a process-wide map keyed by the job's
-//!   `td` pointer (fio's `struct thread_data` layout is not relied upon for this), with a
-//!   one-entry thread-local cache in front of the map so the hot path takes no lock.
+//! * **Per-job state** lives in a [`Job`] found through a process-wide open-addressing
+//!   table keyed by the job's `td` pointer (fio's `struct thread_data` layout is not relied
+//!   upon for this); a lookup takes no lock, no syscall and no thread-local access.
 //!   The engine sets `FIO_NO_OFFLOAD`, so each `td` is only ever driven by its own thread.
 //! * **Images** are shared: a process-wide registry keyed by canonical path holds one
 //!   engine image plus a user count. With `thread=1`, every job thread on the same file
@@ -16,15 +17,16 @@
 //!   described in `options.rs`.
 
 pub mod abi;
-mod engine_glue;
 pub mod options;
 
 use abi::*;
-use engine_glue::{Done, GlueError, ImageConfig, IoKind, JobQueue, QueueConfig, SharedImage, SubmitError};
+use quring::image::{CacheMode, Image, Options};
+use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, c_char, c_int, c_uint};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -202,7 +204,7 @@ fn ack_log(line: std::fmt::Arguments) {
 // Process-wide image registry.
 
 struct ImageEntry {
-    image: SharedImage,
+    image: Arc<Image>,
     users: usize,
 }
 
@@ -212,13 +214,20 @@ fn images() -> MutexGuard<'static, HashMap<PathBuf, ImageEntry>> {
     IMAGES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn acquire_image(key: &Path, cfg: &ImageConfig) -> Result<SharedImage, GlueError> {
+/// Opens the image at `key` with the engine's fault injection for tests
+/// (`QURING_INJECT_ERROR`, none otherwise).
+fn open_image(key: &Path, opts: &Options) -> quring::Result<Arc<Image>> {
+    let opts = Options { hook: quring::io::hook::from_env(), ..opts.clone() };
+    Image::open(key, &opts)
+}
+
+fn acquire_image(key: &Path, opts: &Options) -> quring::Result<Arc<Image>> {
     let mut map = images();
     if let Some(e) = map.get_mut(key) {
         e.users += 1;
         return Ok(e.image.clone());
     }
-    let image = SharedImage::open(key, cfg)?;
+    let image = open_image(key, opts)?;
     map.insert(key.to_path_buf(), ImageEntry { image: image.clone(), users: 1 });
     Ok(image)
 }
@@ -241,14 +250,14 @@ fn release_image(key: &Path, td: Option<*mut ThreadData>) {
         match image.close() {
             Ok(()) => ack_log(format_args!("C")),
             Err(e) => {
-                log(true, &format!("quring: closing {}: {}\n", key.display(), e.msg));
+                log(true, &format!("quring: closing {}: {e}\n", key.display()));
                 if let Some(td) = td {
-                    fail_job(td, e.errno);
+                    fail_job(td, e.raw_os_error());
                 }
             }
         }
         // On stderr (fio's log_err): stdout may be fio's JSON (--output-format=json).
-        log(true, &format!("quring: {}:\n{}\n", key.display(), image.counters_text()));
+        log(true, &format!("quring: {}:\n{}\n", key.display(), image.counters()));
     }
 }
 
@@ -257,15 +266,17 @@ fn release_image(key: &Path, td: Option<*mut ThreadData>) {
 
 struct Slot {
     key: PathBuf,
-    queue: JobQueue,
+    queue: Queue,
 }
 
 struct Job {
-    image_cfg: ImageConfig,
-    queue_cfg: QueueConfig,
+    image_opts: Options,
+    queue_opts: QueueOptions,
+    /// The `ring_entries` option; None: sized from the iodepth.
+    ring_entries: Option<u32>,
     io_u_count: usize,
     /// Images this job holds a registry reference on (released in cleanup).
-    held: Vec<(PathBuf, SharedImage)>,
+    held: Vec<(PathBuf, Arc<Image>)>,
     /// Open files (one queue each); `fio_file.engine_data` holds index + 1.
     slots: Vec<Slot>,
     /// Valid descriptor handed to fio as `f->fd` (fio asserts on -1 while open).
@@ -275,8 +286,8 @@ struct Job {
     /// sets `FIO_ASYNCIO_SETS_ISSUE_TIME`).
     unstamped: Vec<*mut IoU>,
     /// Reaped completions not yet handed to fio.
-    pending: VecDeque<Done>,
-    scratch: Vec<Done>,
+    pending: VecDeque<Completion>,
+    scratch: Vec<Completion>,
     /// The batch returned by the last getevents, indexed by `event(i)`.
     events: Vec<*mut IoU>,
 }
@@ -360,29 +371,30 @@ unsafe fn job<'a>(td: *mut ThreadData) -> Option<&'a mut Job> {
     unsafe { p.as_mut() }
 }
 
-fn read_config(td: *mut ThreadData) -> Result<(ImageConfig, QueueConfig), String> {
-    let mut image = ImageConfig::default();
-    let mut queue = QueueConfig::default();
+/// The job's engine options as the engine's image and queue options, plus the
+/// `ring_entries` option when set.
+fn read_config(td: *mut ThreadData) -> Result<(Options, QueueOptions, Option<u32>), String> {
+    let mut image = Options::default();
+    let mut queue = QueueOptions::default();
     let Some((o, off)) = options::locate(td) else {
         log(true, "quring: could not locate this job's engine options; using defaults\n");
-        return Ok((image, queue));
+        return Ok((image, queue, None));
     };
     if debug_enabled() {
         log(false, &format!("quring: td {td:p}: engine options at td+{off}: {o:?}\n"));
     }
     match options::read_c_string(o.cache).as_deref() {
         None | Some("") | Some("writeback") => {}
-        Some("writethrough") => image.writethrough = true,
+        Some("writethrough") => image.cache = CacheMode::Writethrough,
         Some(other) => {
             return Err(format!("quring: cache={other} is invalid (use writeback or writethrough)\n"));
         }
     }
     image.l2_cache_size = (o.l2_cache_size != 0).then_some(o.l2_cache_size);
     image.refcount_cache_size = (o.refcount_cache_size != 0).then_some(o.refcount_cache_size);
-    queue.ring_entries = o.ring_entries;
     queue.sqpoll = o.sqpoll != 0;
     queue.register_buffers = o.register_buffers != 0;
-    Ok((image, queue))
+    Ok((image, queue, (o.ring_entries != 0).then_some(o.ring_entries)))
 }
 
 fn file_key(f: &FioFile) -> Result<PathBuf, (i32, String)> {
@@ -418,18 +430,18 @@ fn sized_files() -> MutexGuard<'static, HashMap<usize, Vec<PathBuf>>> {
 
 /// Takes (or reuses) this job's reference on the image at `key`. On failure the error
 /// has been logged and its errno is returned.
-fn hold_image(job: &mut Job, key: &Path) -> Result<SharedImage, c_int> {
+fn hold_image(job: &mut Job, key: &Path) -> Result<Arc<Image>, c_int> {
     if let Some((_, image)) = job.held.iter().find(|(k, _)| k == key) {
         return Ok(image.clone());
     }
-    match acquire_image(key, &job.image_cfg) {
+    match acquire_image(key, &job.image_opts) {
         Ok(image) => {
             job.held.push((key.to_path_buf(), image.clone()));
             Ok(image)
         }
         Err(e) => {
-            log(true, &format!("quring: cannot open {}: {}\n", key.display(), e.msg));
-            if e.is_lock_conflict() {
+            log(true, &format!("quring: cannot open {}: {e}\n", key.display()));
+            if matches!(e, quring::Error::Locked(_)) {
                 log(
                     true,
                     "quring: the image is in use by another process. Without thread=1 fio runs \
@@ -438,7 +450,7 @@ fn hold_image(job: &mut Job, key: &Path) -> Result<SharedImage, c_int> {
                      image inside one process.\n",
                 );
             }
-            Err(e.errno)
+            Err(e.raw_os_error())
         }
     }
 }
@@ -453,7 +465,7 @@ fn release_all(job: &mut Job, td: Option<*mut ThreadData>) {
 }
 
 unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
-    let (image_cfg, queue_cfg) = match read_config(td) {
+    let (image_opts, queue_opts, ring_entries) = match read_config(td) {
         Ok(c) => c,
         Err(msg) => {
             log(true, &msg);
@@ -461,8 +473,9 @@ unsafe extern "C" fn q_init(td: *mut ThreadData) -> c_int {
         }
     };
     let job = Box::new(Job {
-        image_cfg,
-        queue_cfg,
+        image_opts,
+        queue_opts,
+        ring_entries,
         io_u_count: 0,
         held: Vec::new(),
         slots: Vec::new(),
@@ -537,26 +550,26 @@ unsafe extern "C" fn q_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int 
                 Ok(i) => i,
                 Err(errno) => return errno,
             };
-            let mut qcfg = job.queue_cfg.clone();
-            if qcfg.ring_entries != 0 && (qcfg.ring_entries as usize) < job.io_u_count {
+            let mut qopts = job.queue_opts.clone();
+            if let Some(n) = job.ring_entries.filter(|&n| (n as usize) < job.io_u_count) {
                 log(
                     true,
                     &format!(
                         "quring: ring_entries={} < iodepth={}: the engine will report BUSY and fio \
                          will requeue; with fio 3.33 that breaks verify of mixed read/write jobs\n",
-                        qcfg.ring_entries, job.io_u_count
+                        n, job.io_u_count
                     ),
                 );
             }
-            if qcfg.ring_entries == 0 {
+            qopts.ring_entries = job.ring_entries.unwrap_or_else(|| {
                 let depth = (job.io_u_count.max(1) as u32).next_power_of_two();
-                qcfg.ring_entries = JobQueue::default_ring_entries().max(depth);
-            }
-            let queue = match JobQueue::new(&image, &qcfg) {
+                qopts.ring_entries.max(depth)
+            });
+            let queue = match Queue::new(&image, &qopts) {
                 Ok(q) => q,
                 Err(e) => {
-                    log(true, &format!("quring: creating queue for {}: {}\n", key.display(), e.msg));
-                    return e.errno;
+                    log(true, &format!("quring: creating queue for {}: {e}\n", key.display()));
+                    return e.raw_os_error();
                 }
             };
             job.slots.push(Slot { key, queue });
@@ -603,16 +616,16 @@ unsafe extern "C" fn q_get_file_size(td: *mut ThreadData, f: *mut FioFile) -> c_
         Some(image) => image.size(),
         None => {
             // Probe without locking: this may run in fio's parent process before fork.
-            let cfg = ImageConfig { read_only: true, force_share: true, ..Default::default() };
-            match SharedImage::open(&key, &cfg) {
+            let opts = Options { read_only: true, force_share: true, ..Default::default() };
+            match open_image(&key, &opts) {
                 Ok(image) => {
                     let size = image.size();
                     let _ = image.close();
                     size
                 }
                 Err(e) => {
-                    log(true, &format!("quring: cannot open {}: {}\n", key.display(), e.msg));
-                    return e.errno;
+                    log(true, &format!("quring: cannot open {}: {e}\n", key.display()));
+                    return e.raw_os_error();
                 }
             }
         }
@@ -645,35 +658,38 @@ unsafe extern "C" fn q_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
         u.error = libc::EBADF as c_uint;
         return FIO_Q_COMPLETED;
     };
-    let kind = match u.ddir {
-        DDIR_READ => IoKind::Read { offset: u.offset, buf: u.xfer_buf.cast(), len: u.xfer_buflen as usize },
-        DDIR_WRITE => {
-            IoKind::Write { offset: u.offset, buf: u.xfer_buf.cast_const().cast(), len: u.xfer_buflen as usize }
-        }
-        DDIR_TRIM => IoKind::Discard { offset: u.offset, len: u.xfer_buflen },
-        DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => IoKind::Flush,
+    let op = match u.ddir {
+        DDIR_READ => Op::Read { offset: u.offset, buf: u.xfer_buf.cast(), len: u.xfer_buflen as usize },
+        DDIR_WRITE => Op::Write { offset: u.offset, buf: u.xfer_buf.cast_const().cast(), len: u.xfer_buflen as usize },
+        DDIR_TRIM => Op::Discard { offset: u.offset, len: u.xfer_buflen },
+        DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => Op::Flush,
         _ => {
             u.error = libc::EINVAL as c_uint;
             return FIO_Q_COMPLETED;
         }
     };
-    if matches!(kind, IoKind::Flush) {
+    if matches!(op, Op::Flush) {
         ack_log(format_args!("S {io_u:p}"));
     }
     // SAFETY: fio keeps the io_u and its xfer_buf alive and untouched until the io_u is
     // handed back through event(); the token is the io_u pointer itself.
-    match unsafe { slot.queue.submit(kind, io_u as u64) } {
+    let r = unsafe { slot.queue.submit(Request { op, user_data: io_u as u64 }) };
+    // The queue is full (EAGAIN/EBUSY): fio retries after reaping, when there is
+    // something to reap.
+    let full = |e: &quring::Error| matches!(e.raw_os_error(), libc::EAGAIN | libc::EBUSY);
+    match r {
         Ok(()) => {
             job.uncommitted = true;
             job.unstamped.push(io_u);
             FIO_Q_QUEUED
         }
-        Err(SubmitError::Full) if slot.queue.in_flight() > 0 || !job.pending.is_empty() => FIO_Q_BUSY,
-        Err(SubmitError::Full) => {
+        Err(e) if full(&e) && (slot.queue.in_flight() > 0 || !job.pending.is_empty()) => FIO_Q_BUSY,
+        Err(e) if full(&e) => {
             u.error = libc::EAGAIN as c_uint;
             FIO_Q_COMPLETED
         }
-        Err(SubmitError::Failed(errno)) => {
+        Err(e) => {
+            let errno = e.raw_os_error();
             u.error = errno as c_uint;
             u.resid = u.xfer_buflen;
             FIO_Q_COMPLETED
@@ -686,7 +702,7 @@ fn commit_all(td: *mut ThreadData, job: &mut Job) -> c_int {
     stamp_issue_time(td, &mut job.unstamped);
     for s in &mut job.slots {
         if let Err(e) = s.queue.commit() {
-            return -e.errno;
+            return -e.raw_os_error();
         }
     }
     0
@@ -702,7 +718,7 @@ unsafe extern "C" fn q_commit(td: *mut ThreadData) -> c_int {
 
 /// Moves finished requests into `job.pending` until at least `min` are there, the
 /// deadline passes, or nothing is left in flight.
-fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> Result<(), GlueError> {
+fn collect(job: &mut Job, min: usize, deadline: Option<Instant>) -> quring::Result<()> {
     // One image (the usual case): let the engine wait, with a single io_uring_enter.
     if job.slots.len() == 1 && min > job.pending.len() {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -781,26 +797,26 @@ unsafe extern "C" fn q_getevents(td: *mut ThreadData, min: c_uint, max: c_uint, 
     let min = (min as usize).min(job.pending.len() + in_flight);
     let max = (max as usize).max(min);
     if let Err(e) = collect(job, min, deadline) {
-        return -e.errno;
+        return -e.raw_os_error();
     }
     while job.events.len() < max {
         let Some(d) = job.pending.pop_front() else {
             break;
         };
-        let io_u = d.token as *mut IoU;
+        let io_u = d.user_data as *mut IoU;
         // SAFETY: the token is an io_u pointer submitted in q_queue; fio keeps it alive
         // until we return it from event().
         let u = unsafe { &mut *io_u };
-        if d.res < 0 {
-            u.error = (-d.res) as c_uint;
+        if d.result < 0 {
+            u.error = (-d.result) as c_uint;
             u.resid = u.xfer_buflen;
         } else {
             u.error = 0;
             u.resid = 0;
         }
         match u.ddir {
-            DDIR_WRITE => ack_log(format_args!("W {} {} {}", u.offset, u.xfer_buflen, d.res.min(0))),
-            DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => ack_log(format_args!("F {io_u:p} {}", d.res.min(0))),
+            DDIR_WRITE => ack_log(format_args!("W {} {} {}", u.offset, u.xfer_buflen, d.result.min(0))),
+            DDIR_SYNC | DDIR_DATASYNC | DDIR_SYNC_FILE_RANGE => ack_log(format_args!("F {io_u:p} {}", d.result.min(0))),
             _ => {}
         }
         job.events.push(io_u);

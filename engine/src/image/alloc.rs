@@ -8,9 +8,39 @@ use crate::format::types::HostCluster;
 use crate::image::{Image, MetaState};
 use crate::meta::overlap::MetaKind;
 use crate::meta::refcount::MetaIo;
+use crate::meta::waiters::{Waiters, wake};
 use crate::{Error, Result};
+use std::ops::{Deref, DerefMut};
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
+
+/// The metadata lock, held. Releasing it wakes the queues parked on it (see
+/// [`crate::meta::waiters`]): requests waiting for the lock, jobs waiting to commit, group
+/// flushes.
+pub(crate) struct MetaGuard<'a> {
+    guard: Option<MutexGuard<'a, MetaState>>,
+    waiters: &'a Waiters,
+}
+
+impl Deref for MetaGuard<'_> {
+    type Target = MetaState;
+    fn deref(&self) -> &MetaState {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl DerefMut for MetaGuard<'_> {
+    fn deref_mut(&mut self) -> &mut MetaState {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for MetaGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        wake(self.waiters.notify_counted());
+    }
+}
 
 impl Image {
     /// Refuses writes to read-only or corrupt images.
@@ -34,16 +64,41 @@ impl Image {
         MetaIo { ring: &self.sync, fd: self.file.fd() }
     }
 
-    /// Takes the metadata lock without waiting (None: another queue holds it; park).
-    pub(crate) fn try_meta(&self) -> Result<Option<MutexGuard<'_, MetaState>>> {
+    /// Takes the metadata lock without waiting (None: another queue holds it; park, after
+    /// registering with [`Image::lock_waiters`]).
+    pub(crate) fn try_meta(&self) -> Result<Option<MetaGuard<'_>>> {
         let Some(m) = &self.meta else {
             return Err(Error::InvalidRequest("the image is open read-only".into()));
         };
-        match m.try_lock() {
-            Ok(g) => Ok(Some(g)),
-            Err(std::sync::TryLockError::WouldBlock) => Ok(None),
-            Err(std::sync::TryLockError::Poisoned(p)) => Ok(Some(p.into_inner())),
+        let guard = match m.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        Ok(Some(MetaGuard { guard: Some(guard), waiters: &self.lock_waiters }))
+    }
+
+    /// Takes the metadata lock, waiting for it (tools, open and close, queue teardown);
+    /// None on a read-only image.
+    pub(crate) fn lock_meta(&self) -> Option<MetaGuard<'_>> {
+        let m = self.meta.as_ref()?;
+        let guard = m.lock().unwrap_or_else(|e| e.into_inner());
+        Some(MetaGuard { guard: Some(guard), waiters: &self.lock_waiters })
+    }
+
+    /// Takes the in-place fill claim of host cluster `host` (see [`Image::fill_busy`]);
+    /// false when another job holds it (park on [`Image::lock_waiters`]).
+    pub(crate) fn claim_fill(&self, host: u64) -> bool {
+        match self.fill_busy.try_lock() {
+            Ok(mut set) => set.insert(host),
+            Err(_) => false,
         }
+    }
+
+    /// Gives the fill claim of `host` back and wakes the queues waiting for one.
+    pub(crate) fn release_fill(&self, host: u64) {
+        self.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&host);
+        wake(self.lock_waiters.notify_counted());
     }
 
     /// Sets the dirty bit before the first refcount-skipping write (lazy refcounts).
@@ -126,6 +181,7 @@ impl Image {
         let ahead = (len / 8).clamp(4 << 20, 128 << 20).div_ceil(cs) * cs;
         let new = top
             .checked_add(ahead)
+            .and_then(|n| n.checked_next_multiple_of(4096))
             .ok_or_else(|| Error::InvalidRequest(format!("file length {top} + {ahead} overflows")))?;
         self.sync.ftruncate(self.file.fd(), new)?;
         st.grown_to = new;

@@ -32,10 +32,9 @@ impl Image {
     /// healthy image). Fails when requests are in flight, the image is read-only, or the
     /// write-back fails. Takes the metadata lock for the whole audit.
     pub fn audit(&self) -> Result<CheckReport> {
-        let Some(m) = &self.meta else {
+        let Some(mut st) = self.lock_meta() else {
             return Err(Error::InvalidRequest("the image is open read-only: nothing to audit".into()));
         };
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
         if self.writes_in_flight.load(Ordering::Acquire) != 0 {
             return Err(Error::InvalidRequest("audit: data writes are in flight (queues must be idle)".into()));
         }

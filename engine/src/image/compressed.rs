@@ -39,10 +39,10 @@ impl Image {
     /// Stores compressed clusters at unallocated guest clusters (QEMU refuses to compress
     /// over an allocated cluster: "compressed writes only go to unallocated clusters").
     pub(crate) fn store_compressed(&self, items: &[Payload<'_>], cnt: &Counters) -> Result<()> {
-        let Some(m) = &self.meta else {
+        // The guard wakes the queues parked on the lock when it is released.
+        let Some(mut st) = self.lock_meta() else {
             return Err(Error::InvalidRequest("the image is open read-only".into()));
         };
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
         self.mark_dirty_for_lazy(&mut st, cnt)?;
         let g = self.geo;
         // Each target entry: its slot, pinned until published.

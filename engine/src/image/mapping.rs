@@ -86,6 +86,25 @@ impl Image {
     /// only, never past the end of the cluster.
     #[inline]
     pub(crate) fn lookup(&self, off: GuestOffset, len: u64) -> Result<Lookup> {
+        self.lookup_with(off, len, |slot, pair| {
+            if pair {
+                self.l2_cache.read_pair(slot.key, slot.word)
+            } else {
+                self.l2_cache.read_word(slot.key, slot.word).map(|e| (e, 0))
+            }
+        })
+    }
+
+    /// [`Image::lookup`] with the L2 entry (and, with `pair`, the subcluster bitmap) read
+    /// by `entry` instead of from the cache: None is a miss. Used for a request's private
+    /// copy of a slice (see `queue/read.rs`).
+    #[inline]
+    pub(crate) fn lookup_with(
+        &self,
+        off: GuestOffset,
+        len: u64,
+        entry: impl Fn(L2Slot, bool) -> Option<(u64, u64)>,
+    ) -> Result<Lookup> {
         let g = &self.geo;
         let in_cluster = g.offset_in_cluster(off.0);
         let len = len.min(g.cluster_size() - in_cluster).min(self.vsize() - off.0);
@@ -95,16 +114,9 @@ impl Image {
         let Some(slot) = self.l2_slot(off)? else {
             return Ok(Lookup::Mapped { extent: Extent::Unallocated, len, cached: false });
         };
-        let (entry, bitmap) = if g.extended_l2 {
-            match self.l2_cache.read_pair(slot.key, slot.word) {
-                Some((e, b)) => (L2Entry(e), SubclusterBitmap(b)),
-                None => return Ok(Lookup::Miss { key: slot.key }),
-            }
-        } else {
-            match self.l2_cache.read_word(slot.key, slot.word) {
-                Some(e) => (L2Entry(e), SubclusterBitmap(0)),
-                None => return Ok(Lookup::Miss { key: slot.key }),
-            }
+        let (entry, bitmap) = match entry(slot, g.extended_l2) {
+            Some((e, b)) => (L2Entry(e), SubclusterBitmap(b)),
+            None => return Ok(Lookup::Miss { key: slot.key }),
         };
         let (extent, len) = l2::classify(g, entry, bitmap, in_cluster, len).map_err(|e| match e {
             Error::Corrupt { what, detail } => {

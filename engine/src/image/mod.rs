@@ -202,6 +202,9 @@ pub struct Image {
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
     pub(crate) fill_busy: Mutex<std::collections::HashSet<u64>>,
+    /// Queues waiting for the metadata lock or a fill claim (woken when either is given
+    /// back; see [`crate::meta::waiters`]).
+    pub(crate) lock_waiters: crate::meta::waiters::Waiters,
 }
 
 impl std::fmt::Debug for Image {
@@ -327,8 +330,7 @@ impl Image {
     /// device flushes). Blocks the calling thread; queues use [`Op::Flush`](crate::queue::Op)
     /// instead.
     pub fn flush(&self) -> Result<()> {
-        let Some(m) = &self.meta else { return Ok(()) };
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut st) = self.lock_meta() else { return Ok(()) };
         self.flush_metadata(&mut st, false, &self.counters)
     }
 
@@ -336,8 +338,7 @@ impl Image {
     /// Call when the last queue is gone; dropping the last `Arc` does it too, ignoring
     /// errors.
     pub fn close(&self) -> Result<()> {
-        let Some(m) = &self.meta else { return Ok(()) };
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut st) = self.lock_meta() else { return Ok(()) };
         if st.closed {
             return Ok(());
         }

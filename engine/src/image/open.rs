@@ -185,6 +185,7 @@ impl Image {
             cache_mode: opts.cache,
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
+            lock_waiters: crate::meta::waiters::Waiters::new(),
             l2less: l2less_bit,
             hook: opts.hook.clone(),
             version: header.version,

@@ -22,9 +22,20 @@ impl Image {
     /// so a read of it fails clearly as well; marking the image corrupt is left to the
     /// caller, which does it only for writes ([`Image::signal_corruption`]), as QEMU does.
     pub(crate) fn check_l2_slice(&self, key: u64, word: impl Fn(usize) -> u64) -> crate::Result<()> {
-        match self.check_l2_slice_once(key, &word) {
+        self.check_l2_entries(key, 0..self.slice_entries as usize, word)
+    }
+
+    /// [`Image::check_l2_slice`] for the entries `entries` of the slice only (a part read
+    /// on its own); `word(i)` is still the slice's i-th word.
+    pub(crate) fn check_l2_entries(
+        &self,
+        key: u64,
+        entries: std::ops::Range<usize>,
+        word: impl Fn(usize) -> u64,
+    ) -> crate::Result<()> {
+        match self.check_l2_slice_once(key, entries.clone(), &word) {
             Err(Some(e)) => Err(e),
-            Err(None) => self.check_l2_slice_once(key, &word).map_err(|e| {
+            Err(None) => self.check_l2_slice_once(key, entries, &word).map_err(|e| {
                 e.unwrap_or_else(|| Error::corrupt("L2 table", format!("slice at {key:#x} keeps growing")))
             }),
             Ok(()) => Ok(()),
@@ -34,7 +45,12 @@ impl Image {
     /// One pass of [`Image::check_l2_slice`]. `Err(None)`: an entry points past the end of
     /// the file as this image knew it, but the file has grown since (a read-only image
     /// shared with a writer, `-U`): the known length was updated, check again.
-    fn check_l2_slice_once(&self, key: u64, word: &impl Fn(usize) -> u64) -> Result<(), Option<Error>> {
+    fn check_l2_slice_once(
+        &self,
+        key: u64,
+        entries: std::ops::Range<usize>,
+        word: &impl Fn(usize) -> u64,
+    ) -> Result<(), Option<Error>> {
         let g = &self.geo;
         let cs = g.cluster_size();
         let file_len = self.file_len();
@@ -63,7 +79,7 @@ impl Image {
             )));
         }
         let step = (g.l2_entry_size() / 8) as usize;
-        for i in 0..self.slice_entries as usize {
+        for i in entries {
             let e = word(i * step);
             if e & L2_COMPRESSED == 0 {
                 let host = e & crate::format::geometry::OFFSET_MASK;

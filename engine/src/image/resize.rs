@@ -8,13 +8,13 @@ impl Image {
     /// durable before the header points to it) and the new range reads as zeros.
     /// Shrinking is refused. Blocks the caller for the metadata updates.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        let Some(m) = &self.meta else {
+        if self.meta.is_none() {
             return Err(Error::InvalidRequest("the image is open read-only".into()));
-        };
+        }
         if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidRequest(format!("new size {new_size} is not a multiple of 512")));
         }
-        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut st) = self.lock_meta() else { unreachable!("checked above") };
         let old = self.vsize();
         if new_size < old {
             return Err(Error::Unsupported("shrinking an image is not supported".into()));

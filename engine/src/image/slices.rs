@@ -27,6 +27,21 @@ pub(crate) enum SliceClaim {
 }
 
 impl Image {
+    /// Checks a slice read from the file: `read` is the read's outcome (bytes read, or an
+    /// error), `word` reads its words (host-endian). A short read or contents that fail the
+    /// overlap checks are errors ([`Error::Corrupt`] for bad contents).
+    pub(crate) fn check_loaded_slice(&self, key: u64, read: Result<usize>, word: impl Fn(usize) -> u64) -> Result<()> {
+        let len = self.l2_cache.slot_size();
+        match read {
+            Err(e) => Err(e),
+            Ok(n) if n < len => Err(Error::corrupt(
+                "L2 table",
+                format!("the slice at {key:#x} extends past the end of the file (read {n} of {len} bytes)"),
+            )),
+            Ok(_) => self.check_l2_slice(key, word),
+        }
+    }
+
     /// Claims a cache slot to load L2 slice `key` into, counting a miss (and the eviction it
     /// causes) into `c` (atomically: the tools count into the image's shared counters; a
     /// miss costs a read anyway).
@@ -52,17 +67,9 @@ impl Image {
     /// published: the slot is given up and the error returned (an [`Error::Corrupt`] for
     /// bad contents; marking the image corrupt is the caller's decision).
     pub(crate) fn publish_slice(&self, slot: SlotId, key: u64, read: Result<usize>) -> Result<()> {
-        let len = self.l2_cache.slot_size();
-        let checked = match read {
-            Err(e) => Err(e),
-            Ok(n) if n < len => Err(Error::corrupt(
-                "L2 table",
-                format!("the slice at {key:#x} extends past the end of the file (read {n} of {len} bytes)"),
-            )),
-            // The slot is ours (loading) until complete_load: nobody else reads or writes
-            // its words, and nobody sees them before the check passed.
-            Ok(_) => self.check_l2_slice(key, |w| self.l2_cache.load_word(slot, w)),
-        };
+        // The slot is ours (loading) until complete_load: nobody else reads or writes its
+        // words, and nobody sees them before the check passed.
+        let checked = self.check_loaded_slice(key, read, |w| self.l2_cache.load_word(slot, w));
         match checked {
             Ok(()) => {
                 self.l2_cache.complete_load(slot);

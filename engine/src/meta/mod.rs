@@ -6,5 +6,6 @@ pub mod cache;
 pub mod overlap;
 pub(crate) mod rebuild;
 pub(crate) mod refcount;
+pub mod waiters;
 
 pub use cache::MetaCache;

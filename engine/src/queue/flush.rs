@@ -23,9 +23,13 @@ impl Queue {
             return;
         }
         let img = self.image.clone();
+        self.note_lock_events();
         let mut st = match img.try_meta() {
             Ok(Some(st)) => st,
-            Ok(None) => return,
+            Ok(None) => {
+                self.wait_lock();
+                return;
+            }
             Err(e) => {
                 for id in std::mem::take(&mut self.flush_waiters) {
                     self.fail(id, -e.raw_os_error());

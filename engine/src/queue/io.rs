@@ -31,6 +31,12 @@ pub(crate) enum Io {
     WriteBounce { req: usize, _buf: AlignedBuf, token: u64 },
     /// An allocation job's data write (from its bounce buffer or the guest buffer).
     JobWrite { job: usize },
+    /// The read of the queue's wake eventfd (see `queue/wake.rs`) into `_buf`.
+    Wake { _buf: Box<u64> },
+    /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
+    Nudge,
+    /// A read request's private copy of an L2 slice (see `queue/read.rs`).
+    Private { req: usize, layer: Arc<Image>, key: u64, first: usize, buf: AlignedBuf },
 }
 
 impl Queue {
@@ -105,6 +111,9 @@ impl Queue {
                 self.io_done(req);
             }
             Io::JobWrite { job } => self.job_write_done(job, res),
+            Io::Wake { .. } => self.woke(),
+            Io::Nudge => self.nudged(),
+            Io::Private { req, layer, key, first, buf } => self.private_loaded(req, layer, key, first, buf, res),
         }
     }
 }

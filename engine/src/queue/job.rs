@@ -85,11 +85,7 @@ impl Queue {
         let host = match plan.target {
             cow::Target::Own(h) => {
                 // Only one in-place fill per host cluster at a time (see Image::fill_busy).
-                let claimed = match img.fill_busy.try_lock() {
-                    Ok(mut set) => set.insert(g.host_cluster(h).0),
-                    Err(_) => false,
-                };
-                if !claimed {
+                if !img.claim_fill(g.host_cluster(h).0) {
                     img.l2_cache.unpin(slot);
                     return Ok(Started::NeedLock);
                 }
@@ -102,7 +98,7 @@ impl Queue {
                 let now_e = L2Entry(img.l2_cache.load_word(slot, at.word));
                 let now_b = if g.extended_l2 { SubclusterBitmap(img.l2_cache.load_word(slot, at.word + 1)) } else { b };
                 if now_e != e || now_b != b {
-                    img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&g.host_cluster(h).0);
+                    img.release_fill(g.host_cluster(h).0);
                     img.l2_cache.unpin(slot);
                     return Ok(Started::Stale);
                 }
@@ -236,6 +232,7 @@ impl Queue {
     pub(crate) fn job_commit(&mut self, job: usize) {
         let img = self.image.clone();
         let g = img.geo;
+        self.note_lock_events();
         let (slot, word, (old_e, old_b), (new_e, new_b)) = {
             let j = &self.jobs[job];
             (j.slot, j.word, j.old, j.new)
@@ -252,6 +249,7 @@ impl Queue {
             Ok(Some(st)) => st,
             Ok(None) => {
                 self.job_parked.push(job);
+                self.wait_lock();
                 return;
             }
             Err(e) => {
@@ -285,7 +283,7 @@ impl Queue {
         img.l2_cache.unpin(j.slot);
         let host = img.geo.host_cluster(j.host);
         if !j.fresh {
-            img.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&host.0);
+            img.release_fill(host.0);
         }
         let id = j.req;
         if j.error != 0 {

@@ -18,6 +18,7 @@ mod req;
 mod ring;
 mod run;
 mod slice;
+mod wake;
 mod write;
 mod zero;
 
@@ -170,6 +171,16 @@ pub struct Queue {
     pub(crate) whole_in_flight: usize,
     /// This queue's requests in flight per epoch parity ([`crate::image::epoch`]).
     pub(crate) gate: Arc<crate::image::epoch::Gate>,
+    /// This queue's bit and eventfd for wakes from other queues ([`crate::meta::waiters`]).
+    pub(crate) waker: crate::meta::waiters::Waker,
+    /// A read of the waker's eventfd is in flight.
+    pub(crate) wake_armed: bool,
+    /// Something parked requests wait for changed: retry them.
+    pub(crate) woken: bool,
+    /// A NOP from [`Queue::nudge`] is in flight.
+    pub(crate) nudged: bool,
+    /// [`Image::lock_waiters`]' event count before the last attempt at the lock.
+    pub(crate) lock_seen: u64,
 }
 
 impl Queue {
@@ -189,6 +200,7 @@ impl Queue {
             b.build(entries)
         };
         let ring = build(true).or_else(|_| build(false)).map_err(|e| Error::io("io_uring_setup", e))?;
+        let waker = crate::meta::waiters::Waker::register().map_err(|e| Error::io("eventfd", e))?;
         let counters = Arc::new(Counters::default());
         image.register_queue_counters(&counters);
         Ok(Queue {
@@ -213,6 +225,11 @@ impl Queue {
             counters,
             whole_in_flight: 0,
             gate: image.open_gate(),
+            waker,
+            wake_armed: false,
+            woken: false,
+            nudged: false,
+            lock_seen: 0,
         })
     }
 
@@ -228,16 +245,13 @@ impl Queue {
         self.ring.as_raw_fd()
     }
 
-    /// For event loops that wait on [`Queue::ring_fd`]: when some request waits for
-    /// something the ring fd does not signal (metadata another queue is loading, the
-    /// metadata lock, a group flush), returns how soon [`Queue::reap`] should be called
-    /// again even if the fd stays quiet. `None`: waiting on the fd alone is enough.
+    /// For event loops that wait on [`Queue::ring_fd`]: how soon [`Queue::reap`] must be
+    /// called again even if the fd stays quiet. Always `None` now: a request that waits for
+    /// another queue (a slice it is loading, the metadata lock, a group flush) is woken
+    /// through this queue's ring ([`crate::meta::waiters`]), so the fd alone is enough.
+    /// Kept so that event loops written against earlier versions keep compiling.
     pub fn poll_hint(&self) -> Option<Duration> {
-        let waiting = !self.parked.is_empty()
-            || !self.lock_parked.is_empty()
-            || !self.job_parked.is_empty()
-            || !self.flush_waiters.is_empty();
-        waiting.then_some(Duration::from_micros(50))
+        None
     }
 
     /// What this queue's requests have cost so far: guest requests and bytes, device
@@ -346,6 +360,7 @@ impl Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         self.release_batch();
+        self.disarm_wake();
         // Wait for every SQE to finish: the kernel may still write into our buffers.
         while !self.ios.is_empty() {
             if self.ring.submit_and_wait(1).is_err() {

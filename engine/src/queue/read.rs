@@ -1,14 +1,27 @@
 //! The read request state machine: walk the guest range, translate each piece through the
 //! backing chain, and issue one SQE per contiguous host run (zero pieces are filled in
 //! place). A piece whose L2 slice is missing parks the request on that slice.
+//!
+//! Reads never wait for another queue's metadata: when the missing slice cannot be loaded
+//! into the shared cache now (another queue is loading it, or its cache set has no slot to
+//! give: the regime where misses outnumber slots), the read loads a private copy of the
+//! slice for itself ([`PrivateSlice`]) and goes on from that. The copy is read from the
+//! file after the request looked the slice up in the cache and missed, and a slice that
+//! is not in the cache has no newer version anywhere (dirty slices are never evicted), so
+//! the copy holds every update completed before the lookup: what the request may see. It
+//! serves only this request and is dropped with it. The copy is the one 512-byte sector of
+//! the slice that holds the entry (64 entries, 32 extended ones): a small read, and only
+//! those entries to check. No queue ever waits for, or wakes, another for a read.
 
 use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
 use crate::counters::Counters;
 use crate::format::l2::Extent;
 use crate::format::types::{GuestOffset, HostOffset};
+use crate::image::SliceClaim;
 use crate::image::mapping::Lookup;
 use crate::image::{Backing, Image};
+use crate::io::AlignedBuf;
 use io_uring::{opcode, types};
 use std::sync::Arc;
 
@@ -24,18 +37,61 @@ enum Piece {
     Miss { layer: Arc<Image>, key: u64 },
 }
 
+/// Bytes of a slice a private load reads: one sector.
+const PRIVATE_BYTES: usize = 512;
+/// 64-bit words in [`PRIVATE_BYTES`].
+const PRIVATE_WORDS: usize = PRIVATE_BYTES / 8;
+
+/// A read request's own copy of one sector of an L2 slice of `layer`, loaded when the
+/// shared cache could not take the slice (see the module doc), checked as a cache load is.
+pub(crate) struct PrivateSlice {
+    layer: Arc<Image>,
+    /// The slice's cache key (host offset).
+    key: u64,
+    /// The slice word the copy starts at (a multiple of [`PRIVATE_WORDS`]).
+    first: usize,
+    pub(super) buf: AlignedBuf,
+}
+
+impl PrivateSlice {
+    /// Does this copy hold (part of) slice `key` of `layer`?
+    fn serves(&self, layer: &Arc<Image>, key: u64) -> bool {
+        self.key == key && Arc::ptr_eq(&self.layer, layer)
+    }
+
+    /// Slice word `w` (host-endian), if the copy holds it.
+    fn word(&self, w: usize) -> Option<u64> {
+        let i = w.checked_sub(self.first).filter(|&i| i < PRIVATE_WORDS)?;
+        Some(be_word(&self.buf, i))
+    }
+}
+
+/// Big-endian word `w` of a slice buffer.
+fn be_word(buf: &AlignedBuf, w: usize) -> u64 {
+    u64::from_be_bytes(buf[w * 8..w * 8 + 8].try_into().expect("8 bytes"))
+}
+
 /// Translates `len` bytes at `off` through the chain starting at `top` (no reference
 /// counting on the hit path: layers are borrowed, and only cloned for the rare pieces that
-/// must keep one).
+/// must keep one). A miss that `private` serves is answered from it.
 #[inline]
-fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters) -> crate::Result<Piece> {
+fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters, private: Option<&PrivateSlice>) -> crate::Result<Piece> {
     let mut layer: &Arc<Image> = top;
     let mut len = len;
     loop {
         if off >= layer.vsize() {
             return Ok(Piece::Zero { len });
         }
-        match layer.lookup(GuestOffset(off), len)? {
+        let found = match layer.lookup(GuestOffset(off), len)? {
+            Lookup::Miss { key } if private.is_some_and(|p| p.serves(layer, key)) => {
+                let p = private.expect("checked");
+                layer.lookup_with(GuestOffset(off), len, |slot, pair| {
+                    Some((p.word(slot.word)?, if pair { p.word(slot.word + 1)? } else { 0 }))
+                })?
+            }
+            found => found,
+        };
+        match found {
             Lookup::Miss { key } => return Ok(Piece::Miss { layer: layer.clone(), key }),
             Lookup::Mapped { extent, len: n, cached } => {
                 if cached {
@@ -78,6 +134,97 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters) -> crate::Result<
 }
 
 impl Queue {
+    /// Read request `id` missed slice `key` of `layer`: loads it into the shared cache and
+    /// parks on it, or (when the cache cannot take it now) loads a private copy for the
+    /// request. True when the slice turned out to be cached (walk on).
+    fn read_miss(&mut self, id: usize, layer: Arc<Image>, key: u64, pos: u64) -> bool {
+        match layer.claim_slice(key, &self.counters) {
+            SliceClaim::Cached => true,
+            SliceClaim::Load { slot, ptr, len } => {
+                self.issue_load(layer, slot, key, ptr, len);
+                self.park(id);
+                self.parked.push((id, key));
+                false
+            }
+            SliceClaim::Busy => {
+                // The sector of the slice that holds this position's entry.
+                let word = match layer.l2_slot(GuestOffset(pos)) {
+                    Ok(Some(slot)) if slot.key == key => slot.word,
+                    // The L1 entry changed since the lookup (a new or copied L2 table):
+                    // resolve the piece again.
+                    Ok(_) => return true,
+                    Err(e) => {
+                        self.fail_with(id, e);
+                        return false;
+                    }
+                };
+                let first = word / PRIVATE_WORDS * PRIVATE_WORDS;
+                let mut buf = self.get_buf(PRIVATE_BYTES);
+                let ptr = buf.as_mut_ptr();
+                let fd = layer.file.fd();
+                Counters::bump(&self.counters.meta_loads, 1);
+                Counters::bump(&self.counters.l2_private_loads, 1);
+                let io = self.ios.insert(Io::Private { req: id, layer, key, first, buf });
+                // The buffer's heap memory stays where it is while the Io entry holds it.
+                let sqe = opcode::Read::new(types::Fd(fd), ptr, PRIVATE_BYTES as u32)
+                    .offset(key + first as u64 * 8)
+                    .build()
+                    .user_data(io as u64);
+                self.push(sqe);
+                self.park(id);
+                false
+            }
+        }
+    }
+
+    /// The private slice load of read `id` completed with `res`: check it, keep it with the
+    /// request and walk on, or fail the request.
+    pub(super) fn private_loaded(
+        &mut self,
+        id: usize,
+        layer: Arc<Image>,
+        key: u64,
+        first: usize,
+        buf: AlignedBuf,
+        res: i32,
+    ) {
+        let step = (layer.geo.l2_entry_size() / 8) as usize;
+        let entries = first / step..(first + PRIVATE_WORDS) / step;
+        let checked = if res < 0 {
+            Err(crate::Error::errno(format!("reading the L2 slice at {key:#x}"), -res))
+        } else if (res as usize) < PRIVATE_BYTES {
+            Err(crate::Error::corrupt(
+                "L2 table",
+                format!(
+                    "the slice at {key:#x} extends past the end of the file (read {res} of {PRIVATE_BYTES} bytes at word {first})"
+                ),
+            ))
+        } else {
+            layer.check_l2_entries(key, entries, |w| be_word(&buf, w - first))
+        };
+        if !self.unpark(id) {
+            self.put_buf(buf);
+            return;
+        }
+        match checked {
+            Ok(()) => {
+                if let Some(old) = self.reqs[id].private.replace(PrivateSlice { layer, key, first, buf }) {
+                    self.put_buf(old.buf);
+                }
+                self.drive(id);
+            }
+            Err(e) => {
+                self.put_buf(buf);
+                let e = match e {
+                    e @ crate::Error::Corrupt { .. } => e,
+                    e => crate::Error::errno(e.to_string(), e.raw_os_error()),
+                };
+                self.fail_with(id, e);
+                self.maybe_finish(id);
+            }
+        }
+    }
+
     /// Advances a read request as far as possible without waiting.
     pub(crate) fn drive_read(&mut self, id: usize) {
         // Hold the request open while we walk it: a nested completion (a child request
@@ -86,7 +233,7 @@ impl Queue {
         let top = Arc::clone(&self.image);
         let mut run = RunBuilder::default();
         while let Some((pos, end)) = self.walk_next(id) {
-            let piece = match resolve(&top, pos, end - pos, &self.counters) {
+            let piece = match resolve(&top, pos, end - pos, &self.counters, self.reqs[id].private.as_ref()) {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail_with(id, e);
@@ -134,11 +281,9 @@ impl Queue {
                     self.push(sqe);
                 }
                 Piece::Miss { layer, key } => {
-                    if self.load_slice(layer, key) {
+                    if self.read_miss(id, layer, key, pos) {
                         continue;
                     }
-                    self.park(id);
-                    self.parked.push((id, key));
                     break;
                 }
             }

@@ -26,6 +26,8 @@ pub(crate) struct Req {
     /// The epoch parity a guest request entered the queue's gate with
     /// ([`crate::image::epoch`]); it leaves when its I/O is done.
     pub entered: Option<u8>,
+    /// A read's private copy of the L2 slice it last missed (see `queue/read.rs`).
+    pub private: Option<super::read::PrivateSlice>,
 }
 
 /// A request's memory: `len` bytes at `ptr` that the submitter keeps valid until the
@@ -147,6 +149,7 @@ impl Queue {
             detail: None,
             parent,
             entered: None,
+            private: None,
         })
     }
 
@@ -192,6 +195,10 @@ impl Queue {
         if self.reqs[id].state == ReqState::Syncing {
             self.drive_flush(id);
             return;
+        }
+        if self.reqs[id].kind.writes() {
+            // Writers may park on the metadata lock or a fill claim (queue/wake.rs).
+            self.note_lock_events();
         }
         match self.reqs[id].kind {
             ReqKind::Read => self.drive_read(id),
@@ -252,7 +259,10 @@ impl Queue {
 
     pub(crate) fn finish(&mut self, req: usize) {
         self.uncount(req);
-        let r = self.reqs.remove(req);
+        let mut r = self.reqs.remove(req);
+        if let Some(p) = r.private.take() {
+            self.put_buf(p.buf);
+        }
         // This queue's own counters: single writer (see `Counters::bump`).
         let c = &self.counters;
         if r.error == 0 && r.parent == Parent::Caller {

@@ -60,7 +60,7 @@ impl Queue {
                 self.commit()?;
             }
             self.process_cqes();
-            self.retry_parked();
+            self.retry_if_woken();
             self.group_flush();
             if self.done.len() >= min.max(1) || (min == 0) || (self.reqs.is_empty() && self.whole_in_flight == 0) {
                 // Push SQEs that completions and retries queued. Only then: completions the
@@ -75,22 +75,16 @@ impl Queue {
             if no_wait {
                 break;
             }
-            // Wait for one CQE (at most until the deadline); when requests are parked on
-            // another queue's load, wake up regularly to retry them.
-            let mut wait = match deadline {
+            // Wait for one CQE (at most until the deadline). Requests parked on another
+            // queue are woken by a completion too: the read of this queue's wake eventfd.
+            let wait = match deadline {
                 None => None,
                 Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
                     Some(left) if !left.is_zero() => Some(left),
                     _ => break,
                 },
             };
-            let waiting = !self.parked.is_empty()
-                || !self.lock_parked.is_empty()
-                || !self.job_parked.is_empty()
-                || !self.flush_waiters.is_empty();
-            if waiting && self.ios.is_empty() {
-                wait = Some(wait.map_or(Duration::from_micros(50), |w| w.min(Duration::from_micros(50))));
-            }
+            debug_assert!(!self.ios.is_empty() || self.unsubmitted > 0, "requests wait, yet nothing can complete");
             self.wait_cqe(wait)?;
         }
         let n = self.done.len();
@@ -106,7 +100,7 @@ impl Queue {
     /// the ring fd must call [`Queue::reap`], which does enter. Returns the count.
     pub fn reap_posted(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         self.process_cqes();
-        self.retry_parked();
+        self.retry_if_woken();
         self.group_flush();
         if self.unsubmitted > 0 {
             self.commit()?;

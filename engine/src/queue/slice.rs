@@ -1,5 +1,7 @@
 //! L2 slice loads on the queue's ring: claim a cache slot, read the slice into it, park
-//! requests on it.
+//! requests on it. A claim that is busy (another queue loads the slice, or its cache set
+//! has no slot to give now) registers this queue with the set and claims once more; the
+//! request then sleeps until that set changes (`queue/wake.rs`).
 
 use super::*;
 use crate::image::SliceClaim;
@@ -7,34 +9,53 @@ use io_uring::{opcode, types};
 
 impl Queue {
     /// When the L2 cache set of `key` is full of dirty slices, writes metadata back (under
-    /// the metadata lock, if free) so that a slot can be reused.
+    /// the metadata lock, if free) so that a slot can be reused; when the lock is taken,
+    /// waits for it too (its holder may not be writing back).
     pub(crate) fn unclog(&mut self, layer: &Arc<Image>, key: u64) {
         if layer.meta.is_none() || !layer.l2_cache.set_clogged(key) {
             return;
         }
-        if let Ok(Some(mut st)) = layer.try_meta() {
-            st.rc.pending_free.append(&mut self.local_frees);
-            let _ = layer.flush_metadata(&mut st, false, &self.counters);
+        if Arc::ptr_eq(layer, &self.image) {
+            self.note_lock_events();
+        }
+        match layer.try_meta() {
+            Ok(Some(mut st)) => {
+                st.rc.pending_free.append(&mut self.local_frees);
+                let _ = layer.flush_metadata(&mut st, false, &self.counters);
+            }
+            Ok(None) if Arc::ptr_eq(layer, &self.image) => self.wait_lock(),
+            _ => {}
         }
     }
 
     /// Starts loading L2 slice `key` of `layer` (or waits for the queue loading it).
     /// Returns true when it is already cached.
     pub(crate) fn load_slice(&mut self, layer: Arc<Image>, key: u64) -> bool {
-        match layer.claim_slice(key, &self.counters) {
+        let mut claim = layer.claim_slice(key, &self.counters);
+        if let SliceClaim::Busy = claim {
+            // Register, then look again: a change after this look wakes us.
+            self.wait_slice(&layer, key);
+            claim = layer.claim_slice(key, &self.counters);
+        }
+        match claim {
             SliceClaim::Cached => true,
             SliceClaim::Busy => {
                 self.unclog(&layer, key);
                 false
             }
             SliceClaim::Load { slot, ptr, len } => {
-                let fd = layer.file.fd();
-                let io = self.ios.insert(Io::Load { layer, slot, key });
-                let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
-                self.push(sqe);
+                self.issue_load(layer, slot, key, ptr, len);
                 false
             }
         }
+    }
+
+    /// Reads slice `key` of `layer` into the cache slot this queue claimed for it.
+    pub(super) fn issue_load(&mut self, layer: Arc<Image>, slot: SlotId, key: u64, ptr: *mut u8, len: usize) {
+        let fd = layer.file.fd();
+        let io = self.ios.insert(Io::Load { layer, slot, key });
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, len as u32).offset(key).build().user_data(io as u64);
+        self.push(sqe);
     }
 
     /// A slice load completed with `res` (bytes read or -errno): publish the slice, or fail
@@ -70,8 +91,10 @@ impl Queue {
 
     /// Parks request `id` until L2 slice `key` of this image is cached (starting its load).
     pub(crate) fn park_slice(&mut self, id: usize, key: u64) {
-        // If it is cached already the parked request is simply retried at once.
-        self.load_slice(self.image.clone(), key);
+        // If it is cached already the parked request is simply retried at the next reap.
+        if self.load_slice(self.image.clone(), key) {
+            self.nudge();
+        }
         self.park(id);
         self.parked.push((id, key));
     }

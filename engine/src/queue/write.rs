@@ -112,8 +112,7 @@ impl Queue {
             return;
         }
         let img = self.image.clone();
-        if let Some(m) = &img.meta {
-            let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut st) = img.lock_meta() {
             st.rc.pending_free.append(&mut self.local_frees);
             let batch: Vec<u64> = std::mem::take(&mut self.batch).into_iter().map(|c| c.0).collect();
             let _ = img.unreserve_clusters(&mut st, &batch);
@@ -131,9 +130,11 @@ impl Queue {
         self.fail_with(id, e);
     }
 
+    /// Parks request `id` until the metadata lock or a fill claim is given back.
     pub(super) fn park_lock(&mut self, id: usize) {
         self.park(id);
         self.lock_parked.push(id);
+        self.wait_lock();
     }
 
     /// Ensures a private L2 table for `l1i` under the lock. `Ok(false)`: lock busy.

@@ -22,7 +22,12 @@ impl Queue {
             let cend = (cstart + cs).min(img.vsize());
             let n = end.min(cend) - pos;
             let whole = pos == cstart && pos + n == cend;
-            let discard = kind == ReqKind::Discard;
+            // v2 images have no zero flag; without a backing file an unallocated cluster
+            // reads as zeros, so a zero write of whole clusters deallocates them as a
+            // discard does (QEMU's qcow2_subcluster_zeroize resorts to discard there).
+            // Writing zeros as data would allocate every cluster a guest zeroes.
+            let v2_zero_as_discard = !v3 && whole && img.backing.is_none() && kind != ReqKind::Discard;
+            let discard = kind == ReqKind::Discard || v2_zero_as_discard;
             let unmap = matches!(kind, ReqKind::Zero { unmap: true });
             // Pieces the metadata cannot express are written as zeros (zero writes) or
             // ignored (discards).

@@ -23,11 +23,18 @@
 //! claim flag (a try-lock: a claimer that finds it taken gets [`Claim::Busy`]), so a key is
 //! never in two slots of its set at once.
 //!
+//! A claimer told [`Claim::Busy`] waits without polling: it registers its queue's bit in
+//! the set's [`Waiters`] ([`MetaCache::wait`]) and claims once more; every change that can
+//! end a busy claim in a set (a load completed or given up, the last pin of a slot gone, a
+//! dirty mark cleared, the claim flag released) wakes the set's waiters (see
+//! [`crate::meta::waiters`]).
+//!
 //! Under `--cfg loom` (see `scripts/loom.sh`) the atomics are loom's and slot memory is a
 //! boxed slice of atomic words instead of the arena, so the protocol can be model-checked.
 
 #[cfg(not(loom))]
 use crate::io::AlignedBuf;
+use crate::meta::waiters::Waiters;
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU8, AtomicU64, Ordering, fence};
 // Statistics only: kept out of the model under loom (they order nothing).
@@ -88,6 +95,11 @@ pub struct MetaCache {
     hand: Box<[AtomicU8]>,
     /// Per set: 1 while a claimer is choosing a victim (see [`MetaCache::claim`]).
     claiming: Box<[AtomicU8]>,
+    /// Per set: the queues waiting for a busy claim there to end.
+    waiters: Box<[Waiters]>,
+    /// Under loom: the queue bits woken so far (the model checks that none is lost).
+    #[cfg(loom)]
+    pub(crate) woken: AtomicU64,
     #[cfg(not(loom))]
     mem: AlignedBuf,
     /// Slot memory under loom: `slot_size / 8` atomic words per slot.
@@ -125,6 +137,9 @@ impl MetaCache {
             dirty: (0..n).map(|_| AtomicU8::new(0)).collect(),
             hand: (0..sets).map(|_| AtomicU8::new(0)).collect(),
             claiming: (0..sets).map(|_| AtomicU8::new(0)).collect(),
+            waiters: (0..sets).map(|_| Waiters::new()).collect(),
+            #[cfg(loom)]
+            woken: AtomicU64::new(0),
             #[cfg(not(loom))]
             mem: AlignedBuf::new(n * slot_size),
             #[cfg(loom)]
@@ -229,7 +244,33 @@ impl MetaCache {
         }
         let r = self.claim_victim(key, set, evicted);
         self.claiming[set].store(0, Ordering::Release);
+        self.notify_set(set);
         r
+    }
+
+    /// Registers the queue bits `bits` as waiting for a busy claim of `key` to end. The
+    /// caller then claims again and parks only if that is busy too: it is woken at the next
+    /// change in `key`'s set that can end it.
+    pub fn wait(&self, key: u64, bits: u64) {
+        self.waiters[self.set_of(key)].add(bits);
+    }
+
+    /// Wakes the waiters of `set` (a state change there may end their busy claims).
+    #[inline]
+    fn notify_set(&self, set: usize) {
+        let m = self.waiters[set].notify();
+        if m != 0 {
+            #[cfg(not(loom))]
+            crate::meta::waiters::wake(m);
+            #[cfg(loom)]
+            self.woken.fetch_or(m, Ordering::SeqCst);
+        }
+    }
+
+    /// The set of slot `s`.
+    #[inline]
+    fn set_of_slot(&self, s: usize) -> usize {
+        s / WAYS
     }
 
     /// The claim outcome when `key` already has a slot in `set` (valid: present; loading:
@@ -313,21 +354,34 @@ impl MetaCache {
         unimplemented!("slot memory is not addressable under loom")
     }
 
-    /// Marks a loaded slot valid (its memory now holds the slice).
+    /// Marks a loaded slot valid (its memory now holds the slice), and wakes its set's
+    /// waiters.
     pub fn complete_load(&self, slot: SlotId) {
         let s = slot.0 as usize;
         self.used[s].store(1, Ordering::Relaxed);
-        let c = self.ctl[s].load(Ordering::Relaxed);
+        // Loading (1) -> valid (2) by an add: pins taken meanwhile are kept.
+        let c = self.ctl[s].fetch_add(ST_VALID - ST_LOADING, Ordering::Release);
         debug_assert_eq!(c & ST_MASK, ST_LOADING);
-        self.ctl[s].store((c & !ST_MASK) | ST_VALID, Ordering::Release);
+        self.notify_set(self.set_of_slot(s));
     }
 
-    /// Gives up a claimed slot after a failed load.
+    /// Gives up a claimed slot after a failed load, and wakes its set's waiters.
     pub fn abort_load(&self, slot: SlotId) {
         let s = slot.0 as usize;
-        let c = self.ctl[s].load(Ordering::Relaxed);
-        let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
-        self.ctl[s].store(g | ST_EMPTY, Ordering::Release);
+        let mut c = self.ctl[s].load(Ordering::Relaxed);
+        loop {
+            let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
+            match self.ctl[s].compare_exchange_weak(
+                c,
+                g | (c & PIN_MASK) | ST_EMPTY,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => c = now,
+            }
+        }
+        self.notify_set(self.set_of_slot(s));
     }
 
     /// Drops every valid, unpinned slot (used when metadata changed underneath, e.g. a
@@ -361,10 +415,13 @@ impl MetaCache {
         None
     }
 
-    /// Releases a pin.
+    /// Releases a pin; the last one wakes the set's waiters (the slot may be a victim now).
     pub fn unpin(&self, slot: SlotId) {
         let prev = self.ctl[slot.0 as usize].fetch_sub(PIN_ONE, Ordering::AcqRel);
         debug_assert!(prev & PIN_MASK != 0);
+        if prev & PIN_MASK == PIN_ONE {
+            self.notify_set(self.set_of_slot(slot.0 as usize));
+        }
     }
 
     /// Stores word `word` (host-endian value, stored big-endian) into a pinned slot and
@@ -407,6 +464,8 @@ impl MetaCache {
                 Err(now) => c = now,
             }
         }
+        // A claimer that saw the slot loading meanwhile was told busy.
+        self.notify_set(self.set_of_slot(s));
     }
 
     /// Sets a slot's dirty mark (Release: the words stored before it go with it).
@@ -462,6 +521,7 @@ impl MetaCache {
     /// before that mark visible to the copy that follows.
     pub fn clear_dirty(&self, slot: SlotId) {
         self.dirty[slot.0 as usize].swap(0, Ordering::AcqRel);
+        self.notify_set(self.set_of_slot(slot.0 as usize));
     }
 
     /// Re-marks a slot dirty (its write-back failed).
