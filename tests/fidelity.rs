@@ -33,6 +33,12 @@ fn dir_with_images() -> tempfile::TempDir {
     build_qcow2(&p("sub/ov.qcow2"), &o, 4 << 20, &["write -P 3 0 64k".into(), "write -z 1M 64k".into()]);
     qemu_img(["snapshot", "-c", "snap1", &s(&p("sub/ov.qcow2"))]).ok();
     qemu_img(["convert", "-c", "-O", "qcow2", &s(&p("r.raw")), &s(&p("c.qcow2"))]).ok();
+    // Allocated zero clusters (with and without their host cluster), and a metadata-
+    // preallocated image whose unwritten clusters read as zeros.
+    let zero_cmds = ["write -P 1 0 256k".into(), "write -z 64k 64k".into(), "write -z -u 128k 64k".into()];
+    build_qcow2(&p("z.qcow2"), &Qcow2Opts::default(), 4 << 20, &zero_cmds);
+    let pre = Qcow2Opts { preallocation: Some("metadata"), ..Default::default() };
+    build_qcow2(&p("pre.qcow2"), &pre, 4 << 20, &["write -P 1 0 4k".into()]);
     d
 }
 
@@ -70,7 +76,7 @@ fn formats_probe_and_refuse_like_qemu_img() {
 #[test]
 fn map_matches_qemu_img() {
     let d = dir_with_images();
-    for img in ["r.raw", "e.raw", "a.qcow2", "sub/ov.qcow2"] {
+    for img in ["r.raw", "e.raw", "a.qcow2", "sub/ov.qcow2", "z.qcow2", "pre.qcow2"] {
         for out in ["--output=human", "--output=json"] {
             same(d.path(), &["map", out, img]);
         }

@@ -144,6 +144,10 @@ fn dump(out: &mut String, e: &Entry, json: bool, first: &mut bool) -> bool {
         out.push('}');
     } else if s.data {
         let (Some(o), Some(f)) = (s.offset, &s.file) else { return false };
+        // Data that reads as zeros (a preallocated hole) is not listed, as in qemu-img.
+        if s.zero {
+            return true;
+        }
         let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", hx(e.start), hx(s.len), hx(o), f.display());
     }
     true
