@@ -41,7 +41,7 @@ pub struct Args {
     /// AIO mode (accepted for compatibility; quring always uses io_uring).
     #[arg(short = 'i')]
     aio: Option<String>,
-    /// Image format (only qcow2).
+    /// Image format (qcow2; raw is probed but not served by the engine).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Random offsets (aligned to the request size) instead of the step pattern.
@@ -68,9 +68,17 @@ pub struct Args {
 const MAX_DEPTH: usize = 8192;
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
+    // qemu-img bench's bounds and messages.
+    if a.count == 0 || a.count > i32::MAX as u64 {
+        return Err("Invalid request count specified. Must be between 1 and 2147483647.".into());
+    }
     let bufsize = parse_size(&a.size)?;
+    if bufsize == 0 || bufsize > i32::MAX as u64 {
+        return Err("Invalid buffer size specified. Must be between 1 and 2147483647.".into());
+    }
+    // -S 0 (like no -S) steps by the request size, as qemu-img does.
     let step = match &a.step {
-        Some(s) => parse_size(s)?,
+        Some(s) => Some(parse_size(s)?).filter(|&v| v != 0).unwrap_or(bufsize),
         None => bufsize,
     };
     let start = parse_size(&a.offset)?;
@@ -83,6 +91,13 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
     let opts =
         Options { read_only: !a.write, cache, l2_cache_size, hook: quring::io::hook::from_env(), ..Options::default() };
+    if crate::probe::resolve(&a.image, a.format.as_deref(), a.write)? == crate::probe::ImageFormat::Raw {
+        return Err(format!(
+            "Could not open '{}': quring bench serves qcow2 images only (the file is raw)",
+            a.image.display()
+        )
+        .into());
+    }
     let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
     let size = img.size();
     if bufsize == 0 || bufsize > size || bufsize % 512 != 0 {
@@ -92,7 +107,10 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
     // Depth and size are bounded before a buffer exists: one buffer per request in flight,
     // a ring with room for all of them (io_uring's limit), and memory for all the buffers.
-    if a.depth == 0 || a.depth > MAX_DEPTH {
+    if a.depth == 0 {
+        return Err("Invalid queue depth specified. Must be between 1 and 2147483647.".into());
+    }
+    if a.depth > MAX_DEPTH {
         return Err(format!("Invalid queue depth specified. Must be between 1 and {MAX_DEPTH}.").into());
     }
     let buffers = (a.depth as u64).saturating_mul(bufsize.next_multiple_of(4096));

@@ -17,6 +17,10 @@ pub struct Args {
 
 pub fn run(Args { a, quiet }: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let json = a.json();
+    if crate::probe::resolve(&a.image, a.format.as_deref(), false)? == crate::probe::ImageFormat::Raw {
+        eprintln!("quring: This image format does not support checks");
+        return Ok(63);
+    }
     let file = ImageFile::open(&a.image, false)?;
     let _lock = quring::io::lock::ImageLock::acquire(
         file.file(),

@@ -1,29 +1,65 @@
-//! `quring convert`: read an image through the engine and write it as raw (sparse: all-zero
-//! chunks are skipped) or qcow2.
+//! `quring convert`: qemu-img convert's options on a raw or qcow2 source (qcow2 with its
+//! backing chain), writing raw or qcow2: `-O`, `-o`, `-B backing -F fmt` (the output only
+//! holds what the source's top layer has), `-n` (the target exists), `-S` (zero runs of at
+//! least this size become holes or stay unallocated), `-c` (compressed clusters), `-p`,
+//! `-m N` and `-W`. The copy runs on several threads, one queue each (`convert_io.rs`).
 
-use crate::util::open_ro;
+use crate::convert_io::{Shared, Source, Target, worker};
+use crate::probe::ImageFormat;
+use crate::util::{open_ro, parse_size};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
-use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
-use std::io::IsTerminal;
-use std::os::unix::fs::FileExt;
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 /// Arguments of `quring convert`.
 #[derive(Parser)]
 pub struct Args {
-    /// Source format (only qcow2).
+    /// Source format (raw or qcow2; probed when absent).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Output format: raw or qcow2.
     #[arg(short = 'O', default_value = "raw")]
     out_format: String,
-    /// Output options (qcow2 output).
+    /// Output options (qcow2 output: create options).
     #[arg(short = 'o')]
     options: Vec<String>,
-    /// Show progress.
+    /// Backing file of the output: only what the source's top layer has is copied.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the backing file (-B).
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// The target exists: do not create it.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Sparse detection size: zero runs of this size (aligned) are not written (0: write
+    /// everything).
+    #[arg(short = 'S', default_value = "4k")]
+    sparse: String,
+    /// Write compressed clusters (qcow2 output).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress (on stdout, as qemu-img).
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Parallel requests (1 to 16, as qemu-img); the work runs on min(N, cores) queues.
+    #[arg(short = 'm', default_value_t = 8)]
+    parallel: usize,
+    /// Out-of-order writes allowed.
+    #[arg(short = 'W')]
+    unordered: bool,
+    /// Cache mode of the target (unsafe, the default, skips the final sync of a raw target).
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
+    /// Cache mode of the source (accepted; the engine reads with O_DIRECT).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
     /// Force share.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -33,135 +69,230 @@ pub struct Args {
     dst: PathBuf,
 }
 
-/// Chunk size for reads.
-const CHUNK: usize = 2 << 20;
-/// Chunks in flight.
-const DEPTH: usize = 8;
+/// Largest -S (qemu-img's limit).
+const MAX_SPARSE: u64 = 16 << 20;
+/// Bytes per chunk (rounded up to the target's cluster size).
+const CHUNK: u64 = 2 << 20;
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    if let Some(f) = &a.format
-        && f != "qcow2"
-    {
-        return Err(format!("unsupported source format '{f}'").into());
+    let out_fmt = ImageFormat::parse_output(&a.out_format)?;
+    let sparse = parse_size(&a.sparse).ok().filter(|s| s % 512 == 0 && *s <= MAX_SPARSE).ok_or(
+        "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. \
+         Select 0 to disable sparse detection (fully allocates output).",
+    )?;
+    if !(1..=16).contains(&a.parallel) {
+        return Err("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16".into());
     }
-    let img = open_ro(&a.src, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.src.display()))?;
-    let size = img.size();
-    // The output is checked (QEMU's write lock, and no file of the input's chain) before a
-    // byte of it changes; qemu-img's message names it and the output format.
-    let chain = crate::output::chain_files(&img);
+    if a.compress && out_fmt == ImageFormat::Raw {
+        return Err("Compression not supported for this file format".into());
+    }
+    if a.backing.is_some() && out_fmt == ImageFormat::Raw {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    if a.backing.is_some() && a.backing_format.is_none() && !a.no_create {
+        return Err("Use of backing file requires explicit backing format".into());
+    }
+    if !matches!(a.cache.as_str(), "unsafe" | "writeback" | "none" | "writethrough" | "directsync") {
+        return Err(format!("Invalid cache option: {}", a.cache).into());
+    }
+    // The source, opened read-only (no probing warning: it is not written).
+    let src_fmt = crate::probe::resolve(&a.src, a.format.as_deref(), false)?;
+    let could_not = |e: String| format!("Could not open '{}': {e}", a.src.display());
+    let src = match src_fmt {
+        ImageFormat::Qcow2 => Source::Qcow2(open_ro(&a.src, a.force_share).map_err(|e| could_not(e.to_string()))?),
+        ImageFormat::Raw => {
+            let file = std::fs::File::open(&a.src).map_err(|e| could_not(crate::probe::os_text(&e)))?;
+            let lock = quring::io::lock::ImageLock::acquire(
+                &file,
+                &a.src,
+                quring::io::lock::LockMode::ReadOnly,
+                a.force_share,
+            )
+            .map_err(|e| could_not(e.to_string()))?;
+            // QEMU's raw size is in whole sectors (the tail reads as zeros).
+            let size = file.metadata().map_err(|e| could_not(e.to_string()))?.len().div_ceil(512) * 512;
+            Source::Raw { file, size, _lock: lock }
+        }
+    };
+    let size = src.size();
+    let chain = match &src {
+        Source::Qcow2(img) => crate::output::chain_files(img),
+        Source::Raw { file, .. } => {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata()?;
+            vec![crate::output::ChainFile { dev: m.dev(), ino: m.ino(), path: a.src.clone() }]
+        }
+    };
     let refuse = |e: String| format!("{}: error while converting {}: {e}", a.dst.display(), a.out_format);
-    let mut sink = match a.out_format.as_str() {
-        "raw" => {
-            if !a.options.is_empty() {
-                return Err("-o is only supported with -O qcow2".into());
-            }
-            let (f, lock) = crate::output::open_output(&a.dst, &chain, a.force_share).map_err(refuse)?;
-            f.set_len(0).map_err(|e| refuse(format!("Could not truncate: {e}")))?;
-            Sink::Raw(f, lock)
-        }
-        "qcow2" => {
-            let mut o = quring::format::layout::CreateOptions::default();
-            crate::util::apply_create_opts(&mut o, &a.options)?;
-            if o.backing_file.is_some() {
-                return Err("convert does not take a backing file for the output".into());
-            }
-            o.size = size;
-            crate::output::check_replace(&a.dst, &chain, a.force_share).map_err(refuse)?;
-            // create takes the write lock before it truncates.
-            quring::image::create(&a.dst, &o, true).map_err(|e| refuse(e.to_string()))?;
-            let opts = quring::image::Options { hook: quring::io::hook::from_env(), ..Default::default() };
-            let out = quring::image::Image::open(&a.dst, &opts)?;
-            let q = Queue::new(&out, &QueueOptions::default())?;
-            Sink::Qcow2(out, Box::new(q))
-        }
-        o => return Err(format!("Unknown output format '{o}' (use raw or qcow2)").into()),
-    };
-    let pb = if a.progress || std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new(size);
-        pb.set_style(
-            ProgressStyle::with_template("    ({percent:>3}.00/100%) {bar:40} {bytes}/{total_bytes}").unwrap(),
-        );
-        Some(pb)
+    let top_only = a.backing.is_some();
+    let (dst, zero_init) = if a.no_create {
+        open_existing(&a, out_fmt, size, &chain)?
     } else {
-        None
+        create_target(&a, out_fmt, size, &chain).map_err(refuse)?
     };
-    let mut q = Queue::new(&img, &QueueOptions::default())?;
-    let mut bufs: Vec<quring::io::AlignedBuf> = (0..DEPTH).map(|_| quring::io::AlignedBuf::new(CHUNK)).collect();
-    let mut free: Vec<usize> = (0..DEPTH).collect();
-    let mut offsets = [0u64; DEPTH];
-    let mut next = 0u64;
-    let mut inflight = 0usize;
-    let mut done: Vec<Completion> = Vec::new();
-    while next < size || inflight > 0 {
-        while next < size && !free.is_empty() {
-            let slot = free.pop().unwrap();
-            let len = ((size - next).min(CHUNK as u64)) as usize;
-            bufs[slot].set_len(len);
-            offsets[slot] = next;
-            let buf = bufs[slot].as_mut_ptr();
-            // SAFETY: bufs[slot] stays allocated and untouched until its completion.
-            unsafe { q.submit(Request { op: Op::Read { offset: next, buf, len }, user_data: slot as u64 })? };
-            next += len as u64;
-            inflight += 1;
-        }
-        q.commit()?;
-        done.clear();
-        q.reap(&mut done, 1, None)?;
-        for c in done.drain(..) {
-            let slot = c.user_data as usize;
-            if c.result != 0 {
-                let e = q
-                    .error_detail(c.user_data)
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| std::io::Error::from_raw_os_error(-c.result).to_string());
-                return Err(format!("error while reading at offset {}: {e}", offsets[slot]).into());
-            }
-            let b = &bufs[slot];
-            if b.iter().any(|&x| x != 0) {
-                sink.write(b, offsets[slot]).map_err(|e| format!("error while writing '{}': {e}", a.dst.display()))?;
-            }
-            if let Some(pb) = &pb {
-                pb.inc(b.len() as u64);
-            }
-            inflight -= 1;
-            free.push(slot);
-        }
+    let cluster = match &dst {
+        Target::Qcow2(img) => img.geometry().cluster_size(),
+        Target::Raw { .. } => 512,
+    };
+    if a.compress
+        && let Target::Qcow2(img) = &dst
+        && img.l2_less()
+    {
+        return Err("Compression not supported for this file format (an L2-less image)".into());
     }
-    sink.finish(size)?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
+    let gran = if sparse == 0 || a.compress { 0 } else { sparse.max(cluster) };
+    let threads = a.parallel.min(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let sh = Shared {
+        src: &src,
+        dst: &dst,
+        size,
+        chunk: CHUNK.div_ceil(cluster) * cluster,
+        gran,
+        zero_init,
+        top_only,
+        compress: a.compress,
+        cluster,
+        unordered: a.unordered,
+        depth: a.parallel.div_ceil(threads).max(2),
+        next: AtomicU64::new(0),
+        turn: Mutex::new(0),
+        turn_cv: Condvar::new(),
+        done: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+    };
+    let progress = a.progress && !a.quiet;
+    let result: Result<(), String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| worker(&sh))).collect();
+        if progress {
+            let mut p = Progress::start();
+            while !handles.iter().all(|h| h.is_finished()) {
+                std::thread::sleep(Duration::from_millis(50));
+                p.update(sh.done.load(Ordering::Relaxed), size);
+            }
+            p.finish();
+        }
+        let mut r = Ok(());
+        for h in handles {
+            let w = h.join().unwrap_or_else(|_| Err("a conversion thread panicked".into()));
+            if r.is_ok() {
+                r = w;
+            }
+        }
+        r
+    });
+    result?;
+    match dst {
+        Target::Raw { file, _lock } => {
+            if a.cache != "unsafe" {
+                file.sync_all()?;
+            }
+        }
+        Target::Qcow2(img) => img.close()?,
     }
     Ok(0)
 }
 
-/// Where converted data goes.
-enum Sink {
-    /// A raw file, with QEMU's write lock held on it until the end.
-    Raw(std::fs::File, quring::io::lock::ImageLock),
-    Qcow2(std::sync::Arc<quring::image::Image>, Box<Queue>),
+/// Creates the target (`-n` absent). Returns it and whether it reads as zeros.
+fn create_target(
+    a: &Args,
+    fmt: ImageFormat,
+    size: u64,
+    chain: &[crate::output::ChainFile],
+) -> Result<(Target, bool), String> {
+    match fmt {
+        ImageFormat::Raw => {
+            if let Some((k, _)) = crate::util::parse_opts(&a.options)?.first() {
+                return Err(format!("Invalid parameter '{k}'"));
+            }
+            let (f, lock) = crate::output::open_output(&a.dst, chain, a.force_share)?;
+            f.set_len(0).map_err(|e| format!("Could not truncate: {e}"))?;
+            f.set_len(size).map_err(|e| format!("Could not resize: {e}"))?;
+            Ok((Target::Raw { file: f, _lock: lock }, true))
+        }
+        ImageFormat::Qcow2 => {
+            let mut o = quring::format::layout::CreateOptions::default();
+            crate::util::apply_create_opts(&mut o, &a.options).map_err(|e| e.to_string())?;
+            if let Some(b) = &a.backing {
+                o.backing_file = Some(b.clone());
+                o.backing_fmt = a.backing_format.clone();
+            }
+            o.size = size;
+            crate::output::check_replace(&a.dst, chain, a.force_share)?;
+            // create takes the write lock before it truncates.
+            quring::image::create(&a.dst, &o, true).map_err(|e| e.to_string())?;
+            let img = open_target(&a.dst).map_err(|e| e.to_string())?;
+            let zero_init = img.backing().is_none();
+            Ok((Target::Qcow2(img), zero_init))
+        }
+    }
 }
 
-impl Sink {
-    fn write(&mut self, b: &[u8], off: u64) -> Result<(), Box<dyn std::error::Error>> {
-        match self {
-            Sink::Raw(f, _) => f.write_all_at(b, off)?,
-            Sink::Qcow2(_, q) => q.write_at(b, off)?,
+fn open_target(path: &std::path::Path) -> quring::Result<std::sync::Arc<quring::image::Image>> {
+    let opts = quring::image::Options { hook: quring::io::hook::from_env(), ..Default::default() };
+    quring::image::Image::open(path, &opts)
+}
+
+/// Opens the existing target (`-n`): it is not known to read as zeros.
+fn open_existing(
+    a: &Args,
+    fmt: ImageFormat,
+    size: u64,
+    chain: &[crate::output::ChainFile],
+) -> Result<(Target, bool), String> {
+    let p = a.dst.display();
+    if !a.dst.exists() {
+        return Err(format!("Could not open '{p}': Could not open '{p}': No such file or directory"));
+    }
+    let t = match fmt {
+        ImageFormat::Raw => {
+            let (file, lock) = crate::output::open_output(&a.dst, chain, a.force_share)?;
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            if len < size {
+                return Err("output file is smaller than input file".into());
+            }
+            Target::Raw { file, _lock: lock }
         }
-        Ok(())
+        ImageFormat::Qcow2 => {
+            crate::output::check_replace(&a.dst, chain, a.force_share)?;
+            let img = open_target(&a.dst).map_err(|e| format!("Could not open '{p}': {e}"))?;
+            if img.size() < size {
+                return Err("output file is smaller than input file".into());
+            }
+            Target::Qcow2(img)
+        }
+    };
+    Ok((t, false))
+}
+
+/// qemu-img's progress line on stdout: "    (12.34/100%)\r", printed at every 1% step and
+/// at the end followed by a newline.
+struct Progress {
+    last: f64,
+}
+
+impl Progress {
+    fn start() -> Progress {
+        let p = Progress { last: 0.0 };
+        p.print(0.0);
+        p
     }
 
-    fn finish(self, size: u64) -> Result<(), Box<dyn std::error::Error>> {
-        match self {
-            Sink::Raw(f, _lock) => {
-                f.set_len(size)?;
-                f.sync_all()?;
-            }
-            Sink::Qcow2(img, mut q) => {
-                q.flush()?;
-                drop(q);
-                img.close()?;
-            }
+    fn print(&self, v: f64) {
+        let mut o = std::io::stdout().lock();
+        let _ = write!(o, "    ({v:3.2}/100%)\r");
+        let _ = o.flush();
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        let v = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+        if v - self.last >= 1.0 || (v >= 100.0 && self.last < 100.0) {
+            self.last = v;
+            self.print(v);
         }
-        Ok(())
+    }
+
+    fn finish(self) {
+        self.print(100.0);
+        let _ = writeln!(std::io::stdout());
     }
 }

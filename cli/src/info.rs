@@ -1,6 +1,6 @@
 //! `quring info`: image information in qemu-img's human and JSON shapes.
 
-use crate::util::{human_size, open_ro};
+use crate::util::human_size;
 use clap::Parser;
 use quring::format::feature;
 use quring::image::Image;
@@ -15,19 +15,126 @@ pub struct Args {
 }
 
 pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    if let Some(f) = &a.format
-        && f != "qcow2"
-    {
-        return Err(format!("unsupported format '{f}' (quring handles qcow2)").into());
+    let fmt = crate::probe::resolve(&a.image, a.format.as_deref(), false)?;
+    let could_not = |e: String| format!("Could not open '{}': {e}", a.image.display());
+    if fmt == crate::probe::ImageFormat::Raw {
+        let f = std::fs::File::open(&a.image).map_err(|e| could_not(crate::probe::os_text(&e)))?;
+        let md = f.metadata()?;
+        let file = file_child(&a.image, &md);
+        let mut v = Map::new();
+        v.insert("children".into(), json!([{"name": "file", "info": file}]));
+        let len = md.len().div_ceil(512) * 512;
+        v.insert("virtual-size".into(), json!(len));
+        v.insert("filename".into(), json!(a.image.display().to_string()));
+        v.insert("format".into(), json!("raw"));
+        v.insert("actual-size".into(), json!(md.blocks() * 512));
+        v.insert("dirty-flag".into(), json!(false));
+        let v = Value::Object(v);
+        if a.json() {
+            println!("{}", crate::qjson::pretty(&v));
+        } else {
+            let mut s = String::new();
+            s += &format!("image: {}\n", a.image.display());
+            s += "file format: raw\n";
+            s += &format!("virtual size: {} ({len} bytes)\n", human_size(len));
+            s += &format!("disk size: {}\n", human_size(md.blocks() * 512));
+            s += &child_human(&v);
+            print!("{s}");
+        }
+        return Ok(0);
     }
-    let img = open_ro(&a.image, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    // qemu-img info does not open the backing chain: an image whose backing file is missing
+    // is still described (with the path the backing file was looked for at).
+    let opts = quring::image::Options {
+        read_only: true,
+        force_share: a.force_share,
+        backing: quring::image::BackingPolicy::Ignore,
+        ..Default::default()
+    };
+    let img = Image::open(&a.image, &opts).map_err(|e| could_not(e.to_string()))?;
     let v = info_json(&img, &a.image)?;
     if a.json() {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", crate::qjson::pretty(&v));
     } else {
         print!("{}", human(&img, &v));
     }
     Ok(0)
+}
+
+/// The protocol child (`children[0].info`): the image file itself.
+fn file_child(path: &std::path::Path, md: &std::fs::Metadata) -> Value {
+    json!({
+        "children": [],
+        // QEMU's lengths are in whole sectors.
+        "virtual-size": md.len().div_ceil(512) * 512,
+        "filename": path.display().to_string(),
+        "format": "file",
+        "actual-size": md.blocks() * 512,
+        "format-specific": {"type": "file", "data": {}},
+        "dirty-flag": false
+    })
+}
+
+/// qemu-img's "Child node '/file':" section.
+fn child_human(v: &Value) -> String {
+    let f = &v["children"][0]["info"];
+    let len = f["virtual-size"].as_u64().unwrap_or(0);
+    format!(
+        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({len} bytes)\n    disk size: {}\n",
+        f["filename"].as_str().unwrap_or(""),
+        human_size(len),
+        human_size(f["actual-size"].as_u64().unwrap_or(0))
+    )
+}
+
+/// A snapshot's DATE column: local time, as QEMU's strftime("%Y-%m-%d %H:%M:%S").
+fn snapshot_date(sec: u32) -> String {
+    let t = sec as libc::time_t;
+    // SAFETY: tm is plain data, fully written by localtime_r on success.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a time_t and a tm.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return sec.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// A snapshot's VM CLOCK column: "HHHH:MM:SS.mmm".
+fn snapshot_clock(nsec: u64) -> String {
+    let secs = nsec / 1_000_000_000;
+    format!("{:04}:{:02}:{:02}.{:03}", secs / 3600, (secs / 60) % 60, secs % 60, (nsec / 1_000_000) % 1000)
+}
+
+/// The snapshot table as qemu-img prints it (`Snapshot list:` and one line per snapshot).
+pub fn snapshot_table(img: &Image) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    s += &format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
+    for sn in img.snapshots() {
+        let vmsize =
+            sn.extra.get(0..8).map(|b| u64::from_be_bytes(b.try_into().unwrap())).unwrap_or(sn.vm_state_size as u64);
+        let icount = match sn.extra.get(16..24).map(|b| u64::from_be_bytes(b.try_into().unwrap())) {
+            Some(ic) if ic != u64::MAX => ic.to_string(),
+            _ => String::new(),
+        };
+        s += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            sn.id,
+            sn.name,
+            human_size(vmsize),
+            snapshot_date(sn.date_sec),
+            snapshot_clock(sn.vm_clock_nsec),
+            icount
+        );
+    }
+    s
 }
 
 fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::error::Error>> {
@@ -47,6 +154,12 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
         data.insert("extended-l2".into(), json!(h.incompatible_features & feature::INCOMPAT_EXTL2 != 0));
     }
     let mut v = Map::new();
+    v.insert("children".into(), json!([{"name": "file", "info": file_child(path, &md)}]));
+    if h.backing_file.is_some()
+        && let Some(f) = h.backing_format()
+    {
+        v.insert("backing-filename-format".into(), json!(f));
+    }
     if !img.snapshots().is_empty() {
         let snaps: Vec<Value> = img
             .snapshots()
@@ -64,22 +177,18 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
                     .get(0..8)
                     .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
                     .unwrap_or(s.vm_state_size as u64);
-                m.insert("vm-state-size".into(), json!(vmsize));
-                m.insert("date-sec".into(), json!(s.date_sec));
-                m.insert("date-nsec".into(), json!(s.date_nsec));
+                // The order qemu-img prints them in.
                 m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
                 m.insert("name".into(), json!(s.name));
+                m.insert("date-sec".into(), json!(s.date_sec));
+                m.insert("date-nsec".into(), json!(s.date_nsec));
                 m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
                 m.insert("id".into(), json!(s.id));
+                m.insert("vm-state-size".into(), json!(vmsize));
                 Value::Object(m)
             })
             .collect();
         v.insert("snapshots".into(), Value::Array(snaps));
-    }
-    if let Some(_b) = &h.backing_file
-        && let Some(f) = h.backing_format()
-    {
-        v.insert("backing-filename-format".into(), json!(f));
     }
     v.insert("virtual-size".into(), json!(img.size()));
     v.insert("filename".into(), json!(path.display().to_string()));
@@ -116,19 +225,7 @@ fn human(img: &Image, v: &Value) -> String {
         }
     }
     if !img.snapshots().is_empty() {
-        s += "Snapshot list:\n";
-        s +=
-            &format!("{:<4} {:<17} {:>8} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
-        for sn in img.snapshots() {
-            s += &format!(
-                "{:<4} {:<17} {:>8} {:>19} {:>15}\n",
-                sn.id,
-                sn.name,
-                human_size(sn.vm_state_size as u64),
-                sn.date_sec,
-                sn.vm_clock_nsec
-            );
-        }
+        s += &snapshot_table(img);
     }
     s += "Format specific information:\n";
     if let Some(d) = v["format-specific"]["data"].as_object() {
@@ -140,5 +237,6 @@ fn human(img: &Image, v: &Value) -> String {
             s += &format!("    {}: {val}\n", k.replace('-', " "));
         }
     }
+    s += &child_human(v);
     s
 }

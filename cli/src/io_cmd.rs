@@ -3,11 +3,13 @@
 //! output and exit status (1 when a command failed or a pattern did not verify, or when the
 //! image could not be closed cleanly).
 
-use crate::io_lang::{self, Cmd};
+use crate::io_extra::{self, Parsed};
+use crate::io_lang;
 use crate::util::parse_size;
 use clap::Parser;
 use quring::image::{Image, Options};
 use quring::queue::{Queue, QueueOptions};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ pub struct Args {
     /// Open read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
-    /// Image format (only qcow2).
+    /// Image format (qcow2; raw is probed but not served by the engine).
     #[arg(short = 'f')]
     format: Option<String>,
     /// Force share.
@@ -40,25 +42,25 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    // Every command is parsed (and its numbers bounded) before the image is opened: a
-    // command line with a mistake in it touches nothing.
-    let mut cmds = Vec::with_capacity(a.cmds.len());
-    for c in &a.cmds {
-        match io_lang::parse(c) {
-            Ok(cmd) => cmds.push(cmd),
-            Err(msg) => {
-                eprintln!("{msg}");
-                return Ok(1);
-            }
-        }
-    }
-    let writes = cmds.iter().any(Cmd::writes);
+    // Every command is parsed before the image is opened (its numbers bounded); one that
+    // does not parse is reported when its turn comes and the others run, as in qemu-io.
+    let cmds: Vec<Result<Parsed, String>> = a.cmds.iter().map(|c| io_extra::parse(c)).collect();
+    let writes = cmds.iter().any(|c| c.as_ref().is_ok_and(Parsed::writes));
     let cache = match a.cache.as_str() {
         "writeback" | "none" => quring::image::CacheMode::Writeback,
         "writethrough" | "directsync" => quring::image::CacheMode::Writethrough,
         c => return Err(format!("Invalid cache mode '{c}'").into()),
     };
     let l2_cache_size = a.l2_cache_size.as_deref().map(parse_size).transpose()?;
+    let fmt = crate::probe::resolve(&a.image, a.format.as_deref(), !a.read_only)
+        .map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
+    if fmt == crate::probe::ImageFormat::Raw {
+        return Err(format!(
+            "can't open device {}: quring io serves qcow2 images only (the file is raw)",
+            a.image.display()
+        )
+        .into());
+    }
     let opts = Options {
         read_only: a.read_only || !writes,
         force_share: a.force_share,
@@ -70,11 +72,25 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     };
     let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
     let mut q = Queue::new(&img, &QueueOptions::default())?;
-    let size = img.size();
     let mut status = 0u8;
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
     for c in &cmds {
-        if !io_lang::run(&mut q, size, c, &mut out, &mut err) {
+        let ok = match c {
+            Ok(Parsed::Core(c)) => io_lang::run(&mut q, img.size(), c, &mut out, &mut err),
+            Ok(Parsed::Extra(e)) => io_extra::run(&mut q, e, &mut out, &mut err),
+            Err(msg) => {
+                // qemu-io: an unknown command or a wrong argument count on stderr, a
+                // command's own complaint (options, numbers) on stdout.
+                if msg.starts_with("command \"") || msg.starts_with("bad argument count") {
+                    let _ = out.flush();
+                    eprintln!("{msg}");
+                } else {
+                    let _ = writeln!(out, "{msg}");
+                }
+                false
+            }
+        };
+        if !ok {
             status = 1;
         }
     }

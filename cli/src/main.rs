@@ -5,13 +5,17 @@ mod args;
 mod bench;
 mod check;
 mod convert;
+mod convert_io;
 mod create;
 mod info;
 mod io_cmd;
+mod io_extra;
 mod io_lang;
 mod map;
 mod nbd;
 mod output;
+mod probe;
+mod qjson;
 mod serve;
 mod util;
 

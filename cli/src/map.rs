@@ -29,10 +29,51 @@ fn mergeable(a: &Entry, b: &Entry) -> bool {
         && x.offset.is_none_or(|o| Some(o + x.len) == y.offset)
 }
 
+/// What `map` walks: a qcow2 chain through the engine's block status, or a raw file's data
+/// and holes.
+enum Layer {
+    Qcow2(std::sync::Arc<quring::image::Image>),
+    Raw(std::fs::File, std::path::PathBuf, u64),
+}
+
+impl Layer {
+    fn status(&self, off: u64, len: u64) -> Result<BlockStatus, Box<dyn std::error::Error>> {
+        match self {
+            Layer::Qcow2(img) => Ok(img.block_status(off, len)?),
+            Layer::Raw(f, path, size) => {
+                let (data, n) = crate::probe::raw_extent(f, off, len, *size);
+                Ok(BlockStatus {
+                    len: n.max(1),
+                    depth: 0,
+                    present: true,
+                    zero: !data,
+                    data,
+                    compressed: false,
+                    offset: Some(off),
+                    file: Some(path.clone()),
+                })
+            }
+        }
+    }
+}
+
 pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    let img = open_ro(&a.image, a.force_share).map_err(|e| format!("Could not open '{}': {e}", a.image.display()))?;
+    let could_not = |e: String| format!("Could not open '{}': {e}", a.image.display());
+    let layer = match crate::probe::resolve(&a.image, a.format.as_deref(), false)? {
+        crate::probe::ImageFormat::Qcow2 => {
+            Layer::Qcow2(open_ro(&a.image, a.force_share).map_err(|e| could_not(e.to_string()))?)
+        }
+        crate::probe::ImageFormat::Raw => {
+            let f = std::fs::File::open(&a.image).map_err(|e| could_not(crate::probe::os_text(&e)))?;
+            let size = f.metadata()?.len().div_ceil(512) * 512;
+            Layer::Raw(f, a.image.clone(), size)
+        }
+    };
     let json = a.json();
-    let size = img.size();
+    let size = match &layer {
+        Layer::Qcow2(img) => img.size(),
+        Layer::Raw(_, _, size) => *size,
+    };
     let mut out = String::new();
     if json {
         out.push('[');
@@ -44,22 +85,34 @@ pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(1 << 30);
-        let st = img.block_status(off, n)?;
+        let st = layer.status(off, n)?;
         let len = st.len;
         let next = Entry { start: off, st };
         match &mut cur {
             Some(c) if mergeable(c, &next) => c.st.len += len,
             _ => {
-                if let Some(c) = cur.take() {
-                    dump(&mut out, &c, json, &mut first);
+                if let Some(c) = cur.take()
+                    && !dump(&mut out, &c, json, &mut first)
+                {
+                    print!("{out}");
+                    return Err(NO_OFFSET.into());
                 }
                 cur = Some(next);
             }
         }
         off += len;
     }
-    if let Some(c) = cur.take() {
-        dump(&mut out, &c, json, &mut first);
+    if let Some(c) = cur.take()
+        && !dump(&mut out, &c, json, &mut first)
+    {
+        print!("{out}");
+        return Err(NO_OFFSET.into());
+    }
+    if json && size == 0 {
+        // qemu-img's one entry for an empty image.
+        out.push_str(
+            "{ \"start\": 0, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}",
+        );
     }
     if json {
         out.push_str("]\n");
@@ -68,7 +121,12 @@ pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
     Ok(0)
 }
 
-fn dump(out: &mut String, e: &Entry, json: bool, first: &mut bool) {
+/// qemu-img's refusal to print a human map of data without a file offset.
+const NO_OFFSET: &str = "File contains external, encrypted or compressed clusters.";
+
+/// Prints one merged entry; false when the human format cannot show it (data without an
+/// offset: compressed clusters).
+fn dump(out: &mut String, e: &Entry, json: bool, first: &mut bool) -> bool {
     let s = &e.st;
     if json {
         if !*first {
@@ -84,11 +142,15 @@ fn dump(out: &mut String, e: &Entry, json: bool, first: &mut bool) {
             let _ = write!(out, ", \"offset\": {o}");
         }
         out.push('}');
-    } else if s.data
-        && let (Some(o), Some(f)) = (s.offset, &s.file)
-    {
+    } else if s.data {
+        let (Some(o), Some(f)) = (s.offset, &s.file) else { return false };
+        // Data that reads as zeros (a preallocated hole) is not listed, as in qemu-img.
+        if s.zero {
+            return true;
+        }
         let _ = writeln!(out, "{:<16}{:<16}{:<16}{}", hx(e.start), hx(s.len), hx(o), f.display());
     }
+    true
 }
 
 /// printf's `%#x`: "0" for zero, "0x..." otherwise.

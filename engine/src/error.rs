@@ -26,6 +26,8 @@ pub enum Error {
     },
     /// The image is locked by another process.
     Locked(String),
+    /// The file is not a qcow2 image (no qcow2 magic): QEMU's "Image is not in qcow2 format".
+    NotQcow2,
 }
 
 /// Result alias used throughout the engine.
@@ -55,6 +57,7 @@ impl Error {
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::InvalidRequest(_) => libc::EINVAL,
             Error::Locked(_) => libc::EAGAIN,
+            Error::NotQcow2 => libc::EINVAL,
         }
     }
 }
@@ -67,6 +70,7 @@ impl fmt::Display for Error {
             Error::InvalidRequest(s) => write!(f, "invalid request: {s}"),
             Error::Io { op, source } => write!(f, "{op}: {source}"),
             Error::Locked(s) => write!(f, "{s}"),
+            Error::NotQcow2 => write!(f, "Image is not in qcow2 format"),
         }
     }
 }

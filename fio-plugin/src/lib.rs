@@ -256,7 +256,8 @@ fn release_image(key: &Path, td: Option<*mut ThreadData>) {
                 }
             }
         }
-        log(false, &format!("quring: {}:\n{}\n", key.display(), image.counters()));
+        // On stderr (fio's log_err): stdout may be fio's JSON (--output-format=json).
+        log(true, &format!("quring: {}:\n{}\n", key.display(), image.counters()));
     }
 }
 

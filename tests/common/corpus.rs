@@ -237,7 +237,7 @@ fn specs() -> Vec<Spec> {
         header_case!(
             "empty_file",
             no_base,
-            &["empty", "header", "magic", "truncated", "too small", "short"],
+            &["empty", "header", "magic", "truncated", "too small", "short", "not in qcow2 format"],
             "zero-length file",
             |p| std::fs::write(p, b"").unwrap()
         ),

@@ -94,6 +94,10 @@ impl Header {
     /// Reads just the magic, version and cluster_bits from the first bytes of a file, to
     /// learn how much to read for a full [`Header::parse`]. Returns the cluster size.
     pub fn peek_cluster_size(buf: &[u8]) -> Result<u64> {
+        // No magic (a raw or empty file): QEMU's "Image is not in qcow2 format".
+        if buf.len() < 4 || be32(buf, 0) != MAGIC {
+            return Err(Error::NotQcow2);
+        }
         if buf.len() < V2_HEADER_LENGTH as usize {
             return Err(Error::corrupt(
                 "header",
@@ -543,7 +547,7 @@ mod tests {
         let mut h = sample();
         let good = h.serialize().unwrap();
         let cases: Vec<(usize, Vec<u8>, &str)> = vec![
-            (0, vec![0, 0, 0, 0], "magic"),
+            (0, vec![0, 0, 0, 0], "not in qcow2 format"),
             (4, 4u32.to_be_bytes().to_vec(), "version"),
             (20, 8u32.to_be_bytes().to_vec(), "cluster_bits"),
             (96, 7u32.to_be_bytes().to_vec(), "refcount_order"),

@@ -13,6 +13,7 @@ mod alloc;
 mod audit;
 mod cache_sizes;
 mod clean;
+pub(crate) mod compressed;
 mod create;
 pub(crate) mod epoch;
 mod header;
@@ -144,6 +145,9 @@ pub(crate) struct MetaState {
     /// The file length this session last extended the file to ahead of allocation (0: it
     /// has not; see [`Image::grow_ahead`]).
     pub grown_to: u64,
+    /// Compressed writes: the next free byte in the host cluster they fill, and the bytes of
+    /// its 512-byte sector written so far (see `compressed.rs`; 0: start a new cluster).
+    pub ctail: compressed::Tail,
 }
 
 /// An open qcow2 image, shared by all queues (wrap in `Arc`).

@@ -154,6 +154,7 @@ impl Image {
                 dirty_bit_set: false,
                 closed: false,
                 grown_to: 0,
+                ctail: Default::default(),
             }))
         };
 

@@ -7,6 +7,7 @@
 //! serving other requests meanwhile. The request completes when its last SQE does.
 
 mod blocking;
+mod compressed;
 mod cow;
 mod flush;
 mod io;
@@ -178,6 +179,8 @@ pub struct Queue {
     pub(crate) woken: bool,
     /// A NOP from [`Queue::nudge`] is in flight.
     pub(crate) nudged: bool,
+    /// Private slice loads of reads in flight (`queue/read.rs`).
+    pub(crate) private_in_flight: usize,
     /// [`Image::lock_waiters`]' event count before the last attempt at the lock.
     pub(crate) lock_seen: u64,
 }
@@ -228,6 +231,7 @@ impl Queue {
             wake_armed: false,
             woken: false,
             nudged: false,
+            private_in_flight: 0,
             lock_seen: 0,
         })
     }

@@ -41,6 +41,9 @@ enum Piece {
 const PRIVATE_BYTES: usize = 512;
 /// 64-bit words in [`PRIVATE_BYTES`].
 const PRIVATE_WORDS: usize = PRIVATE_BYTES / 8;
+/// Private loads one queue keeps in flight at most (their buffers are its memory); past
+/// that, a read waits for the shared cache like a writer (registered, woken).
+const PRIVATE_IN_FLIGHT: usize = 64;
 
 /// A read request's own copy of one sector of an L2 slice of `layer`, loaded when the
 /// shared cache could not take the slice (see the module doc), checked as a cache load is.
@@ -146,6 +149,14 @@ impl Queue {
                 self.parked.push((id, key));
                 false
             }
+            SliceClaim::Busy if self.private_in_flight >= PRIVATE_IN_FLIGHT => {
+                if self.load_slice(layer, key) {
+                    return true;
+                }
+                self.park(id);
+                self.parked.push((id, key));
+                false
+            }
             SliceClaim::Busy => {
                 // The sector of the slice that holds this position's entry.
                 let word = match layer.l2_slot(GuestOffset(pos)) {
@@ -165,6 +176,7 @@ impl Queue {
                 Counters::bump(&self.counters.meta_loads, 1);
                 Counters::bump(&self.counters.l2_private_loads, 1);
                 let io = self.ios.insert(Io::Private { req: id, layer, key, first, buf });
+                self.private_in_flight += 1;
                 // The buffer's heap memory stays where it is while the Io entry holds it.
                 let sqe = opcode::Read::new(types::Fd(fd), ptr, PRIVATE_BYTES as u32)
                     .offset(key + first as u64 * 8)
@@ -188,6 +200,7 @@ impl Queue {
         buf: AlignedBuf,
         res: i32,
     ) {
+        self.private_in_flight -= 1;
         let step = (layer.geo.l2_entry_size() / 8) as usize;
         let entries = first / step..(first + PRIVATE_WORDS) / step;
         let checked = if res < 0 {
