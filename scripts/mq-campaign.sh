@@ -29,7 +29,7 @@ fi
 status() {
     awk '/^queues/ { printf "%d queues: %.1f min, %d runs, %d ops\n", $2, $4 / 60, $6, $8; s += $4; r += $6; o += $8 }
          /^next_seed/ { n = $2 } /^violations/ { v = $2 }
-         END { printf "total: %.1f min, %d runs, %d ops, %d violations; next seed %d\n", s / 60, r, o, v, n }' "$STATE"
+         END { printf "total: %.1f min, %d runs, %d ops, %d violations; next seed %s\n", s / 60, r, o, v, n }' "$STATE"
 }
 if [[ ${1:-} == --status ]]; then
     status

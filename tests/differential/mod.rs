@@ -821,6 +821,12 @@ pub fn minimize(plan: &Plan, kind: FailKind, opts: &RunOpts, budget: Duration) -
     cur
 }
 
+/// Whether a report of [`run_and_report`] is of a plan whose files QEMU's own tools could
+/// not build ([`FailKind::Build`]): a gap in the generator, not a finding about quring.
+pub fn is_build_failure(report: &str) -> bool {
+    report.contains(&format!("({:?} after segment ", FailKind::Build))
+}
+
 /// Runs a plan; on failure, returns a full report (minimized if `minimize_budget` is set).
 pub fn run_and_report(plan: &Plan, opts: &RunOpts, minimize_budget: Option<Duration>) -> Result<Stats, String> {
     match run_plan(plan, opts) {

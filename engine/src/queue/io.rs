@@ -31,6 +31,9 @@ pub(crate) enum Io {
     WriteBounce { req: usize, _buf: AlignedBuf, token: u64 },
     /// An allocation job's data write (from its bounce buffer or the guest buffer).
     JobWrite { job: usize },
+    /// One data write for several jobs of one request whose bytes follow each other on
+    /// the host and in the guest buffer (`len`: the whole write).
+    GroupWrite { jobs: Vec<usize>, len: u64 },
     /// The read of the queue's wake eventfd (see `queue/wake.rs`) into `_buf`.
     Wake { _buf: Box<u64> },
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
@@ -114,6 +117,14 @@ impl Queue {
                 self.io_done(req);
             }
             Io::JobWrite { job } => self.job_write_done(job, res),
+            Io::GroupWrite { jobs, len } => {
+                // A short write leaves some of the jobs' bytes unwritten: none of them is
+                // published.
+                let res = if res >= 0 && (res as u64) < len { -libc::EIO } else { res };
+                for job in jobs {
+                    self.job_write_done(job, res);
+                }
+            }
             Io::Wake { .. } => self.woke(),
             Io::Nudge => self.nudged(),
             Io::Fsync { waiters, token } => self.fsync_done(waiters, token, res),

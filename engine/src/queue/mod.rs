@@ -152,6 +152,12 @@ pub struct Queue {
     pub(crate) lock_parked: Vec<usize>,
     /// Jobs waiting for the metadata lock to commit.
     pub(crate) job_parked: Vec<usize>,
+    /// Data writes of jobs started by the write being walked that continue each other on
+    /// the host and in the guest buffer, not issued yet (see [`job::WriteGroup`]).
+    pub(crate) group: Option<job::WriteGroup>,
+    /// `drive_write` calls under way on this thread (the group is issued when the outermost
+    /// returns).
+    pub(crate) grouping: u32,
     /// Refcount decrements found without the lock, handed over when it is next taken.
     pub(crate) local_frees: Vec<(u64, u64)>,
     /// A cluster of zeros (zero writes that cannot use the zero flag).
@@ -218,6 +224,8 @@ impl Queue {
             batch: Vec::new(),
             lock_parked: Vec::new(),
             job_parked: Vec::new(),
+            group: None,
+            grouping: 0,
             local_frees: Vec::new(),
             zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
             cqe_buf: Vec::with_capacity(256),

@@ -181,6 +181,7 @@ impl Queue {
         // Hold the request open while we walk it: a nested completion (a child request
         // that finishes at once) must not finish it under our feet.
         self.reqs[id].pending += 1;
+        self.grouping += 1;
         let fd = self.image.file.fd();
         let mut run = RunBuilder::default();
         while let Some((pos, end)) = self.walk_next(id) {
@@ -230,6 +231,10 @@ impl Queue {
         }
         if let Some(r) = run.take() {
             self.issue_write(id, r);
+        }
+        self.grouping -= 1;
+        if self.grouping == 0 {
+            self.issue_group();
         }
         self.reqs[id].pending -= 1;
         self.maybe_finish(id);
