@@ -189,6 +189,43 @@ const WT_COUNTERS: &[&str] = &[
     "clusters_allocated",
 ];
 
+/// Device bytes per guest byte written, from quring's counters (issue 15, item 2): `data`
+/// is every data byte written (guest bytes plus copy-on-write), `cow` the copy-on-write part
+/// of it, `metadata` the L2, refcount, L1 and header bytes. `None` when the cell wrote no
+/// guest bytes or recorded no counters.
+pub fn device_bytes(x: &Cell) -> Option<[f64; 4]> {
+    let c = &x.quring.counters_per_request;
+    let guest = *c.get("write_bytes")?;
+    if guest <= 0.0 {
+        return None;
+    }
+    let get = |k: &str| c.get(k).copied().unwrap_or(0.0);
+    let data = get("data_write_bytes");
+    let meta = get("l2_write_bytes") + get("refcount_write_bytes") + get("l1_header_write_bytes");
+    Some([data / guest, get("cow_bytes") / guest, meta / guest, (data + meta) / guest])
+}
+
+fn device_bytes_section(o: &mut String, cells: &[Cell]) {
+    let rows: Vec<(&Cell, [f64; 4])> = cells.iter().filter_map(|x| Some((x, device_bytes(x)?))).collect();
+    let _ = writeln!(o, "## Device bytes per guest byte\n");
+    if rows.is_empty() {
+        let _ = writeln!(o, "No write workload with counters in this run.\n");
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "What quring wrote to the device per byte the guest wrote (median counters over the measured \
+         runs): data (guest bytes plus copy-on-write), of which copy-on-write, metadata (L2, refcount, \
+         L1 and header), and the total.\n"
+    );
+    let _ = writeln!(o, "| device | workload | mode | data | cow | metadata | total |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+    for (x, [d, c, m, t]) in rows {
+        let _ = writeln!(o, "| {} | {} | {} | {d:.3} | {c:.3} | {m:.3} | {t:.3} |", x.device, x.workload, x.mode);
+    }
+    let _ = writeln!(o);
+}
+
 /// The report's closing section made from a hand-written `analysis.md` (whose own first
 /// heading, if any, is replaced by the section's).
 pub fn analysis_section(text: &str) -> String {
@@ -360,6 +397,8 @@ pub fn render(res: &Results, charts: &BTreeMap<String, String>) -> String {
         let _ = writeln!(o);
     }
 
+    device_bytes_section(&mut o, &cells);
+
     let _ = writeln!(o, "## Access patterns\n");
     for w in &c.workloads {
         let _ = writeln!(o, "- **{w}**");
@@ -440,6 +479,10 @@ pub mod tests {
         c.insert("guest_writes".to_string(), 100);
         c.insert("l2_writes".to_string(), 50);
         c.insert("device_flushes".to_string(), 200);
+        c.insert("write_bytes".to_string(), 409600);
+        c.insert("data_write_bytes".to_string(), 819200);
+        c.insert("cow_bytes".to_string(), 409600);
+        c.insert("l2_write_bytes".to_string(), 40960);
         for round in 0..2u32 {
             let mut r = run(Side::Quring, "standard", "wt-alloc-qd1", round, Some(5000.0), None);
             r.counters = Some(c.clone());
@@ -514,6 +557,7 @@ pub mod tests {
             "| randwrite-4k | standard | failed: quring: unsupported: writes are not implemented yet (exit status: 1) |"
         ));
         assert!(md.contains("![quring/raw and quring/QEMU ratios on shm](chart-shm.svg)"));
+        assert!(md.contains("| shm | wt-alloc-qd1 | standard | 2.000 | 1.000 | 0.100 | 2.100 |"), "{md}");
         let a = analysis_section("# Analysis of run X\n\nseqwrite is slower because ...\n");
         assert!(a.starts_with("\n## Analysis\n"));
         assert!(a.contains("seqwrite is slower because ..."));
