@@ -1,0 +1,360 @@
+//! `quring check -r leaks|all` against `qemu-img check -r`: images damaged in controlled
+//! ways (leaked clusters, refcounts too high, too low and zero, COPIED flags cleared and set
+//! wrongly, the dirty bit with and without stale refcounts) on 512 B, 64 KiB and 2 MiB
+//! clusters, refcount widths 1, 16 and 64, v2 and v3, extended L2. Each damaged image is
+//! copied; qemu-img repairs one copy and quring the other. The repair runs must print the
+//! same text (stdout and stderr, "qemu-img:" read as "quring:") and JSON and exit alike;
+//! afterwards `qemu-img check` and `quring check` give identical verdicts on both copies,
+//! and the two copies hold the same guest content (`qemu-img compare`).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// An image configuration.
+struct Cfg {
+    cluster: u64,
+    bits: u32,
+    v2: bool,
+    extended_l2: bool,
+}
+
+impl Cfg {
+    fn opts(&self, lazy: bool) -> String {
+        let mut o = format!("cluster_size={},refcount_bits={}", self.cluster, self.bits);
+        if self.v2 {
+            o.push_str(",compat=0.10");
+        }
+        if self.extended_l2 {
+            o.push_str(",extended_l2=on");
+        }
+        if lazy {
+            o.push_str(",lazy_refcounts=on");
+        }
+        o
+    }
+    fn name(&self) -> String {
+        format!(
+            "{}-{}b-{}{}",
+            self.cluster,
+            self.bits,
+            if self.v2 { "v2" } else { "v3" },
+            if self.extended_l2 { "-xl2" } else { "" }
+        )
+    }
+}
+
+const CFGS: &[Cfg] = &[
+    Cfg { cluster: 65536, bits: 16, v2: false, extended_l2: false },
+    Cfg { cluster: 65536, bits: 16, v2: true, extended_l2: false },
+    Cfg { cluster: 512, bits: 16, v2: false, extended_l2: false },
+    Cfg { cluster: 512, bits: 64, v2: false, extended_l2: false },
+    Cfg { cluster: 65536, bits: 1, v2: false, extended_l2: false },
+    Cfg { cluster: 65536, bits: 64, v2: false, extended_l2: true },
+    Cfg { cluster: 2 << 20, bits: 16, v2: false, extended_l2: false },
+    Cfg { cluster: 2 << 20, bits: 1, v2: false, extended_l2: false },
+];
+
+/// The writes every image gets (the last one leaves a cluster shared with the snapshot,
+/// when there is one).
+const WRITES: &[&str] = &["write -P 1 0 128k", "write -P 2 1M 64k", "write -P 3 40M 64k"];
+
+/// Guest offset whose cluster the damage targets (its own cluster at every size, and not
+/// rewritten after the snapshot).
+const TARGET: u64 = 40 << 20;
+
+fn make(dir: &Path, name: &str, cfg: &Cfg, lazy: bool, snapshot: bool) -> PathBuf {
+    let p = dir.join(name);
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", &cfg.opts(lazy), &s(&p), "64M"]).ok();
+    let mut args = vec!["-f".to_string(), "qcow2".into()];
+    for w in WRITES {
+        args.extend(["-c".into(), w.to_string()]);
+    }
+    args.push(s(&p));
+    qemu_io(&args).ok();
+    if snapshot {
+        qemu_img(["snapshot", "-c", "s1", &s(&p)]).ok();
+        // Cluster 0 is copied on write; the one at TARGET stays shared (refcount 2).
+        qemu_io(["-f", "qcow2", "-c", "write -P 4 0 64k", &s(&p)]).ok();
+    }
+    p
+}
+
+/// The layout facts the damage needs.
+struct Layout {
+    cs: u64,
+    order: u32,
+    l1: u64,
+    reftable: u64,
+    entry: u64,
+}
+
+fn layout(p: &Path) -> Layout {
+    let cs = 1u64 << read_be32(p, 20);
+    let order = if read_be32(p, 4) >= 3 { read_be32(p, 96) } else { 4 };
+    let incompat = if read_be32(p, 4) >= 3 { read_be64(p, 72) } else { 0 };
+    Layout {
+        cs,
+        order,
+        l1: read_be64(p, 40),
+        reftable: read_be64(p, 48),
+        entry: if incompat & (1 << 4) != 0 { 16 } else { 8 },
+    }
+}
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+
+/// File offsets of the L1 entry and L2 entry that map guest offset `g`.
+fn entries(p: &Path, g: u64) -> (u64, u64) {
+    let l = layout(p);
+    let l2_entries = l.cs / l.entry;
+    let c = g / l.cs;
+    let l1_pos = l.l1 + 8 * (c / l2_entries);
+    let l2 = read_be64(p, l1_pos) & OFFSET_MASK;
+    (l1_pos, l2 + (c % l2_entries) * l.entry)
+}
+
+/// Host cluster index of the data at guest offset `g`.
+fn data_cluster(p: &Path, g: u64) -> u64 {
+    let (_, l2e) = entries(p, g);
+    (read_be64(p, l2e) & OFFSET_MASK) / layout(p).cs
+}
+
+/// Sets the stored refcount of host cluster `k` (its refcount block must exist).
+fn set_refcount(p: &Path, k: u64, v: u64) {
+    let l = layout(p);
+    let per_block = (l.cs * 8) >> l.order;
+    let block = read_be64(p, l.reftable + 8 * (k / per_block)) & OFFSET_MASK;
+    assert_ne!(block, 0, "{}: no refcount block for cluster {k}", p.display());
+    let i = k % per_block;
+    let bits = 1u64 << l.order;
+    let bit = i * bits;
+    let byte = block + bit / 8;
+    match bits {
+        1 | 2 | 4 => {
+            let mut b = read_bytes(p, byte, 1)[0];
+            let shift = bit % 8;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            b = (b & !mask) | ((v as u8) << shift & mask);
+            patch_u8(p, byte, b);
+        }
+        8 => patch_u8(p, byte, v as u8),
+        16 => patch_be16(p, byte, v as u16),
+        32 => patch_be32(p, byte, v as u32),
+        _ => patch_be64(p, byte, v),
+    }
+}
+
+/// One way of damaging an image.
+struct Damage {
+    name: &'static str,
+    /// Needs an internal snapshot (refcounts of 2: widths of 2 bits and more).
+    snapshot: bool,
+    /// Made with lazy refcounts and left dirty (v3 only).
+    lazy: bool,
+    /// Needs refcounts above 1.
+    wide: bool,
+    apply: fn(&Path),
+}
+
+const DAMAGES: &[Damage] = &[
+    Damage {
+        name: "leaked cluster past the data",
+        snapshot: false,
+        lazy: false,
+        wide: false,
+        apply: |p| {
+            let len = file_len(p);
+            let cs = layout(p).cs;
+            truncate_file(p, len.next_multiple_of(cs) + cs);
+            set_refcount(p, len.div_ceil(cs), 1);
+        },
+    },
+    Damage {
+        name: "refcounts too high (header, data)",
+        snapshot: false,
+        lazy: false,
+        wide: true,
+        apply: |p| {
+            set_refcount(p, 0, 2);
+            set_refcount(p, data_cluster(p, TARGET), 3);
+        },
+    },
+    Damage {
+        name: "refcount too low (shared cluster)",
+        snapshot: true,
+        lazy: false,
+        wide: true,
+        apply: |p| set_refcount(p, data_cluster(p, TARGET), 1),
+    },
+    Damage {
+        name: "refcount zero (rebuild)",
+        snapshot: false,
+        lazy: false,
+        wide: false,
+        apply: |p| set_refcount(p, data_cluster(p, TARGET), 0),
+    },
+    Damage {
+        name: "COPIED cleared (L1 and L2)",
+        snapshot: false,
+        lazy: false,
+        wide: false,
+        apply: |p| {
+            let (l1, l2) = entries(p, TARGET);
+            patch_be64(p, l1, read_be64(p, l1) & !COPIED);
+            patch_be64(p, l2, read_be64(p, l2) & !COPIED);
+        },
+    },
+    Damage {
+        name: "COPIED set on a shared cluster",
+        snapshot: true,
+        lazy: false,
+        wide: true,
+        apply: |p| {
+            let (_, l2) = entries(p, TARGET);
+            patch_be64(p, l2, read_be64(p, l2) | COPIED);
+        },
+    },
+    Damage {
+        name: "dirty, refcounts stale (lazy refcounts, crash)",
+        snapshot: false,
+        lazy: true,
+        wide: false,
+        apply: |p| {
+            let r =
+                qemu_io(["-f", "qcow2", "-c", "write -P 7 8M 192k", "-c", "write -P 8 0 64k", "-c", "abort", &s(p)]);
+            assert!(!r.success());
+            assert_eq!(read_be64(p, 72) & 1, 1, "dirty bit");
+        },
+    },
+    Damage {
+        name: "dirty, refcounts right",
+        snapshot: false,
+        lazy: true,
+        wide: false,
+        apply: |p| patch_be64(p, 72, read_be64(p, 72) | 1),
+    },
+];
+
+/// qemu-img's output in quring's words.
+fn as_quring(t: &str) -> String {
+    t.replace("qemu-img: ", "quring: ")
+}
+
+/// Repairs copies of `damaged` with both tools in `mode` (and `json`) and compares.
+fn repair_both(damaged: &Path, mode: &str, json: bool, ctx: &str) {
+    let dir = damaged.parent().unwrap();
+    let tag = format!("{mode}{}", if json { "-json" } else { "" });
+    let q = dir.join(format!("qemu-{tag}.qcow2"));
+    let o = dir.join(format!("ours-{tag}.qcow2"));
+    std::fs::copy(damaged, &q).unwrap();
+    std::fs::copy(damaged, &o).unwrap();
+    let mut args = vec!["check", "-r", mode];
+    if json {
+        args.push("--output=json");
+    }
+    let qr = qemu_img(args.iter().copied().chain([s(&q).as_str()]));
+    let or = quring(args.iter().copied().chain([s(&o).as_str()]));
+    let ctx = format!("{ctx}, check -r {tag}\nqemu-img:\n{}\nquring:\n{}", qr.describe(), or.describe());
+    assert_eq!(qr.status(), or.status(), "exit codes: {ctx}");
+    assert_eq!(qr.stdout.replace(&s(&q), "IMG"), or.stdout.replace(&s(&o), "IMG"), "stdout: {ctx}");
+    assert_eq!(as_quring(&qr.stderr), or.stderr, "stderr: {ctx}");
+
+    // Identical verdicts afterwards, from both checkers.
+    for tool in ["qemu-img", "quring"] {
+        let c = |p: &Path| {
+            let r = if tool == "qemu-img" { qemu_img(["check", &s(p)]) } else { quring(["check", &s(p)]) };
+            (r.status(), r.stdout, r.stderr)
+        };
+        assert_eq!(c(&q), c(&o), "{tool} check after the repairs: {ctx}");
+    }
+    // The dirty bit ends alike (except where QEMU's close clears it after a repair that
+    // failed: quring keeps an image whose refcounts are still wrong marked dirty).
+    if qr.status() != 1 && read_be32(&q, 4) >= 3 {
+        assert_eq!(read_be64(&q, 72), read_be64(&o, 72), "incompatible features: {ctx}");
+    }
+    // The same guest content.
+    let cmp = qemu_img(["compare", "-q", "-f", "qcow2", "-F", "qcow2", &s(&q), &s(&o)]);
+    assert_eq!(cmp.status(), 0, "guest content: {ctx}\n{}", cmp.describe());
+    std::fs::remove_file(&q).unwrap();
+    std::fs::remove_file(&o).unwrap();
+}
+
+/// Every damage on one configuration, both modes (and JSON on the first configuration).
+fn repairs_match_qemu_img(ci: usize) {
+    let cfg = &CFGS[ci];
+    let d = tempdir();
+    let mut cases = 0;
+    for dm in DAMAGES {
+        if (dm.wide && cfg.bits < 2) || (dm.lazy && cfg.v2) || (dm.snapshot && cfg.bits < 2) {
+            continue;
+        }
+        let dir = d.path().join(format!("{}-{}", cfg.name(), cases));
+        std::fs::create_dir(&dir).unwrap();
+        let p = make(&dir, "damaged.qcow2", cfg, dm.lazy, dm.snapshot);
+        (dm.apply)(&p);
+        let ctx = format!("{} / {}", cfg.name(), dm.name);
+        let before = qemu_img(["check", &s(&p)]);
+        let dirty = read_be32(&p, 4) >= 3 && read_be64(&p, 72) & 1 != 0;
+        assert!(before.status() != 0 || dirty, "the damage shows: {ctx}\n{}", before.describe());
+        for mode in ["leaks", "all"] {
+            repair_both(&p, mode, false, &ctx);
+            if ci == 0 {
+                repair_both(&p, mode, true, &ctx);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        cases += 1;
+    }
+    assert!(cases >= 4, "{cases} cases");
+}
+
+#[test]
+fn repairs_64k_16bit_v3() {
+    repairs_match_qemu_img(0);
+}
+#[test]
+fn repairs_64k_16bit_v2() {
+    repairs_match_qemu_img(1);
+}
+#[test]
+fn repairs_512_16bit() {
+    repairs_match_qemu_img(2);
+}
+#[test]
+fn repairs_512_64bit() {
+    repairs_match_qemu_img(3);
+}
+#[test]
+fn repairs_64k_1bit() {
+    repairs_match_qemu_img(4);
+}
+#[test]
+fn repairs_64k_64bit_extended_l2() {
+    repairs_match_qemu_img(5);
+}
+#[test]
+fn repairs_2m_16bit() {
+    repairs_match_qemu_img(6);
+}
+#[test]
+fn repairs_2m_1bit() {
+    repairs_match_qemu_img(7);
+}
+
+/// A clean image: nothing to repair, both say so, exit 0.
+#[test]
+fn clean_image_and_bad_mode() {
+    let d = tempdir();
+    let p = make(d.path(), "clean.qcow2", &CFGS[0], false, true);
+    for mode in ["leaks", "all"] {
+        repair_both(&p, mode, false, "clean");
+        repair_both(&p, mode, true, "clean");
+    }
+    let q = qemu_img(["check", "-r", "some", &s(&p)]);
+    let o = quring(["check", "-r", "some", &s(&p)]);
+    assert_eq!((q.status(), o.status()), (1, 1));
+    assert!(o.stderr.contains("--repair (-r) expects 'leaks' or 'all' not 'some'"), "{}", o.describe());
+}
