@@ -4,9 +4,11 @@
 mod args;
 mod bench;
 mod check;
+mod compare;
 mod convert;
 mod convert_io;
 mod create;
+mod guest;
 mod info;
 mod io_cmd;
 mod io_extra;
@@ -35,6 +37,8 @@ enum Cmd {
     Create(create::Args),
     /// Check an image for consistency (like `qemu-img check`).
     Check(check::Args),
+    /// Compare the guest contents of two images (like `qemu-img compare`).
+    Compare(compare::Args),
     /// Show information about an image (like `qemu-img info`).
     Info(info::Args),
     /// Show the mapping of guest ranges to files (like `qemu-img map`).
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Check(a) => check::run(a),
         Cmd::Create(a) => create::run(a),
+        Cmd::Compare(a) => compare::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Convert(a) => convert::run(a),
