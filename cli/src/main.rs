@@ -14,6 +14,7 @@ mod io_cmd;
 mod io_extra;
 mod io_lang;
 mod map;
+mod measure;
 mod nbd;
 mod output;
 mod probe;
@@ -43,6 +44,8 @@ enum Cmd {
     Info(info::Args),
     /// Show the mapping of guest ranges to files (like `qemu-img map`).
     Map(map::Args),
+    /// Measure the size a new image needs (like `qemu-img measure`).
+    Measure(measure::Args),
     /// Convert an image to raw or qcow2 (like `qemu-img convert`).
     Convert(convert::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
+        Cmd::Measure(a) => measure::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Bench(a) => bench::run(a),
