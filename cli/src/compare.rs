@@ -111,7 +111,8 @@ fn compare(g1: &mut Guest, g2: &mut Guest, strict: bool, names: &[PathBuf], say:
         let Ok(e1) = g1.status(off, s1 - off) else { return status_failed(0) };
         let Ok(e2) = g2.status(off, s2 - off) else { return status_failed(1) };
         let chunk = e1.len.min(e2.len).min(common - off).min(IO_BUF);
-        if strict && (e1.zero, e1.data) != (e2.zero, e2.data) {
+        let flags = |e: &crate::guest::Extent| (e.zero, e.data, e.allocated, e.offset_valid, e.compressed);
+        if strict && flags(&e1) != flags(&e2) {
             return End::Differ(format!("Strict mode: Offset {off} block status mismatch!"));
         }
         if !(e1.zero && e2.zero) {

@@ -25,6 +25,12 @@ pub struct Extent {
     pub len: u64,
     pub zero: bool,
     pub data: bool,
+    /// Allocated in some layer (`BDRV_BLOCK_ALLOCATED`: a raw file always is).
+    pub allocated: bool,
+    /// Has a host offset (`BDRV_BLOCK_OFFSET_VALID`).
+    pub offset_valid: bool,
+    /// A compressed cluster.
+    pub compressed: bool,
 }
 
 impl Guest {
@@ -76,11 +82,25 @@ impl Guest {
         match self {
             Guest::Raw { file, size, .. } => {
                 let (data, n) = crate::probe::raw_extent(file, off, len, *size);
-                Ok(Extent { len: n.max(1).min(len), zero: !data, data })
+                Ok(Extent {
+                    len: n.max(1).min(len),
+                    zero: !data,
+                    data,
+                    allocated: true,
+                    offset_valid: true,
+                    compressed: false,
+                })
             }
             Guest::Qcow2 { img, .. } => {
                 let st = img.block_status(off, len).map_err(|e| e.to_string())?;
-                Ok(Extent { len: st.len.max(1).min(len), zero: st.zero, data: st.data && !st.zero })
+                Ok(Extent {
+                    len: st.len.max(1).min(len),
+                    zero: st.zero,
+                    data: st.data && !st.zero,
+                    allocated: st.present,
+                    offset_valid: st.offset.is_some(),
+                    compressed: st.compressed,
+                })
             }
         }
     }

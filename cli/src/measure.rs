@@ -61,8 +61,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             eprintln!("quring: {e}");
             return fail("Invalid options for file format 'qcow2'");
         }
-    } else if let Some((k, _)) = crate::util::parse_opts(&a.options)?.into_iter().find(|(k, _)| k != "preallocation")
-    {
+    } else if let Some((k, _)) = crate::util::parse_opts(&a.options)?.into_iter().find(|(k, _)| k != "preallocation") {
         eprintln!("quring: Invalid parameter '{k}'");
         return fail("Invalid options for file format 'raw'");
     }
@@ -87,9 +86,21 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         };
         (r, r, None)
     } else {
+        // qcow2_measure()'s option checks, in its order.
         let cs = o.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-            return fail("Invalid options for file format 'qcow2'");
+            return fail("Cluster size must be a power of two between 512 and 2048k");
+        }
+        if o.extended_l2 && cs < 16384 {
+            return fail("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+        }
+        if !o.refcount_bits.is_power_of_two() || o.refcount_bits > 64 {
+            return fail("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if o.compat_v2 && o.refcount_bits != 16 {
+            return fail(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            );
         }
         let order = o.refcount_bits.trailing_zeros();
         let mut vsize = size.unwrap_or(0).div_ceil(cs) * cs;
