@@ -7,7 +7,7 @@
 /// itself: the fixed point QEMU's `qcow2_refcount_metadata_size()` finds.
 pub fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
     let per_table = cluster_size / 8;
-    let per_block = cluster_size * 8 >> refcount_order;
+    let per_block = (cluster_size * 8) >> refcount_order;
     let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
     loop {
         let last = n;
