@@ -125,9 +125,17 @@ fn measure_matches_qemu_img() {
     qemu_img(["convert", "-O", "raw", &s(&p("ov.qcow2")), &s(&p("ov.raw"))]).ok();
     qemu_img(["convert", "-c", "-O", "qcow2", &s(&p("ov.qcow2")), &s(&p("c.qcow2"))]).ok();
     std::fs::write(p("odd.raw"), vec![7u8; 1000]).unwrap();
+    // Persistent bitmaps (default and 512 KiB granularity).
+    qemu_img(["create", "-q", "-f", "qcow2", &s(&p("bm.qcow2")), "100M"]).ok();
+    qemu_img(["bitmap", "--add", &s(&p("bm.qcow2")), "b0"]).ok();
+    qemu_img(["bitmap", "--add", "-g", "512k", &s(&p("bm.qcow2")), "a-longer-bitmap-name"]).ok();
 
     for args in [
-        &["measure", "--size", "1G"][..],
+        &["measure", "-O", "qcow2", "bm.qcow2"][..],
+        &["measure", "-O", "qcow2", "-o", "cluster_size=512", "--output=json", "bm.qcow2"],
+        &["measure", "-O", "qcow2", "-o", "cluster_size=2M", "bm.qcow2"],
+        &["measure", "-O", "qcow2", "-o", "compat=0.10", "bm.qcow2"],
+        &["measure", "--size", "1G"],
         &["measure", "--size", "1000"],
         &["measure", "-O", "qcow2", "--size", "1G"],
         &["measure", "-O", "qcow2", "--size", "1G", "--output=json"],

@@ -137,8 +137,11 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         }
         let full = fully_allocated_size(vsize, cs, order, o.extended_l2);
         let required = full - vsize + required;
-        // Bitmaps need a v3 target and a qcow2 input (quring's images carry none).
-        let bitmaps = (!o.compat_v2 && input.as_ref().is_some_and(|g| g.image().is_some())).then_some(0u64);
+        // Bitmaps need a v3 target and a qcow2 input.
+        let bitmaps = match input.as_ref().and_then(|g| g.image()) {
+            Some(img) if !o.compat_v2 => Some(input_bitmaps(img, a.image.as_deref(), cs)),
+            _ => None,
+        };
         (required, full, bitmaps)
     };
     if a.output == OutputFormat::Json {
@@ -155,4 +158,32 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         }
     }
     Ok(0)
+}
+
+/// The space the input image's persistent bitmaps take in the new image (0 without any:
+/// QEMU loads them only while the bitmaps autoclear bit is set).
+fn input_bitmaps(img: &quring::image::Image, path: Option<&std::path::Path>, cs: u64) -> u64 {
+    use quring::format::bytes::{be32, be64};
+    use std::os::unix::fs::FileExt;
+    let h = img.header();
+    if h.autoclear_features & quring::format::feature::AUTOCLEAR_BITMAPS == 0 {
+        return 0;
+    }
+    let Some(ext) = h.extensions.iter().find(|e| e.kind == quring::format::extension::EXT_BITMAPS) else {
+        return 0;
+    };
+    if ext.data.len() < 24 {
+        return 0;
+    }
+    let (count, dir_size, dir_offset) = (be32(&ext.data, 0), be64(&ext.data, 8), be64(&ext.data, 16));
+    // QEMU's limit on the directory (64 MiB).
+    if dir_size > 64 << 20 {
+        return 0;
+    }
+    let mut dir = vec![0u8; dir_size as usize];
+    let Some(Ok(f)) = path.map(std::fs::File::open) else { return 0 };
+    if f.read_exact_at(&mut dir, dir_offset).is_err() {
+        return 0;
+    }
+    quring::format::measure::bitmaps_size(&dir, count, img.size(), cs)
 }

@@ -46,3 +46,33 @@ mod tests {
         assert_eq!(fully_allocated_size(100 << 30, 2 << 20, 4, true), 107384668160);
     }
 }
+
+/// Space the persistent bitmaps of an image of `virtual_size` bytes take in a new image of
+/// `cluster_size` clusters (QEMU's `qcow2_get_persistent_dirty_bitmap_size()`): each
+/// bitmap's data clusters as if fully allocated, its bitmap table in whole clusters, and the
+/// directory (entries without extra data) in whole clusters. `directory` is the bitmap
+/// directory of the input image (spec: "Bitmap directory"), `count` its entries; a
+/// truncated directory counts the entries it holds.
+pub fn bitmaps_size(directory: &[u8], count: u32, virtual_size: u64, cluster_size: u64) -> u64 {
+    let mut total = 0u64;
+    let mut dir = 0u64;
+    let mut pos = 0usize;
+    for _ in 0..count {
+        let Some(e) = directory.get(pos..pos + 24) else { break };
+        let granularity_bits = e[17] as u32;
+        let name_size = u16::from_be_bytes([e[18], e[19]]) as u64;
+        let extra = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as u64;
+        if granularity_bits >= 64 {
+            break;
+        }
+        let bits = virtual_size.div_ceil(1u64 << granularity_bits);
+        let clusters = bits.div_ceil(8).div_ceil(cluster_size);
+        total += clusters * cluster_size + (clusters * 8).div_ceil(cluster_size) * cluster_size;
+        dir += (24 + name_size).next_multiple_of(8);
+        pos = match usize::try_from((24 + extra + name_size).next_multiple_of(8)) {
+            Ok(n) => pos.saturating_add(n),
+            Err(_) => break,
+        };
+    }
+    total + dir.div_ceil(cluster_size) * cluster_size
+}
