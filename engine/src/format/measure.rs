@@ -35,18 +35,6 @@ pub fn fully_allocated_size(size: u64, cluster_size: u64, refcount_order: u32, e
     meta + aligned
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn qemu_img_measure_figures() {
-        // qemu-img 10.0.2: measure -O qcow2 --size 1G; -o cluster_size=2M,extended_l2=on --size 100G.
-        assert_eq!(fully_allocated_size(1 << 30, 65536, 4, false), 1074135040);
-        assert_eq!(fully_allocated_size(100 << 30, 2 << 20, 4, true), 107384668160);
-    }
-}
-
 /// Space the persistent bitmaps of an image of `virtual_size` bytes take in a new image of
 /// `cluster_size` clusters (QEMU's `qcow2_get_persistent_dirty_bitmap_size()`): each
 /// bitmap's data clusters as if fully allocated, its bitmap table in whole clusters, and the
@@ -75,4 +63,16 @@ pub fn bitmaps_size(directory: &[u8], count: u32, virtual_size: u64, cluster_siz
         };
     }
     total + dir.div_ceil(cluster_size) * cluster_size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_img_measure_figures() {
+        // qemu-img 10.0.2: measure -O qcow2 --size 1G; -o cluster_size=2M,extended_l2=on --size 100G.
+        assert_eq!(fully_allocated_size(1 << 30, 65536, 4, false), 1074135040);
+        assert_eq!(fully_allocated_size(100 << 30, 2 << 20, 4, true), 107384668160);
+    }
 }
