@@ -353,6 +353,40 @@ fn clean_image_and_bad_mode() {
         repair_both(&p, mode, false, "clean");
         repair_both(&p, mode, true, "clean");
     }
+    // Raw images (probed: with the warning for writing), -U, a missing file, -q.
+    let raw = d.path().join("r.raw");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    let dir = d.path();
+    for args in [
+        &["check", "-r", "leaks", "r.raw"][..],
+        &["check", "-r", "all", "-f", "raw", "r.raw"],
+        &["check", "-r", "all", "-U", "clean.qcow2"],
+        &["check", "-r", "all", "missing.qcow2"],
+    ] {
+        let q = run_in(dir, "qemu-img", args);
+        let o = quring_in(dir, args);
+        assert_eq!((o.status(), o.stdout.as_str()), (q.status(), q.stdout.as_str()), "{args:?}");
+        assert_eq!(as_quring(&q.stderr), o.stderr, "{args:?}");
+    }
+    let leaky = make(d.path(), "leaky.qcow2", &CFGS[0], false, false);
+    set_refcount(&leaky, 0, 5);
+    for mode in ["leaks", "all"] {
+        let (q, o) = (d.path().join("q.qcow2"), d.path().join("o.qcow2"));
+        std::fs::copy(&leaky, &q).unwrap();
+        std::fs::copy(&leaky, &o).unwrap();
+        let qr = qemu_img(["check", "-q", "-r", mode, &s(&q)]);
+        let or = quring(["check", "-q", "-r", mode, &s(&o)]);
+        assert_eq!(
+            (qr.status(), qr.stdout.as_str(), qr.stderr.as_str()),
+            (or.status(), or.stdout.as_str(), or.stderr.as_str())
+        );
+        let qr = qemu_img(["check", "-q", &s(&leaky)]);
+        let or = quring(["check", "-q", &s(&leaky)]);
+        assert_eq!(
+            (qr.status(), qr.stdout.as_str(), qr.stderr.as_str()),
+            (or.status(), or.stdout.as_str(), or.stderr.as_str())
+        );
+    }
     let q = qemu_img(["check", "-r", "some", &s(&p)]);
     let o = quring(["check", "-r", "some", &s(&p)]);
     assert_eq!((q.status(), o.status()), (1, 1));

@@ -76,13 +76,9 @@ pub fn run(Args { a, quiet, repair: fix }: Args) -> Result<u8, Box<dyn std::erro
             return Ok(1);
         }
     };
+    // The problem lines go to stderr even with -q (qemu-img prints them as it checks).
+    print_lines(&report);
     if !quiet {
-        for m in &report.messages {
-            eprintln!("{m}");
-        }
-        if let Some(l) = report.omitted_line() {
-            eprintln!("{l}");
-        }
         if json {
             print!("{}", report.to_json(&a.image.display().to_string()));
         } else {
@@ -105,12 +101,15 @@ pub fn run(Args { a, quiet, repair: fix }: Args) -> Result<u8, Box<dyn std::erro
 /// `check -r`: repair, then (when something was repaired) check again and report that.
 fn run_repair(a: crate::args::InspectArgs, quiet: bool, fix: Fix) -> Result<u8, Box<dyn std::error::Error>> {
     let json = a.json();
-    if crate::probe::resolve(&a.image, a.format.as_deref(), false)? == crate::probe::ImageFormat::Raw {
+    if crate::probe::resolve(&a.image, a.format.as_deref(), true)? == crate::probe::ImageFormat::Raw {
         eprintln!("quring: This image format does not support checks");
         return Ok(63);
     }
     if a.force_share {
-        eprintln!("quring: force-share=on can only be used with read-only images");
+        eprintln!(
+            "quring: Could not open '{}': force-share=on can only be used with read-only images",
+            a.image.display()
+        );
         return Ok(1);
     }
     let file = ImageFile::open(&a.image, true)?;
@@ -128,9 +127,7 @@ fn run_repair(a: crate::args::InspectArgs, quiet: bool, fix: Fix) -> Result<u8, 
             return Ok(1);
         }
     };
-    if !quiet {
-        print_lines(&outcome.report);
-    }
+    print_lines(&outcome.report);
     if let Some(e) = outcome.failed {
         return failed(e);
     }
@@ -144,9 +141,7 @@ fn run_repair(a: crate::args::InspectArgs, quiet: bool, fix: Fix) -> Result<u8, 
             Ok(rep) => rep,
             Err(e) => return failed(e.to_string()),
         };
-        if !quiet {
-            print_lines(&again);
-        }
+        print_lines(&again);
         report = CheckReport { corruptions_fixed: report.corruptions_fixed, leaks_fixed: report.leaks_fixed, ..again };
     }
     if !quiet {
@@ -155,9 +150,9 @@ fn run_repair(a: crate::args::InspectArgs, quiet: bool, fix: Fix) -> Result<u8, 
         } else {
             print!("{}", report.summary_human());
         }
-        if report.check_errors > 0 {
-            eprintln!("quring: Check failed");
-        }
+    }
+    if report.check_errors > 0 {
+        eprintln!("quring: Check failed");
     }
     Ok(report.exit_code() as u8)
 }
