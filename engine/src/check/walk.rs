@@ -426,6 +426,9 @@ impl Checker<'_> {
             }
             let mut table = self.load_l2(l2_offset)?;
             let mut dirty = 0u64;
+            // A misplaced table is never written (its entries are reported, not repaired).
+            let repair = repair && g.is_cluster_aligned(l2_offset) && l2_offset < self.file_len;
+            let verb = if repair { "Repairing" } else { "ERROR" };
             for j in 0..g.l2_entries() as usize {
                 let (entry, bitmap) = l2::read_entry(&g, &table, j);
                 let raw = entry.0;
