@@ -155,6 +155,8 @@ struct Damage {
     lazy: bool,
     /// Needs refcounts above 1.
     wide: bool,
+    /// Needs v3 (zero clusters) and clusters above 512 bytes (a misaligned offset).
+    v3: bool,
     apply: fn(&Path),
 }
 
@@ -164,6 +166,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: false,
         lazy: false,
         wide: false,
+        v3: false,
         apply: |p| {
             let len = file_len(p);
             let cs = layout(p).cs;
@@ -176,6 +179,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: false,
         lazy: false,
         wide: true,
+        v3: false,
         apply: |p| {
             set_refcount(p, 0, 2);
             set_refcount(p, data_cluster(p, TARGET), 3);
@@ -186,6 +190,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: true,
         lazy: false,
         wide: true,
+        v3: false,
         apply: |p| set_refcount(p, data_cluster(p, TARGET), 1),
     },
     Damage {
@@ -193,6 +198,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: false,
         lazy: false,
         wide: false,
+        v3: false,
         apply: |p| set_refcount(p, data_cluster(p, TARGET), 0),
     },
     Damage {
@@ -200,6 +206,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: false,
         lazy: false,
         wide: false,
+        v3: false,
         apply: |p| {
             let (l1, l2) = entries(p, TARGET);
             patch_be64(p, l1, read_be64(p, l1) & !COPIED);
@@ -211,6 +218,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: true,
         lazy: false,
         wide: true,
+        v3: false,
         apply: |p| {
             let (l1, l2) = entries(p, TARGET);
             patch_be64(p, l2, read_be64(p, l2) | COPIED);
@@ -222,6 +230,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: true,
         lazy: false,
         wide: true,
+        v3: false,
         apply: |p| {
             set_refcount(p, 0, 2);
             set_refcount(p, data_cluster(p, TARGET), 1);
@@ -234,6 +243,7 @@ const DAMAGES: &[Damage] = &[
         snapshot: false,
         lazy: true,
         wide: false,
+        v3: false,
         apply: |p| {
             let r =
                 qemu_io(["-f", "qcow2", "-c", "write -P 7 8M 192k", "-c", "write -P 8 0 64k", "-c", "abort", &s(p)]);
@@ -242,10 +252,27 @@ const DAMAGES: &[Damage] = &[
         },
     },
     Damage {
+        name: "preallocated zero cluster misaligned",
+        snapshot: false,
+        lazy: false,
+        wide: false,
+        v3: true,
+        apply: |p| {
+            let cs = layout(p).cs;
+            let r = qemu_io(["-f", "qcow2", "-c", &format!("write -z {TARGET} {cs}"), &s(p)]);
+            assert!(r.success());
+            let (_, l2) = entries(p, TARGET);
+            let e = read_be64(p, l2);
+            assert_ne!(e & OFFSET_MASK, 0, "a preallocated zero cluster");
+            patch_be64(p, l2, e + 0x200);
+        },
+    },
+    Damage {
         name: "dirty, refcounts right",
         snapshot: false,
         lazy: true,
         wide: false,
+        v3: false,
         apply: |p| patch_be64(p, 72, read_be64(p, 72) | 1),
     },
 ];
@@ -287,9 +314,19 @@ fn repair_both(damaged: &Path, mode: &str, json: bool, ctx: &str) {
     if qr.status() != 1 && read_be32(&q, 4) >= 3 {
         assert_eq!(read_be64(&q, 72), read_be64(&o, 72), "incompatible features: {ctx}");
     }
-    // The same guest content.
-    let cmp = qemu_img(["compare", "-q", "-f", "qcow2", "-F", "qcow2", &s(&q), &s(&o)]);
-    assert_eq!(cmp.status(), 0, "guest content: {ctx}\n{}", cmp.describe());
+    // The same guest content (an image left corrupt cannot be read: then the same bytes).
+    if qemu_img(["check", &s(&q)]).status() == 2 {
+        // (The incompatible features aside: see the dirty bit above.)
+        let bytes = |p: &Path| {
+            let mut b = std::fs::read(p).unwrap();
+            b[72..80].fill(0);
+            b
+        };
+        assert!(bytes(&q) == bytes(&o), "files differ: {ctx}");
+    } else {
+        let cmp = qemu_img(["compare", "-q", "-f", "qcow2", "-F", "qcow2", &s(&q), &s(&o)]);
+        assert_eq!(cmp.status(), 0, "guest content: {ctx}\n{}", cmp.describe());
+    }
     std::fs::remove_file(&q).unwrap();
     std::fs::remove_file(&o).unwrap();
 }
@@ -300,7 +337,11 @@ fn repairs_match_qemu_img(ci: usize) {
     let d = tempdir();
     let mut cases = 0;
     for dm in DAMAGES {
-        if (dm.wide && cfg.bits < 2) || (dm.lazy && cfg.v2) || (dm.snapshot && cfg.bits < 2) {
+        if (dm.wide && cfg.bits < 2)
+            || ((dm.lazy || dm.v3) && cfg.v2)
+            || (dm.v3 && cfg.cluster == 512)
+            || (dm.snapshot && cfg.bits < 2)
+        {
             continue;
         }
         let dir = d.path().join(format!("{}-{}", cfg.name(), cases));
@@ -451,7 +492,7 @@ fn verdict(p: &Path) -> (i32, u64, u64) {
 fn interrupted_repairs_leave_at_worst_leaks() {
     let d = tempdir();
     for (ci, cfg) in [&CFGS[2]].into_iter().enumerate() {
-        for dm in DAMAGES {
+        for dm in DAMAGES.iter().filter(|dm| !(dm.v3 && cfg.cluster == 512)) {
             let dir = d.path().join(format!("c{ci}-{}", dm.name.replace(' ', "_")));
             std::fs::create_dir(&dir).unwrap();
             let damaged = make(&dir, "damaged.qcow2", cfg, dm.lazy, dm.snapshot);

@@ -142,6 +142,10 @@ struct Checker<'a> {
     rebuild: bool,
     /// Problems of the snapshot table (counted once the refcounts are checked, as QEMU).
     snap_corruptions: u64,
+    /// Repair what the walk can (`-r all`): L2 entries made zero clusters, into `pending`.
+    fix_errors: bool,
+    /// Writes the walk decided on, for the repair to make (in order, each durable).
+    pending: Vec<MetaWrite>,
 }
 
 /// What `check -r` may repair: QEMU's `BDRV_FIX_LEAKS` (`-r leaks`) and `BDRV_FIX_ERRORS`
@@ -213,6 +217,17 @@ impl<'a> Checker<'a> {
     /// in `refs` (with `counts_only`, those of the refcount structures and bitmaps left out).
     /// Problem lines and counts go to `rep`, which continues the report it is given.
     fn calculate(r: &'a dyn MetaRead, counts_only: bool, rep: CheckReport) -> Result<Checker<'a>> {
+        Self::calculate_fixing(r, counts_only, rep, false)
+    }
+
+    /// [`Checker::calculate`], repairing L2 entries on the way with `fix_errors` (the
+    /// writes wait in `pending`).
+    fn calculate_fixing(
+        r: &'a dyn MetaRead,
+        counts_only: bool,
+        rep: CheckReport,
+        fix_errors: bool,
+    ) -> Result<Checker<'a>> {
         let file_len = r.len();
         let mut first = [0u8; 512];
         read_zero_fill(r, 0, &mut first)?;
@@ -247,8 +262,10 @@ impl<'a> Checker<'a> {
             l2less: h.incompatible_features & INCOMPAT_L2LESS != 0,
             vsize: h.size,
             l1: (h.l1_table_offset.0, h.l1_size),
+            fix_errors,
             rebuild: false,
             snap_corruptions: 0,
+            pending: Vec::new(),
         };
         // bs->total_sectors is the virtual size in whole sectors.
         c.rep.total_clusters = (h.size / 512 * 512).div_ceil(cs);

@@ -50,7 +50,12 @@ impl RepairOutcome {
 /// `fix`. Fails only when the image cannot be checked at all or a write fails.
 pub fn repair(ring: &SyncRing, file: &ImageFile, fix: Fix) -> Result<RepairOutcome> {
     let meta = FileMeta { ring, file, len: file.len()? };
-    let mut c = Checker::calculate(&meta, false, CheckReport::default())?;
+    let mut c = Checker::calculate_fixing(&meta, false, CheckReport::default(), fix.errors)?;
+    // QEMU writes these L2 entries (each synced) as its walk meets them.
+    for w in std::mem::take(&mut c.pending) {
+        ring.write_kind(w.kind, file.fd(), w.offset, &w.bytes)?;
+        ring.fdatasync(file.fd())?;
+    }
     let cs = c.cs;
     let g = c.g;
     let pre = c.rep.clone();

@@ -203,6 +203,7 @@ impl Checker<'_> {
             let zero_flag = !g.extended_l2 && raw & L2_ZERO != 0;
             if offset == 0 {
                 if !zero_flag && bitmap & BITMAP_ALL_ALLOC != 0 {
+                    // Not repaired by qemu-img 10 either.
                     self.rep.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
                 }
                 continue;
@@ -215,13 +216,20 @@ impl Checker<'_> {
             }
             if !g.is_cluster_aligned(offset) {
                 let contains_data = if g.extended_l2 { bitmap & BITMAP_ALL_ALLOC != 0 } else { !zero_flag };
+                let fix = !contains_data && self.fix_errors && self.l2_writable(l2_offset);
                 self.rep.corrupt(if contains_data {
                     format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
                 } else {
                     format!(
-                        "ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                        "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                        if fix { "Repairing" } else { "ERROR" }
                     )
                 });
+                if fix {
+                    // The entry now reads as zeros without a host cluster: nothing to count.
+                    self.fix_l2_entry_by_zero(l2_offset, i, bitmap);
+                    continue;
+                }
             }
             if active {
                 self.rep.allocated_clusters += 1;
@@ -233,6 +241,38 @@ impl Checker<'_> {
             self.inc(offset, self.cs)?;
         }
         Ok(())
+    }
+
+    /// Can a repair write into the L2 table at `l2_offset`? Only a table in its own cluster
+    /// inside the file (QEMU refuses writes that would overlap other metadata).
+    fn l2_writable(&self, l2_offset: u64) -> bool {
+        self.g.is_cluster_aligned(l2_offset) && l2_offset >= self.cs && l2_offset < self.file_len
+    }
+
+    /// QEMU's `fix_l2_entry_by_zero()`: entry `i` of the L2 table at `l2_offset` becomes a
+    /// zero cluster without a host cluster (extended L2: its allocated subclusters become
+    /// zero ones), written at once; counted as fixed.
+    fn fix_l2_entry_by_zero(&mut self, l2_offset: u64, i: usize, bitmap: u64) {
+        let g = self.g;
+        let (entry, bits) =
+            if g.extended_l2 { (0, (bitmap | bitmap << 32) & 0xffff_ffff_0000_0000) } else { (L2_ZERO, 0) };
+        let mut table = self.load_l2(l2_offset).unwrap_or_default();
+        if table.len() == self.cs as usize {
+            l2::write_entry(&g, &mut table, i, L2Entry(entry), l2::SubclusterBitmap(bits));
+            self.l2 = Some((l2_offset, table));
+        }
+        let size = g.l2_entry_size();
+        let mut bytes = entry.to_be_bytes().to_vec();
+        if g.extended_l2 {
+            bytes.extend_from_slice(&bits.to_be_bytes());
+        }
+        self.pending.push(MetaWrite {
+            kind: crate::io::hook::WriteKind::L2,
+            offset: l2_offset + i as u64 * size,
+            bytes,
+        });
+        self.rep.corruptions -= 1;
+        self.rep.corruptions_fixed += 1;
     }
 
     /// QEMU's `qcow2_check_bitmaps_refcounts()`: the bitmap directory, bitmap tables and
