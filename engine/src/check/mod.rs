@@ -22,6 +22,7 @@ use crate::format::refcount::REFTABLE_RESERVED as REFT_RESERVED;
 use crate::format::{Geometry, refcount, snapshot};
 use crate::{Error, Result};
 
+mod rebuild;
 mod repair;
 use repair::MetaWrite;
 mod report;

@@ -67,8 +67,8 @@ pub fn repair(ring: &SyncRing, file: &ImageFile, fix: Fix) -> Result<RepairOutco
     let c = if c.rebuild && fix.errors {
         c.rep.note("Rebuilding refcount structure".into());
         let old = c.rep.clone();
-        let plan = crate::meta::rebuild::plan_rebuild(&g, &c.refs, c.nb_clusters)?;
-        crate::meta::rebuild::write_rebuild(ring, file, &plan, cs)?;
+        let plan = super::rebuild::plan_rebuild(&g, &c.refs, c.nb_clusters)?;
+        super::rebuild::write_rebuild(ring, file, &plan, cs)?;
         // The references, counted again over the new structure.
         meta2 = FileMeta { ring, file, len: file.len()? };
         let mut start = old.clone();
