@@ -1,8 +1,9 @@
-//! `quring check`: qemu-img check's verdict, output and exit codes (0 clean, 1 could not
-//! check, 2 corruptions, 3 leaks only). Metadata is read through io_uring with O_DIRECT.
+//! `quring check [-r leaks|all]`: qemu-img check's verdict, repairs, output and exit codes
+//! (0 clean, 1 could not check, 2 corruptions, 3 leaks only). Metadata is read and written
+//! through io_uring with O_DIRECT.
 
 use clap::Parser;
-use quring::check::{FileMeta, check};
+use quring::check::{CheckReport, FileMeta, Fix, check, repair};
 use quring::io::{ImageFile, SyncRing};
 
 /// Arguments of `quring check`.
@@ -13,9 +14,35 @@ pub struct Args {
     /// Quiet: no output, only the exit code.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Repair: `leaks` (refcounts too high) or `all` (also refcounts too low, COPIED flags,
+    /// broken refcount structures).
+    #[arg(short = 'r', long = "repair", value_parser = parse_repair)]
+    repair: Option<Fix>,
 }
 
-pub fn run(Args { a, quiet }: Args) -> Result<u8, Box<dyn std::error::Error>> {
+/// `-r`'s values, with qemu-img's message for anything else.
+fn parse_repair(s: &str) -> Result<Fix, String> {
+    match s {
+        "leaks" => Ok(Fix::LEAKS),
+        "all" => Ok(Fix::ALL),
+        o => Err(format!("--repair (-r) expects 'leaks' or 'all' not '{o}'")),
+    }
+}
+
+/// Prints a report's problem lines on stderr, as qemu-img does while it checks.
+fn print_lines(rep: &CheckReport) {
+    for m in &rep.messages {
+        eprintln!("{m}");
+    }
+    if let Some(l) = rep.omitted_line() {
+        eprintln!("{l}");
+    }
+}
+
+pub fn run(Args { a, quiet, repair: fix }: Args) -> Result<u8, Box<dyn std::error::Error>> {
+    if let Some(fix) = fix {
+        return run_repair(a, quiet, fix);
+    }
     let json = a.json();
     if crate::probe::resolve(&a.image, a.format.as_deref(), false)? == crate::probe::ImageFormat::Raw {
         eprintln!("quring: This image format does not support checks");
@@ -49,13 +76,9 @@ pub fn run(Args { a, quiet }: Args) -> Result<u8, Box<dyn std::error::Error>> {
             return Ok(1);
         }
     };
+    // The problem lines go to stderr even with -q (qemu-img prints them as it checks).
+    print_lines(&report);
     if !quiet {
-        for m in &report.messages {
-            eprintln!("{m}");
-        }
-        if let Some(l) = report.omitted_line() {
-            eprintln!("{l}");
-        }
         if json {
             print!("{}", report.to_json(&a.image.display().to_string()));
         } else {
@@ -71,6 +94,65 @@ pub fn run(Args { a, quiet }: Args) -> Result<u8, Box<dyn std::error::Error>> {
         if report.check_errors > 0 {
             eprintln!("Check failed");
         }
+    }
+    Ok(report.exit_code() as u8)
+}
+
+/// `check -r`: repair, then (when something was repaired) check again and report that.
+fn run_repair(a: crate::args::InspectArgs, quiet: bool, fix: Fix) -> Result<u8, Box<dyn std::error::Error>> {
+    let json = a.json();
+    if crate::probe::resolve(&a.image, a.format.as_deref(), true)? == crate::probe::ImageFormat::Raw {
+        eprintln!("quring: This image format does not support checks");
+        return Ok(63);
+    }
+    if a.force_share {
+        eprintln!(
+            "quring: Could not open '{}': force-share=on can only be used with read-only images",
+            a.image.display()
+        );
+        return Ok(1);
+    }
+    let file = ImageFile::open(&a.image, true)?;
+    let _lock =
+        quring::io::lock::ImageLock::acquire(file.file(), &a.image, quring::io::lock::LockMode::ReadWrite, false)?;
+    let ring = SyncRing::new()?;
+    let failed = |e: String| {
+        eprintln!("quring: Check failed: {e}");
+        Ok(1)
+    };
+    let outcome = match repair(&ring, &file, fix) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("quring: Could not open '{}': {e}", a.image.display());
+            return Ok(1);
+        }
+    };
+    print_lines(&outcome.report);
+    if let Some(e) = outcome.failed {
+        return failed(e);
+    }
+    let mut report = outcome.report;
+    if report.corruptions_fixed > 0 || report.leaks_fixed > 0 {
+        if !quiet && !json {
+            print!("{}", report.repaired_human());
+        }
+        let r = FileMeta { ring: &ring, file: &file, len: file.len()? };
+        let again = match check(&r) {
+            Ok(rep) => rep,
+            Err(e) => return failed(e.to_string()),
+        };
+        print_lines(&again);
+        report = CheckReport { corruptions_fixed: report.corruptions_fixed, leaks_fixed: report.leaks_fixed, ..again };
+    }
+    if !quiet {
+        if json {
+            print!("{}", report.to_json(&a.image.display().to_string()));
+        } else {
+            print!("{}", report.summary_human());
+        }
+    }
+    if report.check_errors > 0 {
+        eprintln!("quring: Check failed");
     }
     Ok(report.exit_code() as u8)
 }

@@ -12,53 +12,93 @@ use std::os::unix::fs::MetadataExt;
 pub struct Args {
     #[command(flatten)]
     a: crate::args::InspectArgs,
+    /// Describe every image of the backing chain, top first.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
 }
 
-pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
-    let fmt = crate::probe::resolve(&a.image, a.format.as_deref(), false)?;
-    let could_not = |e: String| format!("Could not open '{}': {e}", a.image.display());
+pub fn run(Args { a, backing_chain }: Args) -> Result<u8, Box<dyn std::error::Error>> {
+    if !backing_chain {
+        let (v, human) = describe(&a.image, a.format.as_deref(), a.force_share)?;
+        if a.json() {
+            println!("{}", crate::qjson::pretty(&v));
+        } else {
+            print!("{human}");
+        }
+        return Ok(0);
+    }
+    // qemu-img info --backing-chain: each image, then its backing file (as the image names
+    // it, relative to the image's directory), in the format the image records.
+    let mut seen = std::collections::HashSet::new();
+    let mut path = a.image.clone();
+    let mut fmt = a.format.clone();
+    let (mut values, mut texts) = (Vec::new(), Vec::new());
+    loop {
+        if !seen.insert(path.clone()) {
+            return Err(format!("Backing file '{}' creates an infinite loop.", path.display()).into());
+        }
+        let (v, human) = describe(&path, fmt.as_deref(), a.force_share)?;
+        let next = v.get("full-backing-filename").and_then(|b| b.as_str()).map(std::path::PathBuf::from);
+        fmt = v.get("backing-filename-format").and_then(|f| f.as_str()).map(str::to_string);
+        values.push(v);
+        texts.push(human);
+        match next {
+            Some(n) => path = n,
+            None => break,
+        }
+    }
+    if a.json() {
+        println!("{}", crate::qjson::pretty(&Value::Array(values)));
+    } else {
+        print!("{}", texts.join("\n"));
+    }
+    Ok(0)
+}
+
+/// One image's `info`: qemu-img's JSON object and human text.
+fn describe(
+    image: &std::path::Path,
+    format: Option<&str>,
+    force_share: bool,
+) -> Result<(Value, String), Box<dyn std::error::Error>> {
+    let fmt = crate::probe::resolve(image, format, false)?;
+    let could_not = |e: String| format!("Could not open '{}': {e}", image.display());
     if fmt == crate::probe::ImageFormat::Raw {
-        let f = std::fs::File::open(&a.image).map_err(|e| could_not(crate::probe::os_text(&e)))?;
+        let f = std::fs::File::open(image).map_err(|e| could_not(crate::probe::os_text(&e)))?;
         let md = f.metadata()?;
-        let file = file_child(&a.image, &md);
+        let file = file_child(image, &md);
         let mut v = Map::new();
         v.insert("children".into(), json!([{"name": "file", "info": file}]));
         let len = md.len().div_ceil(512) * 512;
         v.insert("virtual-size".into(), json!(len));
-        v.insert("filename".into(), json!(a.image.display().to_string()));
+        v.insert("filename".into(), json!(image.display().to_string()));
         v.insert("format".into(), json!("raw"));
         v.insert("actual-size".into(), json!(md.blocks() * 512));
         v.insert("dirty-flag".into(), json!(false));
         let v = Value::Object(v);
-        if a.json() {
-            println!("{}", crate::qjson::pretty(&v));
-        } else {
-            let mut s = String::new();
-            s += &format!("image: {}\n", a.image.display());
-            s += "file format: raw\n";
-            s += &format!("virtual size: {} ({len} bytes)\n", human_size(len));
-            s += &format!("disk size: {}\n", human_size(md.blocks() * 512));
-            s += &child_human(&v);
-            print!("{s}");
-        }
-        return Ok(0);
+        let mut s = String::new();
+        s += &format!("image: {}\n", image.display());
+        s += "file format: raw\n";
+        s += &format!("virtual size: {} ({len} bytes)\n", human_size(len));
+        s += &format!("disk size: {}\n", human_size(md.blocks() * 512));
+        s += &child_human(&v);
+        return Ok((v, s));
     }
     // qemu-img info does not open the backing chain: an image whose backing file is missing
     // is still described (with the path the backing file was looked for at).
     let opts = quring::image::Options {
         read_only: true,
-        force_share: a.force_share,
+        force_share,
         backing: quring::image::BackingPolicy::Ignore,
         ..Default::default()
     };
-    let img = Image::open(&a.image, &opts).map_err(|e| could_not(e.to_string()))?;
-    let v = info_json(&img, &a.image)?;
-    if a.json() {
-        println!("{}", crate::qjson::pretty(&v));
-    } else {
-        print!("{}", human(&img, &v));
-    }
-    Ok(0)
+    // A missing file in qemu-img's words (no Rust "os error" suffix).
+    std::fs::File::open(image)
+        .map_err(|e| could_not(format!("Could not open '{}': {}", image.display(), crate::probe::os_text(&e))))?;
+    let img = Image::open(image, &opts).map_err(|e| could_not(e.to_string()))?;
+    let v = info_json(&img, image)?;
+    let text = human(&img, &v);
+    Ok((v, text))
 }
 
 /// The protocol child (`children[0].info`): the image file itself.

@@ -4,14 +4,17 @@
 mod args;
 mod bench;
 mod check;
+mod compare;
 mod convert;
 mod convert_io;
 mod create;
+mod guest;
 mod info;
 mod io_cmd;
 mod io_extra;
 mod io_lang;
 mod map;
+mod measure;
 mod nbd;
 mod output;
 mod probe;
@@ -35,10 +38,14 @@ enum Cmd {
     Create(create::Args),
     /// Check an image for consistency (like `qemu-img check`).
     Check(check::Args),
+    /// Compare the guest contents of two images (like `qemu-img compare`).
+    Compare(compare::Args),
     /// Show information about an image (like `qemu-img info`).
     Info(info::Args),
     /// Show the mapping of guest ranges to files (like `qemu-img map`).
     Map(map::Args),
+    /// Measure the size a new image needs (like `qemu-img measure`).
+    Measure(measure::Args),
     /// Convert an image to raw or qcow2 (like `qemu-img convert`).
     Convert(convert::Args),
     /// Run qemu-io style commands (read, write, discard, flush) on an image.
@@ -65,8 +72,10 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Check(a) => check::run(a),
         Cmd::Create(a) => create::run(a),
+        Cmd::Compare(a) => compare::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Map(a) => map::run(a),
+        Cmd::Measure(a) => measure::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Bench(a) => bench::run(a),

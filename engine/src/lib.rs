@@ -81,7 +81,8 @@
 //!   refcount packing, snapshot table, geometry, create layout). No I/O.
 //! * [`io`]: aligned buffers, O_DIRECT files, the synchronous ring, QEMU-compatible image
 //!   locks, test hooks.
-//! * [`check`]: `qemu-img check`'s verdicts over an image file's metadata.
+//! * [`check`]: `qemu-img check`'s verdicts over an image file's metadata, and its repairs
+//!   ([`check::repair`], `check -r leaks|all`).
 //! * [`meta`]: what needs no [`Image`](image::Image): the lock-free L2 slice cache,
 //!   refcount bookkeeping, the record of metadata clusters, the refcount rebuild.
 //! * [`image`]: the shared [`Image`](image::Image) and every `impl Image`: open, create,

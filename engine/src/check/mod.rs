@@ -22,9 +22,13 @@ use crate::format::refcount::REFTABLE_RESERVED as REFT_RESERVED;
 use crate::format::{Geometry, refcount, snapshot};
 use crate::{Error, Result};
 
+mod rebuild;
+mod repair;
+use repair::MetaWrite;
 mod report;
 mod walk;
 
+pub use repair::{RepairOutcome, repair};
 pub use report::{CheckReport, MAX_MESSAGES};
 
 #[cfg(test)]
@@ -132,144 +136,236 @@ struct Checker<'a> {
     l2less: bool,
     /// Virtual disk size (bounds the extent of the last contiguous range).
     vsize: u64,
+    /// The active L1 table (offset, entries).
+    l1: (u64, u32),
+    /// The refcount structures cannot be repaired in place (QEMU's `rebuild`): a refcount
+    /// block is missing, misplaced or shared.
+    rebuild: bool,
+    /// Problems of the snapshot table (counted once the refcounts are checked, as QEMU).
+    snap_corruptions: u64,
+    /// Repair what the walk can (`-r all`): L2 entries made zero clusters, into `pending`.
+    fix_errors: bool,
+    /// Writes the walk decided on, for the repair to make (in order, each durable).
+    pending: Vec<MetaWrite>,
+}
+
+/// What `check -r` may repair: QEMU's `BDRV_FIX_LEAKS` (`-r leaks`) and `BDRV_FIX_ERRORS`
+/// (with leaks: `-r all`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fix {
+    /// Lower refcounts that are too high.
+    pub leaks: bool,
+    /// Raise refcounts that are too low, rebuild broken refcount structures, correct
+    /// COPIED flags.
+    pub errors: bool,
+}
+
+impl Fix {
+    /// Nothing is repaired (a plain check).
+    pub const NONE: Fix = Fix { leaks: false, errors: false };
+    /// `-r leaks`.
+    pub const LEAKS: Fix = Fix { leaks: true, errors: false };
+    /// `-r all`.
+    pub const ALL: Fix = Fix { leaks: true, errors: true };
+
+    fn any(self) -> bool {
+        self.leaks || self.errors
+    }
+}
+
+/// A stored refcount that `compare` decided to set to the number of references.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RefFix {
+    cluster: u64,
+    stored: u64,
+    computed: u64,
 }
 
 /// Checks a qcow2 image like `qemu-img check` does (without repairing). Fails only when the
 /// image cannot be checked at all (unreadable or unsupported header, broken snapshot table,
 /// I/O error), which qemu-img reports with exit status 1.
 pub fn check(r: &dyn MetaRead) -> Result<CheckReport> {
-    check_inner(r, false).map(|(rep, _)| rep)
+    let mut c = Checker::calculate(r, false, CheckReport::default())?;
+    let (highest, _) = c.compare(Fix::NONE)?;
+    c.check_oflag_copied(false)?;
+    c.rep.image_end_offset = (highest + 1) * c.cs;
+    c.rep.corruptions += c.snap_corruptions;
+    Ok(c.rep)
 }
 
 /// The reference count of every host cluster as the image's tables (header, active and
 /// snapshot L1/L2 tables, data, snapshot table) imply, ignoring the refcount structures
 /// themselves: what a refcount rebuild writes. Fails when the tables are inconsistent.
 pub fn reference_counts(r: &dyn MetaRead) -> Result<Vec<u64>> {
-    let (rep, counts) = check_inner(r, true)?;
-    if rep.corruptions > 0 || rep.check_errors > 0 {
+    let c = Checker::calculate(r, true, CheckReport::default())?;
+    let counts = (0..c.nb_clusters).map(|i| c.get_ref(i)).collect();
+    let (corruptions, errors) = (c.rep.corruptions + c.snap_corruptions, c.rep.check_errors);
+    if corruptions > 0 || errors > 0 {
         return Err(Error::corrupt(
             "L1/L2 tables",
             format!(
                 "{} corruption(s) found while counting references; refusing to rebuild refcounts: {}",
-                rep.corruptions + rep.check_errors,
-                rep.messages.join("; ")
+                corruptions + errors,
+                c.rep.messages.join("; ")
             ),
         ));
     }
     Ok(counts)
 }
 
-fn check_inner(r: &dyn MetaRead, counts_only: bool) -> Result<(CheckReport, Vec<u64>)> {
-    let file_len = r.len();
-    let mut first = [0u8; 512];
-    read_zero_fill(r, 0, &mut first)?;
-    let cs = Header::peek_cluster_size(&first[..file_len.min(512) as usize])?;
-    // QEMU reads cluster 0 (zero-filled past the end of a short file).
-    let mut hbuf = vec![0u8; cs as usize];
-    read_zero_fill(r, 0, &mut hbuf)?;
-    let nb_snapshots = be32(&hbuf, 60);
-    let snapshots_offset = be64(&hbuf, 64);
-    // In check mode QEMU opens the image without its snapshot table (which the check reads
-    // itself), and opening does not compare table offsets with the file length.
-    hbuf[60..72].fill(0);
-    let h = Header::parse(&hbuf, u64::MAX)?;
-    let g = h.geometry();
-    let nb = file_len.div_ceil(cs);
-    if nb > i32::MAX as u64 {
-        return Err(Error::Unsupported(format!("image file of {file_len} bytes has too many clusters to check")));
+impl<'a> Checker<'a> {
+    /// QEMU's `calculate_refcounts()`: every reference the image's structures make, counted
+    /// in `refs` (with `counts_only`, those of the refcount structures and bitmaps left out).
+    /// Problem lines and counts go to `rep`, which continues the report it is given.
+    fn calculate(r: &'a dyn MetaRead, counts_only: bool, rep: CheckReport) -> Result<Checker<'a>> {
+        Self::calculate_fixing(r, counts_only, rep, false)
     }
-    let mut c = Checker {
-        r,
-        file_len,
-        g,
-        cs,
-        rep: CheckReport::default(),
-        refs: Vec::new(),
-        nb_clusters: nb,
-        max_clusters: nb + 1,
-        reftable: Vec::new(),
-        refblock: None,
-        l2: None,
-        signaled_corruption: false,
-        l2less: h.incompatible_features & INCOMPAT_L2LESS != 0,
-        vsize: h.size,
-    };
-    // bs->total_sectors is the virtual size in whole sectors.
-    c.rep.total_clusters = (h.size / 512 * 512).div_ceil(cs);
 
-    // The refcount table, as QEMU loads it at open.
-    let rt_bytes = h.refcount_table_clusters as u64 * cs;
-    let mut rt = vec![0u8; rt_bytes as usize];
-    read_zero_fill(r, h.refcount_table_offset.0, &mut rt)?;
-    c.reftable = refcount::decode_table(&rt).into_iter().map(|e| e.0).collect();
-
-    let snaps = c.read_snapshot_table(nb_snapshots, snapshots_offset)?;
-
-    let bytes = c.refs_bytes(nb + 1)?;
-    c.refs.try_reserve_exact(bytes).map_err(|_| Error::Unsupported("out of memory for the refcount array".into()))?;
-    c.refs.resize(c.refs_bytes(nb)?, 0);
-
-    // calculate_refcounts()
-    c.inc(0, cs)?;
-    let l1_bytes = h.l1_size as u64 * 8;
-    c.check_l1(h.l1_table_offset.0, h.l1_size, true)?;
-    for s in &snaps.list {
-        if !g.is_cluster_aligned(s.l1_offset) {
-            c.rep.corrupt(format!(
-                "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
-                s.id, s.name, s.l1_offset
-            ));
-            continue;
+    /// [`Checker::calculate`], repairing L2 entries on the way with `fix_errors` (the
+    /// writes wait in `pending`).
+    fn calculate_fixing(
+        r: &'a dyn MetaRead,
+        counts_only: bool,
+        rep: CheckReport,
+        fix_errors: bool,
+    ) -> Result<Checker<'a>> {
+        let file_len = r.len();
+        let mut first = [0u8; 512];
+        read_zero_fill(r, 0, &mut first)?;
+        let cs = Header::peek_cluster_size(&first[..file_len.min(512) as usize])?;
+        // QEMU reads cluster 0 (zero-filled past the end of a short file).
+        let mut hbuf = vec![0u8; cs as usize];
+        read_zero_fill(r, 0, &mut hbuf)?;
+        let nb_snapshots = be32(&hbuf, 60);
+        let snapshots_offset = be64(&hbuf, 64);
+        // In check mode QEMU opens the image without its snapshot table (which the check reads
+        // itself), and opening does not compare table offsets with the file length.
+        hbuf[60..72].fill(0);
+        let h = Header::parse(&hbuf, u64::MAX)?;
+        let g = h.geometry();
+        let nb = file_len.div_ceil(cs);
+        if nb > i32::MAX as u64 {
+            return Err(Error::Unsupported(format!("image file of {file_len} bytes has too many clusters to check")));
         }
-        if s.l1_size as u64 > MAX_L1_BYTES / 8 {
-            c.rep.corrupt(format!(
-                "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
-                s.id, s.name, s.l1_size
-            ));
-            continue;
-        }
-        c.check_l1(s.l1_offset, s.l1_size, false)?;
-    }
-    c.inc(snaps.offset, snaps.size)?;
-    if counts_only {
-        let counts = (0..c.nb_clusters).map(|i| c.get_ref(i)).collect();
-        c.rep.corruptions += snaps.corruptions;
-        return Ok((c.rep, counts));
-    }
-    c.inc(h.refcount_table_offset.0, rt_bytes)?;
-    c.check_bitmaps(&h)?;
-    c.check_refblocks()?;
+        let mut c = Checker {
+            r,
+            file_len,
+            g,
+            cs,
+            rep,
+            refs: Vec::new(),
+            nb_clusters: nb,
+            max_clusters: nb + 1,
+            reftable: Vec::new(),
+            refblock: None,
+            l2: None,
+            signaled_corruption: false,
+            l2less: h.incompatible_features & INCOMPAT_L2LESS != 0,
+            vsize: h.size,
+            l1: (h.l1_table_offset.0, h.l1_size),
+            fix_errors,
+            rebuild: false,
+            snap_corruptions: 0,
+            pending: Vec::new(),
+        };
+        // bs->total_sectors is the virtual size in whole sectors.
+        c.rep.total_clusters = (h.size / 512 * 512).div_ceil(cs);
 
-    // compare_refcounts()
-    let mut highest = 0u64;
-    for i in 0..c.nb_clusters {
-        let stored = match c.stored_refcount(i)? {
-            Stored::Value(v) => v,
-            Stored::Eio => {
-                c.rep.note(format!("Can't get refcount for cluster {i}: Input/output error"));
-                c.rep.check_errors += 1;
+        // The refcount table, as QEMU loads it at open.
+        let rt_bytes = h.refcount_table_clusters as u64 * cs;
+        let mut rt = vec![0u8; rt_bytes as usize];
+        read_zero_fill(r, h.refcount_table_offset.0, &mut rt)?;
+        c.reftable = refcount::decode_table(&rt).into_iter().map(|e| e.0).collect();
+
+        let snaps = c.read_snapshot_table(nb_snapshots, snapshots_offset)?;
+        c.snap_corruptions = snaps.corruptions;
+
+        let bytes = c.refs_bytes(nb + 1)?;
+        c.refs
+            .try_reserve_exact(bytes)
+            .map_err(|_| Error::Unsupported("out of memory for the refcount array".into()))?;
+        c.refs.resize(c.refs_bytes(nb)?, 0);
+
+        c.inc(0, cs)?;
+        c.check_l1(h.l1_table_offset.0, h.l1_size, true)?;
+        for s in &snaps.list {
+            if !g.is_cluster_aligned(s.l1_offset) {
+                c.rep.corrupt(format!(
+                    "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    s.id, s.name, s.l1_offset
+                ));
                 continue;
             }
-        };
-        let computed = c.get_ref(i);
-        if stored > 0 || computed > 0 {
-            highest = i;
-        }
-        if stored != computed {
-            let what = if stored < computed { "ERROR" } else { "Leaked" };
-            c.rep.note(format!("{what} cluster {i} refcount={stored} reference={computed}"));
-            if stored < computed {
-                c.rep.corruptions += 1;
-            } else {
-                c.rep.leaks += 1;
+            if s.l1_size as u64 > MAX_L1_BYTES / 8 {
+                c.rep.corrupt(format!(
+                    "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
+                    s.id, s.name, s.l1_size
+                ));
+                continue;
             }
+            c.check_l1(s.l1_offset, s.l1_size, false)?;
         }
+        c.inc(snaps.offset, snaps.size)?;
+        if counts_only {
+            return Ok(c);
+        }
+        c.inc(h.refcount_table_offset.0, rt_bytes)?;
+        c.check_bitmaps(&h)?;
+        c.check_refblocks()?;
+        Ok(c)
     }
 
-    c.check_oflag_copied(h.l1_table_offset.0, l1_bytes)?;
-    c.rep.image_end_offset = (highest + 1) * cs;
-    c.rep.corruptions += snaps.corruptions;
-    Ok((c.rep, Vec::new()))
+    /// QEMU's `compare_refcounts()`: stored refcounts against the references counted.
+    /// Returns the highest cluster in use and the mismatches `fix` allows to repair (counted
+    /// as fixed and reported as "Repairing"; the caller writes them). A stored refcount of
+    /// zero under references cannot be repaired in place: it asks for a rebuild.
+    fn compare(&mut self, fix: Fix) -> Result<(u64, Vec<RefFix>)> {
+        let mut highest = 0u64;
+        let mut fixes = Vec::new();
+        for i in 0..self.nb_clusters {
+            let stored = match self.stored_refcount(i)? {
+                Stored::Value(v) => v,
+                Stored::Eio => {
+                    self.rep.note(format!("Can't get refcount for cluster {i}: Input/output error"));
+                    self.rep.check_errors += 1;
+                    continue;
+                }
+            };
+            let computed = self.get_ref(i);
+            if stored > 0 || computed > 0 {
+                highest = i;
+            }
+            if stored == computed {
+                continue;
+            }
+            let fixed = if stored == 0 {
+                self.rebuild = true;
+                false
+            } else if stored > computed {
+                fix.leaks
+            } else {
+                fix.errors
+            };
+            let what = if fixed {
+                "Repairing"
+            } else if stored < computed {
+                "ERROR"
+            } else {
+                "Leaked"
+            };
+            self.rep.note(format!("{what} cluster {i} refcount={stored} reference={computed}"));
+            match (fixed, stored < computed) {
+                (true, true) => self.rep.corruptions_fixed += 1,
+                (true, false) => self.rep.leaks_fixed += 1,
+                (false, true) => self.rep.corruptions += 1,
+                (false, false) => self.rep.leaks += 1,
+            }
+            if fixed {
+                fixes.push(RefFix { cluster: i, stored, computed });
+            }
+        }
+        Ok((highest, fixes))
+    }
 }
 
 struct SnapTable {

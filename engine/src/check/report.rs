@@ -21,6 +21,10 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// End of the last cluster that is referenced or has a refcount.
     pub image_end_offset: u64,
+    /// Refcounts raised and COPIED flags corrected by a repair (`check -r all`).
+    pub corruptions_fixed: u64,
+    /// Refcounts lowered by a repair (`check -r leaks`).
+    pub leaks_fixed: u64,
     /// One line per problem, in QEMU's wording (qemu-img prints these on stderr); at most
     /// [`MAX_MESSAGES`] (a hostile image can hold millions of problems: the counts above
     /// stay exact, the lines past the limit are only counted in `messages_omitted`).
@@ -54,13 +58,15 @@ impl CheckReport {
             S(&'a str),
         }
         let opt = |v: u64| if v != 0 { Some(V::N(v)) } else { None };
-        let fields: [(&str, Option<V>); 10] = [
+        let fields: [(&str, Option<V>); 12] = [
             ("image-end-offset", opt(self.image_end_offset)),
             ("compressed-clusters", opt(self.compressed_clusters)),
             ("total-clusters", opt(self.total_clusters)),
             ("corruptions", opt(self.corruptions)),
+            ("corruptions-fixed", opt(self.corruptions_fixed)),
             ("check-errors", Some(V::N(self.check_errors))),
             ("leaks", opt(self.leaks)),
+            ("leaks-fixed", opt(self.leaks_fixed)),
             ("allocated-clusters", opt(self.allocated_clusters)),
             ("filename", Some(V::S(filename))),
             ("format", Some(V::S("qcow2"))),
@@ -81,6 +87,15 @@ impl CheckReport {
         }
         out.push_str("\n}\n");
         out
+    }
+
+    /// What qemu-img check -r prints on stdout (human format) after repairing something,
+    /// before it checks the image again.
+    pub fn repaired_human(&self) -> String {
+        format!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+            self.leaks_fixed, self.corruptions_fixed
+        )
     }
 
     /// The summary qemu-img check prints on stdout (human format).

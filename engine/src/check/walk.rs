@@ -203,6 +203,7 @@ impl Checker<'_> {
             let zero_flag = !g.extended_l2 && raw & L2_ZERO != 0;
             if offset == 0 {
                 if !zero_flag && bitmap & BITMAP_ALL_ALLOC != 0 {
+                    // Not repaired by qemu-img 10 either.
                     self.rep.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
                 }
                 continue;
@@ -215,13 +216,20 @@ impl Checker<'_> {
             }
             if !g.is_cluster_aligned(offset) {
                 let contains_data = if g.extended_l2 { bitmap & BITMAP_ALL_ALLOC != 0 } else { !zero_flag };
+                let fix = !contains_data && self.fix_errors && self.l2_writable(l2_offset);
                 self.rep.corrupt(if contains_data {
                     format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
                 } else {
                     format!(
-                        "ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                        "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                        if fix { "Repairing" } else { "ERROR" }
                     )
                 });
+                if fix {
+                    // The entry now reads as zeros without a host cluster: nothing to count.
+                    self.fix_l2_entry_by_zero(l2_offset, i, bitmap);
+                    continue;
+                }
             }
             if active {
                 self.rep.allocated_clusters += 1;
@@ -233,6 +241,38 @@ impl Checker<'_> {
             self.inc(offset, self.cs)?;
         }
         Ok(())
+    }
+
+    /// Can a repair write into the L2 table at `l2_offset`? Only a table in its own cluster
+    /// inside the file (QEMU refuses writes that would overlap other metadata).
+    fn l2_writable(&self, l2_offset: u64) -> bool {
+        self.g.is_cluster_aligned(l2_offset) && l2_offset >= self.cs && l2_offset < self.file_len
+    }
+
+    /// QEMU's `fix_l2_entry_by_zero()`: entry `i` of the L2 table at `l2_offset` becomes a
+    /// zero cluster without a host cluster (extended L2: its allocated subclusters become
+    /// zero ones), written at once; counted as fixed.
+    fn fix_l2_entry_by_zero(&mut self, l2_offset: u64, i: usize, bitmap: u64) {
+        let g = self.g;
+        let (entry, bits) =
+            if g.extended_l2 { (0, (bitmap | bitmap << 32) & 0xffff_ffff_0000_0000) } else { (L2_ZERO, 0) };
+        let mut table = self.load_l2(l2_offset).unwrap_or_default();
+        if table.len() == self.cs as usize {
+            l2::write_entry(&g, &mut table, i, L2Entry(entry), l2::SubclusterBitmap(bits));
+            self.l2 = Some((l2_offset, table));
+        }
+        let size = g.l2_entry_size();
+        let mut bytes = entry.to_be_bytes().to_vec();
+        if g.extended_l2 {
+            bytes.extend_from_slice(&bits.to_be_bytes());
+        }
+        self.pending.push(MetaWrite {
+            kind: crate::io::hook::WriteKind::L2,
+            offset: l2_offset + i as u64 * size,
+            bytes,
+        });
+        self.rep.corruptions -= 1;
+        self.rep.corruptions_fixed += 1;
     }
 
     /// QEMU's `qcow2_check_bitmaps_refcounts()`: the bitmap directory, bitmap tables and
@@ -305,12 +345,14 @@ impl Checker<'_> {
             let cluster = self.g.cluster_index(offset);
             if raw & REFT_RESERVED != 0 {
                 self.rep.corrupt(format!("ERROR refcount table entry {i} has reserved bits set"));
+                self.rebuild = true;
                 continue;
             }
             if !self.g.is_cluster_aligned(offset) {
                 self.rep.corrupt(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
+                self.rebuild = true;
                 continue;
             }
             if cluster >= self.nb_clusters {
@@ -322,6 +364,7 @@ impl Checker<'_> {
                 let rc = self.get_ref(cluster);
                 if rc != 1 {
                     self.rep.corrupt(format!("ERROR refcount block {i} refcount={rc}"));
+                    self.rebuild = true;
                 }
             }
         }
@@ -362,7 +405,6 @@ impl Checker<'_> {
         Ok(Stored::Value(refcount::get(block, i, self.g.refcount_order)))
     }
 
-    /// QEMU's `check_oflag_copied()` (without repairs), on the active L1 table.
     /// Clusters of L1 range `i` that lie inside the virtual disk (the extent of an L2-less
     /// range covers exactly these).
     pub(super) fn range_clusters(&self, i: u64) -> u64 {
@@ -371,10 +413,17 @@ impl Checker<'_> {
         end.saturating_sub(start).div_ceil(self.cs)
     }
 
-    pub(super) fn check_oflag_copied(&mut self, l1_offset: u64, l1_bytes: u64) -> Result<()> {
-        let mut l1 = vec![0u8; l1_bytes as usize];
+    /// QEMU's `check_oflag_copied()` on the active L1 table: COPIED must be set exactly
+    /// where the stored refcount is 1. With `repair`, the wrong flags are reported as
+    /// "Repairing", counted as fixed and returned as the writes that correct them (an L1
+    /// entry, or a whole L2 table), in QEMU's order.
+    pub(super) fn check_oflag_copied(&mut self, repair: bool) -> Result<Vec<MetaWrite>> {
+        let (l1_offset, l1_size) = self.l1;
+        let mut l1 = vec![0u8; l1_size as usize * 8];
         read_zero_fill(self.r, l1_offset, &mut l1)?;
         let g = self.g;
+        let verb = if repair { "Repairing" } else { "ERROR" };
+        let mut writes = Vec::new();
         for (i, l1_entry) in l1.chunks_exact(8).map(|c| be64(c, 0)).enumerate() {
             let e = L1Entry(l1_entry);
             let l2_offset = e.l2_offset().0;
@@ -382,7 +431,7 @@ impl Checker<'_> {
                 continue;
             }
             if self.l2less && e.contiguous() {
-                // COPIED iff every cluster of the extent has refcount 1.
+                // COPIED iff every cluster of the extent has refcount 1 (never repaired).
                 let n = self.range_clusters(i as u64);
                 let mut all_one = true;
                 for k in 0..n {
@@ -401,13 +450,27 @@ impl Checker<'_> {
                 continue;
             };
             if (rc == 1) != e.copied() {
-                self.rep.corrupt(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={rc}"
-                ));
+                self.rep
+                    .note(format!("{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={rc}"));
+                if repair {
+                    let fixed = if rc == 1 { l1_entry | L2_COPIED } else { l1_entry & !L2_COPIED };
+                    writes.push(MetaWrite {
+                        kind: crate::io::hook::WriteKind::L1,
+                        offset: l1_offset + i as u64 * 8,
+                        bytes: fixed.to_be_bytes().to_vec(),
+                    });
+                    self.rep.corruptions_fixed += 1;
+                } else {
+                    self.rep.corruptions += 1;
+                }
             }
-            let table = self.load_l2(l2_offset)?;
+            let mut table = self.load_l2(l2_offset)?;
+            let mut dirty = 0u64;
+            // A misplaced table is never written (its entries are reported, not repaired).
+            let repair = repair && g.is_cluster_aligned(l2_offset) && l2_offset < self.file_len;
+            let verb = if repair { "Repairing" } else { "ERROR" };
             for j in 0..g.l2_entries() as usize {
-                let (entry, _) = l2::read_entry(&g, &table, j);
+                let (entry, bitmap) = l2::read_entry(&g, &table, j);
                 let raw = entry.0;
                 let data = entry.host_offset().0;
                 if raw & L2_COMPRESSED != 0 || data == 0 {
@@ -416,10 +479,22 @@ impl Checker<'_> {
                 if let Stored::Value(rc) = self.stored_refcount(g.cluster_index(data))?
                     && (rc == 1) != entry.copied()
                 {
-                    self.rep.corrupt(format!("ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"));
+                    self.rep.note(format!("{verb} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"));
+                    if repair {
+                        let fixed = if rc == 1 { raw | L2_COPIED } else { raw & !L2_COPIED };
+                        l2::write_entry(&g, &mut table, j, L2Entry(fixed), bitmap);
+                        dirty += 1;
+                    } else {
+                        self.rep.corruptions += 1;
+                    }
                 }
             }
+            if dirty > 0 {
+                self.rep.corruptions_fixed += dirty;
+                self.l2 = Some((l2_offset, table.clone()));
+                writes.push(MetaWrite { kind: crate::io::hook::WriteKind::L2, offset: l2_offset, bytes: table });
+            }
         }
-        Ok(())
+        Ok(writes)
     }
 }

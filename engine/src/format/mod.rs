@@ -11,6 +11,7 @@ pub mod header;
 pub mod l1;
 pub mod l2;
 pub mod layout;
+pub mod measure;
 pub mod refcount;
 pub mod snapshot;
 pub mod types;
