@@ -96,6 +96,9 @@ pub struct Options {
     /// given back (QEMU's default on Linux: 600 s; None: never). The queues do it as they
     /// run; an idle image is cleaned by [`Image::clean_cache`] (e.g. from a VMM's timer).
     pub cache_clean_interval: Option<std::time::Duration>,
+    /// The largest virtual size a live [`crate::queue::Queue::resize`] may grow to without
+    /// reopening (the in-memory L1 table is sized for it). None: 8 times the size at open.
+    pub l1_room: Option<u64>,
 }
 
 impl Default for Options {
@@ -110,6 +113,7 @@ impl Default for Options {
             backing: BackingPolicy::Open,
             hook: None,
             cache_clean_interval: Some(std::time::Duration::from_secs(600)),
+            l1_room: None,
         }
     }
 }

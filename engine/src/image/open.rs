@@ -63,13 +63,20 @@ impl Image {
                 e.validate(i as u64, geo.cluster_size(), l2less)?;
             }
         }
-        // Room in memory for the L1 table to grow (Image::resize) up to 8x the size,
-        // within QEMU's L1 limit.
+        // Room in memory for the L1 table to grow (Image::resize) up to 8x the size (or
+        // Options::l1_room), within QEMU's L1 limit.
+        let room = header.size.saturating_mul(8).max(opts.l1_room.unwrap_or(0));
         let cap = geo
-            .l1_entries_for(header.size.saturating_mul(8))
+            .l1_entries_for(room)
             .unwrap_or(0)
             .clamp(entries.len() as u64, crate::format::geometry::MAX_L1_BYTES / 8)
-            .min(entries.len() as u64 + (1 << 16)) as usize;
+            .min(entries.len() as u64 + (1 << 16))
+            .max(
+                opts.l1_room
+                    .and_then(|r| geo.l1_entries_for(r))
+                    .unwrap_or(0)
+                    .min(crate::format::geometry::MAX_L1_BYTES / 8),
+            ) as usize;
         let l1: Box<[AtomicU64]> =
             (0..cap.max(entries.len())).map(|i| AtomicU64::new(entries.get(i).map_or(0, |e| e.0))).collect();
 
@@ -251,7 +258,7 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
 
 fn open_backing(image: &Path, name: &str, fmt: Option<&str>, opts: &Options, depth: usize) -> Result<Backing> {
     let path = resolve_backing_path(image, name);
-    let bopts = Options { read_only: true, ..opts.clone() };
+    let bopts = Options { read_only: true, l1_room: None, ..opts.clone() };
     let fmt = match fmt {
         Some(f) => f.to_string(),
         None => probe_format(&path)?,
