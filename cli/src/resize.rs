@@ -23,6 +23,8 @@ pub struct Args {
     /// Quiet: no "Image resized." line.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    chain: crate::util::ChainArgs,
     /// The image.
     image: PathBuf,
     /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
@@ -70,7 +72,11 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             Err(e) => return fail(format!("Could not open '{}': {}", a.image.display(), crate::probe::os_text(&e))),
         }
     } else {
-        match Image::open(&a.image, &Options { read_only: true, force_share: true, ..Default::default() }) {
+        let mut ro = Options { read_only: true, force_share: true, ..Default::default() };
+        if let Err(e) = a.chain.apply(&mut ro) {
+            return fail(e);
+        }
+        match Image::open(&a.image, &ro) {
             Ok(img) => img.size(),
             Err(e) => return fail(format!("Could not open '{}': {e}", a.image.display())),
         }
@@ -98,7 +104,10 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         if !new_size.is_multiple_of(512) {
             return fail("The new size must be a multiple of 512".into());
         }
-        let opts = Options { l1_room: Some(new_size), ..Default::default() };
+        let mut opts = Options { l1_room: Some(new_size), ..Default::default() };
+        if let Err(e) = a.chain.apply(&mut opts) {
+            return fail(e);
+        }
         let img = match Image::open(&a.image, &opts) {
             Ok(i) => i,
             Err(e) => return fail(format!("Could not open '{}': {e}", a.image.display())),

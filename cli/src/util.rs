@@ -95,6 +95,8 @@ pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), B
                 }
             }
             "l2_less" => o.l2_less = on_off(&k, &v)?,
+            // quring's identity extension (docs/identity.md); on by default in the tools.
+            "identity" => o.identity = on_off(&k, &v)?.then(quring::format::identity::Identity::generate),
             other => return Err(format!("Invalid parameter '{other}'").into()),
         }
     }
@@ -102,6 +104,50 @@ pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), B
         o.compat_v2 = v2;
     }
     Ok(())
+}
+
+/// The GUID (nil when it has none) and length of the backing file `name` of a new image at
+/// `image`, for the new image's identity extension (None: the file cannot be read).
+pub fn backing_identity(image: &Path, name: &str, fmt: Option<&str>) -> (quring::format::identity::Guid, Option<u64>) {
+    let path = quring::image::resolve_backing_path(image, name);
+    let guid = quring::image::header_guid(&path).unwrap_or_default();
+    let len = match fmt {
+        Some("raw") => std::fs::metadata(&path).ok().map(|m| m.len()),
+        _ => open_ro(&path, true).map(|i| i.size()).ok().or_else(|| std::fs::metadata(&path).ok().map(|m| m.len())),
+    };
+    (guid, len)
+}
+
+/// Options of the commands that open a chain: `-o backing-identity=check|ignore` and
+/// `--backing-search DIR` (repeatable), applied to the library's [`Options`].
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ChainArgs {
+    /// Open options: backing-identity=check|ignore (compare backing GUIDs, quring's
+    /// identity extension).
+    #[arg(short = 'o')]
+    pub open_options: Vec<String>,
+    /// Directory where a missing or replaced backing file is looked for by GUID
+    /// (repeatable).
+    #[arg(long = "backing-search")]
+    pub backing_search: Vec<std::path::PathBuf>,
+}
+
+impl ChainArgs {
+    /// Applies them to `o`.
+    pub fn apply(&self, o: &mut Options) -> Result<(), String> {
+        for (k, v) in parse_opts(&self.open_options)? {
+            match (k.as_str(), v.as_str()) {
+                ("backing-identity", "check") => o.backing_identity = quring::image::IdentityPolicy::Check,
+                ("backing-identity", "ignore") => o.backing_identity = quring::image::IdentityPolicy::Ignore,
+                ("backing-identity", v) => {
+                    return Err(format!("Parameter 'backing-identity' expects 'check' or 'ignore', not '{v}'"));
+                }
+                (k, _) => return Err(format!("Invalid parameter '{k}'")),
+            }
+        }
+        o.backing_search = self.backing_search.clone();
+        Ok(())
+    }
 }
 
 /// Opens an image read-only for inspection tools (`force_share`: qemu-img's -U).

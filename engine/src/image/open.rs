@@ -38,6 +38,14 @@ impl Image {
         let cluster_size = Header::peek_cluster_size(&first[..valid])?;
         let (c0, valid) = sync.read(file.fd(), 0, cluster_size as usize)?;
         let header = Header::parse(&c0[..valid], file_len)?;
+        let identity = header.identity()?;
+        // The backing fields count only while they describe the backing file the header
+        // names (another tool may have changed it: Image::identity_stale).
+        let current = identity.as_ref().is_some_and(|id| id.backing_current(header.backing_file.as_deref()));
+        let backing_limit = match (&identity, &header.backing_file) {
+            (Some(id), Some(_)) if current => super::identity::limit_of(id.backing_len),
+            _ => u64::MAX,
+        };
         let geo = header.geometry();
         let read_only = opts.read_only;
         if !read_only && header.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
@@ -104,7 +112,15 @@ impl Image {
         let backing = if opts.backing == BackingPolicy::Ignore {
             None
         } else if let Some(name) = &header.backing_file {
-            Some(open_backing(path, name, header.backing_format().as_deref(), opts, depth)?)
+            let want = identity.as_ref().filter(|_| current).map(|id| id.backing_guid);
+            Some(super::identity::open_checked_backing(
+                path,
+                name,
+                header.backing_format().as_deref(),
+                opts,
+                depth,
+                want,
+            )?)
         } else {
             None
         };
@@ -201,6 +217,8 @@ impl Image {
             corrupt: std::sync::atomic::AtomicBool::new(header.incompatible_features & feature::INCOMPAT_CORRUPT != 0),
             signaled: std::sync::atomic::AtomicBool::new(false),
             overlap,
+            identity: Mutex::new(identity),
+            backing_limit: AtomicU64::new(backing_limit),
             header: Mutex::new(header),
         });
         if let Err(e) = img.check_contiguous_ranges() {
@@ -256,7 +274,13 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_backing(image: &Path, name: &str, fmt: Option<&str>, opts: &Options, depth: usize) -> Result<Backing> {
+pub(super) fn open_backing(
+    image: &Path,
+    name: &str,
+    fmt: Option<&str>,
+    opts: &Options,
+    depth: usize,
+) -> Result<Backing> {
     let path = resolve_backing_path(image, name);
     let bopts = Options { read_only: true, l1_room: None, ..opts.clone() };
     let fmt = match fmt {

@@ -142,7 +142,11 @@ impl Image {
         // The L1 (zeroed entries) is durable before the tables are freed and the header
         // says the new size.
         self.flush_metadata(&mut st, false, &self.counters)?;
-        self.update_header(&self.counters, |h| h.size = new_size)?;
+        self.update_header(&self.counters, |h| {
+            h.size = new_size;
+            // The identity extension's backing length stays true (docs/identity.md).
+            self.shrink_identity(h, new_size);
+        })?;
         // The freed clusters retire at this flush (their requests are gone when no queue is
         // busy); the file then ends after its last cluster in use.
         self.flush_metadata(&mut st, false, &self.counters)?;
