@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(short = 't', long = "cache", default_value = "writeback")]
     cache: String,
     #[command(flatten)]
-    chain: crate::util::ChainArgs,
+    chain: crate::args::ChainArgs,
     /// The image.
     image: PathBuf,
 }

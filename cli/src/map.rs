@@ -10,7 +10,7 @@ pub struct Args {
     #[command(flatten)]
     a: crate::args::InspectArgs,
     #[command(flatten)]
-    chain: crate::util::ChainArgs,
+    chain: crate::args::ChainArgs,
 }
 
 struct Entry {

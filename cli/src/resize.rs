@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(short = 'q')]
     quiet: bool,
     #[command(flatten)]
-    chain: crate::util::ChainArgs,
+    chain: crate::args::ChainArgs,
     /// The image.
     image: PathBuf,
     /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
