@@ -122,16 +122,29 @@ fn search(dirs: &[PathBuf], want: Guid) -> Result<Option<PathBuf>> {
 }
 
 /// The GUID in the header of the image at `p` (None: not a qcow2 image with a valid
-/// identity extension). Reads at most one cluster (2 MiB).
+/// identity extension). Reads at most the first 64 KiB: the magic, the header length and
+/// the extensions after it (the search reads no more of any file).
 pub fn header_guid(p: &Path) -> Option<Guid> {
+    use crate::format::bytes::be32;
+    use crate::format::extension::parse_extensions;
+    use crate::format::identity::EXT_IDENTITY;
     use std::io::Read;
-    let mut f = std::fs::File::open(p).ok()?;
-    let len = f.metadata().ok()?.len();
-    let mut head = vec![0u8; 4096.min(len as usize)];
-    f.read_exact(&mut head).ok()?;
-    let cs = Header::peek_cluster_size(&head).ok()?;
-    let mut c0 = vec![0u8; cs.min(len) as usize];
-    c0[..head.len()].copy_from_slice(&head);
-    f.read_exact(&mut c0[head.len()..]).ok()?;
-    Header::parse(&c0, len).ok()?.identity().ok()?.map(|id| id.guid)
+    const MAX: u64 = 64 << 10;
+    let f = std::fs::File::open(p).ok()?;
+    let mut buf = Vec::new();
+    f.take(MAX).read_to_end(&mut buf).ok()?;
+    let cs = Header::peek_cluster_size(&buf).ok()?;
+    let end = (cs as usize).min(buf.len());
+    let hl = match be32(&buf, 4) {
+        2 => crate::format::header::V2_HEADER_LENGTH as usize,
+        _ if buf.len() >= 104 => be32(&buf, 100) as usize,
+        _ => return None,
+    };
+    if hl > end {
+        return None;
+    }
+    let (exts, _) = parse_extensions(&buf, hl, end).ok()?;
+    let mut ids = exts.iter().filter(|e| e.kind == EXT_IDENTITY);
+    let id = Identity::parse(&ids.next()?.data).ok()?;
+    ids.next().is_none().then_some(id.guid)
 }

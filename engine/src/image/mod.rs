@@ -118,7 +118,8 @@ pub struct Options {
     pub backing_identity: IdentityPolicy,
     /// Directories searched for a backing image that is missing or has another GUID
     /// (`--backing-search`): the file whose identity carries the recorded GUID is opened
-    /// instead. Only headers are read, at most [`MAX_SEARCH_ENTRIES`] entries per directory.
+    /// instead. Only the first 64 KiB of each file are read, at most [`MAX_SEARCH_ENTRIES`]
+    /// entries per directory.
     pub backing_search: Vec<PathBuf>,
     /// The largest virtual size a live [`crate::queue::Queue::resize`] may grow to without
     /// reopening (the in-memory L1 table is sized for it). None: 8 times the size at open.
