@@ -290,3 +290,23 @@ fn convert_gives_a_new_guid() {
     let c = qemu_img(["compare", &s(&src), &s(&ovl)]);
     assert_eq!(c.status(), 0, "{}", c.describe());
 }
+
+/// The backing length over a raw backing file (a raw template that grew).
+#[test]
+fn raw_backing_file_grown_reads_zeros_past_the_recorded_length() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    let ov = dir.path().join("ov.qcow2");
+    build_raw(&base, 4 * MIB, &["write -P 0x21 0 4M".to_string()]);
+    qcreate(&["-b", "base.raw", "-F", "raw", &s(&ov), "8M"]);
+    let f = fs(&ov);
+    assert_eq!(f["backing-length"], 4 * MIB);
+    assert!(f.get("backing-guid").is_none(), "a raw file has no GUID: {f}");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&base).unwrap();
+        f.write_all(&vec![0x22u8; 4 * MIB as usize]).unwrap();
+    }
+    reads_ok(&qio(&ov, &["read -P 0x21 0 4M", "read -P 0 4M 4M"]));
+    reads_ok(&qemu_io(["-c", "read -P 0x22 4M 4M", &s(&ov)]));
+}
