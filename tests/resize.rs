@@ -310,3 +310,28 @@ fn l2_less_images_shrink_and_grow() {
     let r = quring(["io", "-c", "read -P 0x66 0 3000k", "-c", "read -P 0 3M 9M", &s(&p)]);
     assert!(r.status() == 0 && !r.stdout.contains("fail"), "{}", r.describe());
 }
+
+/// Raw images are resized as files, with qemu-img's probing warning and messages.
+#[test]
+fn raw_images_resize_like_qemu_img() {
+    let dir = tempdir();
+    let q = dir.path().join("q.raw");
+    let u = dir.path().join("u.raw");
+    for p in [&q, &u] {
+        build_raw(p, MIB, &["write -P 0x9 0 1M".to_string()]);
+    }
+    let steps: &[&[&str]] = &[&["-f", "raw", "+1M"], &["1M"], &["--shrink", "1000"], &["-f", "raw", "3M"]];
+    for st in steps {
+        let run = |tool: &str, p: &Path| {
+            let mut v: Vec<String> = vec!["resize".into()];
+            v.extend(st.iter().map(|a| a.to_string()));
+            v.insert(v.len() - 1, s(p));
+            if tool == "qemu" { qemu_img(&v) } else { quring(&v) }
+        };
+        let (a, b) = (run("qemu", &q), run("quring", &u));
+        assert_eq!(a.status(), b.status(), "{st:?}\n{}\n{}", a.describe(), b.describe());
+        assert_eq!(a.stderr.replace("qemu-img:", "quring:").replace(&s(&q), &s(&u)), b.stderr, "{st:?}");
+        assert_eq!(a.stdout, b.stdout, "{st:?}");
+        assert_eq!(std::fs::read(&q).unwrap(), std::fs::read(&u).unwrap(), "{st:?}");
+    }
+}
