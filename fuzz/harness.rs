@@ -55,6 +55,17 @@ pub fn fuzz_header(data: &[u8]) {
             let _ = h.feature_table();
             let _ = h.backing_format();
             let _ = h.lazy_refcounts();
+            // quring's identity extension: accepted ones survive a rewrite unchanged.
+            if let Ok(Some(id)) = h.identity() {
+                let _ = id.backing_current(h.backing_file.as_deref());
+                let mut h2 = h.clone();
+                h2.set_identity(Some(&id));
+                if let Ok(bytes) = h2.serialize()
+                    && let Ok(back) = Header::parse(&bytes, file_len.max(bytes.len() as u64))
+                {
+                    assert_eq!(back.identity().ok().flatten(), Some(id), "identity changed by a rewrite");
+                }
+            }
             // A header the engine accepted must also be writable back.
             let _ = h.serialize();
         }
@@ -72,12 +83,16 @@ pub fn fuzz_header(data: &[u8]) {
             let _ = parse_extensions(data, start, data.len() / 2);
         }
     }
-    // The feature-name table payload as the extension parser returns it.
+    // The feature-name table and identity payloads as the extension parser returns them.
     if let Ok((exts, _)) = parse_extensions(data, 0, data.len()) {
         for e in exts {
             let _ = parse_feature_table(&e.data);
+            if let Ok(id) = quring::format::identity::Identity::parse(&e.data) {
+                assert_eq!(quring::format::identity::Identity::parse(&id.to_extension().data).ok(), Some(id));
+            }
         }
     }
+    let _ = quring::format::identity::Identity::parse(data);
 }
 
 /// Target `decode`: byte 0 picks the decoder, the rest is its input.

@@ -218,6 +218,12 @@ const QEMU_OPENS: &[&str] = &[
     "l1_offset_past_eof",
     "refcount_table_offset_past_eof",
     "truncated_to_one_cluster",
+    // quring's identity extension: an unknown extension to QEMU, which ignores it.
+    "identity_truncated_guid",
+    "identity_without_name_hash",
+    "identity_nil_guid",
+    "identity_huge_backing_length",
+    "identity_twice",
 ];
 
 /// The process runner itself: exit codes, signals, per-child peak RSS.

@@ -45,3 +45,35 @@ impl InspectArgs {
         self.output == OutputFormat::Json
     }
 }
+
+/// Options of the commands that open a chain: `-o backing-identity=check|ignore` and
+/// `--backing-search DIR` (repeatable), applied to the library's [`Options`].
+#[derive(ClapArgs, Clone, Debug, Default)]
+pub struct ChainArgs {
+    /// Open options: backing-identity=check|ignore (compare backing GUIDs, quring's
+    /// identity extension).
+    #[arg(short = 'o')]
+    pub open_options: Vec<String>,
+    /// Directory where a missing or replaced backing file is looked for by GUID
+    /// (repeatable).
+    #[arg(long = "backing-search")]
+    pub backing_search: Vec<std::path::PathBuf>,
+}
+
+impl ChainArgs {
+    /// Applies them to `o`.
+    pub fn apply(&self, o: &mut quring::image::Options) -> Result<(), String> {
+        for (k, v) in crate::util::parse_opts(&self.open_options)? {
+            match (k.as_str(), v.as_str()) {
+                ("backing-identity", "check") => o.backing_identity = quring::image::IdentityPolicy::Check,
+                ("backing-identity", "ignore") => o.backing_identity = quring::image::IdentityPolicy::Ignore,
+                ("backing-identity", v) => {
+                    return Err(format!("Parameter 'backing-identity' expects 'check' or 'ignore', not '{v}'"));
+                }
+                (k, _) => return Err(format!("Invalid parameter '{k}'")),
+            }
+        }
+        o.backing_search = self.backing_search.clone();
+        Ok(())
+    }
+}

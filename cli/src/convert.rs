@@ -210,13 +210,22 @@ fn create_target(
             Ok((Target::Raw { file: f, _lock: lock }, true))
         }
         ImageFormat::Qcow2 => {
-            let mut o = quring::format::layout::CreateOptions::default();
+            // The output is a new image: a new GUID (quring's identity extension, unless
+            // `-o identity=off`), and with -B its backing file's GUID and length.
+            let mut o = quring::format::layout::CreateOptions {
+                identity: Some(quring::format::identity::Identity::generate()),
+                ..Default::default()
+            };
             crate::util::apply_create_opts(&mut o, &a.options).map_err(|e| e.to_string())?;
             if let Some(b) = &a.backing {
                 o.backing_file = Some(b.clone());
                 o.backing_fmt = a.backing_format.clone();
             }
             o.size = size;
+            if let (Some(id), Some(b)) = (o.identity.as_mut(), o.backing_file.as_ref()) {
+                let (guid, len) = crate::util::backing_identity(&a.dst, b, o.backing_fmt.as_deref());
+                id.set_backing(guid, len.unwrap_or(size.div_ceil(512) * 512), b);
+            }
             crate::output::check_replace(&a.dst, chain, a.force_share)?;
             // create takes the write lock before it truncates.
             quring::image::create(&a.dst, &o, true).map_err(|e| e.to_string())?;

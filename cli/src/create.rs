@@ -2,6 +2,7 @@
 
 use crate::util::{apply_create_opts, parse_size};
 use clap::Parser;
+use quring::format::identity::Identity;
 use quring::format::layout::{CreateOptions, Preallocation};
 use std::path::PathBuf;
 
@@ -38,7 +39,8 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     if a.format != "qcow2" {
         return Err(format!("unsupported format '{}' (quring creates qcow2)", a.format).into());
     }
-    let mut o = CreateOptions::default();
+    // quring's identity extension is on unless `-o identity=off` (docs/identity.md).
+    let mut o = CreateOptions { identity: Some(Identity::generate()), ..Default::default() };
     apply_create_opts(&mut o, &a.options)?;
     if let Some(b) = a.backing {
         o.backing_file = Some(b);
@@ -68,6 +70,10 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         Some(s) => parse_size(s)?,
         None => backing_size.ok_or("Image creation needs a size parameter")?,
     };
+    if let (Some(id), Some(b)) = (o.identity.as_mut(), o.backing_file.as_ref()) {
+        let (guid, len) = crate::util::backing_identity(&a.image, b, o.backing_fmt.as_deref());
+        id.set_backing(guid, len.or(backing_size).unwrap_or(o.size.div_ceil(512) * 512), b);
+    }
     if !a.quiet {
         let mut line = format!("Formatting '{}', fmt=qcow2 cluster_size={}", a.image.display(), o.cluster_size);
         if !o.compat_v2 {

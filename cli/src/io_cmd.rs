@@ -37,6 +37,8 @@ pub struct Args {
     /// Cache mode: writeback (default) or writethrough.
     #[arg(short = 't', long = "cache", default_value = "writeback")]
     cache: String,
+    #[command(flatten)]
+    chain: crate::args::ChainArgs,
     /// The image.
     image: PathBuf,
 }
@@ -61,7 +63,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let opts = Options {
+    let mut opts = Options {
         read_only: a.read_only || !writes,
         force_share: a.force_share,
         cache,
@@ -70,6 +72,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         cache_clean_interval: (a.cache_clean_interval != 0).then(|| Duration::from_secs(a.cache_clean_interval)),
         ..Options::default()
     };
+    a.chain.apply(&mut opts)?;
     let img = Image::open(&a.image, &opts).map_err(|e| format!("can't open device {}: {e}", a.image.display()))?;
     let mut q = Queue::new(&img, &QueueOptions::default())?;
     let mut status = 0u8;

@@ -19,6 +19,7 @@ mod nbd;
 mod output;
 mod probe;
 mod qjson;
+mod resize;
 mod serve;
 mod util;
 
@@ -52,6 +53,8 @@ enum Cmd {
     Io(io_cmd::Args),
     /// Benchmark reads or writes (like `qemu-img bench`).
     Bench(bench::Args),
+    /// Change the virtual size of an image (like `qemu-img resize`).
+    Resize(resize::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Resize(a) => resize::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

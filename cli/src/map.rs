@@ -1,6 +1,5 @@
 //! `quring map`: the guest -> file mapping, merged and printed exactly as `qemu-img map`.
 
-use crate::util::open_ro;
 use clap::Parser;
 use quring::image::status::BlockStatus;
 use std::fmt::Write;
@@ -10,6 +9,8 @@ use std::fmt::Write;
 pub struct Args {
     #[command(flatten)]
     a: crate::args::InspectArgs,
+    #[command(flatten)]
+    chain: crate::args::ChainArgs,
 }
 
 struct Entry {
@@ -57,11 +58,13 @@ impl Layer {
     }
 }
 
-pub fn run(Args { a }: Args) -> Result<u8, Box<dyn std::error::Error>> {
+pub fn run(Args { a, chain }: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let could_not = |e: String| format!("Could not open '{}': {e}", a.image.display());
     let layer = match crate::probe::resolve(&a.image, a.format.as_deref(), false)? {
         crate::probe::ImageFormat::Qcow2 => {
-            Layer::Qcow2(open_ro(&a.image, a.force_share).map_err(|e| could_not(e.to_string()))?)
+            let mut o = quring::image::Options { read_only: true, force_share: a.force_share, ..Default::default() };
+            chain.apply(&mut o)?;
+            Layer::Qcow2(quring::image::Image::open(&a.image, &o).map_err(|e| could_not(e.to_string()))?)
         }
         crate::probe::ImageFormat::Raw => {
             let f = std::fs::File::open(&a.image).map_err(|e| could_not(crate::probe::os_text(&e)))?;

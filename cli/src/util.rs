@@ -95,6 +95,8 @@ pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), B
                 }
             }
             "l2_less" => o.l2_less = on_off(&k, &v)?,
+            // quring's identity extension (docs/identity.md); on by default in the tools.
+            "identity" => o.identity = on_off(&k, &v)?.then(quring::format::identity::Identity::generate),
             other => return Err(format!("Invalid parameter '{other}'").into()),
         }
     }
@@ -102,6 +104,18 @@ pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), B
         o.compat_v2 = v2;
     }
     Ok(())
+}
+
+/// The GUID (nil when it has none) and length of the backing file `name` of a new image at
+/// `image`, for the new image's identity extension (None: the file cannot be read).
+pub fn backing_identity(image: &Path, name: &str, fmt: Option<&str>) -> (quring::format::identity::Guid, Option<u64>) {
+    let path = quring::image::resolve_backing_path(image, name);
+    let guid = quring::image::header_guid(&path).unwrap_or_default();
+    let len = match fmt {
+        Some("raw") => std::fs::metadata(&path).ok().map(|m| m.len()),
+        _ => open_ro(&path, true).map(|i| i.size()).ok().or_else(|| std::fs::metadata(&path).ok().map(|m| m.len())),
+    };
+    (guid, len)
 }
 
 /// Opens an image read-only for inspection tools (`force_share`: qemu-img's -U).

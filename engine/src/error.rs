@@ -28,6 +28,9 @@ pub enum Error {
     Locked(String),
     /// The file is not a qcow2 image (no qcow2 magic): QEMU's "Image is not in qcow2 format".
     NotQcow2,
+    /// A backing image is not the one an image was made on (quring's identity extension:
+    /// the GUIDs differ); the message names both GUIDs and both paths.
+    BackingMismatch(String),
 }
 
 /// Result alias used throughout the engine.
@@ -58,6 +61,7 @@ impl Error {
             Error::InvalidRequest(_) => libc::EINVAL,
             Error::Locked(_) => libc::EAGAIN,
             Error::NotQcow2 => libc::EINVAL,
+            Error::BackingMismatch(_) => libc::EINVAL,
         }
     }
 }
@@ -71,6 +75,7 @@ impl fmt::Display for Error {
             Error::Io { op, source } => write!(f, "{op}: {source}"),
             Error::Locked(s) => write!(f, "{s}"),
             Error::NotQcow2 => write!(f, "Image is not in qcow2 format"),
+            Error::BackingMismatch(s) => write!(f, "{s}"),
         }
     }
 }

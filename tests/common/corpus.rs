@@ -108,6 +108,38 @@ pub fn find_extension(p: &Path, ext: u32) -> Option<(u64, u32)> {
     None
 }
 
+/// Appends a header extension (`kind`, `data`) after the last one (where the end marker
+/// was), followed by a new end marker.
+pub fn add_extension(p: &Path, kind: u32, data: &[u8]) {
+    let hl = read_be32(p, H_HEADER_LENGTH) as u64;
+    let mut off = hl;
+    loop {
+        let t = read_be32(p, off);
+        if t == 0 {
+            break;
+        }
+        off += 8 + (read_be32(p, off + 4) as u64).div_ceil(8) * 8;
+    }
+    let mut rec = Vec::new();
+    rec.extend_from_slice(&kind.to_be_bytes());
+    rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    rec.extend_from_slice(data);
+    rec.resize(8 + data.len().div_ceil(8) * 8 + 8, 0);
+    patch_bytes(p, off, &rec);
+}
+
+/// quring's identity extension type (docs/identity.md).
+pub const EXT_IDENTITY: u32 = 0x7172_6964;
+
+/// A well-formed identity payload (GUID 0x11.., backing GUID 0, backing length, no name).
+pub fn identity_payload(backing_len: u64) -> Vec<u8> {
+    let mut d = vec![0x11u8; 16];
+    d.extend_from_slice(&[0u8; 16]);
+    d.extend_from_slice(&backing_len.to_be_bytes());
+    d.extend_from_slice(&[0u8; 8]);
+    d
+}
+
 /// Overwrites the last entry of the feature name table with
 /// (`kind`, `bit`, `name`).
 pub fn patch_feature_name(p: &Path, kind: u8, bit: u8, name: &str) {
@@ -232,8 +264,55 @@ macro_rules! check_case {
     ($($t:tt)*) => { case!(Either, Either, SameAsQemu; $($t)*) };
 }
 
+/// quring's identity extension malformed (QEMU ignores it): quring refuses to open the
+/// image; `check` may go either way.
+macro_rules! identity_case {
+    ($($t:tt)*) => { case!(Fail, Fail, Either; $($t)*) };
+}
+
+const IDENTITY: &[&str] = &["identity"];
+
 fn specs() -> Vec<Spec> {
     vec![
+        identity_case!(
+            "identity_truncated_guid",
+            plain,
+            IDENTITY,
+            "identity extension of 12 bytes (a truncated GUID)",
+            |p| { add_extension(p, EXT_IDENTITY, &[0x11; 12]) }
+        ),
+        identity_case!(
+            "identity_without_name_hash",
+            plain,
+            IDENTITY,
+            "identity extension of 40 bytes (the backing name hash missing)",
+            |p| add_extension(p, EXT_IDENTITY, &identity_payload(0)[..40])
+        ),
+        identity_case!("identity_nil_guid", plain, IDENTITY, "identity extension with an all-zero image GUID", |p| {
+            add_extension(p, EXT_IDENTITY, &[0u8; 48])
+        }),
+        identity_case!(
+            "identity_huge_backing_length",
+            plain,
+            IDENTITY,
+            "identity extension with backing length 2^64-1",
+            |p| add_extension(p, EXT_IDENTITY, &identity_payload(u64::MAX))
+        ),
+        identity_case!("identity_twice", plain, IDENTITY, "two identity extensions", |p| {
+            add_extension(p, EXT_IDENTITY, &identity_payload(0));
+            add_extension(p, EXT_IDENTITY, &identity_payload(0));
+        }),
+        identity_case!(
+            "identity_overruns_cluster",
+            plain,
+            &["overrun", "extension"],
+            "identity extension whose length runs past the header cluster",
+            |p| {
+                add_extension(p, EXT_IDENTITY, &identity_payload(0));
+                let (off, _) = find_extension(p, EXT_IDENTITY).unwrap();
+                patch_be32(p, off + 4, 0x20000);
+            }
+        ),
         header_case!(
             "empty_file",
             no_base,

@@ -222,6 +222,8 @@ impl Header {
             let (exts, _) = extension::parse_extensions(buf, h.header_length as usize, ext_end)?;
             h.extensions = exts;
         }
+        // quring's identity extension: validated here, so a bad one fails every open.
+        h.identity()?;
         let table = h.feature_table()?;
         let unknown = h.incompatible_features & !feature::INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -370,6 +372,29 @@ impl Header {
         self.extensions.retain(|e| e.kind != EXT_BACKING_FORMAT);
         if let Some(f) = fmt {
             self.extensions.insert(0, Extension { kind: EXT_BACKING_FORMAT, data: f.as_bytes().to_vec() });
+        }
+    }
+
+    /// quring's identity extension (docs/identity.md), if present.
+    pub fn identity(&self) -> Result<Option<super::identity::Identity>> {
+        use super::identity::{EXT_IDENTITY, Identity};
+        let mut it = self.extensions.iter().filter(|e| e.kind == EXT_IDENTITY);
+        let Some(e) = it.next() else { return Ok(None) };
+        if it.next().is_some() {
+            return Err(Error::corrupt("identity extension", "the header has more than one"));
+        }
+        Identity::parse(&e.data).map(Some)
+    }
+
+    /// Sets (or, with None, removes) the identity extension; it goes after the backing
+    /// format and feature table, before unknown extensions keep their order.
+    pub fn set_identity(&mut self, id: Option<&super::identity::Identity>) {
+        use super::identity::EXT_IDENTITY;
+        let at = self.extensions.iter().position(|e| e.kind == EXT_IDENTITY);
+        self.extensions.retain(|e| e.kind != EXT_IDENTITY);
+        if let Some(id) = id {
+            let at = at.unwrap_or(self.extensions.len()).min(self.extensions.len());
+            self.extensions.insert(at, id.to_extension());
         }
     }
 

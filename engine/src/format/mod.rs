@@ -8,6 +8,7 @@ pub mod extension;
 pub mod feature;
 pub mod geometry;
 pub mod header;
+pub mod identity;
 pub mod l1;
 pub mod l2;
 pub mod layout;

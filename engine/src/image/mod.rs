@@ -17,6 +17,7 @@ pub(crate) mod compressed;
 mod create;
 pub(crate) mod epoch;
 mod header;
+mod identity;
 pub mod mapping;
 mod open;
 mod overlap;
@@ -28,6 +29,7 @@ mod writeback;
 pub(crate) use slices::SliceClaim;
 
 pub use create::create;
+pub use identity::header_guid;
 pub use open::{probe_format, resolve_backing_path};
 
 use crate::counters::{CounterSnapshot, Counters};
@@ -70,6 +72,21 @@ pub enum BackingPolicy {
     Ignore,
 }
 
+/// What opening a chain does with the GUIDs of quring's identity extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IdentityPolicy {
+    /// A backing image whose GUID differs from the recorded one is refused (or searched
+    /// for in [`Options::backing_search`]).
+    #[default]
+    Check,
+    /// GUIDs are not compared (`-o backing-identity=ignore`); the backing length still
+    /// applies.
+    Ignore,
+}
+
+/// Most directory entries [`Options::backing_search`] looks at per directory.
+pub const MAX_SEARCH_ENTRIES: usize = 4096;
+
 /// Options for [`Image::open`]. Cache sizes are named as QEMU's runtime options.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -96,6 +113,17 @@ pub struct Options {
     /// given back (QEMU's default on Linux: 600 s; None: never). The queues do it as they
     /// run; an idle image is cleaned by [`Image::clean_cache`] (e.g. from a VMM's timer).
     pub cache_clean_interval: Option<std::time::Duration>,
+    /// Whether the backing images' GUIDs are checked against the ones an image recorded
+    /// (quring's identity extension, docs/identity.md).
+    pub backing_identity: IdentityPolicy,
+    /// Directories searched for a backing image that is missing or has another GUID
+    /// (`--backing-search`): the file whose identity carries the recorded GUID is opened
+    /// instead. Only the first 64 KiB of each file are read, at most [`MAX_SEARCH_ENTRIES`]
+    /// entries per directory.
+    pub backing_search: Vec<PathBuf>,
+    /// The largest virtual size a live [`crate::queue::Queue::resize`] may grow to without
+    /// reopening (the in-memory L1 table is sized for it). None: 8 times the size at open.
+    pub l1_room: Option<u64>,
 }
 
 impl Default for Options {
@@ -110,6 +138,9 @@ impl Default for Options {
             backing: BackingPolicy::Open,
             hook: None,
             cache_clean_interval: Some(std::time::Duration::from_secs(600)),
+            l1_room: None,
+            backing_identity: IdentityPolicy::Check,
+            backing_search: Vec::new(),
         }
     }
 }
@@ -215,6 +246,11 @@ pub struct Image {
     pub(crate) opened_at: std::time::Instant,
     /// Milliseconds after `opened_at` when the cache is cleaned next (u64::MAX: never).
     pub(crate) next_clean_ms: AtomicU64,
+    /// quring's identity extension, as in the header (None: the image has none).
+    pub(crate) identity: Mutex<Option<crate::format::identity::Identity>>,
+    /// Guest offsets at or past this read as zeros where this image has no data (the
+    /// recorded backing length, rounded up to 512; u64::MAX without one).
+    pub(crate) backing_limit: AtomicU64,
 }
 
 impl std::fmt::Debug for Image {
@@ -329,6 +365,13 @@ impl Image {
         let start = i.saturating_mul(g.l1_coverage());
         let end = start.saturating_add(g.l1_coverage()).min(self.vsize());
         end.saturating_sub(start).div_ceil(g.cluster_size())
+    }
+
+    /// Guest offsets at or past this read as zeros where this image has no data (the
+    /// recorded backing length of the identity extension; u64::MAX without one).
+    #[inline]
+    pub(crate) fn backing_limit(&self) -> u64 {
+        self.backing_limit.load(Ordering::Acquire)
     }
 
     /// Depth of this image in its chain (0 = top).

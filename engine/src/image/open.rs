@@ -38,6 +38,14 @@ impl Image {
         let cluster_size = Header::peek_cluster_size(&first[..valid])?;
         let (c0, valid) = sync.read(file.fd(), 0, cluster_size as usize)?;
         let header = Header::parse(&c0[..valid], file_len)?;
+        let identity = header.identity()?;
+        // The backing fields count only while they describe the backing file the header
+        // names (another tool may have changed it: Image::identity_stale).
+        let current = identity.as_ref().is_some_and(|id| id.backing_current(header.backing_file.as_deref()));
+        let backing_limit = match (&identity, &header.backing_file) {
+            (Some(id), Some(_)) if current => super::identity::limit_of(id.backing_len),
+            _ => u64::MAX,
+        };
         let geo = header.geometry();
         let read_only = opts.read_only;
         if !read_only && header.incompatible_features & feature::INCOMPAT_CORRUPT != 0 {
@@ -63,13 +71,20 @@ impl Image {
                 e.validate(i as u64, geo.cluster_size(), l2less)?;
             }
         }
-        // Room in memory for the L1 table to grow (Image::resize) up to 8x the size,
-        // within QEMU's L1 limit.
+        // Room in memory for the L1 table to grow (Image::resize) up to 8x the size (or
+        // Options::l1_room), within QEMU's L1 limit.
+        let room = header.size.saturating_mul(8).max(opts.l1_room.unwrap_or(0));
         let cap = geo
-            .l1_entries_for(header.size.saturating_mul(8))
+            .l1_entries_for(room)
             .unwrap_or(0)
             .clamp(entries.len() as u64, crate::format::geometry::MAX_L1_BYTES / 8)
-            .min(entries.len() as u64 + (1 << 16)) as usize;
+            .min(entries.len() as u64 + (1 << 16))
+            .max(
+                opts.l1_room
+                    .and_then(|r| geo.l1_entries_for(r))
+                    .unwrap_or(0)
+                    .min(crate::format::geometry::MAX_L1_BYTES / 8),
+            ) as usize;
         let l1: Box<[AtomicU64]> =
             (0..cap.max(entries.len())).map(|i| AtomicU64::new(entries.get(i).map_or(0, |e| e.0))).collect();
 
@@ -97,7 +112,15 @@ impl Image {
         let backing = if opts.backing == BackingPolicy::Ignore {
             None
         } else if let Some(name) = &header.backing_file {
-            Some(open_backing(path, name, header.backing_format().as_deref(), opts, depth)?)
+            let want = identity.as_ref().filter(|_| current).map(|id| id.backing_guid);
+            Some(super::identity::open_checked_backing(
+                path,
+                name,
+                header.backing_format().as_deref(),
+                opts,
+                depth,
+                want,
+            )?)
         } else {
             None
         };
@@ -194,6 +217,8 @@ impl Image {
             corrupt: std::sync::atomic::AtomicBool::new(header.incompatible_features & feature::INCOMPAT_CORRUPT != 0),
             signaled: std::sync::atomic::AtomicBool::new(false),
             overlap,
+            identity: Mutex::new(identity),
+            backing_limit: AtomicU64::new(backing_limit),
             header: Mutex::new(header),
         });
         if let Err(e) = img.check_contiguous_ranges() {
@@ -249,9 +274,15 @@ pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_backing(image: &Path, name: &str, fmt: Option<&str>, opts: &Options, depth: usize) -> Result<Backing> {
+pub(super) fn open_backing(
+    image: &Path,
+    name: &str,
+    fmt: Option<&str>,
+    opts: &Options,
+    depth: usize,
+) -> Result<Backing> {
     let path = resolve_backing_path(image, name);
-    let bopts = Options { read_only: true, ..opts.clone() };
+    let bopts = Options { read_only: true, l1_room: None, ..opts.clone() };
     let fmt = match fmt {
         Some(f) => f.to_string(),
         None => probe_format(&path)?,

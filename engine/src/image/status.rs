@@ -132,6 +132,10 @@ impl Image {
                         file: None,
                     });
                 }
+                Extent::Unallocated if off >= layer.backing_limit() => {
+                    // Past the recorded backing length (identity extension): zeros.
+                    return Ok(BlockStatus::unallocated(n, depth));
+                }
                 Extent::Unallocated => match &layer.backing {
                     None => {
                         // Extended L2: unallocated subclusters of an allocated cluster still
@@ -142,7 +146,7 @@ impl Image {
                         if off >= raw.size {
                             return Ok(BlockStatus::unallocated(n, depth));
                         }
-                        let n = n.min(raw.size - off);
+                        let n = n.min(raw.size - off).min(layer.backing_limit() - off);
                         let (data, run) = seek_data_hole(raw.file.fd(), off, n, raw.size)?;
                         return Ok(BlockStatus {
                             len: run,
@@ -157,8 +161,8 @@ impl Image {
                     }
                     Some(Backing::Qcow2(b)) => {
                         let b = b.clone();
+                        len = n.min(layer.backing_limit() - off);
                         layer = b;
-                        len = n;
                         depth += 1;
                     }
                 },

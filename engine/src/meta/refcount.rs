@@ -376,6 +376,43 @@ impl Refcounts {
         Ok(())
     }
 
+    /// A shrink's last step (QEMU's `qcow2_shrink_reftable`, for the block at the end of
+    /// the file): when cluster `c` is a refcount block that describes itself and no other
+    /// cluster of its range is in use, its table entry is cleared (written at the next
+    /// write-back) and the block forgotten, so the file can be truncated before it.
+    /// Returns whether it was dropped.
+    pub fn drop_unused_block(&mut self, io: &MetaIo, c: u64) -> Result<bool> {
+        let ti = (c >> self.geo.refblock_bits()) as usize;
+        let off = self.geo.cluster_bytes(c);
+        if self.table.get(ti).map(|&e| rc::RefTableEntry(e).block_offset().0) != Some(off) {
+            return Ok(false);
+        }
+        let own = c & (self.geo.refblock_entries() - 1);
+        let order = self.geo.refcount_order;
+        let n = self.geo.refblock_entries();
+        let b = self.block(io, off)?;
+        if (0..n).any(|i| i != own && rc::get(&b.buf, i, order) != 0) {
+            return Ok(false);
+        }
+        self.blocks.remove(&off);
+        self.table[ti] = 0;
+        self.table_dirty = true;
+        self.overlap.forget(HostCluster(c));
+        if self.end_cluster > c {
+            self.end_cluster = c;
+        }
+        if self.free_hint > c {
+            self.free_hint = c;
+        }
+        Ok(true)
+    }
+
+    /// The file ends at `end` clusters (a shrink truncated it).
+    pub fn set_end(&mut self, end: u64) {
+        self.end_cluster = end;
+        self.free_hint = self.free_hint.min(end);
+    }
+
     /// Queues a decrement to be applied after the reference drop is durable.
     pub fn free_later(&mut self, cluster: u64, count: u64) {
         self.pending_free.push((cluster, count));

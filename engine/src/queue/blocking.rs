@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The user_data of the blocking helpers' requests.
+pub(super) const BLOCKING_TAG: u64 = u64::MAX - 1;
+
 impl Queue {
     /// Blocking helper: reads `buf.len()` bytes at `offset`.
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -30,10 +33,15 @@ impl Queue {
     }
 
     fn run_one(&mut self, op: Op) -> Result<()> {
-        const TAG: u64 = u64::MAX - 1;
         // SAFETY: the buffer (if any) is borrowed by our caller for the whole call, and we
         // wait for the completion of this request before returning.
-        unsafe { self.submit(Request { op, user_data: TAG })? };
+        unsafe { self.submit(Request { op, user_data: BLOCKING_TAG })? };
+        self.wait_blocking()
+    }
+
+    /// Waits for the request tagged [`BLOCKING_TAG`]; other completions stay for `reap`.
+    pub(super) fn wait_blocking(&mut self) -> Result<()> {
+        const TAG: u64 = BLOCKING_TAG;
         let mut out = Vec::new();
         loop {
             self.reap(&mut out, 1, None)?;

@@ -15,6 +15,7 @@ mod job;
 mod pool;
 mod read;
 mod req;
+mod resize;
 mod ring;
 mod run;
 mod slice;
@@ -24,6 +25,7 @@ mod zero;
 
 use io::Io;
 use req::{Parent, Req, ReqKind};
+pub use resize::ResizeOptions;
 
 use crate::counters::{CounterSnapshot, Counters};
 use crate::image::Image;
@@ -296,7 +298,7 @@ impl Queue {
             Op::Read { offset, buf, len } => (ReqKind::Read, offset, len as u64, buf),
             Op::Write { offset, buf, len } => (ReqKind::Write, offset, len as u64, buf as *mut u8),
             Op::WriteZeroes { offset, len, unmap } => (ReqKind::Zero { unmap }, offset, len, std::ptr::null_mut()),
-            Op::Discard { offset, len } => (ReqKind::Discard, offset, len, std::ptr::null_mut()),
+            Op::Discard { offset, len } => (ReqKind::Discard { full: false }, offset, len, std::ptr::null_mut()),
             Op::Flush => (ReqKind::Flush, 0, 0, std::ptr::null_mut()),
             Op::Readv { .. } | Op::Writev { .. } => unreachable!("handled above"),
         };

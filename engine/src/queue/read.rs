@@ -117,17 +117,19 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters, private: Option<&
                         let in_cluster = layer.geo.offset_in_cluster(off);
                         return Ok(Piece::Compressed { layer: layer.clone(), host: host.0, clen, in_cluster, len: n });
                     }
+                    Extent::Unallocated if off >= layer.backing_limit() => return Ok(Piece::Zero { len: n }),
                     Extent::Unallocated => match &layer.backing {
                         None => return Ok(Piece::Zero { len: n }),
                         Some(Backing::Raw(raw)) => {
                             if off >= raw.size {
                                 return Ok(Piece::Zero { len: n });
                             }
+                            let n = n.min(layer.backing_limit() - off);
                             return Ok(Piece::Data { fd: raw.file.fd(), host: off, len: n });
                         }
                         Some(Backing::Qcow2(b)) => {
+                            len = n.min(layer.backing_limit() - off);
                             layer = b;
-                            len = n;
                         }
                     },
                 }

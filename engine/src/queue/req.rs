@@ -100,15 +100,21 @@ pub(crate) enum Parent {
 pub(crate) enum ReqKind {
     Read,
     Write,
-    Zero { unmap: bool },
-    Discard,
+    Zero {
+        unmap: bool,
+    },
+    /// `full`: the entries become 0 whatever is below (a shrink's cut-off range, QEMU's
+    /// full discard); otherwise a guest discard.
+    Discard {
+        full: bool,
+    },
     Flush,
 }
 
 impl ReqKind {
     /// Does it change the image (a write, zero write or discard)?
     pub fn writes(self) -> bool {
-        matches!(self, ReqKind::Write | ReqKind::Zero { .. } | ReqKind::Discard)
+        matches!(self, ReqKind::Write | ReqKind::Zero { .. } | ReqKind::Discard { .. })
     }
 }
 
@@ -203,7 +209,7 @@ impl Queue {
         match self.reqs[id].kind {
             ReqKind::Read => self.drive_read(id),
             ReqKind::Write => self.drive_write(id),
-            ReqKind::Zero { .. } | ReqKind::Discard => self.drive_zero(id),
+            ReqKind::Zero { .. } | ReqKind::Discard { .. } => self.drive_zero(id),
             ReqKind::Flush => self.drive_flush(id),
         }
     }
@@ -263,7 +269,7 @@ impl Queue {
         if let Some(p) = r.private.take() {
             self.put_buf(p.buf);
         }
-        if matches!(r.kind, ReqKind::Discard | ReqKind::Zero { .. }) && r.parent == Parent::Caller {
+        if matches!(r.kind, ReqKind::Discard { .. } | ReqKind::Zero { .. }) && r.parent == Parent::Caller {
             // It may have freed clusters: past the bound, make that durable now so that the
             // requests after it (a new epoch) reuse them (Image::reclaim_if_many_freed).
             self.reclaim_freed();
@@ -280,7 +286,7 @@ impl Queue {
                     Counters::bump(&c.guest_writes, 1);
                     Counters::bump(&c.write_bytes, r.len);
                 }
-                ReqKind::Discard => Counters::bump(&c.guest_discards, 1),
+                ReqKind::Discard { .. } => Counters::bump(&c.guest_discards, 1),
                 ReqKind::Flush => Counters::bump(&c.guest_flushes, 1),
             }
         }

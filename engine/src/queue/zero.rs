@@ -6,6 +6,18 @@ use crate::format::l2::{self, ClusterKind, L2Entry, SubclusterBitmap, subcluster
 use crate::format::types::GuestOffset;
 use crate::meta::cache::SlotId;
 
+/// What a zero write or discard does to one L2 entry.
+#[derive(Clone, Copy)]
+enum ZeroHow {
+    /// A zero write (`unmap`: allocated clusters may be deallocated).
+    Zero { unmap: bool },
+    /// A guest discard: reads zeros or backing data afterwards (v3 images with a backing
+    /// file keep the zero flag).
+    Discard,
+    /// The entry becomes 0 and its cluster is freed (the range a shrink cuts off).
+    Full,
+}
+
 impl Queue {
     /// Advances a zero-write or discard request.
     pub(crate) fn drive_zero(&mut self, id: usize) {
@@ -26,8 +38,9 @@ impl Queue {
             // reads as zeros, so a zero write of whole clusters deallocates them as a
             // discard does (QEMU's qcow2_subcluster_zeroize resorts to discard there).
             // Writing zeros as data would allocate every cluster a guest zeroes.
-            let v2_zero_as_discard = !v3 && whole && img.backing.is_none() && kind != ReqKind::Discard;
-            let discard = kind == ReqKind::Discard || v2_zero_as_discard;
+            let full = kind == ReqKind::Discard { full: true };
+            let v2_zero_as_discard = !v3 && whole && img.backing.is_none() && !matches!(kind, ReqKind::Discard { .. });
+            let discard = matches!(kind, ReqKind::Discard { .. }) || v2_zero_as_discard;
             let unmap = matches!(kind, ReqKind::Zero { unmap: true });
             // Pieces the metadata cannot express are written as zeros (zero writes) or
             // ignored (discards).
@@ -46,7 +59,7 @@ impl Queue {
             };
             // v2 images have no zero flag: a discard there would expose the backing file,
             // so QEMU ignores discards on v2 images with a backing file, and so do we.
-            if discard && (meta_start == meta_end || (!v3 && img.backing.is_some())) {
+            if discard && (meta_start == meta_end || (!v3 && img.backing.is_some() && !full)) {
                 self.reqs[id].cursor += n;
                 continue;
             }
@@ -73,8 +86,8 @@ impl Queue {
             // Metadata change for [meta_start, meta_end) of this cluster.
             let l1i = g.l1_index(g.guest_cluster(GuestOffset(pos)));
             let l1e = img.l1_entry(l1i);
-            if l1e.l2_offset().0 == 0 && img.backing.is_none() {
-                // No table and nothing below: already reads as zeros.
+            if l1e.l2_offset().0 == 0 && (img.backing.is_none() || full) {
+                // No table and nothing below (or a full discard): nothing to change.
                 self.reqs[id].cursor += n;
                 continue;
             }
@@ -109,7 +122,14 @@ impl Queue {
                     break;
                 }
             };
-            let r = self.zero_entry(slot, at.word, meta_start - cstart, meta_end - meta_start, whole, discard, unmap);
+            let how = if full {
+                ZeroHow::Full
+            } else if discard {
+                ZeroHow::Discard
+            } else {
+                ZeroHow::Zero { unmap }
+            };
+            let r = self.zero_entry(slot, at.word, meta_start - cstart, meta_end - meta_start, whole, how);
             drop(st);
             img.l2_cache.unpin(slot);
             match r {
@@ -136,7 +156,6 @@ impl Queue {
     /// Rewrites one L2 entry for a zero write or discard (metadata lock held). `Ok(false)`:
     /// the entry cannot express the change (a partial zero write to a compressed cluster);
     /// nothing was changed and the range must be written as zeros.
-    #[allow(clippy::too_many_arguments)]
     fn zero_entry(
         &mut self,
         slot: SlotId,
@@ -144,9 +163,13 @@ impl Queue {
         in_c: u64,
         len: u64,
         whole: bool,
-        discard: bool,
-        unmap: bool,
+        how: ZeroHow,
     ) -> Result<bool> {
+        let (discard, unmap, full) = match how {
+            ZeroHow::Zero { unmap } => (false, unmap, false),
+            ZeroHow::Discard => (true, false, false),
+            ZeroHow::Full => (true, false, true),
+        };
         let img = self.image.clone();
         let g = img.geo;
         let cache = &img.l2_cache;
@@ -157,7 +180,9 @@ impl Queue {
             let compressed = matches!(kind, ClusterKind::Compressed { .. });
             if g.extended_l2 {
                 let b = cache.load_word(slot, word + 1);
-                let (ne, nb, free) = if whole {
+                let (ne, nb, free) = if whole && full {
+                    (0, 0, allocated || compressed)
+                } else if whole {
                     let drop_it = compressed || (allocated && (unmap || discard));
                     let ne = if drop_it { 0 } else { e };
                     (ne, SubclusterBitmap::from_parts(0, u32::MAX).0, drop_it)
@@ -180,7 +205,7 @@ impl Queue {
             let has_backing = img.backing.is_some();
             let (ne, free) = if discard {
                 let v3 = img.version >= 3;
-                let ne = if v3 && (has_backing || allocated || compressed) { l2::L2_ZERO } else { 0 };
+                let ne = if v3 && !full && (has_backing || allocated || compressed) { l2::L2_ZERO } else { 0 };
                 (ne, allocated || compressed)
             } else {
                 let drop_it = compressed || (unmap && allocated);

@@ -73,6 +73,10 @@ pub struct CreateOptions {
     pub compression: CompressionType,
     /// quring's L2-less ranges: sets incompatible bit 61 and its feature table entry.
     pub l2_less: bool,
+    /// quring's identity extension (docs/identity.md): the new image's GUID and its backing
+    /// image's GUID and length. None (the default) keeps the file byte-identical to
+    /// `qemu-img create`'s; left out when it does not fit in cluster 0.
+    pub identity: Option<super::identity::Identity>,
 }
 
 impl Default for CreateOptions {
@@ -89,6 +93,7 @@ impl Default for CreateOptions {
             backing_fmt: None,
             compression: CompressionType::Deflate,
             l2_less: false,
+            identity: None,
         }
     }
 }
@@ -234,6 +239,12 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
         header.extensions.push(table);
         if header.clone().serialize().is_err() {
             header.extensions.pop();
+        }
+    }
+    if let Some(id) = &o.identity {
+        header.set_identity(Some(id));
+        if header.clone().serialize().is_err() {
+            header.set_identity(None);
         }
     }
     // Fail early when header, extensions and name do not fit in cluster 0.

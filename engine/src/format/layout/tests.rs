@@ -331,6 +331,8 @@ fn any_options() -> impl Strategy<Value = CreateOptions> {
             backing_fmt: None,
             compression: if zstd { CompressionType::Zstd } else { CompressionType::Deflate },
             l2_less: false,
+            // quring's identity extension on some plans (it must parse back).
+            identity: lazy.then(crate::format::identity::Identity::generate),
         })
 }
 
