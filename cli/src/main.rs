@@ -17,6 +17,7 @@ mod output;
 mod probe;
 mod qjson;
 mod serve;
+mod snapshot;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Cmd {
     Io(io_cmd::Args),
     /// Benchmark reads or writes (like `qemu-img bench`).
     Bench(bench::Args),
+    /// Create, apply, delete or list internal snapshots (like `qemu-img snapshot`).
+    Snapshot(snapshot::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Cmd::Io(a) => io_cmd::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -171,7 +171,7 @@ impl Image {
             backing,
             file_len: AtomicU64::new(file_len),
             opened_len: file_len,
-            snapshots,
+            snapshots: std::sync::RwLock::new(snapshots),
             counters: Counters::default(),
             queue_counters: Mutex::new(Vec::new()),
             read_only,
