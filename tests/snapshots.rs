@@ -1,0 +1,385 @@
+//! Internal snapshots (issue 16, item 3): `quring snapshot -c|-a|-d|-l` against
+//! `qemu-img snapshot` on twin images (v2 and v3, 512 B to 2 MiB clusters, extended L2,
+//! refcount widths 1/16/64, compressed clusters, a backing file), each step done by quring
+//! on one copy and by QEMU on the other: `qemu-img check` exit 0, the same guest content
+//! (`qemu-img compare`) and the same snapshot contents (`qemu-img convert -l
+//! snapshot.name=`), `qemu-img snapshot -l` identical but for the DATE column (creation
+//! times differ by the seconds between the two runs). Then each tool applies and deletes the
+//! snapshots the other made. Error cases: unknown names, a locked or shared-open image,
+//! mixed options, a raw image, a refcount width too small.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+struct Twin {
+    _dir: tempfile::TempDir,
+    /// The copy quring works on.
+    q: PathBuf,
+    /// The copy QEMU works on.
+    e: PathBuf,
+    dir: PathBuf,
+}
+
+/// Two identical images built by qemu-img/qemu-io.
+fn twin(opts: &Qcow2Opts, size: u64, setup: &[String], backing: bool) -> Twin {
+    let d = tempdir();
+    let dir = d.path().to_path_buf();
+    let mut opts = opts.clone();
+    if backing {
+        let b = dir.join("base.qcow2");
+        build_qcow2(
+            &b,
+            &Qcow2Opts::cluster(65536),
+            size,
+            &[format!("write -P 0x5a 0 {}", size / 2), format!("write -P 0x5b {} 64k", size - 65536)],
+        );
+        opts.backing = Some(("base.qcow2".into(), "qcow2".into()));
+    }
+    let q = dir.join("q.qcow2");
+    let e = dir.join("e.qcow2");
+    build_qcow2(&q, &opts, size, setup);
+    std::fs::copy(&q, &e).unwrap();
+    Twin { _dir: d, q, e, dir }
+}
+
+/// `qemu-img check` exit 0.
+#[track_caller]
+fn check_clean(p: &Path) {
+    let r = qemu_img(["check", &s(p)]);
+    assert_eq!(r.code, Some(0), "qemu-img check of {}:\n{}", p.display(), r.describe());
+}
+
+/// The snapshot list without the DATE column (the two runs create at different seconds).
+fn list_without_dates(p: &Path, tool: &str) -> String {
+    let r = if tool == "qemu" { qemu_img(["snapshot", "-l", &s(p)]) } else { quring(["snapshot", "-l", &s(p)]) };
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    r.stdout
+        .lines()
+        .map(|l| {
+            // "ID TAG VM_SIZE DATE(19) VM_CLOCK ICOUNT": the DATE spans columns 34..53.
+            if l.len() >= 53 && !l.starts_with("ID") && !l.starts_with("Snapshot") {
+                format!("{}<date>{}", &l[..34], &l[53..])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The guest content of snapshot `name` as a raw file.
+fn snapshot_raw(p: &Path, name: &str, out: &Path) {
+    qemu_img(["convert", "-f", "qcow2", "-l", &format!("snapshot.name={name}"), "-O", "raw", &s(p), &s(out)]).ok();
+}
+
+#[track_caller]
+fn same_snapshot(t: &Twin, a: &Path, b: &Path, name: &str) {
+    let (ra, rb) = (t.dir.join("ra.raw"), t.dir.join("rb.raw"));
+    snapshot_raw(a, name, &ra);
+    snapshot_raw(b, name, &rb);
+    assert!(raw_bytes_equal(&ra, &rb), "snapshot {name} differs between {} and {}", a.display(), b.display());
+}
+
+#[track_caller]
+fn same_content(a: &Path, b: &Path) {
+    let r = qemu_img(["compare", "-f", "qcow2", "-F", "qcow2", &s(a), &s(b)]);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+}
+
+/// One snapshot step on both copies: quring on `t.q`, qemu-img on `t.e`.
+#[track_caller]
+fn both(t: &Twin, flag: &str, name: &str) {
+    let a = quring(["snapshot", flag, name, &s(&t.q)]);
+    let b = qemu_img(["snapshot", flag, name, &s(&t.e)]);
+    assert_eq!(
+        (a.code, a.stderr.replace("quring:", "qemu-img:")),
+        (b.code, b.stderr.clone()),
+        "quring:\n{}\nqemu-img:\n{}",
+        a.describe(),
+        b.describe()
+    );
+    assert_eq!(a.stdout, b.stdout);
+}
+
+/// Guest writes on both copies (quring io on quring's copy, qemu-io on QEMU's).
+#[track_caller]
+fn write_both(t: &Twin, cmds: &[&str]) {
+    let mut args = vec![];
+    for c in cmds {
+        args.push("-c".to_string());
+        args.push(c.to_string());
+    }
+    let mut qa = args.clone();
+    qa.push(s(&t.q));
+    quring(std::iter::once("io".to_string()).chain(qa)).ok();
+    let mut ea = vec!["-f".to_string(), "qcow2".into()];
+    ea.extend(args);
+    ea.push(s(&t.e));
+    qemu_io(&ea).ok();
+}
+
+/// The whole differential sequence on one configuration.
+fn sequence(opts: Qcow2Opts, size: u64, backing: bool) {
+    let cs = opts.cluster_size as u64;
+    let c2 = cs * 2;
+    let compressible = opts.cluster_size >= 4096;
+    let mut setup = vec![format!("write -P 1 0 {}", size / 4), format!("write -z {} {c2}", size / 2)];
+    if compressible {
+        // Compressed clusters: several share a host cluster (counted per host cluster).
+        setup.push(format!("write -c -P 7 {} {c2}", size / 2 + 4 * cs));
+    }
+    let t = twin(&opts, size, &setup, backing);
+    let ctx = format!("{opts:?} size {size} backing {backing}");
+
+    both(&t, "-c", "s1");
+    check_clean(&t.q);
+    write_both(&t, &[&format!("write -P 2 {cs} {c2}"), &format!("write -P 3 {} 8k", size - 8192), "discard 0 4k"]);
+    both(&t, "-c", "s2");
+    write_both(&t, &[&format!("write -z 0 {c2}"), &format!("write -P 4 {} {c2}", size / 2)]);
+    check_clean(&t.q);
+    same_content(&t.q, &t.e);
+    assert_eq!(list_without_dates(&t.q, "qemu"), list_without_dates(&t.e, "qemu"), "{ctx}");
+    assert_eq!(list_without_dates(&t.q, "quring"), list_without_dates(&t.e, "qemu"), "{ctx}");
+    for n in ["s1", "s2"] {
+        same_snapshot(&t, &t.q, &t.e, n);
+    }
+
+    both(&t, "-a", "s1");
+    check_clean(&t.q);
+    same_content(&t.q, &t.e);
+    write_both(&t, &[&format!("write -P 5 {} {cs}", cs * 3)]);
+    both(&t, "-c", "s3");
+    both(&t, "-d", "s1");
+    check_clean(&t.q);
+    same_content(&t.q, &t.e);
+    assert_eq!(list_without_dates(&t.q, "quring"), list_without_dates(&t.e, "qemu"), "{ctx}");
+    for n in ["s2", "s3"] {
+        same_snapshot(&t, &t.q, &t.e, n);
+    }
+    // By ID: "2" is s2's.
+    both(&t, "-a", "2");
+    same_content(&t.q, &t.e);
+    check_clean(&t.q);
+
+    // Each applies and deletes the other's snapshots.
+    let x = t.dir.join("x.qcow2");
+    let y = t.dir.join("y.qcow2");
+    std::fs::copy(&t.q, &x).unwrap();
+    std::fs::copy(&t.e, &y).unwrap();
+    qemu_img(["snapshot", "-a", "s3", &s(&x)]).ok();
+    quring(["snapshot", "-a", "s3", &s(&y)]).ok();
+    check_clean(&x);
+    check_clean(&y);
+    same_content(&x, &y);
+    qemu_img(["snapshot", "-d", "s2", &s(&x)]).ok();
+    quring(["snapshot", "-d", "s2", &s(&y)]).ok();
+    check_clean(&x);
+    check_clean(&y);
+    same_content(&x, &y);
+    same_snapshot(&t, &x, &y, "s3");
+    qemu_img(["snapshot", "-d", "s3", &s(&x)]).ok();
+    quring(["snapshot", "-d", "s3", &s(&y)]).ok();
+    check_clean(&x);
+    check_clean(&y);
+    same_content(&x, &y);
+    assert_eq!(qemu_img(["snapshot", "-l", &s(&y)]).ok().stdout, "");
+    // After every snapshot is gone, writes are in place again (COPIED exact): the file does
+    // not grow on an overwrite.
+    let before = std::fs::metadata(&y).unwrap().len();
+    quring(["io", "-c", &format!("write -P 9 0 {cs}"), &s(&y)]).ok();
+    assert_eq!(
+        std::fs::metadata(&y).unwrap().len(),
+        before,
+        "{ctx}: an overwrite after deleting all snapshots allocated"
+    );
+    check_clean(&y);
+}
+
+#[test]
+fn v3_64k() {
+    sequence(Qcow2Opts::cluster(65536), 8 << 20, false);
+}
+
+#[test]
+fn v2_64k() {
+    sequence(Qcow2Opts { compat: Compat::V010, ..Qcow2Opts::cluster(65536) }, 8 << 20, false);
+}
+
+#[test]
+fn v3_512() {
+    sequence(Qcow2Opts::cluster(512), 1 << 20, false);
+}
+
+#[test]
+fn v3_2m() {
+    sequence(Qcow2Opts::cluster(2 << 20), 32 << 20, false);
+}
+
+#[test]
+fn extended_l2_backing() {
+    sequence(Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) }, 8 << 20, true);
+}
+
+#[test]
+fn refcount_64_4k_backing() {
+    sequence(Qcow2Opts { refcount_bits: 64, ..Qcow2Opts::cluster(4096) }, 4 << 20, true);
+}
+
+#[test]
+fn v2_512_backing() {
+    sequence(Qcow2Opts { compat: Compat::V010, ..Qcow2Opts::cluster(512) }, 1 << 20, true);
+}
+
+/// 1-bit refcounts cannot count a second reference: both tools fail with "Invalid
+/// argument", exit 1 (QEMU leaves leaked clusters behind, quring checks before writing and
+/// leaves the image unchanged); an empty image can still take a snapshot.
+#[test]
+fn refcount_1() {
+    let opts = Qcow2Opts { refcount_bits: 1, ..Qcow2Opts::cluster(65536) };
+    let t = twin(&opts, 4 << 20, &["write -P 1 0 128k".into()], false);
+    both(&t, "-c", "s1");
+    check_clean(&t.q);
+    assert_eq!(qemu_img(["check", &s(&t.e)]).code, Some(3), "QEMU's failed snapshot leaks");
+    assert_eq!(qemu_img(["snapshot", "-l", &s(&t.q)]).ok().stdout, "");
+    let t = twin(&opts, 4 << 20, &[], false);
+    both(&t, "-c", "s1");
+    check_clean(&t.q);
+    assert_eq!(list_without_dates(&t.q, "quring"), list_without_dates(&t.e, "qemu"));
+    write_both(&t, &["write -P 3 0 64k"]);
+    both(&t, "-a", "s1");
+    same_content(&t.q, &t.e);
+    both(&t, "-d", "s1");
+    check_clean(&t.q);
+    same_content(&t.q, &t.e);
+}
+
+/// Duplicate names are accepted (each gets the next ID; the name then finds the first);
+/// unknown names and IDs fail as qemu-img's do.
+#[test]
+fn names_and_errors() {
+    let t = twin(&Qcow2Opts::cluster(65536), 4 << 20, &["write -P 1 0 64k".into()], false);
+    both(&t, "-c", "dup");
+    both(&t, "-c", "dup");
+    assert_eq!(list_without_dates(&t.q, "quring"), list_without_dates(&t.e, "qemu"));
+    both(&t, "-a", "nope");
+    both(&t, "-d", "nope");
+    both(&t, "-d", "dup");
+    both(&t, "-d", "dup");
+    both(&t, "-d", "dup");
+    both(&t, "-d", "1");
+    check_clean(&t.q);
+    // No action lists; an empty list prints nothing.
+    let a = quring(["snapshot", &s(&t.q)]);
+    let b = qemu_img(["snapshot", &s(&t.e)]);
+    assert_eq!((a.code, a.stdout), (b.code, b.stdout));
+    // Mixed actions.
+    let a = quring(["snapshot", "-l", "-c", "x", &s(&t.q)]);
+    let b = qemu_img(["snapshot", "-l", "-c", "x", &s(&t.e)]);
+    assert_eq!(a.code, b.code);
+    assert_eq!(
+        a.stderr.lines().next().map(|l| l.replace("quring:", "qemu-img:")),
+        b.stderr.lines().next().map(String::from)
+    );
+    // -U only with -l.
+    let a = quring(["snapshot", "-U", "-c", "x", &s(&t.q)]);
+    let b = qemu_img(["snapshot", "-U", "-c", "x", &s(&t.e)]);
+    assert_eq!(
+        (a.code, a.stderr.replace("quring:", "qemu-img:").replace(&s(&t.q), "IMG")),
+        (b.code, b.stderr.replace(&s(&t.e), "IMG"))
+    );
+    // A raw image has no snapshots.
+    let r = t.dir.join("r.raw");
+    build_raw(&r, 1 << 20, &[]);
+    for (flag, name) in [("-c", "x"), ("-a", "x"), ("-d", "x"), ("-l", "")] {
+        let mut args = vec!["snapshot", flag];
+        if !name.is_empty() {
+            args.push(name);
+        }
+        let p = s(&r);
+        args.push(&p);
+        let a = quring(&args);
+        let b = qemu_img(&args);
+        assert_eq!((a.code, a.stdout), (b.code, b.stdout), "{args:?}");
+        assert_eq!(a.stderr.replace("quring:", "qemu-img:"), b.stderr, "{args:?}");
+    }
+}
+
+/// An image another process has open for writing: the write lock is refused, as qemu-img
+/// refuses it; listing needs -U there.
+#[test]
+fn locked_image() {
+    let t = twin(&Qcow2Opts::cluster(65536), 4 << 20, &[], false);
+    for p in [&t.q, &t.e] {
+        let holder = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "sleep 3000", &s(p)])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut holder = holder;
+        let a = quring(["snapshot", "-c", "x", &s(p)]);
+        let b = qemu_img(["snapshot", "-c", "x", &s(p)]);
+        assert_eq!(a.code, Some(1));
+        assert_eq!(a.stderr.replace("quring:", "qemu-img:"), b.stderr, "{}", a.describe());
+        let a = quring(["snapshot", "-l", &s(p)]);
+        let b = qemu_img(["snapshot", "-l", &s(p)]);
+        assert_eq!((a.code, a.stderr.replace("quring:", "qemu-img:")), (b.code, b.stderr));
+        assert_eq!(quring(["snapshot", "-U", "-l", &s(p)]).code, Some(0));
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+}
+
+/// The library on an image open read-only refuses every change; listing works.
+#[test]
+fn library_read_only() {
+    let t = twin(&Qcow2Opts::cluster(65536), 4 << 20, &["write -P 1 0 64k".into()], false);
+    qemu_img(["snapshot", "-c", "s1", &s(&t.q)]).ok();
+    let img =
+        quring::image::Image::open(&t.q, &quring::image::Options { read_only: true, ..Default::default() }).unwrap();
+    assert_eq!(img.snapshots().len(), 1);
+    let e = img.create_snapshot(&quring::image::NewSnapshot::named("x")).unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert!(img.apply_snapshot("s1").unwrap_err().to_string().contains("read-only"));
+    assert!(img.delete_snapshot("s1").unwrap_err().to_string().contains("read-only"));
+    drop(img);
+    check_clean(&t.q);
+}
+
+/// The library on an image with running queues: a VMM pauses them (no request in flight)
+/// and snapshots between requests; the queues keep working after, with copy-on-write of the
+/// shared clusters, and what the VMM recorded (VM clock, icount) is listed by qemu-img.
+#[test]
+fn library_between_requests() {
+    use quring::image::{Image, NewSnapshot, Options};
+    use quring::queue::{Queue, QueueOptions};
+    let d = tempdir();
+    let p = d.path().join("vm.qcow2");
+    create_qcow2(&p, &Qcow2Opts::cluster(65536), 8 << 20);
+    let img = Image::open(&p, &Options::default()).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    q.write_at(&vec![1u8; 1 << 20], 0).unwrap();
+    let mut snap = NewSnapshot::named("vm1");
+    snap.vm_clock_nsec = 3_723_004_000_000; // 1 h 2 min 3.004 s
+    snap.icount = Some(12345);
+    let sn = img.create_snapshot(&snap).unwrap();
+    assert_eq!((sn.id.as_str(), sn.disk_size(), sn.icount()), ("1", Some(8 << 20), Some(12345)));
+    q.write_at(&vec![2u8; 64 << 10], 0).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    q.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..64 << 10].iter().all(|&b| b == 2) && buf[64 << 10..].iter().all(|&b| b == 1));
+    img.apply_snapshot("vm1").unwrap();
+    q.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 1), "after apply the queue reads the snapshot's data");
+    q.write_at(&vec![3u8; 4096], 4096).unwrap();
+    drop(q);
+    img.close().unwrap();
+    drop(img);
+    check_clean(&p);
+    let l = qemu_img(["snapshot", "-l", &s(&p)]).ok().stdout;
+    let line = l.lines().nth(2).unwrap();
+    assert!(line.starts_with("1       vm1 "), "{l}");
+    assert!(line.ends_with("0001:02:03.004      12345"), "{l}");
+}
