@@ -7,8 +7,16 @@
 //! times differ by the seconds between the two runs). Then each tool applies and deletes the
 //! snapshots the other made. Error cases: unknown names, a locked or shared-open image,
 //! mixed options, a raw image, a refcount width too small.
+//!
+//! Crash consistency: create, apply and delete run through the library with the crash
+//! harness's recorder; at every recorded write and flush a crash state is built (every
+//! write issued so far, and a random subset of the writes not yet durable, some torn) and
+//! must open, pass `qemu-img check` (leaks allowed; the one other complaint allowed is
+//! COPIED still clear on a cluster whose refcount is already 1, see `crash_state_ok`), and
+//! hold the old or the new guest content, every listed snapshot its own content.
 
 mod common;
+mod crash_harness;
 
 use common::*;
 use std::path::{Path, PathBuf};
@@ -382,4 +390,208 @@ fn library_between_requests() {
     let line = l.lines().nth(2).unwrap();
     assert!(line.starts_with("1       vm1 "), "{l}");
     assert!(line.ends_with("0001:02:03.004      12345"), "{l}");
+}
+
+// ---------------------------------------------------------------------------
+// Crash consistency
+
+use crash_harness::{Ev, Log, Recorder, harness_rng, materialize, open_recorded, read_disk};
+
+/// `qemu-img check` of a crash state: exit 0 or 3 (leaks), or exit 2 where every error is
+/// "OFLAG_COPIED ... refcount=1": a cluster whose refcount already dropped to 1 (a delete
+/// or apply that freed its other reference) before the pass that sets COPIED again was
+/// durable (or, in a create, COPIED cleared before the increments are). That is the
+/// harmless direction (a write there copies instead of writing in place, and frees the old
+/// cluster); QEMU's own delete and apply leave the same state when interrupted at that
+/// point (its create leaves the opposite one, COPIED on refcount 2, until the L2 tables are
+/// written), and `qemu-img check -r all` repairs it (checked here).
+/// COPIED on a cluster with refcount 2 (a write in place would change a snapshot) never
+/// passes. Returns whether the state had the COPIED complaint.
+fn crash_state_ok(p: &Path) -> Result<bool, String> {
+    let r = qemu_img(["check", &s(p)]);
+    match r.code {
+        Some(0) | Some(3) => Ok(false),
+        Some(2) => {
+            let errors: Vec<&str> = r.stderr.lines().chain(r.stdout.lines()).filter(|l| l.contains("ERROR")).collect();
+            if errors.iter().all(|l| l.starts_with("ERROR OFLAG_COPIED") && l.ends_with("refcount=1")) {
+                let fixed = p.with_extension("fixed");
+                std::fs::copy(p, &fixed).unwrap();
+                let f = qemu_img(["check", "-r", "all", &s(&fixed)]);
+                let again = qemu_img(["check", &s(&fixed)]);
+                if !matches!(again.code, Some(0) | Some(3)) {
+                    return Err(format!("check -r all did not repair:\n{}\n{}", f.describe(), again.describe()));
+                }
+                Ok(true)
+            } else {
+                Err(format!("qemu-img check found corruption:\n{}", r.describe()))
+            }
+        }
+        _ => Err(format!("qemu-img check failed:\n{}", r.describe())),
+    }
+}
+
+/// What a crash state may hold: the active content (old or new) and each snapshot's.
+struct Expect {
+    active: Vec<Vec<u8>>,
+    snaps: Vec<(String, Vec<u8>)>,
+    /// Snapshots that must be listed in every state.
+    always: Vec<String>,
+}
+
+fn raw_of(p: &Path, name: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("snap.raw");
+    snapshot_raw(p, name, &out);
+    std::fs::read(&out).unwrap()
+}
+
+/// Runs `op` on `img_path` through the library with the recorder, then checks a crash
+/// state at every recorded write and flush. Returns (states checked, states with the
+/// COPIED complaint).
+fn crash_op(img_path: &Path, op: &dyn Fn(&quring::image::Image), expect: &Expect, seed: u64) -> (usize, usize) {
+    let start = std::fs::read(img_path).unwrap();
+    let rec = Recorder::new();
+    let img = open_recorded(img_path, &rec, quring::image::CacheMode::Writeback);
+    let mark = rec.len();
+    op(&img);
+    img.close().unwrap();
+    drop(img);
+    let events = rec.events();
+    let log = Log::new(&events);
+    let dir = img_path.parent().unwrap();
+    let state = dir.join("state.qcow2");
+    let mut rng = harness_rng(seed);
+    let (mut n, mut copied) = (0, 0);
+    for c in mark..=events.len() {
+        if c > mark && !matches!(events[c - 1], Ev::Write { .. } | Ev::FlushDone { .. }) {
+            continue;
+        }
+        // Every write issued before the crash point, whole; then a random subset.
+        let mut prefix = start.clone();
+        for w in log.writes.iter().filter(|w| w.issued_at < c) {
+            let end = (w.off + w.len) as usize;
+            if prefix.len() < end {
+                prefix.resize(end, 0);
+            }
+            match &w.data {
+                Some(d) => prefix[w.off as usize..end].copy_from_slice(d),
+                None => prefix[w.off as usize..end].fill(0),
+            }
+        }
+        // A random subset at every other point (each state costs a check and conversions).
+        let (random, desc) = materialize(&start, &log, c, &mut rng);
+        let mut states = vec![("prefix", prefix)];
+        if (c - mark) % 2 == 1 {
+            states.push(("random", random));
+        }
+        for (what, bytes) in states {
+            std::fs::write(&state, &bytes).unwrap();
+            let ctx = || format!("{what} crash state at event {c} of {} (seed {seed})\n{desc}", events.len());
+            let bad = match crash_state_ok(&state) {
+                Ok(b) => b,
+                Err(e) => panic!("{}: {e}", ctx()),
+            };
+            copied += bad as usize;
+            let disk = read_disk(&state).unwrap_or_else(|e| panic!("{}: {e}", ctx()));
+            assert!(expect.active.contains(&disk), "{}: the guest content is neither the old nor the new one", ctx());
+            let listed = quring::image::Image::open(
+                &state,
+                &quring::image::Options { read_only: true, force_share: true, ..Default::default() },
+            )
+            .unwrap()
+            .snapshots();
+            for a in &expect.always {
+                assert!(listed.iter().any(|l| &l.name == a), "{}: snapshot {a} is gone", ctx());
+            }
+            for l in &listed {
+                let (_, want) = expect
+                    .snaps
+                    .iter()
+                    .find(|(n, _)| *n == l.name)
+                    .unwrap_or_else(|| panic!("{}: unexpected snapshot {}", ctx(), l.name));
+                assert!(raw_of(&state, &l.name, dir) == *want, "{}: snapshot {} has other content", ctx(), l.name);
+            }
+            n += 1;
+        }
+    }
+    (n, copied)
+}
+
+fn crash_config(opts: Qcow2Opts, size: u64, seed: u64) {
+    let cs = opts.cluster_size as u64;
+    let t = twin(
+        &opts,
+        size,
+        &[format!("write -P 1 0 {}", size / 2), format!("write -c -P 6 {} {}", size / 2, 2 * cs.max(4096))],
+        false,
+    );
+    let base = &t.e;
+    qemu_img(["snapshot", "-c", "s1", &s(base)]).ok();
+    qemu_io_cmds(base, "qcow2", &[format!("write -P 2 {cs} {}", 3 * cs), format!("write -z {} {cs}", 8 * cs)]);
+    let active = read_disk(base).unwrap();
+    let s1 = raw_of(base, "s1", &t.dir);
+    let mut total = (0, 0);
+    let mut add = |r: (usize, usize)| {
+        total.0 += r.0;
+        total.1 += r.1;
+    };
+
+    // create s2: the active content stays; s2 (if listed) holds it.
+    let p = t.dir.join("c.qcow2");
+    std::fs::copy(base, &p).unwrap();
+    let e = Expect {
+        active: vec![active.clone()],
+        snaps: vec![("s1".into(), s1.clone()), ("s2".into(), active.clone())],
+        always: vec!["s1".into()],
+    };
+    add(crash_op(
+        &p,
+        &|img| {
+            img.create_snapshot(&quring::image::NewSnapshot::named("s2")).unwrap();
+        },
+        &e,
+        seed,
+    ));
+
+    // apply s1: the old or the snapshot's content.
+    let p = t.dir.join("a.qcow2");
+    std::fs::copy(base, &p).unwrap();
+    let e = Expect {
+        active: vec![active.clone(), s1.clone()],
+        snaps: vec![("s1".into(), s1.clone())],
+        always: vec!["s1".into()],
+    };
+    add(crash_op(&p, &|img| img.apply_snapshot("s1").unwrap(), &e, seed + 1));
+
+    // delete s1 (with a second snapshot that shares clusters with it and the active disk).
+    let p = t.dir.join("d.qcow2");
+    std::fs::copy(base, &p).unwrap();
+    qemu_img(["snapshot", "-c", "s2", &s(&p)]).ok();
+    let e = Expect {
+        active: vec![active.clone()],
+        snaps: vec![("s1".into(), s1.clone()), ("s2".into(), active.clone())],
+        always: vec!["s2".into()],
+    };
+    add(crash_op(&p, &|img| img.delete_snapshot("s1").unwrap(), &e, seed + 2));
+    eprintln!("{opts:?}: {} crash states checked, {} with COPIED still clear on refcount 1", total.0, total.1);
+    assert!(total.0 > 30);
+}
+
+#[test]
+fn crash_4k() {
+    crash_config(Qcow2Opts::cluster(4096), 1 << 20, 1);
+}
+
+#[test]
+fn crash_v2_64k() {
+    crash_config(Qcow2Opts { compat: Compat::V010, ..Qcow2Opts::cluster(65536) }, 4 << 20, 11);
+}
+
+#[test]
+fn crash_512_rb64() {
+    crash_config(Qcow2Opts { refcount_bits: 64, ..Qcow2Opts::cluster(512) }, 256 << 10, 21);
+}
+
+#[test]
+fn crash_64k_extended_l2() {
+    crash_config(Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) }, 2 << 20, 31);
 }

@@ -15,10 +15,12 @@
 //! flags still clear on clusters whose refcount has already dropped to 1 (the harmless
 //! direction: a write there copies instead of writing in place; `qemu-img check` reports
 //! it, as for QEMU's own snapshot operations interrupted at the same point):
-//! - create: the snapshot's L1 table (a copy of the active one) in new clusters; refcount
-//!   increments of every cluster the active L1 reaches; COPIED cleared in the active L2
-//!   tables, then in the active L1; the new snapshot table in new clusters; the header
-//!   (`nb_snapshots`, `snapshots_offset`); the old table freed.
+//! - create: the snapshot's L1 table (a copy of the active one) in new clusters; COPIED
+//!   cleared in the active L2 tables, then in the active L1; refcount increments of every
+//!   cluster the active L1 reaches; the new snapshot table in new clusters; the header
+//!   (`nb_snapshots`, `snapshots_offset`); the old table freed. (QEMU increments before it
+//!   clears COPIED, so its crash states can show COPIED on refcount 2; clearing first
+//!   keeps every intermediate state in the harmless direction.)
 //! - apply: refcount increments of what the snapshot reaches; COPIED cleared in its L2
 //!   tables; the active L1 overwritten with the snapshot's (COPIED clear); the old active
 //!   tree's refcounts decremented (freed clusters punched); COPIED set where the refcount
@@ -103,13 +105,13 @@ impl Image {
             )?;
             g.cluster_bytes(c)
         };
-        // 2. The increments (durable with the copy: the write-back flushes the device).
-        self.apply_increments(&mut st, &refs)?;
-        // 3. COPIED cleared where clusters became shared: L2 tables, then the L1 table.
+        // 2. COPIED cleared on everything the snapshot will share: L2 tables, then the L1.
         let mut active = l1.clone();
-        if self.fix_copied(&mut st, &mut active)? {
+        if self.fix_copied(&mut st, &mut active, true)? {
             self.write_active_l1(&active)?;
         }
+        // 3. The increments (durable with the copy: the write-back flushes the device).
+        self.apply_increments(&mut st, &refs)?;
         // 4. The table and the header.
         let snap = Snapshot {
             l1_table_offset: crate::format::HostOffset(l1_off),
@@ -164,7 +166,7 @@ impl Image {
         self.count_refs(&old, &mut old_refs)?;
         // 1. What the snapshot reaches gains a reference; its tables lose COPIED.
         self.apply_increments(&mut st, &refs)?;
-        self.fix_copied(&mut st, &mut new)?;
+        self.fix_copied(&mut st, &mut new, false)?;
         // 2. The switch.
         for e in &old {
             let t = e.l2_offset().0;
@@ -179,7 +181,7 @@ impl Image {
         st.ctail = Default::default();
         self.apply_decrements(&mut st, &old_refs)?;
         // 4. COPIED where clusters became private again.
-        if self.fix_copied(&mut st, &mut new)? {
+        if self.fix_copied(&mut st, &mut new, false)? {
             self.write_active_l1(&new)?;
         }
         self.l2_cache.invalidate_all();
@@ -211,7 +213,7 @@ impl Image {
         self.apply_decrements(&mut st, &refs)?;
         // 3. COPIED where clusters became private again.
         let mut active = self.active_l1();
-        if self.fix_copied(&mut st, &mut active)? {
+        if self.fix_copied(&mut st, &mut active, false)? {
             self.write_active_l1(&active)?;
         }
         self.l2_cache.invalidate_all();

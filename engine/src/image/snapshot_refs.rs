@@ -114,10 +114,12 @@ impl Image {
 
     /// Sets COPIED in `l1` and in every L2 table it reaches exactly where the refcount is 1
     /// (QEMU's `qcow2_update_snapshot_refcount` with addend 0, run after every refcount
-    /// change). Changed L2 tables are written and made durable; `l1` is changed in memory
-    /// only (the caller writes it: the active table, or the table that becomes active).
-    /// Returns whether `l1` changed.
-    pub(super) fn fix_copied(&self, st: &mut MetaState, l1: &mut [L1Entry]) -> Result<bool> {
+    /// change), or with `clear_all` clears it everywhere (before the increments of a new
+    /// snapshot, so that no crash state has COPIED on a cluster with refcount 2). Changed L2
+    /// tables are written and made durable; `l1` is changed in memory only (the caller
+    /// writes it: the active table, or the table that becomes active). Returns whether `l1`
+    /// changed.
+    pub(super) fn fix_copied(&self, st: &mut MetaState, l1: &mut [L1Entry], clear_all: bool) -> Result<bool> {
         let io = self.meta_io();
         let cs = self.geo.cluster_size();
         let mut wrote = false;
@@ -135,7 +137,7 @@ impl Image {
                     ClusterKind::Normal { host, .. } | ClusterKind::ZeroAlloc { host, .. } => host,
                     _ => continue,
                 };
-                let one = st.rc.get(&io, host.0 / cs)? == 1;
+                let one = !clear_all && st.rc.get(&io, host.0 / cs)? == 1;
                 if one != entry.copied() {
                     let w = if one { entry.0 | l2::L2_COPIED } else { entry.0 & !l2::L2_COPIED };
                     l2::write_entry(&self.geo, &mut table, j, L2Entry(w), bitmap);
@@ -148,7 +150,7 @@ impl Image {
                 Counters::add(&self.counters.l2_write_bytes, cs);
                 wrote = true;
             }
-            let one = st.rc.get(&io, t / cs)? == 1;
+            let one = !clear_all && st.rc.get(&io, t / cs)? == 1;
             if one != e.copied() {
                 *e = L1Entry::new(e.l2_offset(), one);
                 l1_changed = true;
