@@ -369,6 +369,25 @@ fn library_between_requests() {
     let img = Image::open(&p, &Options::default()).unwrap();
     let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
     q.write_at(&vec![1u8; 1 << 20], 0).unwrap();
+    // A request in flight: the operation is refused and changes nothing.
+    let mut rbuf = vec![0u8; 4096];
+    // SAFETY: rbuf outlives the request, reaped below.
+    unsafe {
+        q.submit(quring::queue::Request {
+            op: quring::queue::Op::Read { offset: 0, buf: rbuf.as_mut_ptr(), len: 4096 },
+            user_data: 7,
+        })
+    }
+    .unwrap();
+    let e = img.create_snapshot(&NewSnapshot::named("early")).unwrap_err();
+    assert!(e.to_string().contains("idle queues"), "{e}");
+    assert!(img.snapshots().is_empty());
+    let mut done = Vec::new();
+    q.commit().unwrap();
+    while done.is_empty() {
+        q.reap(&mut done, 1, None).unwrap();
+    }
+    assert_eq!(rbuf, vec![1u8; 4096]);
     let mut snap = NewSnapshot::named("vm1");
     snap.vm_clock_nsec = 3_723_004_000_000; // 1 h 2 min 3.004 s
     snap.icount = Some(12345);

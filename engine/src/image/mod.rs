@@ -189,6 +189,8 @@ pub struct Image {
     /// Reclamation epoch: queued decrements wait for the requests of the previous epoch
     /// ([`epoch`]).
     pub(crate) epoch: AtomicU64,
+    /// A snapshot operation runs: new requests are refused ([`Image::enter_request`]).
+    pub(crate) snapshot_busy: std::sync::atomic::AtomicBool,
     /// Every live queue's requests in flight per epoch parity.
     pub(crate) gates: Mutex<Vec<Arc<epoch::Gate>>>,
     /// The cache mode.

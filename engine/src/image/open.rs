@@ -182,6 +182,7 @@ impl Image {
             writes_in_flight: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             gates: Mutex::new(Vec::new()),
+            snapshot_busy: std::sync::atomic::AtomicBool::new(false),
             cache_mode: opts.cache,
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),

@@ -4,8 +4,9 @@
 //!
 //! Each operation takes the metadata lock and needs idle queues: no request in flight on any
 //! queue of the image (a VMM pauses its virtqueues first, as QEMU drains the block node).
-//! A request submitted while one runs waits for the metadata lock like any allocating write;
-//! one that was already in flight makes the operation fail with nothing changed. The
+//! A request already in flight makes the operation fail with nothing changed; one submitted
+//! while it runs is refused by `Queue::submit` (an error, nothing started), so a request
+//! never sees a half-changed tree. The
 //! operation first writes back and makes durable everything the queues did (as QEMU flushes
 //! before a snapshot), drops the L2 cache, then changes the tables on disk directly through
 //! the image's synchronous ring.
@@ -60,6 +61,32 @@ impl NewSnapshot {
             vm_clock_nsec: 0,
             icount: Some(0),
         }
+    }
+}
+
+/// The metadata lock held by a snapshot operation, and the flag that refuses new requests
+/// meanwhile (cleared on drop).
+struct SnapshotGuard<'a> {
+    meta: alloc::MetaGuard<'a>,
+    busy: &'a std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for SnapshotGuard<'_> {
+    type Target = MetaState;
+    fn deref(&self) -> &MetaState {
+        &self.meta
+    }
+}
+
+impl std::ops::DerefMut for SnapshotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut MetaState {
+        &mut self.meta
+    }
+}
+
+impl Drop for SnapshotGuard<'_> {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::SeqCst);
     }
 }
 
@@ -220,24 +247,28 @@ impl Image {
         Ok(())
     }
 
-    /// The metadata lock for a snapshot operation on a writable image.
-    fn snapshot_lock(&self) -> Result<alloc::MetaGuard<'_>> {
+    /// The metadata lock for a snapshot operation on a writable image, with new requests
+    /// refused until the returned guard is dropped; fails when a request is in flight.
+    fn snapshot_lock(&self) -> Result<SnapshotGuard<'_>> {
         self.check_writable()?;
         if self.l2less {
             return Err(Error::Unsupported("internal snapshots of L2-less images".into()));
         }
-        self.lock_meta().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))
-    }
-
-    /// Makes the image idle for a snapshot operation: no request in flight, everything the
-    /// queues did durable, no L2 slice cached.
-    fn quiesce(&self, st: &mut MetaState) -> Result<()> {
-        let busy = self.writes_in_flight.load(Ordering::Acquire);
-        if busy != 0 {
+        let meta = self.lock_meta().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))?;
+        self.snapshot_busy.store(true, Ordering::SeqCst);
+        let g = SnapshotGuard { meta, busy: &self.snapshot_busy };
+        let n = self.requests_in_flight();
+        if n != 0 {
             return Err(Error::InvalidRequest(format!(
-                "snapshot operations need idle queues: {busy} writes are in flight"
+                "snapshot operations need idle queues: {n} requests are in flight"
             )));
         }
+        Ok(g)
+    }
+
+    /// Makes the image ready for a snapshot operation: everything the queues did durable,
+    /// no L2 slice cached.
+    fn quiesce(&self, st: &mut MetaState) -> Result<()> {
         self.flush_metadata(st, true, &self.counters)?;
         self.l2_cache.invalidate_all();
         if self.l2_cache.any_dirty() {
