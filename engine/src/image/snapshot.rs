@@ -111,8 +111,9 @@ impl Image {
         let mut refs = Refs::new();
         self.count_refs(&l1, &mut refs)?;
         self.check_increments(&mut st, &refs)?;
-        // 1. The snapshot's L1 table: a copy of the active one, COPIED clear (every table it
-        //    names is shared from now on).
+        // 1. The snapshot's L1 table: a copy of the active one, byte for byte as QEMU copies
+        //    it (COPIED flags included: nothing reads them in an inactive table, and every
+        //    apply sets them exactly).
         let g = self.geo;
         let l1_bytes = l1.len() as u64 * 8;
         let l1_off = if l1.is_empty() {
@@ -123,12 +124,11 @@ impl Image {
             let c = st.rc.alloc_contiguous(&io, clusters)?;
             self.note_end(&st);
             self.overlap.record(MetaKind::InactiveL1, HostCluster(c), clusters);
-            let copy: Vec<L1Entry> = l1.iter().map(|e| L1Entry(e.0 & !crate::format::l1::L1_COPIED)).collect();
             self.sync.write_kind(
                 crate::io::hook::WriteKind::L1,
                 self.file.fd(),
                 g.cluster_bytes(c),
-                &crate::format::l1::encode_table(&copy),
+                &crate::format::l1::encode_table(&l1),
             )?;
             g.cluster_bytes(c)
         };
@@ -193,7 +193,15 @@ impl Image {
         self.count_refs(&old, &mut old_refs)?;
         // 1. What the snapshot reaches gains a reference; its tables lose COPIED.
         self.apply_increments(&mut st, &refs)?;
+        let before = new.clone();
         self.fix_copied(&mut st, &mut new, false)?;
+        if new != before {
+            // QEMU's walk writes the snapshot's own L1 table back with the flags it set.
+            let own = crate::format::l1::encode_table(&new[..s.l1_size as usize]);
+            self.sync.write_kind(crate::io::hook::WriteKind::L1, self.file.fd(), s.l1_table_offset.0, &own)?;
+            Counters::add(&self.counters.device_flushes, 1);
+            self.sync.fdatasync(self.file.fd())?;
+        }
         // 2. The switch.
         for e in &old {
             let t = e.l2_offset().0;
@@ -329,7 +337,15 @@ impl Image {
             let c = st.rc.alloc_contiguous(&io, clusters)?;
             self.note_end(st);
             self.overlap.record(MetaKind::SnapshotTable, HostCluster(c), clusters);
-            self.sync.write_kind(crate::io::hook::WriteKind::Other, self.file.fd(), g.cluster_bytes(c), &bytes)?;
+            // Without the last entry's padding, as QEMU writes it.
+            let last = snaps.last().map_or(0, |s| sn::FIXED_LEN + s.extra.len() + s.id.len() + s.name.len());
+            let used = bytes.len() - (last.div_ceil(8) * 8 - last);
+            self.sync.write_kind(
+                crate::io::hook::WriteKind::Other,
+                self.file.fd(),
+                g.cluster_bytes(c),
+                &bytes[..used],
+            )?;
             g.cluster_bytes(c)
         };
         // The table and its refcounts durable before the header names them.
