@@ -100,7 +100,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
                 )
                 .into());
             }
-            img.apply_snapshot(&key).map_err(|e| format!("Could not apply snapshot '{key}': {}", errno_text(&e)))?;
+            img.apply_snapshot(&key).map_err(|e| {
+                format!("Could not apply snapshot '{key}': Failed to load snapshot: {}", errno_text(&e))
+            })?;
         }
         Action::Delete(key) => {
             if quring::format::snapshot::find(&img.snapshots(), &key).is_none() {
