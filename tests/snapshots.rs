@@ -321,6 +321,12 @@ fn names_and_errors() {
     let a = quring(["snapshot", &s(&t.q)]);
     let b = qemu_img(["snapshot", &s(&t.e)]);
     assert_eq!((a.code, a.stdout), (b.code, b.stdout));
+    // -q does not hide the list.
+    both(&t, "-c", "q");
+    let a = quring(["snapshot", "-q", "-l", &s(&t.q)]);
+    let b = qemu_img(["snapshot", "-q", "-l", &s(&t.e)]);
+    assert_eq!(a.code, b.code);
+    assert_eq!(a.stdout.lines().count(), b.stdout.lines().count());
     // Mixed actions.
     let a = quring(["snapshot", "-l", "-c", "x", &s(&t.q)]);
     let b = qemu_img(["snapshot", "-l", "-c", "x", &s(&t.e)]);
@@ -441,6 +447,20 @@ fn library_between_requests() {
     assert!(buf.iter().all(|&b| b == 1), "after apply the queue reads the snapshot's data");
     q.write_at(&vec![3u8; 4096], 4096).unwrap();
     drop(q);
+    // The engine's own audit (refcounts = references, cached metadata = disk) after each
+    // operation.
+    let audit = |what: &str| {
+        let r = img.audit().unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "audit after {what}: {:?}", r.messages);
+    };
+    audit("apply");
+    img.create_snapshot(&NewSnapshot::named("vm2")).unwrap();
+    audit("create");
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    q.write_at(&vec![4u8; 64 << 10], 64 << 10).unwrap();
+    drop(q);
+    img.delete_snapshot("vm2").unwrap();
+    audit("delete");
     img.close().unwrap();
     drop(img);
     check_clean(&p);

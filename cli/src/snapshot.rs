@@ -28,9 +28,10 @@ pub struct Args {
     /// Force share (only with -l).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Quiet.
+    /// Quiet (accepted as qemu-img accepts it: the steps print nothing anyway, and -l still
+    /// lists).
     #[arg(short = 'q')]
-    quiet: bool,
+    _quiet: bool,
     /// The image.
     image: PathBuf,
 }
@@ -85,7 +86,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{p}': {e}"))?;
     match action {
         Action::List => {
-            if !img.snapshots().is_empty() && !a.quiet {
+            if !img.snapshots().is_empty() {
                 print!("{}", crate::info::snapshot_table(&img));
             }
         }
