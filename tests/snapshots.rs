@@ -673,3 +673,31 @@ fn crash_512_rb64() {
 fn crash_64k_extended_l2() {
     crash_config(Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) }, 2 << 20, 31);
 }
+
+/// A corrupt tree (an L2 entry past the end of the file, a snapshot L1 table outside the
+/// file) fails the operation with an error naming the field, before anything is written.
+#[test]
+fn corrupt_trees_refused() {
+    let t = twin(&Qcow2Opts::cluster(65536), 4 << 20, &["write -P 1 0 64k".into()], false);
+    let p = &t.q;
+    let be64 = |off: u64| u64::from_be_bytes(read_bytes(p, off, 8).try_into().unwrap());
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    patch_be64(p, l2 + 8, 0x8000_0000_0000_0000 | (1 << 40));
+    let before = std::fs::read(p).unwrap();
+    let r = quring(["snapshot", "-c", "x", &s(p)]);
+    assert_eq!(r.code, Some(1), "{}", r.describe());
+    assert!(r.stderr.contains("L2 entry") && r.stderr.contains("past the end of the file"), "{}", r.describe());
+    assert_eq!(std::fs::read(p).unwrap(), before, "a refused snapshot changed the file");
+
+    // A snapshot whose L1 table lies outside the file.
+    let p = &t.e;
+    qemu_img(["snapshot", "-c", "s1", &s(p)]).ok();
+    let table = u64::from_be_bytes(read_bytes(p, 64, 8).try_into().unwrap());
+    patch_be64(p, table, 1 << 40);
+    for flag in ["-a", "-d"] {
+        let r = quring(["snapshot", flag, "s1", &s(p)]);
+        assert_eq!(r.code, Some(1), "{}", r.describe());
+        assert!(r.stderr.contains("snapshot L1"), "{}", r.describe());
+    }
+}

@@ -35,6 +35,19 @@ impl Image {
     /// compressed entry.
     pub(super) fn count_refs(&self, l1: &[L1Entry], out: &mut Refs) -> Result<()> {
         let cs = self.geo.cluster_size();
+        // A host offset past the end of the file is a corrupt entry (counting it would grow
+        // the refcount structures to wherever it points).
+        let end = self.file_len().div_ceil(cs) * cs;
+        let inside = |host: u64, entry: L2Entry| {
+            if host < end {
+                Ok(())
+            } else {
+                Err(Error::corrupt(
+                    "L2 entry",
+                    format!("entry {:#018x} maps host offset {host:#x}, past the end of the file ({end:#x})", entry.0),
+                ))
+            }
+        };
         for (i, e) in l1.iter().enumerate() {
             let t = e.l2_offset().0;
             if t == 0 {
@@ -46,9 +59,11 @@ impl Image {
                 let (entry, _) = l2::read_entry(&self.geo, &table, j);
                 match entry.decode(&self.geo)? {
                     ClusterKind::Normal { host, .. } | ClusterKind::ZeroAlloc { host, .. } => {
+                        inside(host.0, entry)?;
                         *out.entry(host.0 / cs).or_default() += 1;
                     }
                     ClusterKind::Compressed { host, len } => {
+                        inside(host.0, entry)?;
                         let last = host.0.checked_add(len.max(1) - 1).ok_or_else(|| {
                             Error::corrupt("L2 entry", format!("compressed descriptor {:#018x} overflows", entry.0))
                         })?;
