@@ -278,6 +278,7 @@ impl Image {
     /// no L2 slice cached.
     fn quiesce(&self, st: &mut MetaState) -> Result<()> {
         self.flush_metadata(st, true, &self.counters)?;
+        self.drain_decrements(st)?;
         self.l2_cache.invalidate_all();
         if self.l2_cache.any_dirty() {
             return Err(Error::InvalidRequest("snapshot operations need idle queues: L2 slices are in use".into()));

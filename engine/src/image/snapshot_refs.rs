@@ -109,22 +109,45 @@ impl Image {
         self.flush_metadata(st, true, &self.counters)
     }
 
-    /// Queues `refs` as decrements and applies them (the flush applies queued decrements
-    /// once nothing durable refers to the clusters; freed clusters are forgotten by the
-    /// overlap map and the L2 cache and punched: QEMU's discard of freed snapshot clusters).
+    /// Applies `refs` as decrements now, with every decrement the queues left waiting,
+    /// and makes them durable (the caller has made the reference drops durable first).
+    /// Freed clusters are forgotten by the overlap map and the L2 cache and punched (QEMU's
+    /// discard of freed snapshot clusters).
     pub(super) fn apply_decrements(&self, st: &mut MetaState, refs: &Refs) -> Result<()> {
         let mut v: Vec<(u64, u64)> = refs.iter().map(|(&c, &n)| (c, n)).collect();
         v.sort_unstable();
         for (c, n) in v {
             st.rc.free_later(c, n);
         }
-        self.flush_metadata(st, true, &self.counters)?;
-        if !st.rc.pending_free.is_empty() || !st.rc.retiring.is_empty() {
-            // The idle image drains at once; a second pass applies a batch that was waiting
-            // behind an earlier one.
-            self.flush_metadata(st, true, &self.counters)?;
+        self.drain_decrements(st)
+    }
+
+    /// Applies every queued decrement at once and writes the refcounts back, durable.
+    ///
+    /// The flush applies queued decrements only once the requests of the previous epoch
+    /// are done ([`super::epoch`]); a snapshot operation does not need to wait for that: it
+    /// runs with no request in flight and new ones refused, so no request can still use a
+    /// freed cluster. (Waiting would not work either: a request that is refused counts
+    /// itself in the epoch for a moment, and a writer retrying in a loop could keep the old
+    /// epoch from ever looking drained, leaving decrements for after the COPIED pass.)
+    pub(super) fn drain_decrements(&self, st: &mut MetaState) -> Result<()> {
+        let io = self.meta_io();
+        let mut batch = std::mem::take(&mut st.rc.retiring);
+        batch.append(&mut st.rc.pending_free);
+        st.rc.retiring = batch;
+        let applied = st.rc.apply_pending(&io);
+        for cl in std::mem::take(&mut st.rc.freed) {
+            let off = self.geo.cluster_bytes(cl);
+            self.l2_cache.forget(off);
+            self.overlap.forget(HostCluster(cl));
+            let _ = self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), off, self.geo.cluster_size());
         }
-        Ok(())
+        let (b, t) = st.rc.write_back(&io)?;
+        Counters::add(&self.counters.refblock_writes, b);
+        Counters::add(&self.counters.reftable_writes, t);
+        Counters::add(&self.counters.device_flushes, 1);
+        self.sync.fdatasync(self.file.fd())?;
+        applied.map_err(|e| self.signal_corruption(e))
     }
 
     /// Sets COPIED in `l1` and in every L2 table it reaches exactly where the refcount is 1
