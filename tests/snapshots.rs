@@ -595,12 +595,16 @@ fn crash_op(img_path: &Path, op: &dyn Fn(&quring::image::Image), expect: &Expect
 }
 
 fn crash_config(opts: Qcow2Opts, size: u64, seed: u64) {
+    crash_config_with(opts, size, seed, false)
+}
+
+fn crash_config_with(opts: Qcow2Opts, size: u64, seed: u64, backing: bool) {
     let cs = opts.cluster_size as u64;
     let t = twin(
         &opts,
         size,
-        &[format!("write -P 1 0 {}", size / 2), format!("write -c -P 6 {} {}", size / 2, 2 * cs.max(4096))],
-        false,
+        &[format!("write -P 1 0 {}", size / 4), format!("write -c -P 6 {} {}", size / 2, 2 * cs.max(4096))],
+        backing,
     );
     let base = &t.e;
     qemu_img(["snapshot", "-c", "s1", &s(base)]).ok();
@@ -609,6 +613,7 @@ fn crash_config(opts: Qcow2Opts, size: u64, seed: u64) {
     let s1 = raw_of(base, "s1", &t.dir);
     let mut total = (0, 0);
     let mut add = |r: (usize, usize)| {
+        eprintln!("  {} states, {} with COPIED still clear on refcount 1", r.0, r.1);
         total.0 += r.0;
         total.1 += r.1;
     };
@@ -650,13 +655,28 @@ fn crash_config(opts: Qcow2Opts, size: u64, seed: u64) {
         always: vec!["s2".into()],
     };
     add(crash_op(&p, &|img| img.delete_snapshot("s1").unwrap(), &e, seed + 2));
-    eprintln!("{opts:?}: {} crash states checked, {} with COPIED still clear on refcount 1", total.0, total.1);
+
+    // delete the only snapshot: the clusters it shared with the active disk become private
+    // again (refcount 2 -> 1, COPIED set again).
+    let p = t.dir.join("d1.qcow2");
+    std::fs::copy(base, &p).unwrap();
+    let e = Expect { active: vec![active.clone()], snaps: vec![("s1".into(), s1.clone())], always: vec![] };
+    add(crash_op(&p, &|img| img.delete_snapshot("s1").unwrap(), &e, seed + 3));
+    eprintln!(
+        "{opts:?} backing {backing}: {} crash states checked (create, apply, delete, delete of the last above), {} with COPIED still clear on refcount 1",
+        total.0, total.1
+    );
     assert!(total.0 > 30);
 }
 
 #[test]
 fn crash_4k() {
     crash_config(Qcow2Opts::cluster(4096), 1 << 20, 1);
+}
+
+#[test]
+fn crash_32k_extended_l2_backing() {
+    crash_config_with(Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(32768) }, 2 << 20, 41, true);
 }
 
 #[test]
