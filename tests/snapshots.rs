@@ -689,11 +689,6 @@ fn crash_512_rb64() {
     crash_config(Qcow2Opts { refcount_bits: 64, ..Qcow2Opts::cluster(512) }, 256 << 10, 21);
 }
 
-#[test]
-fn crash_64k_extended_l2() {
-    crash_config(Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) }, 2 << 20, 31);
-}
-
 /// A corrupt tree (an L2 entry past the end of the file, a snapshot L1 table outside the
 /// file) fails the operation with an error naming the field, before anything is written.
 #[test]
