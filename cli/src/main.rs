@@ -21,6 +21,7 @@ mod probe;
 mod qjson;
 mod resize;
 mod serve;
+mod snapshot;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -55,6 +56,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Change the virtual size of an image (like `qemu-img resize`).
     Resize(resize::Args),
+    /// Create, apply, delete or list internal snapshots (like `qemu-img snapshot`).
+    Snapshot(snapshot::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Resize(a) => resize::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -41,6 +41,11 @@
 //!
 //! `engine/examples/` has a complete virtio-blk-style request loop.
 //!
+//! Internal snapshots are taken between requests, as a VMM takes them with its queues
+//! paused: [`Image::create_snapshot`](image::Image::create_snapshot),
+//! [`apply_snapshot`](image::Image::apply_snapshot),
+//! [`delete_snapshot`](image::Image::delete_snapshot) (see [`image::snapshot`]).
+//!
 //! ## What the format costs
 //!
 //! Every queue counts what its requests cost ([`Queue::counters`](queue::Queue::counters)):
@@ -86,7 +91,8 @@
 //! * [`meta`]: what needs no [`Image`](image::Image): the lock-free L2 slice cache,
 //!   refcount bookkeeping, the record of metadata clusters, the refcount rebuild.
 //! * [`image`]: the shared [`Image`](image::Image) and every `impl Image`: open, create,
-//!   close, mapping, allocation, write-back, overlap checks, block status, audit.
+//!   close, mapping, allocation, write-back, overlap checks, block status, internal
+//!   snapshots, audit.
 //! * [`queue`]: the per-thread [`Queue`](queue::Queue): ring driver, request lifecycle and
 //!   one state machine per I/O kind.
 //!

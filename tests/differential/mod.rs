@@ -78,7 +78,8 @@ pub enum Step {
     /// quring io does not have, or a write followed by `sigraise 9`: QEMU dying with lazy
     /// refcounts); a segment of its own.
     Both(String),
-    /// `qemu-img ARGS IMG` on both copies (e.g. `snapshot -c s2`); a segment of its own.
+    /// `qemu-img ARGS IMG` on both copies (e.g. `snapshot -c s2`; a snapshot step runs as
+    /// `quring snapshot ARGS` on quring's copy); a segment of its own.
     Img(Vec<String>),
     /// Corrupt plans: in the next segment quring and QEMU may differ in kind (a documented
     /// difference); if they do, the copies are no longer compared, only crashes count.
@@ -637,16 +638,19 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
                 }
             }
             Segment::Img(args) => {
-                let run_on = |img: &Path| {
-                    let mut v = args.clone();
-                    v.push(s(img));
-                    qemu_img(&v)
-                };
-                let (ra, rb) = (run_on(a), run_on(b));
+                let mut v = args.clone();
+                v.push(s(a));
+                // Snapshot steps on quring's copy go through `quring snapshot`; other
+                // qemu-img steps run on both copies.
+                let ra = if args.first().is_some_and(|x| x == "snapshot") { quring(&v) } else { qemu_img(&v) };
+                let mut v = args.clone();
+                v.push(s(b));
+                let rb = qemu_img(&v);
                 // Both failing alike is QEMU's own limit (a snapshot that narrow refcounts
                 // cannot hold); one failing means the copies differ.
-                let alike =
-                    !ra.success() && !rb.success() && ra.stderr.replace(&s(a), "") == rb.stderr.replace(&s(b), "");
+                let alike = !ra.success()
+                    && !rb.success()
+                    && ra.stderr.replace(&s(a), "").replace("quring:", "qemu-img:") == rb.stderr.replace(&s(b), "");
                 qemu_failed |= alike;
                 if (!ra.success() || !rb.success()) && !alike && !plan.corrupt {
                     return Err(fail(
@@ -727,18 +731,21 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
             let sb = dir.join(format!("snap{k}-qemu{tag}.qcow2"));
             copy(a, &sa);
             copy(b, &sb);
-            let ra = qemu_img(["snapshot", "-a", name, &s(&sa)]);
+            let ra = quring(["snapshot", "-a", name, &s(&sa)]);
             let rb = qemu_img(["snapshot", "-a", name, &s(&sb)]);
             if !ra.success() || !rb.success() {
                 // Both refusing alike is QEMU's limit (a revert takes the new references
                 // before it drops the old ones, which narrow refcounts may not hold).
-                if !ra.success() && !rb.success() && ra.stderr.replace(&s(&sa), "") == rb.stderr.replace(&s(&sb), "") {
+                if !ra.success()
+                    && !rb.success()
+                    && ra.stderr.replace(&s(&sa), "").replace("quring:", "qemu-img:") == rb.stderr.replace(&s(&sb), "")
+                {
                     continue;
                 }
                 return Err(fail(
                     FailKind::Snapshot,
                     last,
-                    format!("qemu-img snapshot -a {name}:\n{}\n{}", ra.describe(), rb.describe()),
+                    format!("quring / qemu-img snapshot -a {name}:\n{}\n{}", ra.describe(), rb.describe()),
                 ));
             }
             compare(&sa, &sb).map_err(|e| fail(FailKind::Snapshot, last, format!("after snapshot -a {name}: {e}")))?;

@@ -33,11 +33,72 @@ pub struct Snapshot {
     pub extra: Vec<u8>,
 }
 
+/// Length of the extra data QEMU writes for every snapshot (v2 and v3 alike): the 64-bit
+/// VM state size, the virtual disk size and the icount.
+pub const EXTRA_LEN: usize = 24;
+/// The icount value meaning "not recorded".
+pub const NO_ICOUNT: u64 = u64::MAX;
+/// Largest snapshot table QEMU writes or reads (`QCOW_MAX_SNAPSHOTS_SIZE`: 1 KiB per
+/// snapshot at the snapshot limit, 64 MiB).
+pub const MAX_TABLE_BYTES: u64 = 1024 * super::header::MAX_SNAPSHOTS as u64;
+
 impl Snapshot {
     /// Virtual disk size recorded in the extra data, if present.
     pub fn disk_size(&self) -> Option<u64> {
         (self.extra.len() >= 16).then(|| be64(&self.extra, 8))
     }
+
+    /// The VM state size: the 64-bit field of the extra data when present, else the 32-bit
+    /// one (spec: "Snapshot table entry", extra data bytes 0-7).
+    pub fn vm_state_size(&self) -> u64 {
+        if self.extra.len() >= 8 { be64(&self.extra, 0) } else { self.vm_state_size as u64 }
+    }
+
+    /// The icount recorded in the extra data (None: not recorded, or the field is absent).
+    pub fn icount(&self) -> Option<u64> {
+        (self.extra.len() >= 24).then(|| be64(&self.extra, 16)).filter(|&i| i != NO_ICOUNT)
+    }
+
+    /// The extra data QEMU writes: 64-bit VM state size, virtual disk size, icount
+    /// ([`NO_ICOUNT`] when not recorded), each big-endian.
+    pub fn v3_extra(vm_state_size: u64, disk_size: u64, icount: Option<u64>) -> Vec<u8> {
+        let mut e = Vec::with_capacity(EXTRA_LEN);
+        e.extend_from_slice(&vm_state_size.to_be_bytes());
+        e.extend_from_slice(&disk_size.to_be_bytes());
+        e.extend_from_slice(&icount.unwrap_or(NO_ICOUNT).to_be_bytes());
+        e
+    }
+
+    /// The extra data as QEMU rewrites it: an entry read with less than [`EXTRA_LEN`] bytes
+    /// gets the missing fields (the VM state size from the 32-bit field, `disk_size` for the
+    /// virtual size it had, no icount); longer extra data is kept as it is, QEMU keeps the
+    /// bytes it does not know.
+    pub fn upgrade_extra(&mut self, disk_size: u64) {
+        if self.extra.len() >= EXTRA_LEN {
+            return;
+        }
+        let vm = self.vm_state_size();
+        let disk = self.disk_size().unwrap_or(disk_size);
+        self.extra = Self::v3_extra(vm, disk, None);
+    }
+}
+
+/// The ID QEMU gives a new snapshot: one more than the largest numeric ID (IDs that are
+/// not numbers count as 0).
+pub fn next_id(snaps: &[Snapshot]) -> String {
+    let max = snaps.iter().map(|s| s.id.parse::<u64>().unwrap_or(0)).max().unwrap_or(0);
+    (max + 1).to_string()
+}
+
+/// The index of the snapshot `key` names, as QEMU's `find_snapshot_by_id_or_name`: an ID
+/// match first, then the first snapshot with that name.
+pub fn find(snaps: &[Snapshot], key: &str) -> Option<usize> {
+    snaps.iter().position(|s| s.id == key).or_else(|| snaps.iter().position(|s| s.name == key))
+}
+
+/// Bytes the table takes on disk ([`serialize_table`]'s length).
+pub fn table_len(snaps: &[Snapshot]) -> u64 {
+    snaps.iter().map(|s| (FIXED_LEN + s.extra.len() + s.id.len() + s.name.len()).div_ceil(8) as u64 * 8).sum()
 }
 
 /// Length of an entry without its trailing padding, given its fixed part (QEMU does not
@@ -147,6 +208,30 @@ mod tests {
             prop_assert_eq!(bytes.len() % 8, 0);
             prop_assert_eq!(parse_table(&bytes, v.len() as u32).unwrap(), v);
         }
+    }
+
+    #[test]
+    fn ids_names_and_extra() {
+        let mk = |id: &str, name: &str| Snapshot {
+            l1_table_offset: HostOffset(0x10000),
+            l1_size: 1,
+            id: id.into(),
+            name: name.into(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 7,
+            extra: Vec::new(),
+        };
+        let v = vec![mk("1", "a"), mk("3", "b"), mk("x", "3")];
+        assert_eq!(next_id(&v), "4");
+        assert_eq!(find(&v, "3"), Some(1)); // the ID wins over the name
+        assert_eq!(find(&v, "b"), Some(1));
+        assert_eq!(find(&v, "c"), None);
+        let mut s = mk("1", "a");
+        s.upgrade_extra(1 << 20);
+        assert_eq!((s.vm_state_size(), s.disk_size(), s.icount()), (7, Some(1 << 20), None));
+        assert_eq!(table_len(&[s.clone()]), serialize_table(&[s]).len() as u64);
     }
 
     #[test]

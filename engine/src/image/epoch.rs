@@ -80,4 +80,30 @@ impl Image {
         let old = ((self.epoch.load(SeqCst) + 1) & 1) as usize;
         self.gates.lock().unwrap_or_else(|e| e.into_inner()).iter().all(|g| g.active[old].load(SeqCst) == 0)
     }
+
+    /// Requests in flight over every queue (both parities).
+    pub(crate) fn requests_in_flight(&self) -> u64 {
+        fence(SeqCst);
+        self.gates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|g| g.active[0].load(SeqCst) + g.active[1].load(SeqCst))
+            .sum()
+    }
+
+    /// [`Image::enter`] for a new request, refused while a snapshot operation runs
+    /// ([`crate::image::snapshot`]): the request counts itself first and then looks at the
+    /// flag, the operation sets the flag first and then counts the requests (both SeqCst),
+    /// so one of the two always sees the other.
+    pub(crate) fn enter_request(&self, g: &Gate) -> crate::Result<u8> {
+        let p = self.enter(g);
+        if self.snapshot_busy.load(SeqCst) {
+            self.leave(g, p);
+            return Err(crate::Error::InvalidRequest(
+                "a snapshot operation is running on the image: submit again when it is done".into(),
+            ));
+        }
+        Ok(p)
+    }
 }

@@ -23,6 +23,8 @@ mod open;
 mod overlap;
 mod resize;
 mod slices;
+pub mod snapshot;
+mod snapshot_refs;
 pub mod status;
 mod writeback;
 
@@ -31,6 +33,7 @@ pub(crate) use slices::SliceClaim;
 pub use create::create;
 pub use identity::header_guid;
 pub use open::{probe_format, resolve_backing_path};
+pub use snapshot::NewSnapshot;
 
 use crate::counters::{CounterSnapshot, Counters};
 use crate::format::Geometry;
@@ -198,7 +201,8 @@ pub struct Image {
     pub(crate) file_len: AtomicU64,
     /// Length of the file when it was opened.
     pub(crate) opened_len: u64,
-    pub(crate) snapshots: Vec<Snapshot>,
+    /// The snapshot table (changed by the snapshot operations of [`snapshot`]).
+    pub(crate) snapshots: std::sync::RwLock<Vec<Snapshot>>,
     /// Counts of work done outside any queue, plus those of queues that are gone.
     pub(crate) counters: Counters,
     /// The counters of the live queues.
@@ -216,6 +220,8 @@ pub struct Image {
     /// Reclamation epoch: queued decrements wait for the requests of the previous epoch
     /// ([`epoch`]).
     pub(crate) epoch: AtomicU64,
+    /// A snapshot operation runs: new requests are refused ([`Image::enter_request`]).
+    pub(crate) snapshot_busy: std::sync::atomic::AtomicBool,
     /// Every live queue's requests in flight per epoch parity.
     pub(crate) gates: Mutex<Vec<Arc<epoch::Gate>>>,
     /// The cache mode.
@@ -281,9 +287,10 @@ impl Image {
         self.header.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The internal snapshots.
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The internal snapshots (a copy of the table: [`Image::create_snapshot`] and
+    /// [`Image::delete_snapshot`] change it).
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.snapshots.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The path the image was opened with.

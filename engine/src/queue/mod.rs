@@ -313,7 +313,7 @@ impl Queue {
         }
         // Every request that may touch host clusters holds its epoch until it is done: no
         // cluster it looks up can be freed and reused under it.
-        let entered = (kind != ReqKind::Flush).then(|| self.image.enter(&self.gate));
+        let entered = if kind != ReqKind::Flush { Some(self.image.enter_request(&self.gate)?) } else { None };
         if let Some(p) = entered
             && kind == ReqKind::Read
             && self.try_whole_read(req.user_data, offset, len, buf, p)
@@ -344,7 +344,7 @@ impl Queue {
             self.image.check_writable()?;
         }
         let kind = if write { ReqKind::Write } else { ReqKind::Read };
-        let entered = self.image.enter(&self.gate);
+        let entered = self.image.enter_request(&self.gate)?;
         let id = self.new_req(user_data, kind, offset, len, std::ptr::null_mut(), Parent::Caller);
         self.admit(id, Some(entered));
         // The parent is walked at once; its children carry the work.
