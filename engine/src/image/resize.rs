@@ -34,7 +34,10 @@ impl Image {
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
         }
-        if self.version < 3 && !self.snapshots.read().unwrap_or_else(|e| e.into_inner()).is_empty() && new_size != self.vsize() {
+        if self.version < 3
+            && !self.snapshots.read().unwrap_or_else(|e| e.into_inner()).is_empty()
+            && new_size != self.vsize()
+        {
             // QEMU's qcow2_co_truncate: v2 snapshots do not record their disk size.
             return Err(Error::Unsupported("Can't resize a v2 image which has snapshots".into()));
         }
