@@ -726,15 +726,20 @@ fn racing_writer_is_refused_not_corrupting() {
     use quring::image::{Image, NewSnapshot, Options};
     use quring::queue::{Queue, QueueOptions};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let d = tempdir();
     let p = d.path().join("race.qcow2");
     create_qcow2(&p, &Qcow2Opts::cluster(65536), 4 << 20);
     let img = Image::open(&p, &Options::default()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // Writes that went through so far: every operation waits for a new one, so that writes
+    // (copies of snapshot-shared clusters, whose old clusters' decrements the writer's queue
+    // owes) land between any two operations even when the scheduler favours one thread.
+    let oks = Arc::new(AtomicU64::new(0));
     let writer = {
         let img = img.clone();
         let stop = stop.clone();
+        let oks = oks.clone();
         std::thread::spawn(move || {
             let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
             let (mut ok, mut refused) = (0u64, 0u64);
@@ -743,7 +748,10 @@ fn racing_writer_is_refused_not_corrupting() {
                 let block = (i * 7) % 64;
                 let v = (i % 250) as u8 + 1;
                 match q.write_at(&vec![v; 64 << 10], block * (64 << 10)) {
-                    Ok(()) => ok += 1,
+                    Ok(()) => {
+                        ok += 1;
+                        oks.fetch_add(1, Ordering::SeqCst);
+                    }
                     Err(e) => {
                         assert!(e.to_string().contains("snapshot operation is running"), "{e}");
                         refused += 1;
@@ -755,7 +763,17 @@ fn racing_writer_is_refused_not_corrupting() {
         })
     };
     let (mut done, mut busy) = (0, 0);
+    let mut seen = 0;
     for k in 0..9 {
+        let t0 = std::time::Instant::now();
+        while oks.load(Ordering::SeqCst) == seen {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(120),
+                "the writer made no progress before operation {k}"
+            );
+            std::thread::yield_now();
+        }
+        seen = oks.load(Ordering::SeqCst);
         // Retried until it finds the writer between two requests.
         for attempt in 0.. {
             assert!(attempt < 200_000, "operation {k} never found the queue idle");

@@ -184,6 +184,9 @@ pub(crate) struct MetaState {
     pub ctail: compressed::Tail,
 }
 
+/// A queue's owed refcount decrements, (host cluster, count) pairs (see `Queue::local_frees`).
+pub(crate) type OwedFrees = Arc<Mutex<Vec<(u64, u64)>>>;
+
 /// An open qcow2 image, shared by all queues (wrap in `Arc`).
 pub struct Image {
     pub(crate) file: ImageFile,
@@ -207,6 +210,8 @@ pub struct Image {
     pub(crate) counters: Counters,
     /// The counters of the live queues.
     pub(crate) queue_counters: Mutex<Vec<Arc<Counters>>>,
+    /// Every live queue's owed refcount decrements (see `Queue::local_frees`).
+    pub(crate) owed_frees: Mutex<Vec<OwedFrees>>,
     pub(crate) read_only: bool,
     pub(crate) opts: Options,
     pub(crate) depth: usize,
@@ -334,6 +339,37 @@ impl Image {
     /// A new queue's counters join the image's sum.
     pub(crate) fn register_queue_counters(&self, c: &Arc<Counters>) {
         self.queue_counters.lock().unwrap_or_else(|e| e.into_inner()).push(c.clone());
+    }
+
+    /// A new queue's list of owed refcount decrements, registered so that a snapshot
+    /// operation can take them while the queue is idle ([`Image::take_owed_frees`]).
+    pub(crate) fn register_owed_frees(&self) -> OwedFrees {
+        let l = Arc::new(Mutex::new(Vec::new()));
+        self.owed_frees.lock().unwrap_or_else(|e| e.into_inner()).push(l.clone());
+        l
+    }
+
+    /// A queue is gone (it handed its decrements over first).
+    pub(crate) fn retire_owed_frees(&self, l: &OwedFrees) {
+        let mut list = self.owed_frees.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = list.iter().position(|x| Arc::ptr_eq(x, l)) {
+            let gone = list.swap_remove(i);
+            // Anything still owed (the metadata lock was not to be had at teardown) stays
+            // with the image rather than being lost.
+            let rest = std::mem::take(&mut *gone.lock().unwrap_or_else(|e| e.into_inner()));
+            if !rest.is_empty() {
+                list.push(Arc::new(Mutex::new(rest)));
+            }
+        }
+    }
+
+    /// Moves every queue's owed decrements into `to` (under the metadata lock, with every
+    /// queue idle: a snapshot operation must see the refcounts the published L2 entries
+    /// imply, or it sets COPIED from a count that is about to drop).
+    pub(crate) fn take_owed_frees(&self, to: &mut Vec<(u64, u64)>) {
+        for l in self.owed_frees.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            to.append(&mut l.lock().unwrap_or_else(|e| e.into_inner()));
+        }
     }
 
     /// A queue is gone: its counts move into the image's own.

@@ -197,6 +197,7 @@ impl Image {
             snapshots: std::sync::RwLock::new(snapshots),
             counters: Counters::default(),
             queue_counters: Mutex::new(Vec::new()),
+            owed_frees: Mutex::new(Vec::new()),
             read_only,
             opts: opts.clone(),
             depth,

@@ -277,6 +277,7 @@ impl Image {
     /// Makes the image ready for a snapshot operation: everything the queues did durable,
     /// no L2 slice cached.
     fn quiesce(&self, st: &mut MetaState) -> Result<()> {
+        self.take_owed_frees(&mut st.rc.pending_free);
         self.flush_metadata(st, true, &self.counters)?;
         self.drain_decrements(st)?;
         self.l2_cache.invalidate_all();

@@ -43,7 +43,7 @@ impl Queue {
             }
         };
         let waiters = std::mem::take(&mut self.flush_waiters);
-        st.rc.pending_free.append(&mut self.local_frees);
+        self.hand_over_frees(&mut st.rc.pending_free);
         let r = img.flush_metadata(&mut st, false, &self.counters);
         drop(st);
         if let Err(e) = r {

@@ -370,7 +370,7 @@ impl Queue {
     /// Owes `n` refcount decrements to host cluster `c` (handed to the image's pending
     /// frees the next time this queue takes the metadata lock).
     pub(super) fn owe(&mut self, c: HostCluster, n: u64) {
-        self.local_frees.push((c.0, n));
+        self.local_frees.lock().unwrap_or_else(|e| e.into_inner()).push((c.0, n));
     }
 
     /// Records the decrements an L2 entry's clusters are owed.

@@ -161,7 +161,9 @@ pub struct Queue {
     /// returns).
     pub(crate) grouping: u32,
     /// Refcount decrements found without the lock, handed over when it is next taken.
-    pub(crate) local_frees: Vec<(u64, u64)>,
+    /// Shared with the image (registered there): a snapshot operation, which runs while
+    /// every queue is idle, takes the decrements idle queues still owe.
+    pub(crate) local_frees: crate::image::OwedFrees,
     /// A cluster of zeros (zero writes that cannot use the zero flag).
     pub(crate) zeros: AlignedBuf,
     /// Reused buffer for completions taken from the ring.
@@ -228,7 +230,7 @@ impl Queue {
             job_parked: Vec::new(),
             group: None,
             grouping: 0,
-            local_frees: Vec::new(),
+            local_frees: image.register_owed_frees(),
             zeros: AlignedBuf::new(image.geo.cluster_size() as usize),
             cqe_buf: Vec::with_capacity(256),
             cqe_backlog: Vec::new(),
@@ -383,6 +385,7 @@ impl Drop for Queue {
             self.parked.clear();
         }
         self.image.retire_queue_counters(&self.counters);
+        self.image.retire_owed_frees(&self.local_frees);
         self.image.close_gate(&self.gate);
     }
 }

@@ -20,7 +20,7 @@ impl Queue {
         }
         match layer.try_meta() {
             Ok(Some(mut st)) => {
-                st.rc.pending_free.append(&mut self.local_frees);
+                self.hand_over_frees(&mut st.rc.pending_free);
                 let _ = layer.flush_metadata(&mut st, false, &self.counters);
             }
             Ok(None) if Arc::ptr_eq(layer, &self.image) => self.wait_lock(),

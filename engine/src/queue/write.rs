@@ -97,13 +97,19 @@ impl Queue {
         }
         let img = self.image.clone();
         let Some(mut st) = img.try_meta()? else { return Ok(None) };
-        st.rc.pending_free.append(&mut self.local_frees);
+        self.hand_over_frees(&mut st.rc.pending_free);
         let mut got = Vec::with_capacity(BATCH as usize);
         img.reserve_clusters(&mut st, BATCH, &mut got, &self.counters)?;
         drop(st);
         // Pop from the end: keep ascending order for contiguous layout.
         self.batch = got.into_iter().rev().map(HostCluster).collect();
         Ok(self.batch.pop())
+    }
+
+    /// Moves this queue's owed refcount decrements to `to` (the image's pending frees,
+    /// under the metadata lock).
+    pub(crate) fn hand_over_frees(&self, to: &mut Vec<(u64, u64)>) {
+        to.append(&mut self.local_frees.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Hands this queue's owed decrements over and, when the freed clusters queued reach
@@ -116,19 +122,19 @@ impl Queue {
             return;
         }
         if let Ok(Some(mut st)) = img.try_meta() {
-            st.rc.pending_free.append(&mut self.local_frees);
+            self.hand_over_frees(&mut st.rc.pending_free);
             let _ = img.reclaim_if_many_freed(&mut st, &self.counters);
         }
     }
 
     /// Returns the unused batch and owed decrements to the image (queue teardown).
     pub(crate) fn release_batch(&mut self) {
-        if self.batch.is_empty() && self.local_frees.is_empty() {
+        if self.batch.is_empty() && self.local_frees.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
             return;
         }
         let img = self.image.clone();
         if let Some(mut st) = img.lock_meta() {
-            st.rc.pending_free.append(&mut self.local_frees);
+            self.hand_over_frees(&mut st.rc.pending_free);
             let batch: Vec<u64> = std::mem::take(&mut self.batch).into_iter().map(|c| c.0).collect();
             let _ = img.unreserve_clusters(&mut st, &batch);
         }
