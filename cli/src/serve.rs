@@ -20,7 +20,9 @@
 //! discard granularity advertised (`discard_sector_alignment`) is the image's: the cluster,
 //! or the subcluster with extended L2 entries, where a discard of whole subclusters inside
 //! a cluster makes them read as zeros through the subcluster bitmap (whole clusters are
-//! freed; QEMU's qcow2 ignores discards smaller than a cluster).
+//! freed; QEMU's qcow2 ignores discards smaller than a cluster). Such a partial discard of
+//! a compressed cluster is a zero write the entry cannot express: the engine then copies
+//! the cluster, as for any partial zero write there.
 //!
 //! A live resize comes through the control socket (`--control`, [`crate::serve_control`]);
 //! the front-end is then told through the back-end request channel
