@@ -2,12 +2,14 @@
 //! options, output and exit codes.
 
 mod args;
+mod backend_channel;
 mod bench;
 mod check;
 mod compare;
 mod convert;
 mod convert_io;
 mod create;
+mod export_opts;
 mod guest;
 mod info;
 mod io_cmd;
@@ -21,6 +23,7 @@ mod probe;
 mod qjson;
 mod resize;
 mod serve;
+mod serve_control;
 mod snapshot;
 mod util;
 
