@@ -429,7 +429,9 @@ impl Image {
 
     /// Makes every completed write durable (metadata write-back in dependency order plus
     /// device flushes). Blocks the calling thread; queues use [`Op::Flush`](crate::queue::Op)
-    /// instead.
+    /// instead. A write-back a queue runs on its ring for its flushes ends first: do not
+    /// call this from the thread of a queue with a flush in flight (that queue must keep
+    /// reaping for it to end).
     pub fn flush(&self) -> Result<()> {
         let Some(mut st) = self.lock_meta_quiet() else { return Ok(()) };
         self.flush_metadata(&mut st, false, &self.counters)

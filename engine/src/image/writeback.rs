@@ -85,6 +85,9 @@ pub(crate) struct CoordState {
     pub done: u64,
     /// (generation, error as errno and text) of the last generations.
     results: VecDeque<(u64, Option<(i32, String)>)>,
+    /// Threads blocked in [`WbCoord::wait_idle`] (the condition variable is signalled
+    /// only when there are some: no syscall per write-back otherwise).
+    sleepers: usize,
 }
 
 impl CoordState {
@@ -159,7 +162,7 @@ impl WbCoord {
 
     /// Generation `generation` ended with `err`: the next may start, joiners learn the outcome.
     pub fn end(&self, generation: u64, err: Option<&crate::Error>) {
-        {
+        let sleepers = {
             let mut st = self.lock();
             st.in_flight = None;
             st.done = generation;
@@ -171,8 +174,11 @@ impl WbCoord {
             if st.results.len() > RESULTS_KEPT {
                 st.results.pop_front();
             }
+            st.sleepers
+        };
+        if sleepers > 0 {
+            self.cv.notify_all();
         }
-        self.cv.notify_all();
         wake(self.waiters.notify());
     }
 
@@ -185,7 +191,9 @@ impl WbCoord {
     pub fn wait_idle(&self) {
         let mut st = self.lock();
         while st.in_flight.is_some() {
+            st.sleepers += 1;
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleepers -= 1;
         }
     }
 }
