@@ -277,18 +277,7 @@ impl Image {
         // an unpinned slot could be evicted, and a reload before the write lands would read
         // the old slice from disk and lose every update in the copy (a lost discard then
         // frees its cluster a second time).
-        let mut copies = Vec::new();
-        for slot in cache.dirty_slots() {
-            let Some(key) = cache.slot_key(slot) else { continue };
-            let Some(pinned) = cache.pin(key) else { continue };
-            cache.clear_dirty(pinned);
-            let len = cache.slot_size();
-            // SAFETY: the slot is pinned (valid, not evictable); concurrent single-word CAS
-            // updates may race with this copy, which then holds the old or the new word (and
-            // the slot is dirty again).
-            let bytes = unsafe { std::slice::from_raw_parts(cache.slot_ptr(pinned), len) }.to_vec();
-            copies.push((pinned, key, bytes));
-        }
+        let copies = cache.pin_dirty_copies();
         let result = self.write_l2_copies(&copies, c);
         for (slot, _, _) in &copies {
             if result.is_err() {
@@ -357,7 +346,7 @@ impl Image {
 
     /// Flushes the device (making the data the copies map durable), then writes the L2
     /// slice copies. Returns whether anything was written.
-    fn write_l2_copies(&self, copies: &[(crate::meta::cache::SlotId, u64, Vec<u8>)], c: &Counters) -> Result<bool> {
+    fn write_l2_copies(&self, copies: &[(crate::meta::cache::SlotId, u64, AlignedBuf)], c: &Counters) -> Result<bool> {
         if copies.is_empty() {
             return Ok(false);
         }
@@ -424,18 +413,9 @@ impl Image {
         // until the write-back ended (see flush_metadata_now).
         let cache = &self.l2_cache;
         let mut writes = Vec::new();
-        for slot in cache.dirty_slots() {
-            let Some(key) = cache.slot_key(slot) else { continue };
-            let Some(pinned) = cache.pin(key) else { continue };
-            cache.clear_dirty(pinned);
-            let len = cache.slot_size();
-            let mut buf = AlignedBuf::new(len);
-            // SAFETY: the slot is pinned (valid, not evictable); concurrent single-word CAS
-            // updates may race with this copy, which then holds the old or the new word
-            // (and the slot is dirty again).
-            buf.copy_from_slice(unsafe { std::slice::from_raw_parts(cache.slot_ptr(pinned), len) });
+        for (pinned, key, buf) in cache.pin_dirty_copies() {
             Counters::add(&c.l2_writes, 1);
-            Counters::add(&c.l2_write_bytes, len as u64);
+            Counters::add(&c.l2_write_bytes, buf.len() as u64);
             plan.slots.push(pinned);
             writes.push(WbWrite { kind: WriteKind::L2, off: key, buf });
         }
