@@ -424,6 +424,11 @@ pub struct GuestOp {
     pub start: usize,
     /// Event-log mark when its completion was seen.
     pub end: usize,
+    /// Position of its submission in the harness's own order of submissions and
+    /// completions (device events cannot order two requests that issued none).
+    pub submitted: usize,
+    /// Position of its completion in that order.
+    pub completed: usize,
     /// Completed without error.
     pub ok: bool,
     /// The error's errno when it failed.
@@ -459,9 +464,17 @@ pub struct Model {
     pub base: Vec<u8>,
     pub ops: Vec<GuestOp>,
     pub durability: Durability,
+    /// The next position in the order of submissions and completions ([`GuestOp::submitted`]).
+    pub clock: usize,
 }
 
 impl Model {
+    /// Takes the next position in the order of submissions and completions.
+    fn tick(&mut self) -> usize {
+        self.clock += 1;
+        self.clock
+    }
+
     fn sector_value(&self, op: Option<usize>, s: u64) -> Option<&[u8]> {
         let r = (s * SECTOR) as usize..((s + 1) * SECTOR) as usize;
         match op {
@@ -518,8 +531,11 @@ impl Model {
             let touching: Vec<usize> =
                 idx[s as usize].iter().map(|&i| i as usize).filter(|&i| self.ops[i].start < c).collect();
             let ds: Vec<usize> = touching.iter().copied().filter(|&i| durable[i]).collect();
-            // An op is allowed unless a durable op to this sector began after it completed.
-            let allowed = |i: usize| !ds.iter().any(|&d| d != i && self.ops[d].start >= self.ops[i].end);
+            // An op is allowed unless a durable op to this sector was submitted after it
+            // completed. (Not by event marks: two requests that issued no device event,
+            // such as zero writes over zeros, share their marks and would each rule the
+            // other out.)
+            let allowed = |i: usize| !ds.iter().any(|&d| d != i && self.ops[d].submitted > self.ops[i].completed);
             let mut cands: Vec<Option<usize>> = Vec::new();
             if ds.is_empty() {
                 cands.push(None);
@@ -611,6 +627,7 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
             let p = &plan[i];
             let data = (p.kind == GKind::Write).then(|| pattern_bytes(data_seed ^ (i as u64 * 0x9e37), p.len as usize));
             let start = rec.len();
+            let submitted = model.tick();
             let r = match p.kind {
                 GKind::Write => q.write_at(data.as_ref().unwrap(), p.off),
                 GKind::Zero { unmap } => q.write_zeroes(p.off, p.len, unmap),
@@ -618,6 +635,7 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
                 GKind::Flush => q.flush(),
             };
             let end = rec.len();
+            let completed = model.tick();
             model.ops.push(GuestOp {
                 kind: p.kind,
                 off: p.off,
@@ -625,6 +643,8 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
                 data,
                 start,
                 end,
+                submitted,
+                completed,
                 ok: r.is_ok(),
                 errno: r.as_ref().err().map_or(0, errno_of),
             });
@@ -640,9 +660,13 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
                     data,
                     start: rec.len(),
                     end: usize::MAX,
+                    submitted: 0,
+                    completed: usize::MAX,
                     ok: false,
                     errno: 0,
                 });
+                let t = model.tick();
+                model.ops.last_mut().unwrap().submitted = t;
                 let o = model.ops.last().unwrap();
                 let op = match p.kind {
                     GKind::Write => {
@@ -665,8 +689,10 @@ pub fn run_plan(q: &mut Queue, rec: &Recorder, model: &mut Model, plan: &[Planne
                 q.reap(&mut out, 1, None).expect("reap");
                 let mark = rec.len();
                 for c in &out {
+                    let t = model.tick();
                     let o = &mut model.ops[c.user_data as usize];
                     o.end = mark;
+                    o.completed = t;
                     o.ok = c.result == 0;
                     o.errno = -c.result;
                     left -= 1;
