@@ -9,7 +9,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 
 use common::same_as_qemu_img as same;
 
