@@ -3,6 +3,7 @@
 
 mod args;
 mod bench;
+mod bitmap;
 mod check;
 mod compare;
 mod convert;
@@ -58,6 +59,9 @@ enum Cmd {
     Resize(resize::Args),
     /// Create, apply, delete or list internal snapshots (like `qemu-img snapshot`).
     Snapshot(snapshot::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like
+    /// `qemu-img bitmap`).
+    Bitmap(bitmap::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,550 @@
+//! Persistent dirty bitmaps against QEMU: bitmaps made by `qemu-img bitmap`, then seeded
+//! streams of writes, zero writes and discards through quring (one and four queues) and
+//! through qemu-io (QEMU's own block layer, which loads the image's persistent bitmaps,
+//! tracks the writes and stores them at close) on copies of one image: the stored bitmaps
+//! must equal each other and a model of the stream; QEMU's NBD export of the bitmap shows
+//! the same extents; bitmaps quring creates, clears, merges, enables, disables and removes
+//! are listed by `qemu-img info` as after the same `qemu-img bitmap` commands;
+//! `qemu-img check` is clean after every step; a SIGKILL leaves the bitmap in use.
+
+mod common;
+
+use common::*;
+use quring::image::{Image, Options};
+use quring::queue::{Queue, QueueOptions};
+use serde_json::Value;
+use std::path::Path;
+
+/// One guest operation of a stream.
+#[derive(Clone, Copy, Debug)]
+enum GuestOp {
+    Write(u64, u64, u8),
+    Zero(u64, u64, bool),
+    Discard(u64, u64),
+}
+
+impl GuestOp {
+    fn range(self) -> (u64, u64) {
+        match self {
+            GuestOp::Write(o, l, _) | GuestOp::Zero(o, l, _) | GuestOp::Discard(o, l) => (o, l),
+        }
+    }
+
+    fn qemu_io(self) -> String {
+        match self {
+            GuestOp::Write(o, l, p) => format!("write -P {p} {o} {l}"),
+            GuestOp::Zero(o, l, true) => format!("write -z -u {o} {l}"),
+            GuestOp::Zero(o, l, false) => format!("write -z {o} {l}"),
+            GuestOp::Discard(o, l) => format!("discard {o} {l}"),
+        }
+    }
+}
+
+/// A seeded stream over a disk of `size` bytes: sub-granule, granule-straddling and
+/// whole-cluster ranges (`g` the smallest granularity in play, `cs` the cluster size).
+fn stream(seed: u64, n: usize, size: u64, g: u64, cs: u64) -> Vec<GuestOp> {
+    let mut st = seed;
+    let mut rnd = |m: u64| splitmix64(&mut st) % m.max(1);
+    let mut out = Vec::new();
+    while out.len() < n {
+        let (off, len) = match rnd(3) {
+            // Inside one granule.
+            0 => {
+                let base = rnd(size / g) * g;
+                let o = base + rnd(g / 512) * 512;
+                (o, 512 * (1 + rnd((base + g - o) / 512)))
+            }
+            // Across a granule boundary.
+            1 => {
+                let b = (1 + rnd(size / g - 1)) * g;
+                let before = 512 * (1 + rnd(g.min(8192) / 512));
+                (b - before, before + 512 * (1 + rnd(g.min(8192) / 512)))
+            }
+            // Whole clusters.
+            _ => (rnd(size / cs) * cs, cs * (1 + rnd(3))),
+        };
+        let len = len.min(size - off);
+        if len == 0 {
+            continue;
+        }
+        out.push(match rnd(4) {
+            0 | 1 => GuestOp::Write(off, len, 1 + rnd(250) as u8),
+            2 => GuestOp::Zero(off, len, rnd(2) == 0),
+            _ => GuestOp::Discard(off, len),
+        });
+    }
+    out
+}
+
+/// The dirty extents a stream leaves in a bitmap of granularity `g` over `size` bytes
+/// (merged, clipped to the disk).
+fn model(ops: &[GuestOp], g: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut bits = vec![false; size.div_ceil(g) as usize];
+    for op in ops {
+        let (o, l) = op.range();
+        for k in o / g..=(o + l - 1) / g {
+            bits[k as usize] = true;
+        }
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (k, &b) in bits.iter().enumerate() {
+        if !b {
+            continue;
+        }
+        let start = k as u64 * g;
+        let end = (start + g).min(size);
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == start => *l = end - *o,
+            _ => out.push((start, end - start)),
+        }
+    }
+    out
+}
+
+/// Runs `ops` through quring on `queues` queues (one thread each, ops dealt round-robin),
+/// then closes the image.
+fn run_quring(path: &Path, ops: &[GuestOp], queues: usize) {
+    let img = Image::open(path, &Options::default()).unwrap();
+    std::thread::scope(|sc| {
+        for t in 0..queues {
+            let img = img.clone();
+            sc.spawn(move || {
+                let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+                for op in ops.iter().skip(t).step_by(queues) {
+                    match *op {
+                        GuestOp::Write(o, l, p) => q.write_at(&vec![p; l as usize], o).unwrap(),
+                        GuestOp::Zero(o, l, u) => q.write_zeroes(o, l, u).unwrap(),
+                        GuestOp::Discard(o, l) => q.discard(o, l).unwrap(),
+                    }
+                }
+                q.flush().unwrap();
+            });
+        }
+    });
+    img.close().unwrap();
+}
+
+/// quring's `map --bitmap NAME --output=json`, as the dirty extents.
+fn quring_dirty(path: &Path, name: &str) -> Vec<(u64, u64)> {
+    let r = quring(["map", "--bitmap", name, "--output=json", &s(path)]).ok();
+    let v = r.json();
+    let mut out = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["dirty"].as_bool().unwrap() {
+            out.push((e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()));
+        }
+    }
+    out
+}
+
+/// The bitmaps `qemu-img info --output=json` lists: (name, granularity, flags).
+fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let v = qemu_img(["info", "--output=json", "-U", &s(path)]).ok().json();
+    bitmap_list(&v)
+}
+
+fn bitmap_list(v: &Value) -> Vec<(String, u64, Vec<String>)> {
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|b| {
+                    (
+                        b["name"].as_str().unwrap().to_string(),
+                        b["granularity"].as_u64().unwrap(),
+                        b["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[track_caller]
+fn check_clean(path: &Path, when: &str) {
+    let r = qemu_img(["check", &s(path)]);
+    assert_eq!(r.code, Some(0), "qemu-img check after {when}:\n{}", r.describe());
+}
+
+#[track_caller]
+fn qemu_bitmap(args: &[&str]) {
+    let mut a = vec!["bitmap"];
+    a.extend_from_slice(args);
+    qemu_img(&a).ok();
+}
+
+#[track_caller]
+fn quring_bitmap(args: &[&str]) {
+    let mut a = vec!["bitmap"];
+    a.extend_from_slice(args);
+    quring(&a).ok();
+}
+
+/// QEMU's view of a stored bitmap: `qemu-nbd --bitmap NAME` and `qemu-img map` with
+/// `x-dirty-bitmap`; dirty extents are reported as `"data": false`.
+fn qemu_nbd_dirty(path: &Path, name: &str) -> Vec<(u64, u64)> {
+    let dir = tempdir();
+    let sock = dir.path().join("nbd.sock");
+    let mut child = std::process::Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "--bitmap", name, "-k", &s(&sock), &s(path)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let opts = format!("driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}", s(&sock));
+    let r = qemu_img(["map", "--output=json", "--image-opts", &opts]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = r.ok().json();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        if !e["data"].as_bool().unwrap() {
+            let (o, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            match out.last_mut() {
+                Some((a, b)) if *a + *b == o => *b += l,
+                _ => out.push((o, l)),
+            }
+        }
+    }
+    out
+}
+
+/// One case: an image with three bitmaps made by qemu-img (enabled at the default
+/// granularity, enabled at a second granularity, disabled with content), the same stream
+/// through qemu-io and through quring on copies; the stored bitmaps must equal the model
+/// and each other, the disabled one must be unchanged, and both images pass check.
+fn stream_case(cs: u64, size: u64, g2: u64, queues: usize, seed: u64, n: usize) {
+    let dir = tempdir();
+    let base = dir.path().join("base.qcow2");
+    create_qcow2(&base, &Qcow2Opts::cluster(cs as u32), size);
+    qemu_bitmap(&["--add", &s(&base), "frozen"]);
+    qemu_io_cmds(&base, "qcow2", &[format!("write -P 7 {cs} {}", cs.min(size / 4))]);
+    qemu_bitmap(&["--disable", &s(&base), "frozen"]);
+    qemu_bitmap(&["--add", &s(&base), "b0"]);
+    qemu_bitmap(&["--add", "-g", &g2.to_string(), &s(&base), "b1"]);
+    // Something dirty before the stream, then cleared: the stream alone must count.
+    qemu_io_cmds(&base, "qcow2", &[format!("write -P 9 0 {}", size / 2)]);
+    qemu_bitmap(&["--clear", &s(&base), "b0"]);
+    qemu_bitmap(&["--clear", &s(&base), "b1"]);
+    let frozen_before = quring_dirty(&base, "frozen");
+    assert!(!frozen_before.is_empty());
+    let g0 = qemu_bitmaps(&base).iter().find(|b| b.0 == "b0").unwrap().1;
+
+    let ops = stream(seed, n, size, g0.min(g2), cs);
+    let qemu = dir.path().join("qemu.qcow2");
+    let ours = dir.path().join("quring.qcow2");
+    std::fs::copy(&base, &qemu).unwrap();
+    std::fs::copy(&base, &ours).unwrap();
+    qemu_io_cmds(&qemu, "qcow2", &ops.iter().map(|o| o.qemu_io()).collect::<Vec<_>>());
+    run_quring(&ours, &ops, queues);
+
+    let what = format!("cluster {cs}, granularities {g0}/{g2}, {queues} queue(s), seed {seed}");
+    check_clean(&ours, &what);
+    check_clean(&qemu, &what);
+    if queues == 1 {
+        // (With several queues overlapping requests may land in another order.)
+        let cmp = qemu_img(["compare", &s(&qemu), &s(&ours)]);
+        assert_eq!(cmp.code, Some(0), "guest data differs ({what}):\n{}", cmp.describe());
+    }
+    for (name, g) in [("b0", g0), ("b1", g2)] {
+        let want = model(&ops, g, size);
+        assert_eq!(quring_dirty(&ours, name), want, "{name} stored by quring vs the model ({what})");
+        assert_eq!(quring_dirty(&qemu, name), want, "{name} stored by QEMU vs the model ({what})");
+    }
+    assert_eq!(quring_dirty(&ours, "frozen"), frozen_before, "disabled bitmap changed ({what})");
+    // QEMU lists both images' bitmaps alike: same names, granularities, flags (none in use).
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&qemu), "{what}");
+    for (name, _, flags) in qemu_bitmaps(&ours) {
+        assert!(!flags.iter().any(|f| f == "in-use"), "{name} left in use ({what})");
+    }
+}
+
+#[test]
+fn stream_512_byte_clusters_one_queue() {
+    stream_case(512, 8 << 20, 512, 1, 1, 120);
+}
+
+#[test]
+fn stream_64k_clusters_four_queues() {
+    stream_case(65536, 64 << 20, 4096, 4, 2, 160);
+}
+
+#[test]
+fn stream_64k_clusters_one_queue() {
+    stream_case(65536, 32 << 20, 1 << 20, 1, 3, 120);
+}
+
+#[test]
+fn stream_2m_clusters_four_queues() {
+    stream_case(2 << 20, 64 << 20, 65536, 4, 4, 60);
+}
+
+/// QEMU's NBD export of a bitmap quring stored shows the extents quring's `map --bitmap`
+/// prints (and the ones `Image::dirty_ranges` returns).
+#[test]
+fn qemu_nbd_sees_quring_bitmap() {
+    let dir = tempdir();
+    let img = dir.path().join("n.qcow2");
+    create_qcow2(&img, &Qcow2Opts::cluster(65536), 16 << 20);
+    qemu_bitmap(&["--add", &s(&img), "inc"]);
+    let ops = stream(11, 60, 16 << 20, 65536, 65536);
+    run_quring(&img, &ops, 2);
+    let ours = quring_dirty(&img, "inc");
+    assert_eq!(ours, model(&ops, 65536, 16 << 20));
+    assert_eq!(qemu_nbd_dirty(&img, "inc"), ours);
+    let ro = Image::open(&img, &Options { read_only: true, ..Default::default() }).unwrap();
+    let api: Vec<(u64, u64)> = ro.dirty_ranges("inc").unwrap().into_iter().map(|(o, l)| (o.get(), l)).collect();
+    assert_eq!(api, ours);
+    check_clean(&img, "the stream");
+}
+
+/// `quring bitmap` and `qemu-img bitmap` (with writes through quring io and qemu-io in
+/// between) on copies of one image: qemu-img info lists the same bitmaps after every step,
+/// the dirty extents are the same, and check is clean after every step.
+#[test]
+fn bitmap_commands_match_qemu_img() {
+    let dir = tempdir();
+    let a = dir.path().join("qemu.qcow2");
+    let b = dir.path().join("quring.qcow2");
+    let src = dir.path().join("src.qcow2");
+    create_qcow2(&a, &Qcow2Opts::cluster(65536), 32 << 20);
+    std::fs::copy(&a, &b).unwrap();
+    create_qcow2(&src, &Qcow2Opts::cluster(65536), 32 << 20);
+    qemu_bitmap(&["--add", "-g", "128k", &s(&src), "other"]);
+    qemu_io_cmds(&src, "qcow2", &["write 20M 300k".to_string()]);
+    let (sa, sb) = (s(&a), s(&b));
+    let steps: &[(&[&str], Option<&str>)] = &[
+        (&["--add", "IMG", "b0"], Some("write -P 1 0 64k")),
+        (&["--add", "-g", "1M", "--disable", "IMG", "b1"], Some("write -P 2 3M 4k")),
+        (&["--enable", "IMG", "b1"], Some("write -P 3 5M 1M")),
+        (&["--merge", "b1", "IMG", "b0"], None),
+        (&["--disable", "IMG", "b0"], Some("write -z 9M 64k")),
+        (&["--merge", "other", "-b", "SRC", "-F", "qcow2", "IMG", "b0"], None),
+        (&["--clear", "IMG", "b1"], Some("discard 12M 128k")),
+        (&["--add", "IMG", "b2", "--disable", "--enable"], Some("write -P 4 31M 512")),
+        (&["--remove", "IMG", "b0"], Some("write -P 5 0 512")),
+    ];
+    for (i, (args, io)) in steps.iter().enumerate() {
+        for (img, qemu) in [(&sa, true), (&sb, false)] {
+            let args: Vec<&str> = args
+                .iter()
+                .map(|x| {
+                    if *x == "IMG" {
+                        img.as_str()
+                    } else if *x == "SRC" {
+                        ""
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let src_s = s(&src);
+            let args: Vec<&str> = args.into_iter().map(|x| if x.is_empty() { src_s.as_str() } else { x }).collect();
+            if qemu {
+                qemu_bitmap(&args);
+            } else {
+                quring_bitmap(&args);
+            }
+            if let Some(c) = io {
+                if qemu {
+                    qemu_io_cmds(Path::new(img), "qcow2", &[c.to_string()]);
+                } else {
+                    quring(["io", "-c", c, img]).ok();
+                }
+            }
+        }
+        let what = format!("step {i} {args:?}");
+        check_clean(&a, &what);
+        check_clean(&b, &what);
+        let (la, lb) = (qemu_bitmaps(&a), qemu_bitmaps(&b));
+        assert_eq!(la, lb, "{what}");
+        // quring info lists them as qemu-img info does, text and JSON.
+        let qi = quring(["info", "--output=json", &sb]).ok().json();
+        assert_eq!(bitmap_list(&qi), lb, "{what}");
+        let text = |r: Run| {
+            r.stdout
+                .lines()
+                .skip_while(|l| !l.contains("bitmaps:"))
+                .take_while(|l| !l.contains("refcount bits"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(text(quring(["info", &sb]).ok()), text(qemu_img(["info", &sb]).ok()), "{what}");
+        for (name, _, _) in &la {
+            assert_eq!(quring_dirty(&a, name), quring_dirty(&b, name), "bitmap {name} after {what}");
+        }
+    }
+}
+
+/// qemu-img's refusals and messages, word for word.
+#[test]
+fn bitmap_errors_match_qemu_img() {
+    let dir = tempdir();
+    let img = dir.path().join("e.qcow2");
+    create_qcow2(&img, &Qcow2Opts::cluster(65536), 8 << 20);
+    qemu_bitmap(&["--add", &s(&img), "x"]);
+    let i = s(&img);
+    let long = "n".repeat(1024);
+    let cases: Vec<Vec<&str>> = vec![
+        vec![&i, "x"],
+        vec!["--add", &i, "x"],
+        vec!["--add", &i],
+        vec!["--remove", &i, "nope"],
+        vec!["--clear", &i, "nope"],
+        vec!["--enable", &i, "nope"],
+        vec!["--add", "-g", "100", &i, "y"],
+        vec!["--add", "-g", "256", &i, "y"],
+        vec!["--add", "-g", "abc", &i, "y"],
+        vec!["-g", "4096", "--remove", &i, "x"],
+        vec!["--merge", "nope", &i, "x"],
+        vec!["-b", &i, "--add", &i, "q"],
+        vec!["--add", "-F", "qcow2", &i, "w"],
+        vec!["--add", &i, ""],
+    ];
+    for c in cases {
+        let mut a = vec!["bitmap"];
+        a.extend(c.iter().copied());
+        let q = qemu_img(&a);
+        let r = quring(&a);
+        assert_eq!(r.code, q.code, "{c:?}\n{}\n{}", r.describe(), q.describe());
+        assert_eq!(r.stderr.replace("quring:", "qemu-img:"), q.stderr, "{c:?}");
+    }
+    // Name too long: QEMU names its node, quring the file; the rest is the same.
+    let r = quring(["bitmap", "--add", &i, &long]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("Name length exceeds maximum (1023 characters)"), "{}", r.describe());
+    check_clean(&img, "refused commands");
+    assert_eq!(qemu_bitmaps(&img), vec![("x".to_string(), 65536, vec!["auto".to_string()])]);
+}
+
+/// A quring writer killed with SIGKILL leaves its bitmap in use: qemu-img info says
+/// "in-use", the image is otherwise consistent, and quring then refuses to use the bitmap
+/// but removes it.
+#[test]
+fn sigkill_leaves_bitmap_in_use() {
+    let dir = tempdir();
+    let img = dir.path().join("k.qcow2");
+    create_qcow2(&img, &Qcow2Opts::cluster(65536), 16 << 20);
+    qemu_bitmap(&["--add", &s(&img), "b"]);
+    qemu_bitmap(&["--add", "--disable", &s(&img), "off"]);
+    let mut child = std::process::Command::new(quring_bin())
+        .args(["io", "-c", "write -P 1 0 1M", "-c", "flush", "-c", "sleep 60000", &s(&img)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "the writer never marked the bitmap in use");
+        let l = qemu_bitmaps(&img);
+        if l.iter().any(|b| b.0 == "b" && b.2.contains(&"in-use".to_string()))
+            && qemu_io(["-U", "-r", "-c", "read -P 1 0 1M", &s(&img)]).stdout.contains("read 1048576")
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let l = qemu_bitmaps(&img);
+    assert_eq!(
+        l,
+        vec![
+            ("b".to_string(), 65536, vec!["in-use".to_string(), "auto".to_string()]),
+            ("off".to_string(), 65536, vec![]),
+        ]
+    );
+    assert!(qemu_img(["info", &s(&img)]).ok().stdout.contains("[0]: in-use"));
+    // At worst the killed writer's reserved clusters leak.
+    let r = qemu_img(["check", &s(&img)]);
+    assert!(matches!(r.code, Some(0) | Some(3)), "{}", r.describe());
+    qemu_img(["check", "-q", "-r", "leaks", &s(&img)]).ok();
+    check_clean(&img, "SIGKILL and leak repair");
+    assert_eq!(qemu_bitmaps(&img), l, "the leak repair kept the bitmaps");
+    // An inconsistent bitmap stays as it is through a quring session, cannot be used...
+    quring(["io", "-c", "write -P 2 2M 64k", &s(&img)]).ok();
+    assert_eq!(qemu_bitmaps(&img), l);
+    let r = quring(["bitmap", "--clear", &s(&img), "b"]);
+    assert_eq!(r.code, Some(1));
+    let q = qemu_img(["bitmap", "--clear", &s(&img), "b"]);
+    assert_eq!(r.stderr.replace("quring:", "qemu-img:"), q.stderr);
+    // ...and can be removed, as with QEMU.
+    quring_bitmap(&["--remove", &s(&img), "b"]);
+    assert_eq!(qemu_bitmaps(&img), vec![("off".to_string(), 65536, vec![])]);
+    check_clean(&img, "removing the inconsistent bitmap");
+}
+
+/// A read-only open (info, map, check, the library) changes no byte; a read-write open
+/// keeps autoclear bit 0 and clears the bits quring does not know.
+#[test]
+fn read_only_untouched_and_autoclear_kept() {
+    let dir = tempdir();
+    let img = dir.path().join("r.qcow2");
+    create_qcow2(&img, &Qcow2Opts::cluster(65536), 16 << 20);
+    qemu_bitmap(&["--add", &s(&img), "b"]);
+    qemu_io_cmds(&img, "qcow2", &["write 1M 64k".to_string()]);
+    let before = std::fs::read(&img).unwrap();
+    quring(["info", &s(&img)]).ok();
+    quring(["info", "--output=json", &s(&img)]).ok();
+    quring(["map", "--bitmap", "b", "--output=json", &s(&img)]).ok();
+    quring(["check", &s(&img)]).ok();
+    let ro = Image::open(&img, &Options { read_only: true, ..Default::default() }).unwrap();
+    assert_eq!(ro.bitmaps().len(), 1);
+    drop(ro);
+    assert!(std::fs::read(&img).unwrap() == before, "a read-only use changed the file");
+    // An unknown autoclear bit goes, bit 0 stays.
+    let autoclear = read_be64(&img, 88);
+    assert_eq!(autoclear, 1);
+    patch_be64(&img, 88, autoclear | 1 << 40);
+    quring(["io", "-c", "write 4M 4k", &s(&img)]).ok();
+    assert_eq!(read_be64(&img, 88), 1);
+    assert_eq!(quring_dirty(&img, "b"), vec![(1 << 20, 65536), (4 << 20, 65536)]);
+    check_clean(&img, "the autoclear test");
+}
+
+/// The library API: add, list, track writes of several queues, dirty ranges while open,
+/// clear, disable, merge, remove; every step leaves an image qemu-img check accepts.
+#[test]
+fn library_api() {
+    let dir = tempdir();
+    let path = dir.path().join("a.qcow2");
+    create_qcow2(&path, &Qcow2Opts::cluster(65536), 16 << 20);
+    let img = Image::open(&path, &Options::default()).unwrap();
+    img.add_bitmap("a", None, false).unwrap();
+    img.add_bitmap("b", Some(4096), true).unwrap();
+    assert!(img.add_bitmap("a", None, false).is_err());
+    let l = img.bitmaps();
+    assert_eq!((l[0].name.as_str(), l[0].granularity, l[0].auto, l[0].tracking), ("a", 65536, true, true));
+    assert_eq!((l[1].name.as_str(), l[1].granularity, l[1].auto, l[1].tracking), ("b", 4096, false, false));
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    q.write_at(&[1u8; 512], 70_000 / 512 * 512).unwrap();
+    q.write_zeroes(1 << 20, 4096, false).unwrap();
+    q.flush().unwrap();
+    let ranges = |img: &Image, n: &str| -> Vec<(u64, u64)> {
+        img.dirty_ranges(n).unwrap().into_iter().map(|(o, l)| (o.get(), l)).collect()
+    };
+    assert_eq!(ranges(&img, "a"), vec![(65536, 65536), (1 << 20, 65536)]);
+    assert!(ranges(&img, "b").is_empty());
+    drop(q);
+    img.merge_bitmap("b", None, "a").unwrap();
+    assert_eq!(ranges(&img, "b"), vec![(65536, 65536), (1 << 20, 65536)]);
+    img.clear_bitmap("a").unwrap();
+    assert!(ranges(&img, "a").is_empty());
+    img.enable_bitmap("b").unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    q.discard(8 << 20, 8192).unwrap();
+    drop(q);
+    assert_eq!(ranges(&img, "b"), vec![(65536, 65536), (1 << 20, 65536), (8 << 20, 8192)]);
+    assert_eq!(ranges(&img, "a"), vec![(8 << 20, 65536)]);
+    img.disable_bitmap("a").unwrap();
+    img.remove_bitmap("b").unwrap();
+    assert!(img.dirty_ranges("b").is_err());
+    img.close().unwrap();
+    drop(img);
+    check_clean(&path, "library operations");
+    assert_eq!(qemu_bitmaps(&path), vec![("a".to_string(), 65536, vec![])]);
+    assert_eq!(quring_dirty(&path, "a"), vec![(8 << 20, 65536)]);
+}
