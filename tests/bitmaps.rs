@@ -5,9 +5,12 @@
 //! must equal each other and a model of the stream; QEMU's NBD export of the bitmap shows
 //! the same extents; bitmaps quring creates, clears, merges, enables, disables and removes
 //! are listed by `qemu-img info` as after the same `qemu-img bitmap` commands;
-//! `qemu-img check` is clean after every step; a SIGKILL leaves the bitmap in use.
+//! `qemu-img check` is clean after every step; a SIGKILL leaves the bitmap in use; every
+//! crash state of a session (with guest flushes and the close) has the bitmap either in use
+//! or consistent with the guest data it holds.
 
 mod common;
+mod crash_harness;
 
 use common::*;
 use quring::image::{Image, Options};
@@ -110,7 +113,12 @@ fn run_quring(path: &Path, ops: &[GuestOp], queues: usize) {
             let img = img.clone();
             sc.spawn(move || {
                 let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
-                for op in ops.iter().skip(t).step_by(queues) {
+                for (i, op) in ops.iter().skip(t).step_by(queues).enumerate() {
+                    // Guest flushes along the way: asynchronous write-backs (joined across
+                    // queues) run while the other queues keep writing and marking.
+                    if i % 8 == 7 {
+                        q.flush().unwrap();
+                    }
                     match *op {
                         GuestOp::Write(o, l, p) => q.write_at(&vec![p; l as usize], o).unwrap(),
                         GuestOp::Zero(o, l, u) => q.write_zeroes(o, l, u).unwrap(),
@@ -547,4 +555,82 @@ fn library_api() {
     check_clean(&path, "library operations");
     assert_eq!(qemu_bitmaps(&path), vec![("a".to_string(), 65536, vec![])]);
     assert_eq!(quring_dirty(&path, "a"), vec![(8 << 20, 65536)]);
+}
+
+/// Crash states of a session with an enabled bitmap (writes, zero writes and a discard,
+/// guest flushes through the asynchronous write-back, then the clean close that stores the
+/// bitmap), materialized from the device-write log (everything durable, a random subset of
+/// the rest, some writes torn): each passes `qemu-img check` (leaks allowed), and its
+/// bitmap is either `in-use` (inconsistent, as QEMU leaves it after a crash), or
+/// consistent and then either everything the session did (the close's directory reached
+/// the disk only after all guest data and metadata) or nothing, with the guest data as it
+/// was (`in_use` was durable before the first guest write).
+#[test]
+fn crash_states_keep_the_bitmap_in_use_or_complete() {
+    use crash_harness::{Log, Recorder, harness_rng, materialize, open_recorded, shm_dir};
+    let dir = shm_dir();
+    let (cs, size) = (65536u64, 4u64 << 20);
+    let start = dir.path().join("start.qcow2");
+    create_qcow2(&start, &Qcow2Opts::cluster(cs as u32), size);
+    qemu_io_cmds(&start, "qcow2", &["write -P 5 0 1M".to_string()]);
+    qemu_bitmap(&["--add", &s(&start), "b"]);
+    qemu_bitmap(&["--add", "--disable", &s(&start), "off"]);
+    let start_bytes = std::fs::read(&start).unwrap();
+    let ops = stream(7, 24, size, 65536, cs);
+    let rec = Recorder::new();
+    let closing;
+    let work = dir.path().join("work.qcow2");
+    std::fs::copy(&start, &work).unwrap();
+    {
+        let img = open_recorded(&work, &rec, quring::image::CacheMode::Writeback);
+        let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+        for (i, op) in ops.iter().enumerate() {
+            match *op {
+                GuestOp::Write(o, l, p) => q.write_at(&vec![p; l as usize], o).unwrap(),
+                GuestOp::Zero(o, l, u) => q.write_zeroes(o, l, u).unwrap(),
+                GuestOp::Discard(o, l) => q.discard(o, l).unwrap(),
+            }
+            if i % 5 == 4 {
+                q.flush().unwrap();
+            }
+        }
+        drop(q);
+        closing = rec.len();
+        img.close().unwrap();
+    }
+    let want = model(&ops, 65536, size);
+    assert_eq!(quring_dirty(&work, "b"), want, "after the clean close");
+    check_clean(&work, "the recorded session");
+    let events = rec.events();
+    let log = Log::new(&events);
+    let state = dir.path().join("state.qcow2");
+    let mut rng = harness_rng(17);
+    let n = events.len();
+    let (mut in_use, mut complete, mut untouched) = (0, 0, 0);
+    // Some points of the session; every point of the close (where the bitmap is stored),
+    // five random states each.
+    let session = (1..closing).step_by((closing / 25).max(1));
+    for c in session.chain((closing..=n).flat_map(|c| [c; 5])) {
+        let (bytes, desc) = materialize(&start_bytes, &log, c, &mut rng);
+        std::fs::write(&state, &bytes).unwrap();
+        let chk = qemu_img(["check", &s(&state)]);
+        assert!(matches!(chk.code, Some(0) | Some(3)), "crash point {c}/{n}: {desc}\n{}", chk.describe());
+        let l = qemu_bitmaps(&state);
+        assert_eq!(l.iter().find(|b| b.0 == "off").map(|b| b.2.clone()), Some(vec![]), "crash point {c}/{n}");
+        let b = l.iter().find(|b| b.0 == "b").unwrap_or_else(|| panic!("crash point {c}/{n}: no bitmap b"));
+        if b.2.iter().any(|f| f == "in-use") {
+            in_use += 1;
+            continue;
+        }
+        let dirty = quring_dirty(&state, "b");
+        if dirty == want {
+            complete += 1;
+            continue;
+        }
+        assert!(dirty.is_empty(), "crash point {c}/{n}: consistent bitmap with {dirty:?}, neither empty nor {want:?}");
+        let cmp = qemu_img(["compare", &s(&start), &s(&state)]);
+        assert_eq!(cmp.code, Some(0), "crash point {c}/{n}: clean empty bitmap but the guest data changed: {desc}");
+        untouched += 1;
+    }
+    assert!(in_use > 0 && complete > 0, "states in use {in_use}, complete {complete}, untouched {untouched}");
 }

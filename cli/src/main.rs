@@ -2,6 +2,7 @@
 //! options, output and exit codes.
 
 mod args;
+mod backend_channel;
 mod bench;
 mod bitmap;
 mod check;
@@ -9,6 +10,7 @@ mod compare;
 mod convert;
 mod convert_io;
 mod create;
+mod export_opts;
 mod guest;
 mod info;
 mod io_cmd;
@@ -22,6 +24,7 @@ mod probe;
 mod qjson;
 mod resize;
 mod serve;
+mod serve_control;
 mod snapshot;
 mod util;
 
