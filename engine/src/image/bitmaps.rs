@@ -33,7 +33,7 @@ use super::*;
 use crate::format::bitmap::{self as bm, BitmapsExt, DirEntry, TableEntry};
 use crate::format::extension::{EXT_BITMAPS, EXT_FEATURE_TABLE};
 use crate::format::feature::AUTOCLEAR_BITMAPS;
-use crate::format::types::{GuestOffset, HostOffset};
+use crate::format::types::HostOffset;
 use crate::meta::dirty::DirtyBitmap;
 
 /// A bitmap as [`Image::bitmaps`] lists it (its directory entry on disk).
@@ -94,7 +94,14 @@ fn read_directory(sync: &SyncRing, fd: i32, h: &Header, file_len: u64) -> Result
 }
 
 /// Reads a bitmap's bits (table and data clusters, each entry validated) over `disk_size`.
-fn read_data(sync: &SyncRing, fd: i32, cs: u64, e: &DirEntry, disk_size: u64, file_len: u64) -> Result<DirtyBitmap> {
+pub(super) fn read_data(
+    sync: &SyncRing,
+    fd: i32,
+    cs: u64,
+    e: &DirEntry,
+    disk_size: u64,
+    file_len: u64,
+) -> Result<DirtyBitmap> {
     let b = DirtyBitmap::new(disk_size, e.granularity_bits);
     let table = sync.read_exact(fd, e.table_offset.0, e.table_size as usize * 8, "bitmap table")?;
     let need = b.data_bytes().div_ceil(cs);
@@ -204,27 +211,6 @@ impl Image {
     /// 4 KiB..=64 KiB).
     pub fn default_bitmap_granularity(&self) -> u64 {
         self.geo.cluster_size().clamp(4096, 65536)
-    }
-
-    /// The dirty guest ranges of bitmap `name` (merged, clipped to the disk size): what
-    /// changed since the bitmap was created or cleared, for a backup tool to copy.
-    pub fn dirty_ranges(&self, name: &str) -> Result<Vec<(GuestOffset, u64)>> {
-        let bits = self.bits_of(name)?;
-        Ok(bits.dirty_ranges().into_iter().map(|(o, l)| (GuestOffset(o), l)).collect())
-    }
-
-    /// The bits of bitmap `name`: the tracked ones, or read from disk.
-    fn bits_of(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
-        let dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
-        let r = find(&dir, name)?;
-        if let Some(l) = &r.live {
-            return Ok(l.clone());
-        }
-        if r.entry.in_use() {
-            return Err(inconsistent(name));
-        }
-        let cs = self.geo.cluster_size();
-        Ok(Arc::new(read_data(&self.sync, self.file.fd(), cs, &r.entry, self.vsize(), self.file_len())?))
     }
 
     /// The tracked bitmaps and their generation (queues refresh their copy when it moves).
@@ -584,11 +570,11 @@ fn index(dir: &BitmapDir, name: &str) -> Result<usize> {
         .ok_or_else(|| Error::InvalidRequest(format!("Dirty bitmap '{name}' not found")))
 }
 
-fn find<'a>(dir: &'a BitmapDir, name: &str) -> Result<&'a Rec> {
+pub(super) fn find<'a>(dir: &'a BitmapDir, name: &str) -> Result<&'a Rec> {
     Ok(&dir.recs[index(dir, name)?])
 }
 
-fn inconsistent(name: &str) -> Error {
+pub(super) fn inconsistent(name: &str) -> Error {
     Error::InvalidRequest(format!(
         "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
     ))

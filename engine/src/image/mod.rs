@@ -11,6 +11,7 @@
 
 mod alloc;
 mod audit;
+pub mod bitmap_export;
 pub mod bitmaps;
 mod cache_sizes;
 mod clean;
@@ -31,6 +32,7 @@ pub(crate) mod writeback;
 
 pub(crate) use slices::SliceClaim;
 
+pub use bitmap_export::BitmapView;
 pub use bitmaps::BitmapInfo;
 pub use create::create;
 pub use identity::header_guid;

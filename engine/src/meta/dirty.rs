@@ -149,6 +149,43 @@ impl DirtyBitmap {
         }
     }
 
+    /// The runs of equal state over guest bytes `[offset, offset + len)` (clipped to the
+    /// disk): `(length, dirty)`, adjacent runs of one state merged, at most `max` runs (the
+    /// last one reported ends where the next would start). Whole words of one state are
+    /// skipped at once.
+    pub fn runs(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.disk_size);
+        let gb = self.granularity_bits;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let dirty = self.get(pos >> gb);
+            let mut g = (pos >> gb) + 1;
+            while g < self.granules && (g << gb) < end {
+                if g.is_multiple_of(64) {
+                    let w = self.words[(g / 64) as usize].load(Ordering::Relaxed);
+                    if w == if dirty { u64::MAX } else { 0 } {
+                        g += 64;
+                        continue;
+                    }
+                }
+                if self.get(g) != dirty {
+                    break;
+                }
+                g += 1;
+            }
+            let next = (g << gb).min(end);
+            let n = out.len();
+            match out.last_mut() {
+                Some((l, d)) if *d == dirty => *l += next - pos,
+                _ if n >= max => break,
+                _ => out.push((next - pos, dirty)),
+            }
+            pos = next;
+        }
+        out
+    }
+
     /// Sets every bit of data bytes `[from, from + len)` (an all-ones table entry).
     pub fn fill_bytes(&self, from: u64, len: u64) {
         let first = from * 8;
@@ -197,7 +234,19 @@ mod tests {
                     from_ranges[g as usize] = true;
                 }
             }
-            prop_assert_eq!(from_ranges, model);
+            prop_assert_eq!(&from_ranges, &model);
+            // Runs of any window match the model granule by granule.
+            for (o, l) in [(0, size), (777, 300_000), (size - 5000, 5000), (65536, 1)] {
+                let mut at = o;
+                for (n, d) in b.runs(o, l, usize::MAX) {
+                    for x in (at..at + n).step_by(1 << gb).chain([at + n - 1]) {
+                        prop_assert_eq!(d, model[(x >> gb) as usize], "byte {} of the window {}+{}", x, o, l);
+                    }
+                    at += n;
+                }
+                prop_assert_eq!(at, o + l);
+                prop_assert!(b.runs(o, l, 1).len() == 1);
+            }
         }
     }
 
