@@ -7,7 +7,7 @@
 //! are listed by `qemu-img info` as after the same `qemu-img bitmap` commands;
 //! `qemu-img check` is clean after every step; a SIGKILL leaves the bitmap in use; every
 //! crash state of a session (with guest flushes and the close) has the bitmap either in use
-//! or consistent with the guest data it holds.
+//! or consistent with the guest data it holds; `convert --bitmaps` copies them as qemu-img.
 
 mod common;
 mod crash_harness;
@@ -633,4 +633,124 @@ fn crash_states_keep_the_bitmap_in_use_or_complete() {
         untouched += 1;
     }
     assert!(in_use > 0 && complete > 0, "states in use {in_use}, complete {complete}, untouched {untouched}");
+}
+
+/// Sets `in_use` on bitmap `index` of the directory (as a writer that crashed leaves it).
+fn set_in_use(path: &Path, index: usize) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut h = vec![0u8; 4096];
+    f.read_exact(&mut h).unwrap();
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let mut p = be32(&h, 100) as usize;
+    let dir = loop {
+        let (kind, len) = (be32(&h, p), be32(&h, p + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            break be64(&h, p + 24);
+        }
+        p += 8 + len.div_ceil(8) * 8;
+    };
+    // Entries: 24 fixed bytes, extra data, name, padded to 8.
+    let mut off = dir;
+    for _ in 0..index {
+        let mut e = [0u8; 24];
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.read_exact(&mut e).unwrap();
+        let (name, extra) = (u16::from_be_bytes([e[18], e[19]]) as u64, be32(&e, 20) as u64);
+        off += (24 + extra + name).div_ceil(8) * 8;
+    }
+    let mut flags = [0u8; 4];
+    f.seek(SeekFrom::Start(off + 12)).unwrap();
+    f.read_exact(&mut flags).unwrap();
+    f.seek(SeekFrom::Start(off + 12)).unwrap();
+    f.write_all(&(u32::from_be_bytes(flags) | 1).to_be_bytes()).unwrap();
+}
+
+/// `quring convert --bitmaps` against `qemu-img convert --bitmaps` from one source: the
+/// same bitmaps (names, granularities, flags, order) with the same dirty extents as the
+/// source's, the same guest data, check clean; and the refusals word for word (raw
+/// source, raw and v2 targets, --skip-broken-bitmaps alone, an inconsistent bitmap, a
+/// bitmap that exists on a `-n` target) with the same files left behind.
+#[test]
+fn convert_bitmaps_matches_qemu_img() {
+    let dir = tempdir();
+    let p = |n: &str| dir.path().join(n);
+    let src = p("src.qcow2");
+    create_qcow2(&src, &Qcow2Opts::cluster(65536), 12 << 20);
+    qemu_bitmap(&["--add", &s(&src), "off"]);
+    qemu_io_cmds(&src, "qcow2", &["write -P 1 1M 100k".into()]);
+    qemu_bitmap(&["--disable", &s(&src), "off"]);
+    qemu_bitmap(&["--add", &s(&src), "b"]);
+    qemu_bitmap(&["--add", "-g", "4096", &s(&src), "fine"]);
+    qemu_io_cmds(&src, "qcow2", &["write -P 2 0 5000".into(), "write -z 3M 1M".into(), "discard 6M 64k".into()]);
+    qemu_bitmap(&["--add", "-g", "2M", &s(&src), "empty"]);
+    qemu_io_cmds(&src, "qcow2", &["write -P 3 12578816 4096".into()]);
+    let names = ["off", "b", "fine", "empty"];
+    for (tag, extra) in [("default", vec![]), ("4k", vec!["-o", "cluster_size=4096"])] {
+        let (ours, theirs) = (p(&format!("ours-{tag}.qcow2")), p(&format!("theirs-{tag}.qcow2")));
+        let mut args = vec!["convert", "--bitmaps", "-O", "qcow2"];
+        args.extend(&extra);
+        quring([&args[..], &[&s(&src), &s(&ours)]].concat()).ok();
+        qemu_img([&args[..], &[&s(&src), &s(&theirs)]].concat()).ok();
+        assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs), "{tag}");
+        assert_eq!(qemu_bitmaps(&ours).len(), 4);
+        for n in names {
+            let want = quring_dirty(&src, n);
+            assert_eq!(quring_dirty(&theirs, n), want, "{tag}: {n} copied by qemu-img");
+            assert_eq!(quring_dirty(&ours, n), want, "{tag}: {n} copied by quring");
+        }
+        assert!(!quring_dirty(&ours, "fine").is_empty() && quring_dirty(&ours, "empty").len() == 1);
+        check_clean(&ours, tag);
+        let cmp = qemu_img(["compare", &s(&ours), &s(&theirs)]);
+        assert_eq!(cmp.code, Some(0), "{}", cmp.describe());
+    }
+
+    // Refusals.
+    let raw = p("src.raw");
+    qemu_img(["create", "-q", "-f", "raw", &s(&raw), "4M"]).ok();
+    let broken = p("broken.qcow2");
+    std::fs::copy(&src, &broken).unwrap();
+    set_in_use(&broken, 1);
+    set_in_use(&broken, 2);
+    let existing = p("ours-default.qcow2");
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("raw source", vec!["--bitmaps".into(), "-O".into(), "qcow2".into(), s(&raw)]),
+        ("raw target", vec!["--bitmaps".into(), "-O".into(), "raw".into(), s(&src)]),
+        (
+            "v2 target",
+            vec!["--bitmaps".into(), "-O".into(), "qcow2".into(), "-o".into(), "compat=0.10".into(), s(&src)],
+        ),
+        ("skip alone", vec!["--skip-broken-bitmaps".into(), "-O".into(), "qcow2".into(), s(&src)]),
+        ("inconsistent", vec!["--bitmaps".into(), "-O".into(), "qcow2".into(), s(&broken)]),
+    ];
+    for (what, args) in cases {
+        let (ours, theirs) = (p(&format!("o-{what}")), p(&format!("t-{what}")));
+        let mut a: Vec<String> = vec!["convert".into()];
+        a.extend(args);
+        let r = quring([&a[..], &[s(&ours)]].concat());
+        let q = qemu_img([&a[..], &[s(&theirs)]].concat());
+        assert_eq!((r.code, q.code), (Some(1), Some(1)), "{what}:\n{}\n{}", r.describe(), q.describe());
+        assert_eq!(r.stderr.replace("quring:", "qemu-img:"), q.stderr, "{what}");
+        assert_eq!(ours.exists(), theirs.exists(), "{what}: the target left behind");
+    }
+    // Skipped with a warning (in qemu-img's order).
+    let (ours, theirs) = (p("skip-ours.qcow2"), p("skip-theirs.qcow2"));
+    let a = ["convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2"];
+    let r = quring([&a[..], &[&s(&broken), &s(&ours)]].concat()).ok();
+    let q = qemu_img([&a[..], &[&s(&broken), &s(&theirs)]].concat()).ok();
+    assert_eq!(r.stderr.replace("quring:", "qemu-img:"), q.stderr);
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
+    assert_eq!(qemu_bitmaps(&ours).len(), 2);
+    check_clean(&ours, "skipping broken bitmaps");
+    // -n onto a target that has the bitmaps already.
+    let theirs_existing = p("theirs-default.qcow2");
+    let a = ["convert", "--bitmaps", "-n", "-O", "qcow2"];
+    let r = quring([&a[..], &[&s(&src), &s(&existing)]].concat());
+    let q = qemu_img([&a[..], &[&s(&src), &s(&theirs_existing)]].concat());
+    assert_eq!((r.code, q.code), (Some(1), Some(1)), "{}\n{}", r.describe(), q.describe());
+    assert_eq!(r.stderr.replace("quring:", "qemu-img:"), q.stderr);
+    assert_eq!(qemu_bitmaps(&existing), qemu_bitmaps(&theirs_existing));
+    check_clean(&existing, "-n with existing bitmaps");
 }

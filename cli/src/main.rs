@@ -8,6 +8,7 @@ mod bitmap;
 mod check;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod convert_io;
 mod create;
 mod export_opts;
