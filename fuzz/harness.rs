@@ -107,6 +107,14 @@ pub fn fuzz_decode(data: &[u8]) {
             let _ = snapshot::parse_table(&rest[4..], n);
             let _ = snapshot::parse_table(&rest[4..], n % 8);
             let _ = snapshot::entry_len(&rest[4..]);
+            // The same bytes as a bitmap directory, extension and table.
+            use quring::format::bitmap as bm;
+            let _ = bm::parse_directory(&rest[4..], n % 16);
+            let _ = bm::BitmapsExt::parse(&rest[4..], 512 << (n % 13), u64::MAX);
+            for (i, w) in rest[4..].chunks_exact(8).take(512).enumerate() {
+                let _ =
+                    bm::TableEntry::decode(u64::from_be_bytes(w.try_into().unwrap()), 65536, 1 << 40, "f", i as u64);
+            }
         }
         3 => fuzz_decompress(CompressionType::Deflate, rest),
         _ => fuzz_decompress(CompressionType::Zstd, rest),

@@ -23,6 +23,11 @@
 //! * `options_and_shutdown`: --read-only, --shared=1 (no multi-conn, one connection at a
 //!   time), export names, the handshake limit, --bitmap and -k refusals, the exit without
 //!   --persistent, SIGTERM with requests in flight.
+//! * `dirty_bitmap_contexts_match_qemu_nbd`: `--bitmap NAME` exports
+//!   `qemu:dirty-bitmap:NAME` as qemu-nbd does: `qemu-img map` with `x-dirty-bitmap` and
+//!   `nbdinfo --map=qemu:dirty-bitmap:NAME` print the same against both servers (stored
+//!   bitmaps read-only; a live bitmap of a writable export after writes through NBD), and
+//!   missing or inconsistent bitmaps are refused with qemu-nbd's messages.
 
 #[path = "nbd/client.rs"]
 mod client;
@@ -744,7 +749,7 @@ fn options_and_shutdown() {
     // Refused options.
     let r = quring(["serve", "--nbd", "-k", &s(&dir.join("x.sock")), "--bitmap", "b0", &s(&img)]);
     assert_eq!(r.status(), 1, "{}", r.describe());
-    assert!(r.stderr.contains("bitmap"), "{}", r.describe());
+    assert_eq!(r.stderr, "quring: Bitmap 'b0' is not found\n", "{}", r.describe());
     let file = dir.join("not-a-socket");
     std::fs::write(&file, b"keep me").unwrap();
     let r = quring(["serve", "--nbd", "-k", &s(&file), &s(&img)]);
@@ -830,4 +835,178 @@ fn options_and_shutdown() {
         eprintln!("{answered} of 64 writes answered before the shutdown");
         check_clean(&img, false);
     }
+}
+
+/// qemu-nbd on `img` with `args`, listening on a Unix socket in `dir`; stopped on drop.
+struct QemuNbd {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl QemuNbd {
+    fn start(dir: &Path, img: &Path, args: &[&str]) -> QemuNbd {
+        let sock = dir.join(format!("qemu-nbd-{}.sock", std::process::id() as u64 * 1000 + rand_tag()));
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "qcow2", "-t", "-k", &s(&sock)])
+            .args(args)
+            .arg(img)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn qemu-nbd");
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < Duration::from_secs(20), "qemu-nbd did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        QemuNbd { child, sock }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for QemuNbd {
+    /// SIGTERM: qemu-nbd closes the image cleanly (its bitmaps stored).
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_tag() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// What a client sees of bitmap `name` through the export at `uri`: `qemu-img map` with
+/// `x-dirty-bitmap` (the JSON as printed) and `nbdinfo --map=qemu:dirty-bitmap:NAME`.
+fn dirty_views(uri: &str, name: &str) -> (String, String) {
+    let sock = uri.split("socket=").nth(1).unwrap();
+    let opts = format!("driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:dirty-bitmap:{name}");
+    let map = qemu_img(["map", "--output=json", "--image-opts", &opts]).ok().stdout;
+    let info = run(Command::new("nbdinfo").arg(format!("--map=qemu:dirty-bitmap:{name}")).arg(uri)).ok().stdout;
+    (map, info)
+}
+
+#[test]
+fn dirty_bitmap_contexts_match_qemu_nbd() {
+    let d = tempdir();
+    let dir = d.path();
+    let img = dir.join("bm.qcow2");
+    create_qcow2(&img, &Qcow2Opts::cluster(65536), 24 * MIB);
+    let q = |args: &[&str]| {
+        let mut a = vec!["bitmap"];
+        a.extend_from_slice(args);
+        qemu_img(&a).ok();
+    };
+    q(&["--add", &s(&img), "b"]);
+    q(&["--add", "-g", "4096", &s(&img), "fine"]);
+    q(&["--add", "-g", "2097152", &s(&img), "coarse"]);
+    qemu_io_cmds(
+        &img,
+        "qcow2",
+        &[
+            "write -P 1 0 4k".into(),
+            "write -P 2 100k 200k".into(),
+            "write -z 3M 1M".into(),
+            "discard 9M 64k".into(),
+            "write -P 3 20971000 4096".into(),
+        ],
+    );
+    q(&["--disable", &s(&img), "coarse"]);
+    q(&["--add", &s(&img), "empty"]);
+    let names = ["b", "fine", "coarse", "empty"];
+    let bargs: Vec<&str> = names.iter().flat_map(|n| ["-B", *n]).collect();
+
+    // Stored bitmaps, read-only exports.
+    let ours = Server::start(dir, &img, false, &[&["--read-only"][..], &bargs].concat());
+    let theirs = QemuNbd::start(dir, &img, &[&["-r"][..], &bargs].concat());
+    for n in names {
+        let (a, b) = (dirty_views(&ours.uri(), n), dirty_views(&theirs.uri(), n));
+        assert_eq!(a, b, "bitmap {n}: quring serve (left) vs qemu-nbd (right)");
+    }
+    assert!(dirty_views(&ours.uri(), "b").1.contains("dirty"));
+    // The contexts both list.
+    let contexts = |uri: &str| {
+        let v: Value = serde_json::from_str(&run(Command::new("nbdinfo").args(["--json", uri])).ok().stdout).unwrap();
+        let mut c: Vec<String> = v["exports"][0]["contexts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .filter(|c| c != "qemu:allocation-depth")
+            .collect();
+        c.sort();
+        c
+    };
+    assert_eq!(contexts(&ours.uri()), contexts(&theirs.uri()));
+    drop(theirs);
+    ours.stop(Duration::from_secs(20));
+
+    // A live bitmap of a writable export: writes through NBD show at once.
+    let copy = dir.join("bm-qemu.qcow2");
+    std::fs::copy(&img, &copy).unwrap();
+    let writes = ["write -P 7 5M 8k", "write -z 7M 128k", "discard 12M 1M", "write -P 8 20M 512"];
+    let ours = Server::start(dir, &img, false, &["-B", "b", "-B", "coarse", "--discard=unmap"]);
+    let theirs = QemuNbd::start(dir, &copy, &["-B", "b", "-B", "coarse", "--discard=unmap"]);
+    for (uri, who) in [(ours.uri(), "quring"), (theirs.uri(), "qemu-nbd")] {
+        let mut a = vec!["-f".to_string(), "raw".into()];
+        for w in writes {
+            a.extend(["-c".into(), w.into()]);
+        }
+        a.push(uri);
+        let r = qemu_io(&a);
+        assert!(r.status() == 0 && !r.stdout.contains("error"), "{who}: {}", r.describe());
+    }
+    for n in ["b", "coarse"] {
+        let (a, b) = (dirty_views(&ours.uri(), n), dirty_views(&theirs.uri(), n));
+        assert_eq!(a, b, "live bitmap {n}: quring serve (left) vs qemu-nbd (right)");
+    }
+    drop(theirs);
+    ours.stop(Duration::from_secs(20));
+    let r = qemu_img(["check", &s(&img)]);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    assert_eq!(dirty_views_of_file(dir, &img, "b"), dirty_views_of_file(dir, &copy, "b"), "stored after the session");
+
+    // Refusals, word for word.
+    let bad = dir.join("bad.qcow2");
+    std::fs::copy(&img, &bad).unwrap();
+    let mut child = Command::new(quring_bin())
+        .args(["io", "-c", "write -P 1 0 64k", "-c", "flush", "-c", "sleep 60000", &s(&bad)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !qemu_img(["info", "-U", &s(&bad)]).ok().stdout.contains("in-use") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the writer never marked the bitmaps in use");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // The killed writer's lock goes with its file description, which its io_uring ring
+    // may hold for a moment after the exit (the ring is torn down asynchronously).
+    let start = Instant::now();
+    while qemu_img(["info", &s(&bad)]).status() != 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the killed writer's lock stayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (name, path) in [("nope", &img), ("b", &bad)] {
+        let ours = quring(["serve", "--nbd", "-r", "-k", &s(&dir.join("r.sock")), "-B", name, &s(path)]);
+        let theirs = run(Command::new("qemu-nbd")
+            .args(["-r", "-f", "qcow2", "-k", &s(&dir.join("q.sock")), "-B", name])
+            .arg(path));
+        assert_eq!((ours.status(), theirs.status()), (1, 1), "{}\n{}", ours.describe(), theirs.describe());
+        assert_eq!(ours.stderr.replace("quring:", "qemu-nbd:"), theirs.stderr, "-B {name}");
+    }
+}
+
+/// [`dirty_views`] of a file's bitmap through a read-only `quring serve`.
+fn dirty_views_of_file(dir: &Path, img: &Path, name: &str) -> (String, String) {
+    let srv = Server::start(dir, img, false, &["--read-only", "-B", name]);
+    let v = dirty_views(&srv.uri(), name);
+    srv.stop(Duration::from_secs(20));
+    v
 }

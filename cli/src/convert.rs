@@ -2,7 +2,8 @@
 //! backing chain), writing raw or qcow2: `-O`, `-o`, `-B backing -F fmt` (the output only
 //! holds what the source's top layer has), `-n` (the target exists), `-S` (zero runs of at
 //! least this size become holes or stay unallocated), `-c` (compressed clusters), `-p`,
-//! `-m N` and `-W`. The copy runs on several threads, one queue each (`convert_io.rs`).
+//! `-m N`, `-W` and `--bitmaps [--skip-broken-bitmaps]` (`convert_bitmaps.rs`). The copy
+//! runs on several threads, one queue each (`convert_io.rs`).
 
 use crate::convert_io::{Shared, Source, Target, worker};
 use crate::probe::ImageFormat;
@@ -63,6 +64,12 @@ pub struct Args {
     /// Force share.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the persistent bitmaps (qcow2 v3 source and target).
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source image.
     src: PathBuf,
     /// Destination file.
@@ -80,6 +87,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. \
          Select 0 to disable sparse detection (fully allocates output).",
     )?;
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err("Use of --skip-broken-bitmaps requires --bitmaps".into());
+    }
     if !(1..=16).contains(&a.parallel) {
         return Err("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16".into());
     }
@@ -114,6 +124,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             Source::Raw { file, size, _lock: lock }
         }
     };
+    if a.bitmaps {
+        crate::convert_bitmaps::check_source(&src, a.skip_broken_bitmaps)?;
+    }
     let size = src.size();
     let chain = match &src {
         Source::Qcow2(img) => crate::output::chain_files(img),
@@ -130,6 +143,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     } else {
         create_target(&a, out_fmt, size, &chain).map_err(refuse)?
     };
+    if a.bitmaps {
+        crate::convert_bitmaps::check_target(&dst, &a.out_format)?;
+    }
     let cluster = match &dst {
         Target::Qcow2(img) => img.geometry().cluster_size(),
         Target::Raw { .. } => 512,
@@ -181,6 +197,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         r
     });
     result?;
+    if a.bitmaps {
+        crate::convert_bitmaps::copy(&src, &dst)?;
+    }
     match dst {
         Target::Raw { file, _lock } => {
             if a.cache != "unsafe" {

@@ -127,6 +127,34 @@ fn child_human(v: &Value) -> String {
     )
 }
 
+/// QEMU's human form of a list inside "Format specific information" (the bitmaps):
+/// "[i]:" per element, nested objects and lists indented by four more spaces, each level
+/// at `depth` * 4 spaces.
+fn human_list(list: &[Value], depth: usize) -> String {
+    let pad = " ".repeat(depth * 4);
+    let mut s = String::new();
+    for (i, v) in list.iter().enumerate() {
+        match v {
+            Value::Object(m) => {
+                s += &format!("{pad}[{i}]:\n");
+                for (k, x) in m {
+                    match x {
+                        Value::Array(l) => {
+                            s += &format!("{pad}    {k}:\n");
+                            s += &human_list(l, depth + 2);
+                        }
+                        Value::String(t) => s += &format!("{pad}    {k}: {t}\n"),
+                        other => s += &format!("{pad}    {k}: {other}\n"),
+                    }
+                }
+            }
+            Value::String(t) => s += &format!("{pad}[{i}]: {t}\n"),
+            other => s += &format!("{pad}[{i}]: {other}\n"),
+        }
+    }
+    s
+}
+
 /// A snapshot's DATE column: local time, as QEMU's strftime("%Y-%m-%d %H:%M:%S").
 fn snapshot_date(sec: u32) -> String {
     let t = sec as libc::time_t;
@@ -189,6 +217,24 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
         data.insert("compat".into(), json!("1.1"));
         data.insert("compression-type".into(), json!(h.compression_type.name()));
         data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        let bitmaps = img.bitmaps();
+        if !bitmaps.is_empty() {
+            // QEMU's Qcow2BitmapInfo: flags ("in-use", "auto"), name, granularity.
+            let list: Vec<Value> = bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.in_use {
+                        flags.push("in-use");
+                    }
+                    if b.auto {
+                        flags.push("auto");
+                    }
+                    json!({"flags": flags, "name": b.name, "granularity": b.granularity})
+                })
+                .collect();
+            data.insert("bitmaps".into(), Value::Array(list));
+        }
         data.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
         data.insert("corrupt".into(), json!(h.incompatible_features & feature::INCOMPAT_CORRUPT != 0));
         data.insert("extended-l2".into(), json!(h.incompatible_features & feature::INCOMPAT_EXTL2 != 0));
@@ -285,6 +331,11 @@ fn human(img: &Image, v: &Value) -> String {
     s += "Format specific information:\n";
     if let Some(d) = v["format-specific"]["data"].as_object() {
         for (k, val) in d {
+            if let Value::Array(list) = val {
+                s += &format!("    {}:\n", k.replace('-', " "));
+                s += &human_list(list, 2);
+                continue;
+            }
             let val = match val {
                 Value::String(x) => x.clone(),
                 other => other.to_string(),

@@ -4,9 +4,11 @@
 mod args;
 mod backend_channel;
 mod bench;
+mod bitmap;
 mod check;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod convert_io;
 mod create;
 mod export_opts;
@@ -61,6 +63,9 @@ enum Cmd {
     Resize(resize::Args),
     /// Create, apply, delete or list internal snapshots (like `qemu-img snapshot`).
     Snapshot(snapshot::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like
+    /// `qemu-img bitmap`).
+    Bitmap(bitmap::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

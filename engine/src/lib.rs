@@ -46,6 +46,10 @@
 //! [`apply_snapshot`](image::Image::apply_snapshot),
 //! [`delete_snapshot`](image::Image::delete_snapshot) (see [`image::snapshot`]).
 //!
+//! Persistent dirty bitmaps (changed-block tracking) are tracked by every queue while the
+//! image is open for writing and stored at close, as QEMU does; a backup tool reads what
+//! changed with [`Image::dirty_ranges`](image::Image::dirty_ranges) (see [`image::bitmaps`]).
+//!
 //! ## What the format costs
 //!
 //! Every queue counts what its requests cost ([`Queue::counters`](queue::Queue::counters)):

@@ -169,6 +169,9 @@ struct Bases {
     small_cluster: PathBuf,
     /// `plain` plus an internal snapshot `s1`.
     snap: PathBuf,
+    /// `plain` plus a persistent bitmap `b0` (qemu-img bitmap --add) with 64 KiB at 0
+    /// written after it (one data cluster).
+    bitmap: PathBuf,
 }
 
 fn make_bases() -> Bases {
@@ -194,7 +197,11 @@ fn make_bases() -> Bases {
     let snap = dir.path().join("snap.qcow2");
     std::fs::copy(&plain, &snap).unwrap();
     qemu_img(["snapshot", "-q", "-c", "s1", &s(&snap)]).ok();
-    Bases { _dir: dir, plain, compressed, extl2, small_cluster, snap }
+    let bitmap = dir.path().join("bitmap.qcow2");
+    std::fs::copy(&plain, &bitmap).unwrap();
+    qemu_img(["bitmap", "--add", &s(&bitmap), "b0"]).ok();
+    qemu_io_cmds(&bitmap, "qcow2", &["write -P 1 0 64k".into()]);
+    Bases { _dir: dir, plain, compressed, extl2, small_cluster, snap, bitmap }
 }
 
 type Patch = fn(&Path);
@@ -271,6 +278,116 @@ macro_rules! identity_case {
 }
 
 const IDENTITY: &[&str] = &["identity"];
+
+/// Persistent bitmap directory damage: QEMU refuses to open such images, so does quring
+/// (naming the field); `check` may go either way.
+macro_rules! bitmap_case {
+    ($($t:tt)*) => { case!(Fail, Fail, Either; $($t)*) };
+}
+
+fn bitmap(b: &Bases) -> Option<&Path> {
+    Some(&b.bitmap)
+}
+
+/// The bitmaps extension's payload offset.
+fn bitmaps_ext(p: &Path) -> u64 {
+    find_extension(p, 0x2385_2875).expect("bitmaps extension").0 + 8
+}
+
+/// The first bitmap directory entry's offset.
+fn bitmap_entry(p: &Path) -> u64 {
+    read_be64(p, bitmaps_ext(p) + 16)
+}
+
+fn bitmap_specs() -> Vec<Spec> {
+    vec![
+        bitmap_case!(
+            "bitmap_dir_offset_unaligned",
+            bitmap,
+            &["bitmap_directory_offset"],
+            "bitmap directory offset not cluster aligned",
+            |p| {
+                let e = bitmaps_ext(p);
+                patch_be64(p, e + 16, read_be64(p, e + 16) + 512);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_dir_offset_past_eof",
+            bitmap,
+            &["bitmap_directory_offset"],
+            "bitmap directory past the end of the file",
+            |p| {
+                patch_be64(p, bitmaps_ext(p) + 16, 0x1000_0000);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_dir_size_huge",
+            bitmap,
+            &["bitmap_directory_size"],
+            "bitmap directory size above QEMU's 64 MiB limit",
+            |p| {
+                patch_be64(p, bitmaps_ext(p) + 8, 1 << 40);
+            }
+        ),
+        bitmap_case!("bitmap_nb_zero", bitmap, &["nb_bitmaps"], "bitmaps extension with zero bitmaps", |p| {
+            patch_be32(p, bitmaps_ext(p), 0);
+        }),
+        bitmap_case!(
+            "bitmap_name_too_long",
+            bitmap,
+            &["name_size", "bitmap directory", "extra_data_size"],
+            "bitmap name length 1024",
+            |p| {
+                patch_be16(p, bitmap_entry(p) + 18, 1024);
+            }
+        ),
+        bitmap_case!("bitmap_flags_reserved", bitmap, &["bitmap flags"], "bitmap flags with reserved bit 8", |p| {
+            let e = bitmap_entry(p);
+            patch_be32(p, e + 12, read_be32(p, e + 12) | 0x100);
+        }),
+        bitmap_case!("bitmap_granularity_small", bitmap, &["granularity_bits"], "bitmap granularity_bits 8", |p| {
+            patch_u8(p, bitmap_entry(p) + 17, 8);
+        }),
+        bitmap_case!("bitmap_granularity_huge", bitmap, &["granularity_bits"], "bitmap granularity_bits 40", |p| {
+            patch_u8(p, bitmap_entry(p) + 17, 40);
+        }),
+        bitmap_case!("bitmap_type_2", bitmap, &["bitmap type"], "bitmap type 2", |p| {
+            patch_u8(p, bitmap_entry(p) + 16, 2);
+        }),
+        bitmap_case!(
+            "bitmap_table_unaligned",
+            bitmap,
+            &["bitmap_table_offset"],
+            "bitmap table offset not cluster aligned",
+            |p| {
+                let e = bitmap_entry(p);
+                patch_be64(p, e, read_be64(p, e) + 512);
+            }
+        ),
+        bitmap_case!("bitmap_table_size_zero", bitmap, &["bitmap_table_size"], "bitmap table size 0", |p| {
+            patch_be32(p, bitmap_entry(p) + 8, 0);
+        }),
+        bitmap_case!(
+            "bitmap_table_entry_reserved",
+            bitmap,
+            &["bitmap table entry"],
+            "bitmap table entry with reserved bit 1",
+            |p| {
+                let t = read_be64(p, bitmap_entry(p));
+                patch_be64(p, t, read_be64(p, t) | 2);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_table_entry_past_eof",
+            bitmap,
+            &["bitmap table entry"],
+            "bitmap data cluster past the end of the file",
+            |p| {
+                patch_be64(p, read_be64(p, bitmap_entry(p)), 0x1000_0000);
+            }
+        ),
+    ]
+}
 
 fn specs() -> Vec<Spec> {
     vec![
@@ -636,7 +753,7 @@ pub fn write_corpus(dir: &Path) -> Vec<BadCase> {
     std::fs::create_dir_all(dir).unwrap();
     let bases = make_bases();
     let mut out = Vec::new();
-    for spec in specs() {
+    for spec in specs().into_iter().chain(bitmap_specs()) {
         let path = dir.join(format!("{}.qcow2", spec.name));
         match (spec.base)(&bases) {
             Some(b) => {

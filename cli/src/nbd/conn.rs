@@ -86,6 +86,8 @@ const BATCH_WAIT: Duration = Duration::from_micros(100);
 pub struct Config {
     pub image: Arc<Image>,
     pub export: Export,
+    /// The exported bitmaps ([`Export::bitmaps`]' order).
+    pub bitmaps: Arc<[quring::image::BitmapView]>,
     pub zero: ZeroPolicy,
     pub handshake_limit: Duration,
     pub stop: Arc<AtomicBool>,
@@ -298,7 +300,7 @@ impl<'a> Conn<'a> {
             size: cfg.image.size(),
             read_only: cfg.export.read_only,
             structured: session.structured,
-            meta: session.base_allocation.is_some(),
+            meta: session.has_meta(),
             fast_zero: cfg.export.fast_zero,
         };
         let ring_wake = sock::EventFd::new()
@@ -669,7 +671,8 @@ impl<'a> Conn<'a> {
             Cmd::BlockStatus { offset, len, req_one } => {
                 self.summary.block_status += 1;
                 let key = self.add(cookie, Kind::Status, offset, None, false);
-                self.hand_to_worker(key, Job::Status { key, offset, len, req_one });
+                let (base, bitmaps) = (self.session.base_allocation, self.session.bitmaps);
+                self.hand_to_worker(key, Job::Status { key, offset, len, req_one, base, bitmaps });
             }
         }
     }
@@ -688,7 +691,7 @@ impl<'a> Conn<'a> {
 
     fn hand_to_worker(&mut self, key: usize, job: Job) {
         if self.worker.is_none() {
-            match Worker::start(self.cfg.image.clone(), "quring-nbd-status".into()) {
+            match Worker::start(self.cfg.image.clone(), self.cfg.bitmaps.clone(), "quring-nbd-status".into()) {
                 Ok(w) => self.worker = Some(w),
                 Err(e) => {
                     self.finish(key, -libc::EIO, Some(format!("cannot start the block status thread: {e}")));
@@ -736,9 +739,11 @@ impl<'a> Conn<'a> {
     fn worker_done(&mut self, d: Done) {
         let p = self.pending.remove(d.key);
         match d.result {
-            Ok(ext) if p.kind == Kind::Status => {
-                let ctx = self.session.base_allocation.unwrap_or(0);
-                self.push(Out::bytes(block_status_chunk(p.cookie, ctx, &ext)));
+            Ok(chunks) if p.kind == Kind::Status => {
+                let last = chunks.len().saturating_sub(1);
+                for (i, (ctx, ext)) in chunks.iter().enumerate() {
+                    self.push(Out::bytes(block_status_chunk(p.cookie, *ctx, ext, i == last)));
+                }
             }
             Ok(_) => self.reply_ok(p.cookie, false),
             Err((errno, msg)) => self.reply_error(p.cookie, nbd_errno(errno), &msg),

@@ -3,7 +3,8 @@
 //!
 //! * [`proto`]: the wire format (pure codecs and request validation).
 //! * [`negotiate`]: the fixed newstyle handshake (options GO, INFO, LIST, EXPORT_NAME,
-//!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`).
+//!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation` and
+//!   `qemu:dirty-bitmap:NAME` for `--bitmap NAME`).
 //! * [`conn`]: one connection's transmission loop on its own engine queue (the design and
 //!   its reasons are in that module's documentation).
 //! * [`status`]: block status and CACHE on a per-connection worker thread.
@@ -27,7 +28,7 @@ mod status;
 use crate::export_opts::ZeroPolicy;
 use conn::{Config, Summary};
 use negotiate::Export;
-use quring::image::{CacheMode, Image, Options};
+use quring::image::{BitmapView, CacheMode, Image, Options};
 use sock::{EventFd, Listener};
 use std::net::ToSocketAddrs;
 use std::os::unix::fs::FileTypeExt;
@@ -73,13 +74,32 @@ pub struct NbdArgs {
     /// Image format (only qcow2).
     #[arg(short = 'f', long = "format", requires = "nbd")]
     format: Option<String>,
-    /// Export a dirty bitmap as qemu:dirty-bitmap:NAME. Not available yet: the engine has
-    /// no persistent bitmaps; the option is refused.
+    /// Export persistent bitmap NAME as the metadata context qemu:dirty-bitmap:NAME (may
+    /// be given more than once). A bitmap this session tracks is exported live.
     #[arg(short = 'B', long = "bitmap", value_name = "NAME", requires = "nbd")]
-    bitmap: Option<String>,
+    bitmap: Vec<String>,
     /// One line per connection (start, end, requests) on stderr.
     #[arg(short = 'v', long = "verbose", requires = "nbd")]
     verbose: bool,
+}
+
+/// The bitmaps to export (each name once, in the order given), with qemu-nbd's messages for
+/// a missing or inconsistent one.
+fn bitmap_views(image: &Image, names: &[String]) -> Result<(Vec<String>, Arc<[BitmapView]>), String> {
+    let list = image.bitmaps();
+    let (mut out, mut views) = (Vec::new(), Vec::new());
+    for n in names {
+        if out.contains(n) {
+            continue;
+        }
+        let b = list.iter().find(|b| &b.name == n).ok_or_else(|| format!("Bitmap '{n}' is not found"))?;
+        if b.in_use && !b.tracking {
+            return Err(format!("Bitmap '{n}' is inconsistent and cannot be used"));
+        }
+        views.push(image.bitmap_view(n).map_err(|e| e.to_string())?);
+        out.push(n.clone());
+    }
+    Ok((out, views.into()))
 }
 
 /// How long shutdown waits for connections to finish.
@@ -95,12 +115,8 @@ pub fn run(
     cache: CacheMode,
     zero: ZeroPolicy,
 ) -> Result<u8, Box<dyn std::error::Error>> {
-    if let Some(b) = &a.bitmap {
-        return Err(format!(
-            "--bitmap {b}: dirty bitmaps are not supported yet (the engine has none), so \
-             qemu:dirty-bitmap contexts cannot be exported"
-        )
-        .into());
+    if a.bitmap.len() > negotiate::MAX_BITMAPS {
+        return Err(format!("--bitmap: at most {} bitmaps per export", negotiate::MAX_BITMAPS).into());
     }
     if let Some(f) = &a.format
         && f != "qcow2"
@@ -124,6 +140,7 @@ pub fn run(
     let opts = Options { read_only, cache, hook: quring::io::hook::from_env(), ..Options::default() };
     let image =
         Image::open(image_path, &opts).map_err(|e| format!("Could not open '{}': {e}", image_path.display()))?;
+    let (bitmap_names, bitmaps) = bitmap_views(&image, &a.bitmap)?;
     let listeners = bind(a)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_fd = Arc::new(EventFd::new()?);
@@ -151,7 +168,9 @@ pub fn run(
             read_only: image.read_only(),
             multi_conn: a.shared != 1,
             fast_zero: image.header().version >= 3,
+            bitmaps: bitmap_names,
         },
+        bitmaps,
         image: image.clone(),
         zero,
         handshake_limit: Duration::from_secs(a.handshake_limit.max(1)),

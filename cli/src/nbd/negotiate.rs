@@ -3,7 +3,8 @@
 //! breaks the protocol.
 //!
 //! Supported options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY,
-//! LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`). STARTTLS is refused by policy
+//! LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`, and
+//! `qemu:dirty-bitmap:NAME` for each bitmap exported with `--bitmap`). STARTTLS is refused by policy
 //! (no TLS); everything else (EXTENDED_HEADERS included) gets `NBD_REP_ERR_UNSUP`, after
 //! which the client may go on. The server hangs up on what it cannot answer: a bad option
 //! magic, unknown client flags, an option over 64 KiB, EXPORT_NAME of an unknown export.
@@ -25,7 +26,13 @@ pub struct Export {
     pub multi_conn: bool,
     /// Advertise `NBD_FLAG_SEND_FAST_ZERO`.
     pub fast_zero: bool,
+    /// Persistent bitmaps exported as `qemu:dirty-bitmap:NAME` contexts (at most
+    /// [`MAX_BITMAPS`]); bitmap `i` gets context id `i + 1`.
+    pub bitmaps: Vec<String>,
 }
+
+/// Bitmaps one export offers at most (the session keeps its selection in a 64-bit mask).
+pub const MAX_BITMAPS: usize = 64;
 
 impl Export {
     /// Does a client's export name select this export? The empty name is the default
@@ -61,6 +68,16 @@ pub struct Session {
     pub structured: bool,
     /// The context id of `base:allocation`, when the client selected it.
     pub base_allocation: Option<u32>,
+    /// The exported bitmaps the client selected (bit `i`: [`Export::bitmaps`]`[i]`, context
+    /// id `i + 1`).
+    pub bitmaps: u64,
+}
+
+impl Session {
+    /// Did the client select any metadata context (BLOCK_STATUS allowed)?
+    pub fn has_meta(&self) -> bool {
+        self.base_allocation.is_some() || self.bitmaps != 0
+    }
 }
 
 /// How the handshake ended.
@@ -76,6 +93,11 @@ pub enum Outcome {
 
 /// Context id this server gives `base:allocation`.
 const BASE_ALLOCATION_ID: u32 = 0;
+
+/// Context id of exported bitmap `i`.
+pub fn bitmap_context_id(i: usize) -> u32 {
+    i as u32 + 1
+}
 
 fn reply(io: &mut HsIo, opt: u32, ty: u32, data: &[u8]) -> Result<(), HsError> {
     io.write_all(&option_reply(opt, ty, data))
@@ -102,6 +124,7 @@ pub fn negotiate(io: &mut HsIo, export: &Export) -> Result<Outcome, HsError> {
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
     let mut base_allocation = None;
+    let mut bitmaps = 0u64;
     loop {
         let mut h = [0u8; 16];
         io.read_exact(&mut h)?;
@@ -138,7 +161,7 @@ pub fn negotiate(io: &mut HsIo, export: &Export) -> Result<Outcome, HsError> {
                     r.resize(10 + 124, 0);
                 }
                 io.write_all(&r)?;
-                return Ok(Outcome::Go(Session { structured, base_allocation }));
+                return Ok(Outcome::Go(Session { structured, base_allocation, bitmaps }));
             }
             OPT_ABORT => {
                 // The client may already be gone; that is fine.
@@ -186,7 +209,7 @@ pub fn negotiate(io: &mut HsIo, export: &Export) -> Result<Outcome, HsError> {
                 reply(io, opt, REP_INFO, &info_block_size())?;
                 reply(io, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Outcome::Go(Session { structured, base_allocation }));
+                    return Ok(Outcome::Go(Session { structured, base_allocation, bitmaps }));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -204,6 +227,7 @@ pub fn negotiate(io: &mut HsIo, export: &Export) -> Result<Outcome, HsError> {
                 if set {
                     // Replaces the selection, even when it fails.
                     base_allocation = None;
+                    bitmaps = 0;
                 }
                 if !structured {
                     error(io, opt, REP_ERR_INVALID, "metadata contexts need structured replies first")?;
@@ -232,6 +256,20 @@ pub fn negotiate(io: &mut HsIo, export: &Export) -> Result<Outcome, HsError> {
                         base_allocation = Some(BASE_ALLOCATION_ID);
                     }
                 }
+                // Then the bitmaps, in the order they were exported (as qemu-nbd answers).
+                for (i, name) in export.bitmaps.iter().enumerate() {
+                    let matched = (!set && req.queries.is_empty())
+                        || req.queries.iter().any(|q| query_matches_bitmap(q, name, !set));
+                    if matched {
+                        let mut d = bitmap_context_id(i).to_be_bytes().to_vec();
+                        d.extend_from_slice(CONTEXT_DIRTY_BITMAP_PREFIX.as_bytes());
+                        d.extend_from_slice(name.as_bytes());
+                        reply(io, opt, REP_META_CONTEXT, &d)?;
+                        if set {
+                            bitmaps |= 1 << i;
+                        }
+                    }
+                }
                 reply(io, opt, REP_ACK, &[])?;
             }
             _ => error(io, opt, REP_ERR_UNSUP, &format!("option {opt} is not supported"))?,
@@ -255,6 +293,7 @@ mod tests {
             read_only: false,
             multi_conn: true,
             fast_zero: true,
+            bitmaps: vec!["b".into()],
         }
     }
 
@@ -333,7 +372,20 @@ mod tests {
             let (_, ty, d) = read_reply(c);
             assert_eq!(ty, REP_META_CONTEXT);
             assert_eq!(&d[4..], b"base:allocation");
+            let (_, ty, d) = read_reply(c);
+            assert_eq!(ty, REP_META_CONTEXT);
+            assert_eq!((be32(&d[0..4]), &d[4..]), (1, &b"qemu:dirty-bitmap:b"[..]));
             assert_eq!(read_reply(c).1, REP_ACK);
+            // Listing by namespace; selecting needs full names.
+            option(c, OPT_LIST_META_CONTEXT, &meta_data(b"disk", &[b"qemu:"]));
+            assert_eq!(&read_reply(c).2[4..], b"qemu:dirty-bitmap:b");
+            assert_eq!(read_reply(c).1, REP_ACK);
+            option(c, OPT_SET_META_CONTEXT, &meta_data(b"disk", &[b"qemu:dirty-bitmap:", b"qemu:"]));
+            assert_eq!(read_reply(c).1, REP_ACK);
+            option(c, OPT_SET_META_CONTEXT, &meta_data(b"disk", &[b"qemu:dirty-bitmap:b"]));
+            assert_eq!(&read_reply(c).2[4..], b"qemu:dirty-bitmap:b");
+            assert_eq!(read_reply(c).1, REP_ACK);
+            // A new selection replaces the last one.
             option(c, OPT_SET_META_CONTEXT, &meta_data(b"disk", &[b"qemu:dirty-bitmap:x", b"base:allocation"]));
             assert_eq!(read_reply(c).1, REP_META_CONTEXT);
             assert_eq!(read_reply(c).1, REP_ACK);
@@ -365,7 +417,7 @@ mod tests {
             assert_eq!(seen, vec![INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE]);
         });
         match out {
-            Outcome::Go(s) => assert_eq!(s, Session { structured: true, base_allocation: Some(0) }),
+            Outcome::Go(s) => assert_eq!(s, Session { structured: true, base_allocation: Some(0), bitmaps: 0 }),
             o => panic!("{o:?}"),
         }
     }
@@ -397,7 +449,10 @@ mod tests {
             assert_eq!(be16(&r[8..10]) & TFLAG_SEND_DF, 0, "no DF without structured replies");
             assert!(r[10..].iter().all(|&b| b == 0));
         });
-        assert!(matches!(out, Outcome::Go(Session { structured: false, base_allocation: None })), "{out:?}");
+        assert!(
+            matches!(out, Outcome::Go(Session { structured: false, base_allocation: None, bitmaps: 0 })),
+            "{out:?}"
+        );
     }
 
     #[test]

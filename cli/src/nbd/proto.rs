@@ -67,8 +67,10 @@ pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 /// Longest string (export name, query, message) the protocol allows.
 pub const MAX_STRING: usize = 4096;
 
-/// The only metadata context this server offers.
+/// The allocation metadata context.
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// The prefix of a dirty bitmap's metadata context (QEMU's; the bitmap's name follows).
+pub const CONTEXT_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 // ---------------------------------------------------------------------------------------------
 // Transmission
@@ -111,6 +113,8 @@ pub const CHUNK_ERROR: u16 = (1 << 15) + 1;
 /// `base:allocation` status flags.
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:NAME` status flag: the extent is dirty.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// NBD error values.
 pub const EPERM: u32 = 1;
@@ -334,11 +338,13 @@ pub fn error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
     b
 }
 
-/// A final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one context: `(length, flags)` extents.
-pub fn block_status_chunk(cookie: u64, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+/// An `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one context: `(length, flags)` extents;
+/// `done` on the last chunk of the reply (one chunk per selected context).
+pub fn block_status_chunk(cookie: u64, context: u32, extents: &[(u32, u32)], done: bool) -> Vec<u8> {
     let len = 4 + 8 * extents.len();
     let mut b = Vec::with_capacity(CHUNK_HEADER_LEN + len);
-    b.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, CHUNK_BLOCK_STATUS, cookie, len as u32));
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    b.extend_from_slice(&chunk_header(flags, CHUNK_BLOCK_STATUS, cookie, len as u32));
     b.extend_from_slice(&context.to_be_bytes());
     for &(l, f) in extents {
         b.extend_from_slice(&l.to_be_bytes());
@@ -450,6 +456,14 @@ pub fn parse_meta_request(d: &[u8]) -> Result<MetaRequest<'_>, &'static str> {
 /// also does; for selecting only the full name does.
 pub fn query_matches_base_allocation(query: &[u8], listing: bool) -> bool {
     query == CONTEXT_BASE_ALLOCATION.as_bytes() || (listing && query == b"base:")
+}
+
+/// Does `query` select the context of bitmap `name` (`qemu:dirty-bitmap:NAME`)? For
+/// listing, `qemu:` (the namespace) and `qemu:dirty-bitmap:` (every bitmap) also do, as
+/// with qemu-nbd; for selecting only the full name does.
+pub fn query_matches_bitmap(query: &[u8], name: &str, listing: bool) -> bool {
+    let p = CONTEXT_DIRTY_BITMAP_PREFIX.as_bytes();
+    query.strip_prefix(p) == Some(name.as_bytes()) || (listing && (query == b"qemu:" || query == p))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -609,7 +623,7 @@ mod tests {
         assert_eq!(be16(&e[24..26]), 3);
         let long = "x".repeat(5000);
         assert_eq!(error_chunk(9, EIO, &long).len(), 20 + 6 + 4096);
-        let s = block_status_chunk(3, 0, &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)]);
+        let s = block_status_chunk(3, 0, &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)], true);
         assert_eq!(s.len(), 20 + 4 + 16);
         assert_eq!(be32(&s[16..20]), 20);
         assert_eq!(be32(&s[28..32]), 3);
@@ -651,6 +665,13 @@ mod tests {
         assert!(!query_matches_base_allocation(b"base:", false));
         assert!(query_matches_base_allocation(b"base:", true));
         assert!(!query_matches_base_allocation(b"base:allocationx", true));
+        assert!(query_matches_bitmap(b"qemu:dirty-bitmap:b", "b", false));
+        assert!(!query_matches_bitmap(b"qemu:dirty-bitmap:", "b", false));
+        assert!(query_matches_bitmap(b"qemu:dirty-bitmap:", "b", true));
+        assert!(query_matches_bitmap(b"qemu:", "b", true));
+        assert!(!query_matches_bitmap(b"qemu:", "b", false));
+        assert!(!query_matches_bitmap(b"qemu:dirty-bitmap:bb", "b", true));
+        assert!(!query_matches_bitmap(b"base:allocation", "b", true));
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Block status and CACHE off the connection thread.
 //!
+//! Block status answers one chunk per context the client selected: `base:allocation` from
+//! the engine's block status, `qemu:dirty-bitmap:NAME` from the bitmap's bits
+//! ([`BitmapView`]; bit 0 of the flags set on dirty extents, as qemu-nbd reports them).
+//!
 //! The engine's block status ([`Image::block_status`]) is synchronous: on an L2 cache miss it
 //! loads the slice through the image's admin ring, and when another queue is loading the
 //! same slice it waits for that load. Called on the connection thread it could wait for a
@@ -9,10 +13,11 @@
 //! The worker owns no queue, so it never holds up a load anyone waits for; the connection
 //! thread keeps reaping its queue while it waits, and learns of results through an eventfd.
 
-use super::proto::{STATE_HOLE, STATE_ZERO};
+use super::negotiate::bitmap_context_id;
+use super::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use super::sock::EventFd;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
-use quring::image::Image;
+use quring::image::{BitmapView, Image};
 use std::sync::Arc;
 
 /// At most this many extents per reply (the protocol asks for at most 2^20).
@@ -20,16 +25,21 @@ const MAX_EXTENTS: usize = 1 << 16;
 
 /// Work for the worker.
 pub enum Job {
-    /// `base:allocation` of `[offset, offset+len)`.
-    Status { key: usize, offset: u64, len: u32, req_one: bool },
+    /// The selected contexts of `[offset, offset+len)`: `base:allocation` (with its
+    /// context id) and the exported bitmaps in the mask.
+    Status { key: usize, offset: u64, len: u32, req_one: bool, base: Option<u32>, bitmaps: u64 },
     /// Warm the metadata cache for `[offset, offset+len)`.
     Cache { key: usize, offset: u64, len: u32 },
 }
 
-/// A finished job: extents (empty for CACHE) or an errno and message.
+/// One context's answer: its id and `(length, flags)` extents.
+pub type ContextExtents = (u32, Vec<(u32, u32)>);
+
+/// A finished job: per context, its id and extents (nothing for CACHE), or an errno and
+/// message.
 pub struct Done {
     pub key: usize,
-    pub result: Result<Vec<(u32, u32)>, (i32, String)>,
+    pub result: Result<Vec<ContextExtents>, (i32, String)>,
 }
 
 /// The connection's handle on its worker.
@@ -43,12 +53,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn start(image: Arc<Image>, name: String) -> std::io::Result<Worker> {
+    /// `bitmaps`: the exported bitmaps, in the export's order.
+    pub fn start(image: Arc<Image>, bitmaps: Arc<[BitmapView]>, name: String) -> std::io::Result<Worker> {
         let (jtx, jrx) = unbounded::<Job>();
         let (dtx, drx) = unbounded::<Done>();
         let wake = Arc::new(EventFd::new()?);
         let w = wake.clone();
-        let thread = std::thread::Builder::new().name(name).spawn(move || work(image, jrx, dtx, w))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || work(image, bitmaps, jrx, dtx, w))?;
         Ok(Worker { jobs: Some(jtx), done: drx, wake, thread: Some(thread), busy: 0 })
     }
 
@@ -82,10 +93,25 @@ impl Drop for Worker {
     }
 }
 
-fn work(image: Arc<Image>, jobs: Receiver<Job>, done: Sender<Done>, wake: Arc<EventFd>) {
+fn work(image: Arc<Image>, bitmaps: Arc<[BitmapView]>, jobs: Receiver<Job>, done: Sender<Done>, wake: Arc<EventFd>) {
     for job in jobs {
         let d = match job {
-            Job::Status { key, offset, len, req_one } => Done { key, result: extents(&image, offset, len, req_one) },
+            Job::Status { key, offset, len, req_one, base, bitmaps: mask } => {
+                let mut chunks = Vec::new();
+                let mut result = Ok(());
+                if let Some(id) = base {
+                    match extents(&image, offset, len, req_one) {
+                        Ok(e) => chunks.push((id, e)),
+                        Err(e) => result = Err(e),
+                    }
+                }
+                for (i, b) in bitmaps.iter().enumerate() {
+                    if mask & (1 << i) != 0 {
+                        chunks.push((bitmap_context_id(i), dirty_extents(b, offset, len, req_one)));
+                    }
+                }
+                Done { key, result: result.map(|()| chunks) }
+            }
             Job::Cache { key, offset, len } => {
                 Done { key, result: extents(&image, offset, len, false).map(|_| Vec::new()) }
             }
@@ -95,6 +121,17 @@ fn work(image: Arc<Image>, jobs: Receiver<Job>, done: Sender<Done>, wake: Arc<Ev
         }
         wake.signal();
     }
+}
+
+/// The `qemu:dirty-bitmap` extents of `[offset, offset+len)` (inside the image).
+fn dirty_extents(b: &BitmapView, offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let mut out: Vec<(u32, u32)> =
+        b.runs(offset, len as u64, max).into_iter().map(|(l, d)| (l as u32, if d { STATE_DIRTY } else { 0 })).collect();
+    if out.is_empty() {
+        out.push((len, 0));
+    }
+    out
 }
 
 /// `base:allocation` flags of one block status answer, as qemu-nbd derives them: a hole

@@ -307,6 +307,8 @@ impl<'a> Checker<'a> {
         }
         c.inc(snaps.offset, snaps.size)?;
         if counts_only {
+            // A refcount rebuild keeps the persistent bitmaps: their clusters stay in use.
+            c.check_bitmaps(&h)?;
             return Ok(c);
         }
         c.inc(h.refcount_table_offset.0, rt_bytes)?;

@@ -2,6 +2,7 @@
 //! every function takes bytes and returns values or an [`Error`](crate::Error) naming the
 //! offending field.
 
+pub mod bitmap;
 pub mod bytes;
 pub mod compress;
 pub mod extension;

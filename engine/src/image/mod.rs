@@ -11,6 +11,8 @@
 
 mod alloc;
 mod audit;
+pub mod bitmap_export;
+pub mod bitmaps;
 mod cache_sizes;
 mod clean;
 pub(crate) mod compressed;
@@ -30,6 +32,8 @@ mod writeback;
 
 pub(crate) use slices::SliceClaim;
 
+pub use bitmap_export::BitmapView;
+pub use bitmaps::BitmapInfo;
 pub use create::create;
 pub use identity::header_guid;
 pub use open::{probe_format, resolve_backing_path};
@@ -262,6 +266,13 @@ pub struct Image {
     /// Guest offsets at or past this read as zeros where this image has no data (the
     /// recorded backing length, rounded up to 512; u64::MAX without one).
     pub(crate) backing_limit: AtomicU64,
+    /// The persistent bitmaps' directory and the bits this session tracks ([`bitmaps`]).
+    pub(crate) bitmap_dir: Mutex<bitmaps::BitmapDir>,
+    /// The tracked bitmaps as the queues see them (copied by each queue when
+    /// [`Image::bitmap_gen`] moves).
+    pub(crate) bitmap_live: Mutex<bitmaps::LiveList>,
+    /// Changes whenever the list of tracked bitmaps changes.
+    pub(crate) bitmap_gen: AtomicU64,
 }
 
 impl std::fmt::Debug for Image {
@@ -438,7 +449,11 @@ impl Image {
         if st.closed {
             return Ok(());
         }
+        // The tracked bitmaps stored with in_use cleared (not on an image marked corrupt:
+        // they stay in use, inconsistent, as after a crash).
+        let stored = if self.corrupt.load(Ordering::Acquire) { Ok(()) } else { self.store_bitmaps(&mut st) };
         self.close_metadata(&mut st)?;
+        stored?;
         st.closed = true;
         Ok(())
     }

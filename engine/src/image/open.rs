@@ -4,7 +4,7 @@
 //! that names them, as QEMU does).
 
 use super::cache_sizes::cache_sizes;
-use super::header::{mark_corrupt_at_open, write_header};
+use super::header::mark_corrupt_at_open;
 use super::*;
 use crate::format::feature;
 use crate::format::l1;
@@ -127,20 +127,17 @@ impl Image {
 
         // Writer state: refcounts, lazy-refcount bookkeeping, autoclear bits.
         let mut header = header;
-        if !read_only {
-            if header.incompatible_features & feature::INCOMPAT_DIRTY != 0 {
-                // Lazy refcounts were in use when the image was last left: refcounts may
-                // be stale. Rebuild them before the first write.
-                crate::meta::rebuild::rebuild_refcounts(&sync, &file, &mut header)?;
-            }
-            if header.autoclear_features != 0 && header.version >= 3 {
-                // Autoclear bits we do not maintain (bitmaps, unknown ones) are cleared on
-                // the first read-write open, as the spec requires.
-                header.autoclear_features = 0;
-                write_header(&sync, file.fd(), &mut header)?;
-            }
+        if !read_only && header.incompatible_features & feature::INCOMPAT_DIRTY != 0 {
+            // Lazy refcounts were in use when the image was last left: refcounts may be
+            // stale. Rebuild them before the first write.
+            crate::meta::rebuild::rebuild_refcounts(&sync, &file, &mut header)?;
         }
         let file_len = file.len()?; // a rebuild may have grown the file
+        // Persistent bitmaps; on a read-write open the autoclear bits quring does not
+        // maintain are cleared, as the spec requires, and the enabled bitmaps are loaded
+        // and marked in use.
+        let bitmap_dir = super::bitmaps::open_bitmaps(&sync, file.fd(), &mut header, file_len, read_only)?;
+        let live: super::bitmaps::LiveList = bitmap_dir.recs.iter().filter_map(|r| r.live.clone()).collect();
 
         // The refcount table (in every mode: the overlap checks need the refcount blocks),
         // and the record of metadata clusters.
@@ -222,6 +219,9 @@ impl Image {
             identity: Mutex::new(identity),
             backing_limit: AtomicU64::new(backing_limit),
             header: Mutex::new(header),
+            bitmap_dir: Mutex::new(bitmap_dir),
+            bitmap_live: Mutex::new(live),
+            bitmap_gen: AtomicU64::new(1),
         });
         if let Err(e) = img.check_contiguous_ranges() {
             return Err(img.signal_corruption(e));

@@ -34,6 +34,11 @@ impl Image {
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
         }
+        if new_size != self.vsize() && !self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
+            return Err(Error::Unsupported(
+                "resizing an image with persistent bitmaps (remove them first: quring bitmap --remove)".into(),
+            ));
+        }
         if self.version < 3
             && !self.snapshots.read().unwrap_or_else(|e| e.into_inner()).is_empty()
             && new_size != self.vsize()

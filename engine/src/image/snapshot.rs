@@ -66,7 +66,7 @@ impl NewSnapshot {
 
 /// The metadata lock held by a snapshot operation, and the flag that refuses new requests
 /// meanwhile (cleared on drop).
-struct SnapshotGuard<'a> {
+pub(super) struct SnapshotGuard<'a> {
     meta: alloc::MetaGuard<'a>,
     busy: &'a std::sync::atomic::AtomicBool,
 }
@@ -258,18 +258,23 @@ impl Image {
     /// The metadata lock for a snapshot operation on a writable image, with new requests
     /// refused until the returned guard is dropped; fails when a request is in flight.
     fn snapshot_lock(&self) -> Result<SnapshotGuard<'_>> {
-        self.check_writable()?;
         if self.l2less {
             return Err(Error::Unsupported("internal snapshots of L2-less images".into()));
         }
+        self.idle_lock("snapshot operations")
+    }
+
+    /// The metadata lock for an operation that needs idle queues (`what` names it in the
+    /// error), with new requests refused until the guard is dropped; fails when a request
+    /// is in flight.
+    pub(super) fn idle_lock(&self, what: &str) -> Result<SnapshotGuard<'_>> {
+        self.check_writable()?;
         let meta = self.lock_meta().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))?;
         self.snapshot_busy.store(true, Ordering::SeqCst);
         let g = SnapshotGuard { meta, busy: &self.snapshot_busy };
         let n = self.requests_in_flight();
         if n != 0 {
-            return Err(Error::InvalidRequest(format!(
-                "snapshot operations need idle queues: {n} requests are in flight"
-            )));
+            return Err(Error::InvalidRequest(format!("{what} need idle queues: {n} requests are in flight")));
         }
         Ok(g)
     }

@@ -3,6 +3,7 @@
 //! refcount rebuild of a dirty image.
 
 pub mod cache;
+pub mod dirty;
 pub mod overlap;
 pub(crate) mod rebuild;
 pub(crate) mod refcount;

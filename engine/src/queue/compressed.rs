@@ -32,6 +32,9 @@ impl Queue {
                  the cluster size {cs} (only the last cluster may end at the end of the image)"
             )));
         }
+        // Tracked bitmaps see the write before it can complete (it runs with the queue
+        // busy, so no bitmap operation runs meanwhile).
+        self.mark_bitmaps(offset, len);
         let mut padded = Vec::new();
         let mut packed: Vec<(u64, Vec<u8>, bool)> = Vec::new();
         let mut pos = 0usize;

@@ -193,6 +193,9 @@ pub struct Queue {
     pub(crate) private_in_flight: usize,
     /// [`Image::lock_waiters`]' event count before the last attempt at the lock.
     pub(crate) lock_seen: u64,
+    /// The image's tracked dirty bitmaps as last seen, and their generation
+    /// ([`Image::bitmap_gen`]).
+    pub(crate) bitmaps: (u64, crate::image::bitmaps::LiveList),
 }
 
 impl Queue {
@@ -245,6 +248,7 @@ impl Queue {
             nudged: false,
             private_in_flight: 0,
             lock_seen: 0,
+            bitmaps: (0, Arc::from(Vec::new())),
         })
     }
 
@@ -316,6 +320,9 @@ impl Queue {
         // Every request that may touch host clusters holds its epoch until it is done: no
         // cluster it looks up can be freed and reused under it.
         let entered = if kind != ReqKind::Flush { Some(self.image.enter_request(&self.gate)?) } else { None };
+        if kind.writes() {
+            self.mark_bitmaps(offset, len);
+        }
         if let Some(p) = entered
             && kind == ReqKind::Read
             && self.try_whole_read(req.user_data, offset, len, buf, p)
@@ -347,6 +354,9 @@ impl Queue {
         }
         let kind = if write { ReqKind::Write } else { ReqKind::Read };
         let entered = self.image.enter_request(&self.gate)?;
+        if write {
+            self.mark_bitmaps(offset, len);
+        }
         let id = self.new_req(user_data, kind, offset, len, std::ptr::null_mut(), Parent::Caller);
         self.admit(id, Some(entered));
         // The parent is walked at once; its children carry the work.
@@ -362,6 +372,21 @@ impl Queue {
         self.reqs[id].pending -= 1;
         self.maybe_finish(id);
         Ok(())
+    }
+
+    /// Sets the bits of `[offset, offset + len)` in every tracked dirty bitmap (after the
+    /// request entered its epoch: a bitmap operation, which needs idle queues, cannot run
+    /// between this and the request's completion). No lock: one generation load, and per
+    /// bitmap one atomic per 64 granules.
+    #[inline]
+    pub(crate) fn mark_bitmaps(&mut self, offset: u64, len: u64) {
+        let generation = self.image.bitmap_gen.load(std::sync::atomic::Ordering::Acquire);
+        if generation != self.bitmaps.0 {
+            self.bitmaps = self.image.live_bitmaps();
+        }
+        for b in self.bitmaps.1.iter() {
+            b.mark(offset, len);
+        }
     }
 
     /// The detailed error of a failed request (by its user_data), if the engine has one:
