@@ -1,9 +1,11 @@
 //! `quring`: qcow2 image tools on the quring engine, following qemu-img's conventions for
 //! options, output and exit codes.
 
+mod amend;
 mod args;
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod convert_io;
@@ -18,7 +20,9 @@ mod measure;
 mod nbd;
 mod output;
 mod probe;
+mod progress;
 mod qjson;
+mod rebase;
 mod resize;
 mod serve;
 mod snapshot;
@@ -58,6 +62,12 @@ enum Cmd {
     Resize(resize::Args),
     /// Create, apply, delete or list internal snapshots (like `qemu-img snapshot`).
     Snapshot(snapshot::Args),
+    /// Change format options of an image (like `qemu-img amend`).
+    Amend(amend::Args),
+    /// Change the backing file of an image (like `qemu-img rebase`).
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file (like `qemu-img commit`).
+    Commit(commit::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -88,6 +98,9 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Amend(a) => amend::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Commit(a) => commit::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -10,7 +10,9 @@
 //! order), `overlap` (metadata overlap checks on the live image), [`status`] (block status).
 
 mod alloc;
+pub mod amend;
 mod audit;
+mod backing;
 mod cache_sizes;
 mod clean;
 pub(crate) mod compressed;
@@ -30,8 +32,10 @@ mod writeback;
 
 pub(crate) use slices::SliceClaim;
 
+pub use amend::{Amend, amend};
+pub use backing::NewBacking;
 pub use create::create;
-pub use identity::header_guid;
+pub use identity::{find_by_guid, header_guid};
 pub use open::{probe_format, resolve_backing_path};
 pub use snapshot::NewSnapshot;
 
