@@ -7,9 +7,19 @@
 # disk back with O_DIRECT and prints `QURING-CHECKSUM <md5>` and `QURING-DONE` on the serial
 # console before powering off.
 #
+# With `quring.case=discard` on the kernel command line, /init runs the discard and resize
+# case instead, on every virtio disk (/dev/vda, /dev/vdb): it writes the pattern over the
+# first 4 MiB, discards (blkdiscard), punches holes and zeroes ranges (util-linux's
+# `fallocate --punch-hole` / `--zero-range`: VIRTIO_BLK_T_WRITE_ZEROES with and without
+# the UNMAP flag), writes a block of zeros (--detect-zeroes), prints each disk's discard
+# granularity and the md5 of its first 4 MiB, then prints `QURING-RESIZE-READY` and waits
+# for the host to resize the disks live: it prints each new size from /sys/block/vdX/size,
+# writes the pattern at 65 MiB (past the old end) and prints its md5 read back.
+#
 # Produces OUTDIR/vmlinuz, OUTDIR/initrd.gz and OUTDIR/pattern.bin (the test builds its
 # reference from that very file). Installs qemu-system-x86, linux-image-amd64 and
-# busybox-static when they are missing. Does nothing when the outputs exist and are newer
+# busybox-static when they are missing. util-linux's fallocate (busybox's cannot punch holes
+# or zero ranges) is copied in with the libraries it links. Does nothing when the outputs exist and are newer
 # than this script.
 set -eu
 
@@ -29,6 +39,7 @@ command -v qemu-img >/dev/null 2>&1 || need="$need qemu-utils"
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx taskset || need="$need busybox-static"
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need="$need linux-image-amd64"
 command -v cpio >/dev/null 2>&1 || need="$need cpio"
+[ -x /usr/bin/fallocate ] || need="$need util-linux"
 if [ -n "$need" ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -60,6 +71,11 @@ ROOT=$(mktemp -d)
 trap 'rm -rf "$ROOT"' EXIT
 mkdir -p "$ROOT/bin" "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" "$ROOT/mods"
 cp /bin/busybox "$ROOT/bin/busybox"
+# util-linux's fallocate and what it links (the dynamic loader and libc), at their paths.
+for f in /usr/bin/fallocate $(ldd /usr/bin/fallocate | grep -o '/[^ ]*'); do
+    mkdir -p "$ROOT$(dirname "$f")"
+    cp -L "$f" "$ROOT$f"
+done
 
 # The virtio modules for a PCI virtio-blk disk, dependencies first (nothing to do for the
 # ones built into the kernel).
@@ -110,10 +126,51 @@ i=0
 while [ ! -b /dev/vda ]; do
     i=$((i + 1)); [ $i -gt 100 ] && fail "no /dev/vda"; sleep 0.1
 done
+K=1024; M=1048576
+# The discard and resize case (tests/vhost_guest.rs guest_discard_and_resize).
+one_disk() { # name
+    d=/dev/$1; q=/sys/block/$1/queue
+    say "QURING-DISK $1 gran $(cat $q/discard_granularity) wzmax $(cat $q/write_zeroes_max_bytes) size $(cat /sys/block/$1/size)"
+    for i in 0 1 2 3; do
+        dd if=/pattern.bin of=$d bs=1M seek=$i oflag=direct 2>/dev/null || fail "$1 write $i"
+    done
+    blkdiscard -o $((256 * K)) -l $((256 * K)) $d || fail "$1 blkdiscard"
+    blkdiscard -o $((M + 4 * K)) -l $((128 * K)) $d || fail "$1 blkdiscard unaligned"
+    /usr/bin/fallocate --punch-hole -o $((2 * M + 64 * K)) -l $((128 * K)) $d || fail "$1 punch-hole"
+    /usr/bin/fallocate --zero-range -o $((3 * M + 64 * K)) -l $((128 * K)) $d || fail "$1 zero-range"
+    /usr/bin/fallocate --zero-range -o $((3 * M + 513 * K)) -l $((3 * K)) $d || fail "$1 zero-range small"
+    dd if=/dev/zero of=$d bs=64k seek=$(((3 * M + 256 * K) / (64 * K))) count=1 oflag=direct 2>/dev/null || fail "$1 zeros"
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    say "QURING-SUM $1 $(cat $q/discard_granularity) $(dd if=$d bs=1M count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+}
+resized() { # name old_sectors
+    i=0
+    while [ "$(cat /sys/block/$1/size)" = "$2" ]; do
+        i=$((i + 1)); [ $i -gt 1200 ] && fail "$1 kept $2 sectors"; sleep 0.1
+    done
+    say "QURING-NEWSIZE $1 $(cat /sys/block/$1/size)"
+    dd if=/pattern.bin of=/dev/$1 bs=1M seek=65 oflag=direct 2>/dev/null || fail "$1 write past the old end"
+    say "QURING-TAILSUM $1 $(dd if=/dev/$1 bs=1M skip=65 count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+}
+case " $(cat /proc/cmdline) " in
+*" quring.case=discard "*)
+    i=0
+    while [ ! -b /dev/vdb ]; do
+        i=$((i + 1)); [ $i -gt 100 ] && fail "no /dev/vdb"; sleep 0.1
+    done
+    for n in vda vdb; do one_disk $n; done
+    a=$(cat /sys/block/vda/size); b=$(cat /sys/block/vdb/size)
+    say "QURING-RESIZE-READY"
+    resized vda "$a"
+    resized vdb "$b"
+    say "QURING-DONE"
+    poweroff -f
+    ;;
+esac
 say "QURING-SIZE $(blockdev --getsize64 /dev/vda)"
 say "QURING-SERIAL $(cat /sys/block/vda/serial 2>/dev/null)"
 say "QURING-QUEUES $(ls /sys/block/vda/mq | wc -l) CPUS $(nproc)"
-K=1024; M=1048576
 # A: buffered, 64 KiB blocks, at 0.
 dd if=/pattern.bin of=/dev/vda bs=64k seek=0 conv=fsync 2>/dev/null || fail "A"
 # B: O_DIRECT 4 KiB blocks at 3 MiB + 4 KiB (straddles clusters).

@@ -154,7 +154,9 @@ fn l2_cache_larger_than_memory_is_refused() {
 fn fio_l2_cache_size_1t_is_capped() {
     let d = tempdir();
     let p = image(d.path());
+    // fio writes its verify state file into the working directory: keep it in the temp dir.
     let r = run(Command::new("fio")
+        .current_dir(d.path())
         .arg("--name=big-cache")
         .arg(format!("--ioengine=external:{}", fio_plugin().display()))
         .args(["--l2_cache_size=1t", "--refcount_cache_size=1t", "--thread", "--rw=randwrite", "--bs=4k", "--size=16M"])

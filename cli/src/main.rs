@@ -3,6 +3,7 @@
 
 mod amend;
 mod args;
+mod backend_channel;
 mod bench;
 mod check;
 mod commit;
@@ -10,6 +11,7 @@ mod compare;
 mod convert;
 mod convert_io;
 mod create;
+mod export_opts;
 mod guest;
 mod info;
 mod io_cmd;
@@ -25,6 +27,7 @@ mod qjson;
 mod rebase;
 mod resize;
 mod serve;
+mod serve_control;
 mod snapshot;
 mod util;
 

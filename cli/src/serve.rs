@@ -15,22 +15,38 @@
 //! not multiples of 512 bytes the data goes through a bounce buffer. The request completes
 //! when all its segments did.
 //!
+//! Discards and write-zeroes (VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES) follow
+//! `--discard` and `--detect-zeroes` as the NBD server does ([`crate::export_opts`]). The
+//! discard granularity advertised (`discard_sector_alignment`) is the image's: the cluster,
+//! or the subcluster with extended L2 entries, where a discard of whole subclusters inside
+//! a cluster makes them read as zeros through the subcluster bitmap (whole clusters are
+//! freed; QEMU's qcow2 ignores discards smaller than a cluster). Such a partial discard of
+//! a compressed cluster is a zero write the entry cannot express: the engine then copies
+//! the cluster, as for any partial zero write there.
+//!
+//! A live resize comes through the control socket (`--control`, [`crate::serve_control`]);
+//! the front-end is then told through the back-end request channel
+//! ([`crate::backend_channel`]) and re-reads the capacity, which [`blk_config`] computes
+//! from the image's current size.
+//!
 //! The server handles one front-end connection: when it disconnects, or on SIGTERM/SIGINT,
 //! the threads drain their in-flight requests, the image is closed cleanly and a per-queue
 //! summary is printed on stderr.
 
+use crate::export_opts::{ZeroPolicy, is_zero};
 use clap::{Parser, ValueEnum};
 use quring::image::{CacheMode, Image, Options};
 use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
 use slab::Slab;
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, Listener};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -62,6 +78,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Cache::Writeback)]
     cache: Cache,
     #[command(flatten)]
+    zero: crate::export_opts::ZeroArgs,
+    /// (vhost-user-blk) A Unix socket taking commands while the device is served:
+    /// `resize [--shrink] SIZE` resizes the image live and tells the front-end (the guest
+    /// sees the new capacity), `size` prints the size. One reply line per command.
+    #[arg(long = "control", value_name = "PATH", conflicts_with = "nbd")]
+    control: Option<PathBuf>,
+    #[command(flatten)]
     nbd_args: crate::nbd::NbdArgs,
     /// The qcow2 image.
     image: PathBuf,
@@ -82,6 +105,11 @@ const QUEUE_SIZE: usize = 256;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest discard / write-zeroes range per segment, in sectors (1 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Segments per discard / write-zeroes request advertised (max_discard_seg,
+/// max_write_zeroes_seg); requests with up to [`SEG_MAX`] are taken.
+const MAX_DWZ_SEG: u32 = 1;
+/// Size of a discard / write-zeroes segment (struct virtio_blk_discard_write_zeroes).
+const DWZ_SEG_BYTES: usize = 16;
 /// Serial number returned by VIRTIO_BLK_T_GET_ID.
 const SERIAL: &[u8] = b"quring";
 /// How long after an event a queue with requests in flight is reaped again without a
@@ -115,7 +143,12 @@ struct Shared {
     num_queues: usize,
     read_only: bool,
     mem: Mem,
-    config: Vec<u8>,
+    /// `--discard`, `--detect-zeroes`.
+    zero: ZeroPolicy,
+    /// The back-end request channel, once the front-end set it up.
+    channel: Mutex<Option<crate::backend_channel::Channel>>,
+    /// The process's sockets before the front-end connected (to find the channel).
+    sockets_before: OnceLock<HashSet<u64>>,
     /// The epoll handlers, one per thread, to add the ring fd and timer to (set once the
     /// daemon exists).
     handlers: OnceLock<Vec<Arc<VringEpollHandler<BlkBackend>>>>,
@@ -131,22 +164,86 @@ struct Shared {
 #[derive(Clone)]
 struct BlkBackend(Arc<Shared>);
 
-/// Builds the virtio_blk_config structure (little endian, VIRTIO 1.x layout).
-fn blk_config(image: &Image, num_queues: u16) -> Vec<u8> {
+/// The discard granularity of an image: the subcluster with extended L2 entries, else
+/// the cluster.
+fn discard_granularity(image: &Image) -> u64 {
+    let g = image.geometry();
+    if g.extended_l2 { g.subcluster_size() } else { g.cluster_size() }
+}
+
+/// Builds the virtio_blk_config structure (little endian, VIRTIO 1.x layout) from the
+/// image's current size.
+fn blk_config(image: &Image, num_queues: u16, zero: &ZeroPolicy) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     let put = |c: &mut Vec<u8>, off: usize, v: &[u8]| c[off..off + v.len()].copy_from_slice(v);
     put(&mut c, 0, &(image.size() / 512).to_le_bytes()); // capacity
     put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
     put(&mut c, 20, &512u32.to_le_bytes()); // blk_size
     put(&mut c, 34, &num_queues.to_le_bytes()); // num_queues
-    let cluster_sectors = (image.geometry().cluster_size() / 512) as u32;
+    let gran_sectors = (discard_granularity(image) / 512) as u32;
     put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
-    put(&mut c, 40, &1u32.to_le_bytes()); // max_discard_seg
-    put(&mut c, 44, &cluster_sectors.to_le_bytes()); // discard_sector_alignment
+    put(&mut c, 40, &MAX_DWZ_SEG.to_le_bytes()); // max_discard_seg
+    put(&mut c, 44, &gran_sectors.to_le_bytes()); // discard_sector_alignment
     put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
-    put(&mut c, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
-    c[56] = 1; // write_zeroes_may_unmap
+    put(&mut c, 52, &MAX_DWZ_SEG.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = zero.discard_unmap as u8; // write_zeroes_may_unmap
     c
+}
+
+/// What a guest discard of `[offset, offset + len)` does with `--discard=unmap`: whole
+/// clusters are discarded (`true`); with extended L2 entries (`sub`: the subcluster size)
+/// the whole subclusters of a partly covered cluster become zero subclusters (`false`:
+/// a zero write of whole subclusters, which only changes the bitmap). Pieces smaller than
+/// the granularity are left alone (a discard is a hint).
+fn discard_pieces(offset: u64, len: u64, cluster: u64, sub: Option<u64>) -> Vec<(u64, u64, bool)> {
+    let end = offset + len;
+    let (c0, c1) = (offset.div_ceil(cluster) * cluster, end / cluster * cluster);
+    let mut out = Vec::new();
+    let zero = |a: u64, b: u64, out: &mut Vec<(u64, u64, bool)>| {
+        if let Some(s) = sub {
+            let (a, b) = (a.div_ceil(s) * s, b / s * s);
+            if a < b {
+                out.push((a, b - a, false));
+            }
+        }
+    };
+    if c0 < c1 {
+        zero(offset, c0, &mut out);
+        out.push((c0, c1 - c0, true));
+        zero(c1, end, &mut out);
+    } else {
+        zero(offset, end, &mut out);
+    }
+    out
+}
+
+/// Whether guest ranges hold only zeros (`--detect-zeroes`), read in small pieces.
+fn guest_is_zero(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)]) -> bool {
+    let mut buf = [0u8; 4096];
+    for &(addr, len) in segs {
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len());
+            if mem.read_slice(&mut buf[..n], GuestAddress(addr.0 + at as u64)).is_err() || !is_zero(&buf[..n]) {
+                return false;
+            }
+            at += n;
+        }
+    }
+    true
+}
+
+impl Shared {
+    /// Tells the front-end the configuration (the capacity) changed.
+    fn notify_config_change(&self) -> Result<(), String> {
+        let ch = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ch) = ch.as_ref() else {
+            return Err("no back-end request channel (no front-end yet, or it did not negotiate \
+                        VHOST_USER_PROTOCOL_F_BACKEND_REQ)"
+                .into());
+        };
+        ch.config_changed().map_err(|e| format!("VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: {e}"))
+    }
 }
 
 impl BlkBackend {
@@ -190,7 +287,20 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        let mut ch = self.0.channel.lock().unwrap_or_else(|e| e.into_inner());
+        // The previous channel (if the front-end sends a new one) goes first, so that its
+        // socket is not mistaken for the new one.
+        *ch = None;
+        let empty = HashSet::new();
+        let before = self.0.sockets_before.get().unwrap_or(&empty);
+        match crate::backend_channel::Channel::find(before, backend) {
+            Ok(c) => *ch = Some(c),
+            Err(e) => eprintln!("quring serve: back-end request channel: {e}; a resize will not reach the guest"),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -198,7 +308,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = &self.0.config;
+        let c = &blk_config(&self.0.image, self.0.num_queues as u16, &self.0.zero);
         let start = (offset as usize).min(c.len());
         let end = (offset as usize).saturating_add(size as usize).min(c.len());
         let mut v = c[start..end].to_vec();
@@ -459,7 +569,16 @@ impl Worker {
                     self.stats().reads.fetch_add(1, Ordering::Relaxed);
                     p.used_len += total as u32;
                 }
-                if segs.iter().all(|s| s.len % 512 == 0) {
+                let zero_write = if write {
+                    self.shared
+                        .zero
+                        .detected_zero(|| total > 0 && total.is_multiple_of(512) && guest_is_zero(mem, data))
+                } else {
+                    None
+                };
+                if let Some(unmap) = zero_write {
+                    ops.push(Op::WriteZeroes { offset, len: total as u64, unmap });
+                } else if segs.iter().all(|s| s.len % 512 == 0) {
                     for s in segs.iter().filter(|s| s.len > 0) {
                         ops.push(if write {
                             Op::Write { offset, buf: s.ptr, len: s.len }
@@ -512,27 +631,50 @@ impl Worker {
                 let zero = ty == VIRTIO_BLK_T_WRITE_ZEROES;
                 let stat = if zero { &self.stats().write_zeroes } else { &self.stats().discards };
                 stat.fetch_add(1, Ordering::Relaxed);
+                // The body is guest-sized: bounded before it is read.
+                let body_len = c.readable.iter().fold(0usize, |a, r| a.saturating_add(r.1));
+                if body_len == 0
+                    || !body_len.is_multiple_of(DWZ_SEG_BYTES)
+                    || body_len > SEG_MAX as usize * DWZ_SEG_BYTES
+                {
+                    return self.finish_now(mem, head, status_addr, 1, VIRTIO_BLK_S_IOERR as u8);
+                }
                 let Some(body) = read_guest(mem, &c.readable) else {
                     return self.finish_now(mem, head, status_addr, 1, VIRTIO_BLK_S_IOERR as u8);
                 };
-                for seg in body.chunks(16) {
-                    if seg.len() < 16 {
-                        p.status = VIRTIO_BLK_S_IOERR as u8;
-                        break;
-                    }
+                let size = self.shared.image.size();
+                let g = self.shared.image.geometry();
+                let sub = g.extended_l2.then(|| g.subcluster_size());
+                for seg in body.chunks(DWZ_SEG_BYTES) {
                     let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
                     let num = u32::from_le_bytes(seg[8..12].try_into().unwrap()) as u64;
                     let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
-                    let unmap = flags & 1 != 0;
-                    if flags & !1 != 0 || (!zero && unmap) {
+                    let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                    // Unknown flags, and UNMAP on a discard: the spec's UNSUPP.
+                    if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (!zero && unmap) {
                         p.status = VIRTIO_BLK_S_UNSUPP as u8;
                         break;
                     }
-                    let (Some(offset), Some(len)) = (sector.checked_mul(512), num.checked_mul(512)) else {
+                    let range = sector.checked_mul(512).zip(num.checked_mul(512));
+                    let Some((offset, len)) = range.filter(|&(o, l)| o.checked_add(l).is_some_and(|e| e <= size))
+                    else {
                         p.status = VIRTIO_BLK_S_IOERR as u8;
                         break;
                     };
-                    ops.push(if zero { Op::WriteZeroes { offset, len, unmap } } else { Op::Discard { offset, len } });
+                    if len == 0 {
+                        continue;
+                    }
+                    if zero {
+                        ops.push(Op::WriteZeroes { offset, len, unmap: self.shared.zero.zero_unmap(unmap) });
+                    } else if self.shared.zero.discards() {
+                        for (o, l, whole) in discard_pieces(offset, len, g.cluster_size(), sub) {
+                            ops.push(if whole {
+                                Op::Discard { offset: o, len: l }
+                            } else {
+                                Op::WriteZeroes { offset: o, len: l, unmap: false }
+                            });
+                        }
+                    }
                 }
             }
             _ => p.status = VIRTIO_BLK_S_UNSUPP as u8,
@@ -664,8 +806,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         Cache::Writeback => CacheMode::Writeback,
         Cache::Writethrough => CacheMode::Writethrough,
     };
+    let zero = a.zero.policy()?;
     if a.nbd {
-        return crate::nbd::run(&a.nbd_args, &a.image, a.read_only, cache);
+        return crate::nbd::run(&a.nbd_args, &a.image, a.read_only, cache, zero);
     }
     let socket = a.socket.ok_or("--vhost-user-blk or --nbd is required")?;
     let opts = Options { read_only: a.read_only, cache, hook: quring::io::hook::from_env(), ..Default::default() };
@@ -680,11 +823,13 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     sigs.thread_block()?;
 
     let shared = Arc::new(Shared {
-        config: blk_config(&image, a.queues),
         image: image.clone(),
         num_queues,
         read_only: a.read_only,
         mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        zero,
+        channel: Mutex::new(None),
+        sockets_before: OnceLock::new(),
         handlers: OnceLock::new(),
         event_idx: AtomicBool::new(false),
         stats: (0..num_queues).map(|_| QueueStats::default()).collect(),
@@ -700,8 +845,12 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     // The signal thread: before a front-end connected, close the image and exit; after,
     // shut the connection down so that the daemon returns.
     let conn: Arc<Mutex<(bool, Option<vhost_user_backend::ShutdownHandle>)>> = Arc::new(Mutex::new((false, None)));
+    // Held while a resize runs (--control); set once the image is closed.
+    let closed = Arc::new(Mutex::new(false));
     {
         let conn = conn.clone();
+        let closed = closed.clone();
+        let control = a.control.clone();
         let image = image.clone();
         let shared_sig = shared.clone();
         std::thread::Builder::new().name("quring-signals".into()).spawn(move || {
@@ -723,6 +872,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
                 }
                 None => {
                     eprintln!("quring serve: {sig} before a connection: closing");
+                    *closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
                     let code = match image.close() {
                         Ok(()) => 0,
                         Err(e) => {
@@ -730,6 +880,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
                             1
                         }
                     };
+                    if let Some(p) = control {
+                        let _ = std::fs::remove_file(p);
+                    }
                     std::process::exit(code);
                 }
             }
@@ -737,13 +890,26 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
 
     let mut listener = Listener::new(&socket, true).map_err(|e| format!("{}: {e}", socket.display()))?;
+    if let Some(path) = &a.control {
+        let l = crate::serve_control::bind(path)?;
+        let notify_to = shared.clone();
+        let c = crate::serve_control::Control {
+            image: image.clone(),
+            closed: closed.clone(),
+            notify: Box::new(move || notify_to.notify_config_change()),
+        };
+        crate::serve_control::spawn(l, path.clone(), c)?;
+    }
     eprintln!(
-        "quring serve: {} ({} bytes, {} queue(s)) on {}",
+        "quring serve: {} ({} bytes, {} queue(s)) on {}{}",
         a.image.display(),
         image.size(),
         num_queues,
-        socket.display()
+        socket.display(),
+        a.control.as_ref().map(|p| format!(", control socket {}", p.display())).unwrap_or_default()
     );
+    // Every socket from here on that has no name is the back-end request channel.
+    let _ = shared.sockets_before.set(crate::backend_channel::socket_inodes());
     daemon.start(&mut listener).map_err(|e| format!("vhost-user: {e}"))?;
     {
         let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
@@ -785,7 +951,15 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     for l in &lines {
         eprintln!("{l}");
     }
-    image.close()?;
+    // No resize may run during or after the close.
+    let mut closed = closed.lock().unwrap_or_else(|e| e.into_inner());
+    *closed = true;
+    *shared.channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let r = image.close();
+    if let Some(p) = &a.control {
+        let _ = std::fs::remove_file(p);
+    }
+    r?;
     eprintln!("quring serve: image closed");
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::Error as DaemonError;
@@ -796,5 +970,27 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             eprintln!("quring serve: connection ended with: {e}");
             Ok(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: u64 = 1024;
+
+    #[test]
+    fn discard_pieces_by_granularity() {
+        // Standard clusters: only the whole clusters inside.
+        assert_eq!(discard_pieces(4 * K, 200 * K, 64 * K, None), vec![(64 * K, 128 * K, true)]);
+        assert_eq!(discard_pieces(4 * K, 32 * K, 64 * K, None), vec![]);
+        assert_eq!(discard_pieces(0, 64 * K, 64 * K, None), vec![(0, 64 * K, true)]);
+        // Extended L2 (2 KiB subclusters): whole subclusters around the whole clusters.
+        assert_eq!(
+            discard_pieces(4 * K + 512, 200 * K, 64 * K, Some(2 * K)),
+            vec![(6 * K, 58 * K, false), (64 * K, 128 * K, true), (192 * K, 12 * K, false)]
+        );
+        assert_eq!(discard_pieces(3 * K, 4 * K, 64 * K, Some(2 * K)), vec![(4 * K, 2 * K, false)]);
+        assert_eq!(discard_pieces(3 * K, K, 64 * K, Some(2 * K)), vec![]);
     }
 }

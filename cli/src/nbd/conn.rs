@@ -52,6 +52,7 @@ use super::negotiate::{Export, Outcome, Session, negotiate};
 use super::proto::*;
 use super::sock::{self, HsIo, Socket, recv, recv2, sendv};
 use super::status::{Done, Job, Worker};
+use crate::export_opts::{ZeroPolicy, is_zero};
 use quring::image::Image;
 use quring::io::AlignedBuf;
 use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
@@ -85,20 +86,11 @@ const BATCH_WAIT: Duration = Duration::from_micros(100);
 pub struct Config {
     pub image: Arc<Image>,
     pub export: Export,
-    pub discard_unmap: bool,
-    pub detect_zeroes: DetectZeroes,
+    pub zero: ZeroPolicy,
     pub handshake_limit: Duration,
     pub stop: Arc<AtomicBool>,
     pub stop_fd: RawFd,
     pub verbose: bool,
-}
-
-/// `--detect-zeroes`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DetectZeroes {
-    Off,
-    On,
-    Unmap,
 }
 
 /// What one connection did.
@@ -648,7 +640,7 @@ impl<'a> Conn<'a> {
                 // A hint: ignored with --discard=ignore, shrunk to whole sectors otherwise.
                 let a = offset.div_ceil(512) * 512;
                 let b = (offset + len as u64) / 512 * 512;
-                if !self.cfg.discard_unmap || a >= b {
+                if !self.cfg.zero.discards() || a >= b {
                     self.reply_ok(cookie, false);
                     return;
                 }
@@ -665,7 +657,7 @@ impl<'a> Conn<'a> {
                     self.reply_ok(cookie, false);
                     return;
                 }
-                let unmap = !no_hole && self.cfg.discard_unmap;
+                let unmap = self.cfg.zero.zero_unmap(!no_hole);
                 let key = self.add(cookie, Kind::Zero, offset, None, fua);
                 self.submit(key, Op::WriteZeroes { offset, len: len as u64, unmap });
             }
@@ -713,11 +705,9 @@ impl<'a> Conn<'a> {
         let buf = p.buf.as_mut().expect("a write has a buffer");
         let (offset, len) = (p.offset, buf.len());
         self.summary.write_bytes += len as u64;
-        let op = if self.cfg.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
-            let unmap = self.cfg.detect_zeroes == DetectZeroes::Unmap && self.cfg.discard_unmap;
-            Op::WriteZeroes { offset, len: len as u64, unmap }
-        } else {
-            Op::Write { offset, buf: buf.as_ptr(), len }
+        let op = match self.cfg.zero.detected_zero(|| is_zero(buf)) {
+            Some(unmap) => Op::WriteZeroes { offset, len: len as u64, unmap },
+            None => Op::Write { offset, buf: buf.as_ptr(), len },
         };
         self.submit(key, op);
     }
@@ -895,27 +885,9 @@ impl Out {
     }
 }
 
-/// Whether a payload is all zeros (`--detect-zeroes`).
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
-    let (head, mid, tail) = unsafe { b.align_to::<u128>() };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_detection() {
-        let mut b = AlignedBuf::new(4096);
-        assert!(is_zero(&b));
-        b[4095] = 1;
-        assert!(!is_zero(&b));
-        b[4095] = 0;
-        b[3] = 1;
-        assert!(!is_zero(&b[1..]));
-    }
 
     #[test]
     fn pool_reuses_buffers() {

@@ -15,7 +15,8 @@
 //! finish what they started and close; then the image is closed).
 //!
 //! The folder depends on the `quring` library, `clap`, `libc`, `nix`, `slab` and
-//! `crossbeam-channel` only.
+//! `crossbeam-channel` only, and on [`crate::export_opts`] (`--discard`, `--detect-zeroes`,
+//! shared with the vhost-user-blk backend).
 
 mod conn;
 mod negotiate;
@@ -23,7 +24,8 @@ mod proto;
 mod sock;
 mod status;
 
-use conn::{Config, DetectZeroes, Summary};
+use crate::export_opts::ZeroPolicy;
+use conn::{Config, Summary};
 use negotiate::Export;
 use quring::image::{CacheMode, Image, Options};
 use sock::{EventFd, Listener};
@@ -65,13 +67,6 @@ pub struct NbdArgs {
     /// always runs in the foreground (no --fork).
     #[arg(long = "pid-file", value_name = "PATH", requires = "nbd")]
     pid_file: Option<PathBuf>,
-    /// What NBD_CMD_TRIM does: nothing (ignore) or discard clusters (unmap).
-    #[arg(long = "discard", value_enum, default_value_t = Discard::Ignore, requires = "nbd")]
-    discard: Discard,
-    /// Turn WRITE payloads of zeros into zero writes (unmap: deallocating, needs
-    /// --discard=unmap).
-    #[arg(long = "detect-zeroes", value_enum, default_value_t = DetectZeroes::Off, requires = "nbd")]
-    detect_zeroes: DetectZeroes,
     /// Seconds a client has to finish the handshake.
     #[arg(long = "handshake-limit", value_name = "SECONDS", default_value_t = 10, requires = "nbd")]
     handshake_limit: u64,
@@ -87,23 +82,18 @@ pub struct NbdArgs {
     verbose: bool,
 }
 
-/// `--discard`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Discard {
-    Ignore,
-    Unmap,
-}
-
 /// How long shutdown waits for connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the NBD server for `image` until the last client leaves (without `--persistent`)
-/// or SIGTERM/SIGINT.
+/// or SIGTERM/SIGINT. `zero`: `--discard` and `--detect-zeroes` (TRIM, WRITE_ZEROES without
+/// NO_HOLE, and WRITEs of zeros).
 pub fn run(
     a: &NbdArgs,
     image_path: &Path,
     read_only: bool,
     cache: CacheMode,
+    zero: ZeroPolicy,
 ) -> Result<u8, Box<dyn std::error::Error>> {
     if let Some(b) = &a.bitmap {
         return Err(format!(
@@ -116,9 +106,6 @@ pub fn run(
         && f != "qcow2"
     {
         return Err(format!("-f {f}: only qcow2 images are served").into());
-    }
-    if a.detect_zeroes == DetectZeroes::Unmap && a.discard != Discard::Unmap {
-        return Err("--detect-zeroes=unmap needs --discard=unmap".into());
     }
     if a.export_name.len() > proto::MAX_STRING {
         return Err("--export-name: longer than 4096 bytes".into());
@@ -166,8 +153,7 @@ pub fn run(
             fast_zero: image.header().version >= 3,
         },
         image: image.clone(),
-        discard_unmap: a.discard == Discard::Unmap,
-        detect_zeroes: a.detect_zeroes,
+        zero,
         handshake_limit: Duration::from_secs(a.handshake_limit.max(1)),
         stop: stop.clone(),
         stop_fd: stop_fd.fd(),

@@ -262,7 +262,7 @@ impl Image {
         if self.l2less {
             return Err(Error::Unsupported("internal snapshots of L2-less images".into()));
         }
-        let meta = self.lock_meta().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))?;
+        let meta = self.lock_meta_quiet().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))?;
         self.snapshot_busy.store(true, Ordering::SeqCst);
         let g = SnapshotGuard { meta, busy: &self.snapshot_busy };
         let n = self.requests_in_flight();

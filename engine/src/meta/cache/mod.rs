@@ -396,58 +396,6 @@ impl MetaCache {
         }
     }
 
-    /// `cache-clean-interval`'s work, called once per interval: drops every valid slice
-    /// that nobody used since the previous call (not pinned, not dirty) and returns its
-    /// memory to the system where a slot spans whole pages; clears the "used" mark of the
-    /// others for the next call. Returns how many slices were dropped.
-    ///
-    /// A dropped slot is taken into loading state first, so no claimer can load into it
-    /// while its pages are given back (a load that landed before the `madvise` would be
-    /// zeroed under it).
-    pub fn clean(&self) -> usize {
-        let mut dropped = 0;
-        for s in 0..self.ctl.len() {
-            let c = self.ctl[s].load(Ordering::Acquire);
-            if c & ST_MASK != ST_VALID || c & PIN_MASK != 0 || self.dirty[s].load(Ordering::Acquire) != 0 {
-                continue;
-            }
-            if self.used[s].swap(0, Ordering::Relaxed) != 0 {
-                continue;
-            }
-            let g = ((c & GEN_MASK) + (1 << GEN_SHIFT)) & GEN_MASK;
-            if self.ctl[s].compare_exchange(c, g | ST_LOADING, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-                continue;
-            }
-            if self.dirty[s].load(Ordering::Acquire) != 0 {
-                // Marked dirty meanwhile (by a writer that held no pin: it must): keep it.
-                self.ctl[s].store(c, Ordering::Release);
-                continue;
-            }
-            self.release_memory(s);
-            let g = (g + (1 << GEN_SHIFT)) & GEN_MASK;
-            self.ctl[s].store(g | ST_EMPTY, Ordering::Release);
-            self.notify_set(self.set_of_slot(s));
-            dropped += 1;
-        }
-        dropped
-    }
-
-    /// Gives the pages of slot `s` (owned in loading state) back to the system, when the
-    /// slot covers whole pages; they read as zeros until loaded again.
-    #[cfg(not(loom))]
-    fn release_memory(&self, s: usize) {
-        if self.slot_size >= 4096 {
-            // SAFETY: the range is one slot inside the arena, page aligned (the arena is 4 KiB
-            // aligned and slots are power-of-two multiples of 4 KiB here); the slot is ours
-            // in loading state, so no load writes into it, and readers only read it under
-            // seqlock validation (they retry after the generation moved).
-            unsafe { libc::madvise(self.slot_ptr(SlotId(s as u32)).cast(), self.slot_size, libc::MADV_DONTNEED) };
-        }
-    }
-
-    #[cfg(loom)]
-    fn release_memory(&self, _s: usize) {}
-
     /// Pins a valid slot holding `key` so it cannot be evicted; returns it.
     pub fn pin(&self, key: u64) -> Option<SlotId> {
         let set = self.set_of(key);
@@ -576,6 +524,28 @@ impl MetaCache {
         self.notify_set(self.set_of_slot(slot.0 as usize));
     }
 
+    /// Copies every dirty slice for a write-back: each slot is pinned (it cannot be evicted
+    /// until the caller unpins it once the copy is on disk, or a reload before the write
+    /// lands would read the old slice and lose the copy's updates) and its dirty mark is
+    /// cleared (an entry stored after the copy marks it dirty again). Returns (slot, key,
+    /// bytes), in slot order.
+    pub fn pin_dirty_copies(&self) -> Vec<(SlotId, u64, AlignedBuf)> {
+        let mut out = Vec::new();
+        for slot in self.dirty_slots() {
+            let Some(key) = self.slot_key(slot) else { continue };
+            let Some(pinned) = self.pin(key) else { continue };
+            self.clear_dirty(pinned);
+            let len = self.slot_size();
+            let mut buf = AlignedBuf::new(len);
+            // SAFETY: the slot is pinned (valid, not evictable) and its slice is `len` bytes;
+            // concurrent single-word CAS updates may race with this copy, which then holds the
+            // old or the new word (and the slot is dirty again).
+            buf.copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(pinned), len) });
+            out.push((pinned, key, buf));
+        }
+        out
+    }
+
     /// Re-marks a slot dirty (its write-back failed).
     pub fn mark_dirty(&self, slot: SlotId) {
         self.set_dirty(slot);
@@ -603,6 +573,8 @@ impl MetaCache {
         }
     }
 }
+
+mod clean;
 
 #[cfg(all(test, not(loom)))]
 mod tests;
