@@ -90,11 +90,18 @@ fn safe_and_unsafe_rebase_match_qemu_img() {
             (&["-b", "new.raw", "-F", "raw"], true),
             (&["-b", ""], true),
             (&["-p", "-b", "new.qcow2", "-F", "qcow2"], true),
+            (&["-c", "-b", "new.qcow2", "-F", "qcow2"], true),
+            (&["-c", "-b", ""], true),
             (&["-u", "-b", "new.qcow2", "-F", "qcow2"], false),
             (&["-u", "-b", ""], false),
             (&["-u"], false),
         ];
         for (args, safe) in scenarios {
+            if ext && args.contains(&"-c") {
+                // qemu-img 10 aborts (assertion in img_rebase) on a partly allocated
+                // cluster of an extended-L2 image with -c: nothing to compare with.
+                continue;
+            }
             let ctx = format!("cs={cs} ext={ext} {args:?}");
             eprintln!("{ctx}");
             let q = d.join("tq.qcow2");
@@ -120,6 +127,15 @@ fn safe_and_unsafe_rebase_match_qemu_img() {
             assert_eq!(backing_fields(&q), backing_fields(&u), "{ctx}");
             if *safe {
                 same_content(&top, &u);
+            }
+            if args.contains(&"-c") {
+                // Compressed as qemu-img compresses (the clusters it copies).
+                let compressed = |p: &Path| {
+                    let v = qemu_img(["map", "--output=json", &s(p)]).ok().json();
+                    let n = v.as_array().unwrap().iter().filter(|e| e["compressed"] == true).count();
+                    n > 0
+                };
+                assert_eq!(compressed(&u), compressed(&q), "{ctx}");
             }
         }
     }

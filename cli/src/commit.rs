@@ -45,7 +45,7 @@ pub struct Args {
 
 /// Where the data goes.
 enum Target {
-    Qcow2(Arc<Image>, Queue),
+    Qcow2(Arc<Image>, Box<Queue>),
     Raw(std::fs::File, quring::io::lock::ImageLock),
 }
 
@@ -84,7 +84,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         if img.size() < size {
             q.resize(size, &ResizeOptions::default()).map_err(|e| format!("Could not resize '{bp}': {e}"))?;
         }
-        Target::Qcow2(img, q)
+        Target::Qcow2(img, Box::new(q))
     } else {
         let f = std::fs::OpenOptions::new()
             .read(true)

@@ -1,4 +1,4 @@
-//! `quring rebase [-f fmt] [-F backing_fmt] [-u] -b BACKING [-p] [-q] IMG`: qemu-img
+//! `quring rebase [-f fmt] [-F backing_fmt] [-u] [-c] -b BACKING [-p] [-q] IMG`: qemu-img
 //! rebase's syntax, messages and exit codes. Safe mode reads every range the image does not
 //! allocate itself through its old chain and through the new backing file, and writes the
 //! clusters where they differ into the image (reading through the engine); `-u` only
@@ -42,9 +42,10 @@ pub struct Args {
     /// Cache mode of the backing files (accepted as qemu-img accepts it).
     #[arg(short = 'T')]
     src_cache: Option<String>,
-    /// Compress the clusters copied in safe mode (accepted; written uncompressed).
+    /// Compress the clusters copied in safe mode (as compressed clusters, where the
+    /// image holds nothing of the cluster yet).
     #[arg(short = 'c')]
-    _compress: bool,
+    compress: bool,
     #[command(flatten)]
     chain: crate::args::ChainArgs,
     /// The image.
@@ -54,7 +55,7 @@ pub struct Args {
 /// The new backing file, opened for reading in safe mode.
 pub enum Base {
     /// A qcow2 image (with its chain) and a queue on it.
-    Qcow2(Arc<Image>, Queue),
+    Qcow2(Arc<Image>, Box<Queue>),
     /// A raw file and its length.
     Raw(std::fs::File, u64),
 }
@@ -73,7 +74,7 @@ impl Base {
             "qcow2" => {
                 let img = crate::util::open_ro(path, true).map_err(|e| e.to_string())?;
                 let q = Queue::new(&img, &QueueOptions::default()).map_err(|e| e.to_string())?;
-                Ok(Base::Qcow2(img, q))
+                Ok(Base::Qcow2(img, Box::new(q)))
             }
             "raw" => {
                 let p = path.display();
@@ -182,7 +183,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     }
     let mut q = Queue::new(&img, &QueueOptions::default())?;
     let bar = (a.progress && !a.quiet).then(crate::progress::Progress::start);
-    let r = copy_differences(&img, &mut q, base.as_mut(), bar);
+    let r = copy_differences(&img, &mut q, base.as_mut(), a.compress, bar);
     let r = r.and_then(|()| q.flush().map_err(|e| e.to_string()));
     drop(q);
     let new = base.as_ref().map(|b| NewBacking {
@@ -207,6 +208,7 @@ fn copy_differences(
     img: &Arc<Image>,
     q: &mut Queue,
     mut base: Option<&mut Base>,
+    compress: bool,
     mut bar: Option<crate::progress::Progress>,
 ) -> Result<(), String> {
     let size = img.size();
@@ -247,8 +249,12 @@ fn copy_differences(
                 });
                 if differs {
                     let data = &old[(c - off) as usize..(ce - off) as usize];
+                    // A cluster the image holds nothing of can be written compressed.
+                    let empty = holes.iter().any(|&(hs, he)| hs <= c && ce <= he);
                     if data.iter().all(|&b| b == 0) {
                         q.write_zeroes(c, ce - c, false).map_err(|e| e.to_string())?;
+                    } else if compress && empty {
+                        q.write_compressed(c, data).map_err(|e| e.to_string())?;
                     } else {
                         q.write_at(data, c).map_err(|e| e.to_string())?;
                     }
