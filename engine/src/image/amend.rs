@@ -10,11 +10,15 @@
 //!   structures become free space.
 //! * The downgrade: version 2 has no zero flag, so zero clusters are expanded first, as
 //!   QEMU's `qcow2_expand_zero_clusters` does (active and snapshot L2 tables): without a
-//!   backing file a zero cluster without host cluster becomes unallocated; one with a host
-//!   cluster it owns (COPIED) gets zeros written there and loses the flag; the others get a
-//!   new cluster of zeros. The new clusters and a refcount structure that counts them are
+//!   backing file a zero cluster that does not own a host cluster becomes unallocated; one
+//!   with a host cluster it owns (COPIED) gets zeros written there and loses the flag; the
+//!   others get a new cluster of zeros. (QEMU 10 also writes zeros into a host cluster that
+//!   a snapshot shares and sets COPIED on it, which changes the snapshot and fails its own
+//!   check: not done here.) The new clusters and a refcount structure that counts them are
 //!   made durable before any L2 table points at them (a crash in between leaks them); then
-//!   the L2 tables, then the version 2 header.
+//!   the L2 tables; then, when they dropped references to shared host clusters, a refcount
+//!   structure without those (a crash before it leaks, never undercounts); then the version
+//!   2 header.
 //!
 //! quring's identity extension (and any unknown extension) is kept through every step.
 
@@ -268,6 +272,8 @@ fn expand_zero_clusters(
     let mut new_clusters: Vec<u64> = Vec::new();
     let mut rewritten: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut in_place: Vec<u64> = Vec::new();
+    // References the rewritten tables drop: (host cluster, how many).
+    let mut drops: Vec<(u64, u64)> = Vec::new();
     let total = tables.len().max(1) as f64;
     for (done, (&off, t)) in tables.iter().enumerate() {
         progress(done as f64 / total);
@@ -298,12 +304,12 @@ fn expand_zero_clusters(
                 // Unallocated reads as zeros without a backing file (a shared host
                 // cluster loses this reference).
                 if host != 0 {
-                    drop_refs(&mut counts, sync, file, host / cs, t.visits)?;
+                    drops.push((host / cs, t.visits));
                 }
                 0
             } else {
                 if host != 0 {
-                    drop_refs(&mut counts, sync, file, host / cs, t.visits)?;
+                    drops.push((host / cs, t.visits));
                 }
                 let c = counts_of(&mut counts, sync, file)?;
                 if next_new == 0 {
@@ -328,6 +334,10 @@ fn expand_zero_clusters(
     if rewritten.is_empty() {
         return Ok(());
     }
+    // The counts of the tables as they are (before any rewrite below).
+    if !drops.is_empty() {
+        counts_of(&mut counts, sync, file)?;
+    }
     // Zeros first (nothing points at the new clusters yet; the in-place ones read as
     // zeros already), then the refcounts that count the new clusters.
     let zeros = vec![0u8; cs as usize];
@@ -335,14 +345,34 @@ fn expand_zero_clusters(
         sync.write_kind(WriteKind::Data, file.fd(), at, &zeros)?;
     }
     sync.fdatasync(file.fd())?;
-    if let Some(c) = counts {
-        let order = h.refcount_order;
+    let order = h.refcount_order;
+    if !new_clusters.is_empty() {
+        // Counts with the new clusters and every old reference still there.
+        let c = counts_of(&mut counts, sync, file)?.clone();
         crate::meta::rebuild::write_refcounts(sync, file, h, c, order, |_| {})?;
     }
     for (off, buf) in &rewritten {
         sync.write_kind(WriteKind::L2, file.fd(), *off, buf)?;
     }
-    sync.fdatasync(file.fd())
+    sync.fdatasync(file.fd())?;
+    if !drops.is_empty() {
+        // Only now that no table holds the dropped references (until here a crash leaves
+        // counts too high: leaks, never a count below the references). The new structure
+        // goes past the one written above, which stays valid until the header switches.
+        let file_clusters = file.len()?.div_ceil(cs) as usize;
+        let c = counts_of(&mut counts, sync, file)?;
+        for &(k, n) in &drops {
+            if let Some(v) = c.get_mut(k as usize) {
+                *v = v.saturating_sub(n);
+            }
+        }
+        if c.len() < file_clusters {
+            c.resize(file_clusters, 0);
+        }
+        let c = c.clone();
+        crate::meta::rebuild::write_refcounts(sync, file, h, c, order, |_| {})?;
+    }
+    Ok(())
 }
 
 /// The reference counts of the file, counted once when first needed.
@@ -352,13 +382,4 @@ fn counts_of<'a>(counts: &'a mut Option<Vec<u64>>, sync: &SyncRing, file: &Image
         *counts = Some(reference_counts(&FileMeta { ring: sync, file, len })?);
     }
     Ok(counts.as_mut().expect("just set"))
-}
-
-/// An L2 entry visited `visits` times stops referencing host cluster `k`.
-fn drop_refs(counts: &mut Option<Vec<u64>>, sync: &SyncRing, file: &ImageFile, k: u64, visits: u64) -> Result<()> {
-    let c = counts_of(counts, sync, file)?;
-    if let Some(v) = c.get_mut(k as usize) {
-        *v = v.saturating_sub(visits);
-    }
-    Ok(())
 }
