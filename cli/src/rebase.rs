@@ -156,6 +156,8 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         return Err(format!("Could not change the backing file to '{name}': backing format must be specified").into());
     }
     if a.unsafe_mode {
+        // qemu-img shows 0% and 100% here too.
+        let bar = (a.progress && !a.quiet).then(crate::progress::Progress::start);
         let opts = Options { backing: BackingPolicy::Ignore, hook: quring::io::hook::from_env(), ..Default::default() };
         let img = Image::open(&a.image, &opts).map_err(|e| format!("Could not open '{p}': {e}"))?;
         let new = (!name.is_empty()).then(|| unsafe_identity(&img, &a.image, &name, a.backing_format.as_deref()));
@@ -163,6 +165,9 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         let closed = img.close();
         r.map_err(|e| format!("Could not change the backing file to '{name}': {e}"))?;
         closed?;
+        if let Some(b) = bar {
+            b.finish();
+        }
         return Ok(0);
     }
 
