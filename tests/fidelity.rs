@@ -8,17 +8,7 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// Runs the same arguments through qemu-img and quring in `dir` and compares exit code,
-/// stdout and stderr (tool name replaced).
-#[track_caller]
-fn same(dir: &Path, args: &[&str]) {
-    let q = run_in(dir, "qemu-img", args);
-    let ours = quring_in(dir, args);
-    let cmd = args.join(" ");
-    assert_eq!(ours.status(), q.status(), "exit code of {cmd}:\n{}\n{}", q.describe(), ours.describe());
-    assert_eq!(ours.stdout, q.stdout, "stdout of {cmd}");
-    assert_eq!(ours.stderr.replace("quring:", "qemu-img:"), q.stderr, "stderr of {cmd}");
-}
+use common::same_as_qemu_img as same;
 
 fn dir_with_images() -> tempfile::TempDir {
     let d = tempdir();

@@ -313,6 +313,18 @@ where
     run_in(cwd, quring_bin(), args)
 }
 
+/// Runs the same arguments through qemu-img and quring in `dir` and compares exit code,
+/// stdout and stderr (with `quring` read as `qemu-img`).
+#[track_caller]
+pub fn same_as_qemu_img(dir: &Path, args: &[&str]) {
+    let q = run_in(dir, "qemu-img", args);
+    let ours = quring_in(dir, args);
+    let cmd = args.join(" ");
+    assert_eq!(ours.status(), q.status(), "exit code of {cmd}:\n{}\n{}", q.describe(), ours.describe());
+    assert_eq!(ours.stdout, q.stdout, "stdout of {cmd}");
+    assert_eq!(ours.stderr.replace("quring", "qemu-img"), q.stderr, "stderr of {cmd}");
+}
+
 /// A fresh temporary directory, removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("quring-test-").tempdir().expect("create temp dir")
