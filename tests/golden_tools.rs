@@ -211,3 +211,56 @@ fn info_backing_chain_matches_qemu_img() {
     }
     same(dir, &["info", "--backing-chain", "-f", "raw", "top.qcow2"]);
 }
+
+/// `amend`, `rebase` and `commit`: help, refusals and messages with relative names, and
+/// the lines printed on success (each run on its own copy).
+#[test]
+fn amend_rebase_commit_match_qemu_img() {
+    let d = tempdir();
+    let dir = d.path();
+    let p = |n: &str| dir.join(n);
+    build_qcow2(&p("base.qcow2"), &Qcow2Opts::default(), 4 << 20, &cmds(&["write -P 1 0 1M"]));
+    let ov = Qcow2Opts { backing: Some(("base.qcow2".into(), "qcow2".into())), ..Default::default() };
+    build_qcow2(&p("ov.qcow2"), &ov, 4 << 20, &cmds(&["write -P 2 64k 64k", "write -z 1M 64k"]));
+    create_qcow2(&p("lone.qcow2"), &Qcow2Opts::default(), 1 << 20);
+    for args in [
+        &["amend", "-o", "help", "ov.qcow2"][..],
+        &["amend", "ov.qcow2"],
+        &["amend", "-o", "cluster_size=4k", "ov.qcow2"],
+        &["amend", "-o", "backing_file=lone.qcow2", "ov.qcow2"],
+        &["amend", "-o", "compat=0.10,lazy_refcounts=on", "ov.qcow2"],
+        &["amend", "-f", "raw", "-o", "compat=1.1", "ov.qcow2"],
+        &["rebase", "ov.qcow2"],
+        &["rebase", "-u", "-b", "lone.qcow2", "ov.qcow2"],
+        &["rebase", "-b", "nonexistent.qcow2", "-F", "qcow2", "ov.qcow2"],
+        &["commit", "lone.qcow2"],
+        &["commit", "-b", "lone.qcow2", "ov.qcow2"],
+        &["commit", "-t", "bogus", "ov.qcow2"],
+    ] {
+        same(dir, args);
+    }
+    // Successful runs print the same lines (on copies: they change the images).
+    for args in [
+        &["amend", "-o", "compat=0.10", "X"][..],
+        &["amend", "-q", "-o", "refcount_bits=8", "X"],
+        &["rebase", "-b", "lone.qcow2", "-F", "qcow2", "X"],
+        &["rebase", "-u", "-b", "", "X"],
+        &["commit", "X"],
+        &["commit", "-q", "-d", "X"],
+    ] {
+        let (q, u) = (p("cq.qcow2"), p("cu.qcow2"));
+        std::fs::copy(p("ov.qcow2"), &q).unwrap();
+        std::fs::copy(p("ov.qcow2"), &u).unwrap();
+        let with = |n: &str| -> Vec<String> {
+            args.iter().map(|a| if *a == "X" { n.to_string() } else { a.to_string() }).collect()
+        };
+        let rq = run_in(dir, "qemu-img", with("cq.qcow2"));
+        let ru = quring_in(dir, with("cu.qcow2"));
+        let cmd = args.join(" ");
+        assert_eq!((ru.status(), &ru.stdout, &ru.stderr), (rq.status(), &rq.stdout, &rq.stderr), "{cmd}");
+        let c = qemu_img(["compare", &s(&q), &s(&u)]);
+        assert_eq!(c.status(), 0, "{cmd}: {}", c.describe());
+        // Restore the base a commit changed.
+        build_qcow2(&p("base.qcow2"), &Qcow2Opts::default(), 4 << 20, &cmds(&["write -P 1 0 1M"]));
+    }
+}

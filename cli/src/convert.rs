@@ -9,7 +9,6 @@ use crate::convert_io::{Shared, Source, Target, worker};
 use crate::probe::ImageFormat;
 use crate::util::{open_ro, parse_size};
 use clap::Parser;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -180,7 +179,7 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let result: Result<(), String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| worker(&sh))).collect();
         if progress {
-            let mut p = Progress::start();
+            let mut p = crate::progress::Progress::start();
             while !handles.iter().all(|h| h.is_finished()) {
                 std::thread::sleep(Duration::from_millis(50));
                 p.update(sh.done.load(Ordering::Relaxed), size);
@@ -290,37 +289,4 @@ fn open_existing(
         }
     };
     Ok((t, false))
-}
-
-/// qemu-img's progress line on stdout: "    (12.34/100%)\r", printed at every 1% step and
-/// at the end followed by a newline.
-struct Progress {
-    last: f64,
-}
-
-impl Progress {
-    fn start() -> Progress {
-        let p = Progress { last: 0.0 };
-        p.print(0.0);
-        p
-    }
-
-    fn print(&self, v: f64) {
-        let mut o = std::io::stdout().lock();
-        let _ = write!(o, "    ({v:3.2}/100%)\r");
-        let _ = o.flush();
-    }
-
-    fn update(&mut self, done: u64, total: u64) {
-        let v = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
-        if v - self.last >= 1.0 || (v >= 100.0 && self.last < 100.0) {
-            self.last = v;
-            self.print(v);
-        }
-    }
-
-    fn finish(self) {
-        self.print(100.0);
-        let _ = writeln!(std::io::stdout());
-    }
 }

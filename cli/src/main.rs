@@ -1,11 +1,13 @@
 //! `quring`: qcow2 image tools on the quring engine, following qemu-img's conventions for
 //! options, output and exit codes.
 
+mod amend;
 mod args;
 mod backend_channel;
 mod bench;
 mod bitmap;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod convert_bitmaps;
@@ -22,7 +24,9 @@ mod measure;
 mod nbd;
 mod output;
 mod probe;
+mod progress;
 mod qjson;
+mod rebase;
 mod resize;
 mod serve;
 mod serve_control;
@@ -66,6 +70,12 @@ enum Cmd {
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like
     /// `qemu-img bitmap`).
     Bitmap(bitmap::Args),
+    /// Change format options of an image (like `qemu-img amend`).
+    Amend(amend::Args),
+    /// Change the backing file of an image (like `qemu-img rebase`).
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file (like `qemu-img commit`).
+    Commit(commit::Args),
     /// Serve an image to a VMM (vhost-user-blk) or over NBD (like qemu-nbd).
     Serve(serve::Args),
 }
@@ -97,6 +107,9 @@ fn main() -> ExitCode {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Amend(a) => amend::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Commit(a) => commit::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -103,6 +103,13 @@ pub(super) fn open_checked_backing(
     Err(Error::BackingMismatch(format!("{problem}{searched} (-o backing-identity=ignore opens it anyway)")))
 }
 
+/// Looks for the image whose identity extension carries `want` in `dirs` (what
+/// [`Options::backing_search`] does when a chain is opened; `rebase -u --backing-search`
+/// records the path it finds). Reads at most 64 KiB of each file.
+pub fn find_by_guid(dirs: &[PathBuf], want: Guid) -> Result<Option<PathBuf>> {
+    search(dirs, want)
+}
+
 /// Looks for the image with GUID `want` in `dirs` (regular files, at most
 /// [`MAX_SEARCH_ENTRIES`] entries per directory), reading only the first cluster of each.
 fn search(dirs: &[PathBuf], want: Guid) -> Result<Option<PathBuf>> {

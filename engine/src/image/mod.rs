@@ -10,7 +10,9 @@
 //! order), `overlap` (metadata overlap checks on the live image), [`status`] (block status).
 
 mod alloc;
+pub mod amend;
 mod audit;
+mod backing;
 pub mod bitmap_export;
 pub mod bitmaps;
 mod cache_sizes;
@@ -32,10 +34,12 @@ mod writeback;
 
 pub(crate) use slices::SliceClaim;
 
+pub use amend::{Amend, amend};
+pub use backing::NewBacking;
 pub use bitmap_export::BitmapView;
 pub use bitmaps::BitmapInfo;
 pub use create::create;
-pub use identity::header_guid;
+pub use identity::{find_by_guid, header_guid};
 pub use open::{probe_format, resolve_backing_path};
 pub use snapshot::NewSnapshot;
 

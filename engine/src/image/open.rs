@@ -231,7 +231,12 @@ impl Image {
 }
 
 /// Reads the snapshot table; returns the snapshots and the table's length in bytes.
-fn read_snapshots(sync: &SyncRing, file: &ImageFile, h: &Header, file_len: u64) -> Result<(Vec<Snapshot>, u64)> {
+pub(super) fn read_snapshots(
+    sync: &SyncRing,
+    file: &ImageFile,
+    h: &Header,
+    file_len: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
     let mut off = h.snapshots_offset.0;
     for i in 0..h.nb_snapshots {

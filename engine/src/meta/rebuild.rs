@@ -16,8 +16,26 @@ use crate::{Error, Result};
 /// Rebuilds the refcounts of a dirty image and clears the dirty bit (on disk and in `h`).
 pub(crate) fn rebuild_refcounts(sync: &SyncRing, file: &ImageFile, h: &mut Header) -> Result<()> {
     let len = file.len()?;
-    let mut counts = reference_counts(&FileMeta { ring: sync, file, len })?;
-    let g = h.geometry();
+    let counts = reference_counts(&FileMeta { ring: sync, file, len })?;
+    let order = h.refcount_order;
+    write_refcounts(sync, file, h, counts, order, |h| h.incompatible_features &= !INCOMPAT_DIRTY)
+}
+
+/// Writes a fresh refcount structure of width `2^order` for `counts` (the references of
+/// every cluster of the file, the refcount structures left out; clusters past the file's
+/// end may be included) after the last counted cluster, covering itself, makes it durable,
+/// then writes the header `h` pointing at it (with `refcount_order = order` and whatever
+/// `edit` changes). The old structure stays valid until that header write and becomes free
+/// space after it: a crash before leaves the old image, after it the new one.
+pub(crate) fn write_refcounts(
+    sync: &SyncRing,
+    file: &ImageFile,
+    h: &mut Header,
+    mut counts: Vec<u64>,
+    order: u32,
+    edit: impl FnOnce(&mut Header),
+) -> Result<()> {
+    let g = crate::format::Geometry::new(h.cluster_bits, h.geometry().extended_l2, order)?;
     let cs = g.cluster_size();
     let e = g.refblock_entries();
     let n = counts.len() as u64;
@@ -55,7 +73,7 @@ pub(crate) fn rebuild_refcounts(sync: &SyncRing, file: &ImageFile, h: &mut Heade
             if idx >= counts.len() {
                 break;
             }
-            rc::set(&mut buf, j, g.refcount_order, counts[idx]);
+            rc::set(&mut buf, j, order, counts[idx]);
         }
         let off = (n + bi) * cs;
         sync.write_kind(crate::io::hook::WriteKind::RefBlock, file.fd(), off, &buf)?;
@@ -64,11 +82,14 @@ pub(crate) fn rebuild_refcounts(sync: &SyncRing, file: &ImageFile, h: &mut Heade
     let table_off = (n + b) * cs;
     sync.write_kind(crate::io::hook::WriteKind::RefTable, file.fd(), table_off, &table)?;
     sync.fdatasync(file.fd())?;
-    h.refcount_table_offset = HostOffset(table_off);
-    h.refcount_table_clusters = t as u32;
-    h.incompatible_features &= !INCOMPAT_DIRTY;
-    let bytes = h.serialize()?;
+    let mut nh = h.clone();
+    nh.refcount_table_offset = HostOffset(table_off);
+    nh.refcount_table_clusters = t as u32;
+    nh.refcount_order = order;
+    edit(&mut nh);
+    let bytes = nh.serialize()?;
     sync.write_kind(crate::io::hook::WriteKind::Header, file.fd(), 0, &bytes)?;
     sync.fdatasync(file.fd())?;
+    *h = nh;
     Ok(())
 }

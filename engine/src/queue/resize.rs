@@ -77,9 +77,11 @@ impl Queue {
         self.flush()
     }
 
-    /// Unmaps and frees `[offset, offset + len)` whatever lies below (QEMU's full discard;
-    /// the range may lie past the size a shrink is about to set).
-    fn full_discard(&mut self, offset: u64, len: u64) -> Result<()> {
+    /// Blocking: unmaps and frees `[offset, offset + len)` whatever lies below (QEMU's full
+    /// discard: the range becomes unallocated and shows the backing file again; used by a
+    /// shrink, where the range may lie past the size it is about to set, and by `commit`,
+    /// which empties the overlay as QEMU's `make_empty` does).
+    pub fn full_discard(&mut self, offset: u64, len: u64) -> Result<()> {
         let entered = self.image.enter(&self.gate);
         let id = self.new_req(
             BLOCKING_TAG,
