@@ -362,6 +362,20 @@ fn harness_detects_lost_and_stale_data() {
     assert!(e.contains("op #1's data for guest offset 0x100000"), "{e}");
 }
 
+/// Campaign seeds that once failed, replayed in every run: 7700145 ("512/rb64 lazy QD8",
+/// new L2 tables and no dirty slice: the write-back wrote the L1 entry without a device
+/// flush after the tables, and a state with the entry but not the table pointed past the
+/// end of the file) and 7500180 (the checker's own mistake, see
+/// `requests_without_device_events_keep_their_order`).
+#[test]
+fn campaign_regressions() {
+    for seed in [7700145, 7500180] {
+        let mut v = Vec::new();
+        let n = run_seed(seed, 40, &mut v);
+        assert!(n > 0 && v.is_empty(), "seed {seed}: {v:?}");
+    }
+}
+
 /// Two zero writes that issue no device event (zeros over an unallocated range) share
 /// their event marks; the checker orders requests by submission and completion instead, so
 /// neither rules out the other (before, each did, and the zeros on disk were reported as a

@@ -21,6 +21,9 @@ impl Image {
         let io = self.meta_io();
         let write_refcounts = !st.lazy || clean_close;
         let mut need_flush = false;
+        // Has this write-back flushed the device yet? (Everything written under the metadata
+        // lock before it, such as new L2 tables, is durable after its first flush.)
+        let mut flushed = false;
         // 1. Refcount increases (and a moved table), durable before anything refers to them.
         if write_refcounts && st.rc.dirty() {
             let (b, t) = st.rc.write_back(&io)?;
@@ -28,6 +31,7 @@ impl Image {
             Counters::add(&c.reftable_writes, t);
             Counters::add(&c.refcount_write_bytes, (b + t * st.rc.table_clusters) * self.geo.cluster_size());
             self.device_flush(c)?;
+            flushed = true;
         }
         if st.rc.table_moved && write_refcounts {
             let (off, clusters) = (st.rc.table_offset, st.rc.table_clusters as u32);
@@ -77,9 +81,17 @@ impl Image {
         need_flush |= result?;
         if need_flush {
             self.device_flush(c)?;
+            flushed = true;
             need_flush = false;
         }
-        // 3. The L1 table.
+        // 3. The L1 table. The L2 tables it points to are durable first: new ones were
+        //    written when they were made, and only a device flush since then orders them
+        //    before it (with lazy refcounts and no dirty slice none has happened yet; an L1
+        //    entry that lands first points past the end of the file, or at a table that is
+        //    not there: seed 7700145 of the crash campaign, "512/rb64 lazy QD8").
+        if st.l1_dirty && !flushed {
+            self.device_flush(c)?;
+        }
         if st.l1_dirty {
             let h = self.header();
             let mut bytes = Vec::with_capacity(self.l1.len() * 8);
