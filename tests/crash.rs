@@ -42,6 +42,10 @@ struct Scenario {
     /// Growth-heavy: large writes (refcount blocks and table grow).
     big: bool,
     compat_v2: bool,
+    /// Queues (threads) running the workload at once, each over its own half of the disk:
+    /// their metadata (L1, refcount blocks, write-backs) is shared, and their write-backs
+    /// and device flushes interleave in the log.
+    queues: usize,
 }
 
 const BASE: Scenario = Scenario {
@@ -58,6 +62,7 @@ const BASE: Scenario = Scenario {
     qd: false,
     big: false,
     compat_v2: false,
+    queues: 1,
 };
 
 const SCENARIOS: &[Scenario] = &[
@@ -73,6 +78,9 @@ const SCENARIOS: &[Scenario] = &[
     Scenario { name: "512/rb64 lazy QD8", cluster: 512, refcount_bits: 64, lazy: true, qd: true, big: true, ..BASE },
     Scenario { name: "4K L2-less backing QD8", l2_less: true, backing: true, qd: true, size: 16 * MIB, ..BASE },
     Scenario { name: "64K v2 snapshot", cluster: 65536, compat_v2: true, snapshot: true, ..BASE },
+    Scenario { name: "4K two queues QD8", qd: true, queues: 2, ..BASE },
+    Scenario { name: "64K two queues writethrough", cluster: 65536, writethrough: true, queues: 2, ..BASE },
+    Scenario { name: "512/rb64 two queues growth", cluster: 512, refcount_bits: 64, big: true, queues: 2, ..BASE },
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -188,21 +196,66 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
     let work = dir.path().join("work.qcow2");
     std::fs::copy(&start, &work).unwrap();
 
-    let plan = gen_plan(&sc, &mut rng);
+    // One plan per queue; with several, each over its own half of the disk.
+    let plans: Vec<Vec<Planned>> = if sc.queues <= 1 {
+        vec![gen_plan(&sc, &mut rng)]
+    } else {
+        let part = sc.size / sc.queues as u64;
+        let sub = Scenario { size: part, ..sc };
+        (0..sc.queues as u64)
+            .map(|t| {
+                let mut p = gen_plan(&sub, &mut rng);
+                for x in p.iter_mut().filter(|x| x.kind != GKind::Flush) {
+                    x.off += t * part;
+                }
+                p
+            })
+            .collect()
+    };
     let rec = Recorder::new();
     let cache = if sc.writethrough { CacheMode::Writethrough } else { CacheMode::Writeback };
     let mut model = Model {
         size: sc.size,
         base,
         ops: Vec::new(),
-        durability: if sc.writethrough { Durability::Acked } else { Durability::Flushed },
+        durability: if sc.writethrough {
+            Durability::Acked
+        } else if sc.queues > 1 {
+            Durability::FlushedAcrossQueues
+        } else {
+            Durability::Flushed
+        },
         clock: 0,
     };
     {
         let img = open_recorded(&work, &rec, cache);
-        let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
-        run_plan(&mut q, &rec, &mut model, &plan, seed);
-        drop(q);
+        if plans.len() == 1 {
+            let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+            run_plan(&mut q, &rec, &mut model, &plans[0], seed);
+            drop(q);
+        } else {
+            // The queues run at once on their own threads; their ops carry marks of the one
+            // shared log, so the model sees how they overlap.
+            let durability = model.durability;
+            let ops: Vec<Vec<GuestOp>> = std::thread::scope(|sc_| {
+                let hs: Vec<_> = plans
+                    .iter()
+                    .enumerate()
+                    .map(|(t, plan)| {
+                        let (img, rec) = (&img, &rec);
+                        sc_.spawn(move || {
+                            let mut q = Queue::new(img, &QueueOptions::default()).unwrap();
+                            let mut m = Model { size: sc.size, base: Vec::new(), ops: Vec::new(), durability };
+                            run_plan(&mut q, rec, &mut m, plan, seed ^ ((t as u64 + 1) << 40));
+                            drop(q);
+                            m.ops
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            model.ops = ops.concat();
+        }
         if let Some(bad) = model.ops.iter().find(|o| !o.ok) {
             panic!("seed {seed} ({}): a request failed without injected errors: {}", sc.name, bad.describe());
         }

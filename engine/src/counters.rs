@@ -77,6 +77,13 @@ counters!(
     l1_header_write_bytes,
     /// Flushes (fdatasync) issued to the device.
     device_flushes,
+    /// Metadata write-backs started on this queue's ring for flushes, writethrough writes
+    /// or a full cache set (each ends with at least one device flush).
+    writebacks,
+    /// Flushes and writethrough writes that joined another queue's write-back in flight
+    /// instead of starting their own (group commit across queues). Device flushes per
+    /// guest flush: `device_flushes / guest_flushes` summed over the image.
+    flush_joins,
     /// Bytes copied for copy-on-write (backing file or shared cluster fill).
     cow_bytes,
     /// Clusters allocated.

@@ -67,7 +67,9 @@
 //!   them, data before the L2 entry that maps it, decrements after the reference is gone),
 //!   so a crash leaves at worst leaked clusters.
 //! * A queue never blocks its thread on another queue: a request that waits for metadata
-//!   another queue is loading (or for the metadata lock) is parked and retried.
+//!   another queue is loading (or for the metadata lock) is parked and retried. A flush's
+//!   metadata write-back and device flushes run on the flushing queue's own ring without
+//!   the metadata lock; a flush that another queue's write-back in flight covers joins it.
 //! * Every byte of an image file is untrusted: corrupt images give errors that name the
 //!   field, never a panic.
 //! * Guest data is never written onto metadata: an L1, L2 or refcount table entry that

@@ -262,6 +262,9 @@ pub type Applied = (u64, WriteKind, u64, u64, Option<Vec<u64>>);
 pub struct StateDesc {
     pub crash_point: usize,
     pub durable: usize,
+    /// The writes landed in a random order allowed by their issue and completion marks
+    /// (otherwise: every durable write, then the others in issue order).
+    pub reordered: bool,
     /// Non-durable writes applied.
     pub applied: Vec<Applied>,
     /// Non-durable writes issued before the crash point and left out.
@@ -270,7 +273,13 @@ pub struct StateDesc {
 
 impl std::fmt::Display for StateDesc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "crash point: event {} ({} durable writes applied)", self.crash_point, self.durable)?;
+        writeln!(
+            f,
+            "crash point: event {} ({} durable writes applied{})",
+            self.crash_point,
+            self.durable,
+            if self.reordered { ", writes landing in a random order within their issue..completion" } else { "" }
+        )?;
         let data = self.applied.iter().filter(|a| a.1 == WriteKind::Data).count();
         writeln!(f, "non-durable writes applied (token kind off+len [torn 4K pieces at]), {data} of them Data:")?;
         for (t, k, o, l, p) in &self.applied {
@@ -330,7 +339,27 @@ pub fn materialize(start: &[u8], log: &Log, c: usize, rng: &mut Rng) -> (Vec<u8>
         _ => 0.2 + 0.6 * (rng.below(100) as f64 / 100.0),
     };
     let torn_p = if rng.chance(0.5) { 0.3 } else { 0.0 };
-    for w in log.writes.iter().filter(|w| w.issued_at < c) {
+    // In half the states the writes land in another order than they were issued: each at a
+    // random moment between its issue and its completion (or the crash point), so writes in
+    // flight at the same time (several queues' write-backs, a stage's parallel writes) land
+    // in any order, and a write issued after another completed still lands after it.
+    let reorder = rng.chance(0.5);
+    let mut order: Vec<&DevWrite> = log.writes.iter().filter(|w| w.issued_at < c).collect();
+    if reorder {
+        let mut keyed: Vec<(u64, &DevWrite)> = order
+            .iter()
+            .map(|w| {
+                let until = w.done_at.unwrap_or(c).min(c).max(w.issued_at + 1);
+                // Landing time in [issued_at, until), scaled so ties stay in issue order.
+                let t = w.issued_at as u64 * 1024 + rng.below((until - w.issued_at) as u64 * 1024);
+                (t, *w)
+            })
+            .collect();
+        keyed.sort_by_key(|&(t, _)| t);
+        order = keyed.into_iter().map(|(_, w)| w).collect();
+        desc.reordered = true;
+    }
+    for w in order {
         if log.is_durable(w, barrier) {
             apply(&mut img, w.off, w.len, &w.data, None);
             desc.durable += 1;
@@ -456,6 +485,10 @@ pub enum Durability {
     Flushed,
     /// Acknowledged (writethrough; or reading back from the live image).
     Acked,
+    /// [`Durability::Flushed`] for ops of several queues run at once: the flush must have
+    /// been submitted strictly after the op's completion mark (an equal mark, taken on
+    /// another thread, does not order them).
+    FlushedAcrossQueues,
 }
 
 pub struct Model {
@@ -501,6 +534,9 @@ impl Model {
             Durability::Acked => true,
             Durability::Flushed => {
                 self.ops.iter().any(|f| f.kind == GKind::Flush && f.ok && f.start >= o.end && f.end <= c)
+            }
+            Durability::FlushedAcrossQueues => {
+                self.ops.iter().any(|f| f.kind == GKind::Flush && f.ok && f.start > o.end && f.end <= c)
             }
         }
     }

@@ -129,8 +129,13 @@ impl Image {
     /// the requests of the old epoch are done, so under steady load this takes effect from
     /// the following batch on.
     pub(crate) fn reclaim_if_many_freed(&self, st: &mut MetaState, cnt: &Counters) -> Result<()> {
-        let queued = (st.rc.pending_free.len() + st.rc.retiring.len()) as u64;
+        let queued = (st.rc.pending_free.len() + st.rc.retiring.len() + st.rc.safe_free.len()) as u64;
         if queued.saturating_mul(self.geo.cluster_size()) < FREED_BOUND {
+            return Ok(());
+        }
+        if self.wb.busy() {
+            // A write-back is in flight (maybe this queue's own: never wait for it here);
+            // the decrements it covers come back when it ends, the rest at the next one.
             return Ok(());
         }
         self.flush_metadata(st, false, cnt)

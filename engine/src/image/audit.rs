@@ -32,7 +32,7 @@ impl Image {
     /// healthy image). Fails when requests are in flight, the image is read-only, or the
     /// write-back fails. Takes the metadata lock for the whole audit.
     pub fn audit(&self) -> Result<CheckReport> {
-        let Some(mut st) = self.lock_meta() else {
+        let Some(mut st) = self.lock_meta_quiet() else {
             return Err(Error::InvalidRequest("the image is open read-only: nothing to audit".into()));
         };
         if self.writes_in_flight.load(Ordering::Acquire) != 0 {

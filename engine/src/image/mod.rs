@@ -30,7 +30,7 @@ mod slices;
 pub mod snapshot;
 mod snapshot_refs;
 pub mod status;
-mod writeback;
+pub(crate) mod writeback;
 
 pub(crate) use slices::SliceClaim;
 
@@ -258,6 +258,11 @@ pub struct Image {
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
     pub(crate) fill_busy: Mutex<std::collections::HashSet<u64>>,
+    /// The asynchronous metadata write-backs: one at a time, joined by the flushes it
+    /// covers ([`writeback`]).
+    pub(crate) wb: writeback::WbCoord,
+    /// What a write-back in flight shares with the refcounts (None when read-only).
+    pub(crate) wb_shared: Option<Arc<Mutex<crate::meta::refcount::WbShared>>>,
     /// Queues waiting for the metadata lock or a fill claim (woken when either is given
     /// back; see [`crate::meta::waiters`]).
     pub(crate) lock_waiters: crate::meta::waiters::Waiters,
@@ -439,9 +444,11 @@ impl Image {
 
     /// Makes every completed write durable (metadata write-back in dependency order plus
     /// device flushes). Blocks the calling thread; queues use [`Op::Flush`](crate::queue::Op)
-    /// instead.
+    /// instead. A write-back a queue runs on its ring for its flushes ends first: do not
+    /// call this from the thread of a queue with a flush in flight (that queue must keep
+    /// reaping for it to end).
     pub fn flush(&self) -> Result<()> {
-        let Some(mut st) = self.lock_meta() else { return Ok(()) };
+        let Some(mut st) = self.lock_meta_quiet() else { return Ok(()) };
         self.flush_metadata(&mut st, false, &self.counters)
     }
 
@@ -449,7 +456,7 @@ impl Image {
     /// Call when the last queue is gone; dropping the last `Arc` does it too, ignoring
     /// errors.
     pub fn close(&self) -> Result<()> {
-        let Some(mut st) = self.lock_meta() else { return Ok(()) };
+        let Some(mut st) = self.lock_meta_quiet() else { return Ok(()) };
         if st.closed {
             return Ok(());
         }

@@ -150,6 +150,7 @@ impl Image {
         let overlap =
             Arc::new(OverlapMap::build(&geo, &header, &entries, &reftable, &snapshots, snapshot_table_bytes, file_len));
 
+        let mut wb_shared = None;
         let meta = if read_only {
             None
         } else {
@@ -167,6 +168,7 @@ impl Image {
                 rc_bytes,
                 overlap.clone(),
             )?;
+            wb_shared = Some(rc.shared.clone());
             Some(Mutex::new(MetaState {
                 rc,
                 l1_dirty: false,
@@ -208,6 +210,8 @@ impl Image {
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
             lock_waiters: crate::meta::waiters::Waiters::new(),
+            wb: Default::default(),
+            wb_shared,
             opened_at: std::time::Instant::now(),
             next_clean_ms: AtomicU64::new(opts.cache_clean_interval.map_or(u64::MAX, |d| d.as_millis() as u64)),
             l2less: l2less_bit,

@@ -54,7 +54,7 @@ impl Image {
     /// backing file: the caller zeroes them where the backing file has data).
     pub(crate) fn grow(&self, new_size: u64) -> Result<()> {
         self.check_resizable(new_size)?;
-        let Some(mut st) = self.lock_meta() else { unreachable!("checked above") };
+        let Some(mut st) = self.lock_meta_quiet() else { unreachable!("checked above") };
         let old = self.vsize();
         if new_size <= old {
             return Ok(());
@@ -118,7 +118,7 @@ impl Image {
     /// (QEMU does the same; a later grow zeroes it where a backing file would show through).
     pub(crate) fn finish_shrink(&self, new_size: u64) -> Result<()> {
         self.check_resizable(new_size)?;
-        let Some(mut st) = self.lock_meta() else { unreachable!("checked above") };
+        let Some(mut st) = self.lock_meta_quiet() else { unreachable!("checked above") };
         let g = self.geo;
         let cs = g.cluster_size();
         // The L2 entries the discard cleared become durable; their decrements are queued.

@@ -269,7 +269,7 @@ impl Image {
     /// is in flight.
     pub(super) fn idle_lock(&self, what: &str) -> Result<SnapshotGuard<'_>> {
         self.check_writable()?;
-        let meta = self.lock_meta().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))?;
+        let meta = self.lock_meta_quiet().ok_or_else(|| Error::InvalidRequest("the image is open read-only".into()))?;
         self.snapshot_busy.store(true, Ordering::SeqCst);
         let g = SnapshotGuard { meta, busy: &self.snapshot_busy };
         let n = self.requests_in_flight();

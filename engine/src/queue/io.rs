@@ -38,9 +38,11 @@ pub(crate) enum Io {
     Wake { _buf: Box<u64> },
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
     Nudge,
-    /// The device flush of a group flush, for the flushes waiting on it (`token`: the test
-    /// hook's).
-    Fsync { waiters: Vec<usize>, token: u64 },
+    /// A write of this queue's metadata write-back (`queue/writeback.rs`): write `index`
+    /// of stage `stage` of its plan (`token`: the test hook's).
+    WbWrite { stage: usize, index: usize, token: u64 },
+    /// A device flush of this queue's metadata write-back (`token`: the test hook's).
+    WbFsync { token: u64 },
     /// A read request's private copy of an L2 slice (see `queue/read.rs`).
     Private { req: usize, layer: Arc<Image>, key: u64, first: usize, buf: AlignedBuf },
 }
@@ -127,7 +129,8 @@ impl Queue {
             }
             Io::Wake { .. } => self.woke(),
             Io::Nudge => self.nudged(),
-            Io::Fsync { waiters, token } => self.fsync_done(waiters, token, res),
+            Io::WbWrite { stage, index, token } => self.wb_write_done(stage, index, token, res),
+            Io::WbFsync { token } => self.wb_fsync_done(token, res),
             Io::Private { req, layer, key, first, buf } => self.private_loaded(req, layer, key, first, buf, res),
         }
     }

@@ -21,6 +21,7 @@ mod run;
 mod slice;
 mod wake;
 mod write;
+mod writeback;
 mod zero;
 
 use io::Io;
@@ -172,8 +173,15 @@ pub struct Queue {
     pub(crate) cqe_backlog: Vec<(u64, i32)>,
     /// The queue's pool of aligned bounce buffers (copy-on-write, compressed reads).
     pub(crate) pool: Vec<AlignedBuf>,
-    /// Flushes (and writethrough writes) waiting for the next group commit.
-    pub(crate) flush_waiters: Vec<usize>,
+    /// Flushes (and writethrough writes) waiting for a write-back that covers them, with
+    /// the last write-back generation started when they arrived (`queue/flush.rs`).
+    pub(crate) flush_waiters: Vec<(usize, u64)>,
+    /// Flushes joined to write-back generations in flight (here or on other queues).
+    pub(crate) flush_joined: Vec<(usize, u64)>,
+    /// This queue's metadata write-back in flight (`queue/writeback.rs`).
+    pub(crate) wb: Option<Box<writeback::Writeback>>,
+    /// A cache set full of dirty slices asks for a write-back (`Queue::unclog`).
+    pub(crate) wb_wanted: bool,
     /// This queue's counters (written only by this queue's thread; registered with the
     /// image, which sums every queue's into [`Image::counters`]).
     pub(crate) counters: Arc<Counters>,
@@ -239,6 +247,9 @@ impl Queue {
             cqe_backlog: Vec::new(),
             pool: Vec::new(),
             flush_waiters: Vec::new(),
+            flush_joined: Vec::new(),
+            wb: None,
+            wb_wanted: false,
             counters,
             whole_in_flight: 0,
             gate: image.open_gate(),
@@ -399,6 +410,9 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        // A write-back of this ring ends first: blocking for the metadata lock below while
+        // it is in flight could wait for a thread that waits for it.
+        self.drain_writeback();
         self.release_batch();
         self.disarm_wake();
         // Wait for every SQE to finish: the kernel may still write into our buffers.

@@ -292,6 +292,11 @@ impl Queue {
         }
         match r.parent {
             Parent::Caller => {
+                if r.error == 0 && r.kind.writes() {
+                    // Flushes that arrive from now on must be covered by a write-back that
+                    // started after this write's entries were published (queue/flush.rs).
+                    self.image.wb.note_completion();
+                }
                 if let Some(d) = r.detail {
                     if self.details.len() >= 64 {
                         self.details.pop_front();

@@ -85,7 +85,19 @@ impl Queue {
                     _ => break,
                 },
             };
-            debug_assert!(!self.ios.is_empty() || self.unsubmitted > 0, "requests wait, yet nothing can complete");
+            debug_assert!(
+                !self.ios.is_empty() || self.unsubmitted > 0,
+                "requests wait, yet nothing can complete: {} requests, {} parked on slices, {} on the lock, \
+                 {} jobs parked, {} flushes waiting, {} joined, write-back here: {}, wanted: {}",
+                self.reqs.len(),
+                self.parked.len(),
+                self.lock_parked.len(),
+                self.job_parked.len(),
+                self.flush_waiters.len(),
+                self.flush_joined.len(),
+                self.wb.is_some(),
+                self.wb_wanted
+            );
             self.wait_cqe(wait)?;
         }
         let n = self.done.len();

@@ -8,23 +8,16 @@ use crate::image::SliceClaim;
 use io_uring::{opcode, types};
 
 impl Queue {
-    /// When the L2 cache set of `key` is full of dirty slices, writes metadata back (under
-    /// the metadata lock, if free) so that a slot can be reused; when the lock is taken,
-    /// waits for it too (its holder may not be writing back).
+    /// When the L2 cache set of `key` is full of dirty slices, asks for a metadata
+    /// write-back (this queue's ring runs it at the next reap, or joins the one in flight)
+    /// so that a slot can be reused: the slices are clean once copied and free once written;
+    /// the set's waiters are woken then. For a backing image (never dirty) nothing to do.
     pub(crate) fn unclog(&mut self, layer: &Arc<Image>, key: u64) {
         if layer.meta.is_none() || !layer.l2_cache.set_clogged(key) {
             return;
         }
         if Arc::ptr_eq(layer, &self.image) {
-            self.note_lock_events();
-        }
-        match layer.try_meta() {
-            Ok(Some(mut st)) => {
-                self.hand_over_frees(&mut st.rc.pending_free);
-                let _ = layer.flush_metadata(&mut st, false, &self.counters);
-            }
-            Ok(None) if Arc::ptr_eq(layer, &self.image) => self.wait_lock(),
-            _ => {}
+            self.wb_wanted = true;
         }
     }
 

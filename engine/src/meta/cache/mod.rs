@@ -524,6 +524,28 @@ impl MetaCache {
         self.notify_set(self.set_of_slot(slot.0 as usize));
     }
 
+    /// Copies every dirty slice for a write-back: each slot is pinned (it cannot be evicted
+    /// until the caller unpins it once the copy is on disk, or a reload before the write
+    /// lands would read the old slice and lose the copy's updates) and its dirty mark is
+    /// cleared (an entry stored after the copy marks it dirty again). Returns (slot, key,
+    /// bytes), in slot order.
+    pub fn pin_dirty_copies(&self) -> Vec<(SlotId, u64, AlignedBuf)> {
+        let mut out = Vec::new();
+        for slot in self.dirty_slots() {
+            let Some(key) = self.slot_key(slot) else { continue };
+            let Some(pinned) = self.pin(key) else { continue };
+            self.clear_dirty(pinned);
+            let len = self.slot_size();
+            let mut buf = AlignedBuf::new(len);
+            // SAFETY: the slot is pinned (valid, not evictable) and its slice is `len` bytes;
+            // concurrent single-word CAS updates may race with this copy, which then holds the
+            // old or the new word (and the slot is dirty again).
+            buf.copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(pinned), len) });
+            out.push((pinned, key, buf));
+        }
+        out
+    }
+
     /// Re-marks a slot dirty (its write-back failed).
     pub fn mark_dirty(&self, slot: SlotId) {
         self.set_dirty(slot);

@@ -21,6 +21,9 @@ use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+mod handover;
+pub(crate) use handover::WbShared;
+
 /// The I/O a refcount operation may need (loading a block).
 pub(crate) struct MetaIo<'a> {
     pub ring: &'a SyncRing,
@@ -85,6 +88,11 @@ pub(crate) struct Refcounts {
     pub retiring: Vec<(u64, u64)>,
     /// Clusters whose refcount dropped to zero in the last applied batch (to punch).
     pub freed: Vec<u64>,
+    /// Decrements whose reference drop is durable (a write-back completed since they were
+    /// queued): they may retire at once.
+    pub safe_free: Vec<(u64, u64)>,
+    /// Shared with an asynchronous write-back in flight ([`WbShared`]).
+    pub shared: Arc<std::sync::Mutex<WbShared>>,
 }
 
 impl Refcounts {
@@ -119,6 +127,8 @@ impl Refcounts {
             pending_free: Vec::new(),
             retiring: Vec::new(),
             freed: Vec::new(),
+            safe_free: Vec::new(),
+            shared: Arc::new(std::sync::Mutex::new(WbShared::default())),
         })
     }
 
@@ -143,7 +153,17 @@ impl Refcounts {
     /// Evicts the least recently used block; a dirty one is written first (an increase
     /// reaching the disk early is safe; decreases are only applied at flush time).
     fn evict(&mut self, io: &MetaIo) -> Result<()> {
-        let Some((&off, _)) = self.blocks.iter().min_by_key(|(_, b)| b.used) else { return Ok(()) };
+        let victim = {
+            let sh = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            // Blocks an asynchronous write-back is writing (or failed to write) stay: the
+            // cache then holds more than its capacity for a while.
+            self.blocks
+                .iter()
+                .filter(|(off, _)| !sh.writing.contains_key(off) && !sh.redirty.contains(off))
+                .min_by_key(|(_, b)| b.used)
+                .map(|(&off, _)| off)
+        };
+        let Some(off) = victim else { return Ok(()) };
         let b = self.blocks.remove(&off).expect("present");
         if b.dirty {
             io.ring.write_kind(crate::io::hook::WriteKind::RefBlock, io.fd, off, &b.buf)?;
@@ -348,7 +368,7 @@ impl Refcounts {
 
     /// Clusters with queued decrements.
     fn pending_clusters(&self) -> std::collections::HashSet<u64> {
-        self.pending_free.iter().chain(&self.retiring).map(|&(c, _)| c).collect()
+        self.pending_free.iter().chain(&self.retiring).chain(&self.safe_free).map(|&(c, _)| c).collect()
     }
 
     /// A cluster with refcount 0 may be handed out only if nothing still refers to it: no
