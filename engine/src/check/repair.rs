@@ -180,7 +180,7 @@ fn apply_refcount_fixes(ring: &SyncRing, file: &ImageFile, c: &Checker<'_>, fixe
     // Freed clusters are discarded, as QEMU discards them (QCOW2_DISCARD_ALWAYS); they are
     // referenced by nothing, and a file system that cannot punch holes just keeps them.
     for f in fixes.iter().filter(|f| f.computed == 0) {
-        let _ = ring.punch(WriteKind::Other, file.fd(), c.g.cluster_bytes(f.cluster), c.cs);
+        let _ = ring.punch(WriteKind::Other, file, c.g.cluster_bytes(f.cluster), c.cs);
     }
     Ok(())
 }

@@ -179,7 +179,7 @@ impl Image {
                     None => *phys_end.insert(self.file.len()?),
                 };
                 if a < pe {
-                    self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), a, reused_end.min(pe) - a)?;
+                    self.sync.punch(crate::io::hook::WriteKind::Other, &self.file, a, reused_end.min(pe) - a)?;
                 }
             }
             i = j;
@@ -209,6 +209,15 @@ impl Image {
             .checked_add(ahead)
             .and_then(|n| n.checked_next_multiple_of(4096))
             .ok_or_else(|| Error::InvalidRequest(format!("file length {top} + {ahead} overflows")))?;
+        // Extending a file whose length ends inside a block makes the file system zero the
+        // rest of that block through the page cache, where other queues' O_DIRECT writes to
+        // the same block then collide with a dirty cached page (see
+        // `ImageFile::hole_granule`): the block's tail is written with zeros first (nothing
+        // lies past the end of the file: every cluster handed out is below it).
+        let g = self.file.hole_granule();
+        if len % g != 0 && len.is_multiple_of(crate::io::SECTOR) {
+            self.sync.write_zeros(self.file.fd(), len, len.next_multiple_of(g) - len)?;
+        }
         self.sync.ftruncate(self.file.fd(), new)?;
         st.grown_to = new;
         Ok(())
@@ -317,7 +326,7 @@ impl Image {
         self.note_end(st);
         let off = self.geo.cluster_bytes(c);
         let len = self.geo.cluster_bytes(n);
-        self.sync.punch(crate::io::hook::WriteKind::Data, self.file.fd(), off, len)?;
+        self.sync.punch(crate::io::hook::WriteKind::Data, &self.file, off, len)?;
         // The extent lies inside the file, so its first writes are not extending ones.
         self.grow_ahead(st, off + len)?;
         Counters::add(&cnt.clusters_allocated, n);

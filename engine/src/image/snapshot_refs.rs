@@ -140,7 +140,7 @@ impl Image {
             let off = self.geo.cluster_bytes(cl);
             self.l2_cache.forget(off);
             self.overlap.forget(HostCluster(cl));
-            let _ = self.sync.punch(crate::io::hook::WriteKind::Other, self.file.fd(), off, self.geo.cluster_size());
+            let _ = self.sync.punch(crate::io::hook::WriteKind::Other, &self.file, off, self.geo.cluster_size());
         }
         let (b, t) = st.rc.write_back(&io)?;
         Counters::add(&self.counters.refblock_writes, b);

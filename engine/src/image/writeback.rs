@@ -495,7 +495,7 @@ impl Image {
             self.l2_cache.forget(off);
             // Whatever it was, it is free now and may become data.
             self.overlap.forget(crate::format::types::HostCluster(cl));
-            let _ = self.sync.punch(WriteKind::Other, self.file.fd(), off, self.geo.cluster_size());
+            let _ = self.sync.punch(WriteKind::Other, &self.file, off, self.geo.cluster_size());
         }
     }
 

@@ -5,7 +5,7 @@
 //! path as the data path.
 
 use super::hook::{Hook, WriteData, WriteKind};
-use super::{AlignedBuf, SECTOR};
+use super::{AlignedBuf, ImageFile, SECTOR};
 use crate::{Error, Result};
 use io_uring::{IoUring, opcode, types};
 use std::sync::Mutex;
@@ -191,15 +191,40 @@ impl SyncRing {
         r
     }
 
-    /// Punches a hole (reads as zeros afterwards, seen by the hook as a zero write).
-    pub fn punch(&self, kind: WriteKind, fd: i32, off: u64, len: u64) -> Result<()> {
+    /// Makes `[off, off + len)` of `file` read as zeros (seen by the hook as one zero write):
+    /// whole granules ([`ImageFile::hole_granule`]) are punched, the parts of the range
+    /// that cover a granule only partly are written with zeros, so the punch never makes
+    /// the file system zero a partial block through the page cache. `off` and `len` are
+    /// multiples of the sector size (cluster ranges).
+    pub fn punch(&self, kind: WriteKind, file: &ImageFile, off: u64, len: u64) -> Result<()> {
         self.hook_fail(kind, off, len)?;
         let token = self.hook.as_ref().map(|h| h.0.issued(kind, off, WriteData::Zeros(len)));
-        self.fallocate(fd, off, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)?;
+        let fd = file.fd();
+        let g = file.hole_granule();
+        let end = off.checked_add(len).ok_or_else(|| Error::InvalidRequest(format!("punch {off}+{len} overflows")))?;
+        let (a, b) = (off.next_multiple_of(g), end / g * g);
+        if a < b {
+            self.fallocate(fd, a, b - a, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)?;
+            self.write_zeros(fd, off, a - off)?;
+            self.write_zeros(fd, b, end - b)?;
+        } else {
+            self.write_zeros(fd, off, len)?;
+        }
         if let (Some(h), Some(t)) = (&self.hook, token) {
             h.0.completed(t);
         }
         Ok(())
+    }
+
+    /// Writes `len` zero bytes at `off` (both sector-aligned), outside the hook: for ranges
+    /// that read as zeros already (a punch's partial granules, the tail of the last block
+    /// before the file is extended).
+    pub(crate) fn write_zeros(&self, fd: i32, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; usize::try_from(len).map_err(|_| Error::InvalidRequest(format!("zero write of {len}")))?];
+        self.write_raw(fd, off, &zeros)
     }
 
     /// ftruncate through io_uring.
