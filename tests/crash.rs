@@ -225,7 +225,7 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
         } else {
             Durability::Flushed
         },
-        clock: 0,
+        clock: Clock::default(),
     };
     {
         let img = open_recorded(&work, &rec, cache);
@@ -234,18 +234,19 @@ fn run_seed(seed: u64, states: usize, violations: &mut Vec<String>) -> usize {
             run_plan(&mut q, &rec, &mut model, &plans[0], seed);
             drop(q);
         } else {
-            // The queues run at once on their own threads; their ops carry marks of the one
-            // shared log, so the model sees how they overlap.
+            // The queues run at once on their own threads; their ops carry marks of one
+            // shared clock, so the model sees how they overlap.
             let durability = model.durability;
+            let clock = model.clock.clone();
             let ops: Vec<Vec<GuestOp>> = std::thread::scope(|sc_| {
                 let hs: Vec<_> = plans
                     .iter()
                     .enumerate()
                     .map(|(t, plan)| {
-                        let (img, rec) = (&img, &rec);
+                        let (img, rec, clock) = (&img, &rec, clock.clone());
                         sc_.spawn(move || {
                             let mut q = Queue::new(img, &QueueOptions::default()).unwrap();
-                            let mut m = Model { size: sc.size, base: Vec::new(), ops: Vec::new(), durability };
+                            let mut m = Model { size: sc.size, base: Vec::new(), ops: Vec::new(), durability, clock };
                             run_plan(&mut q, rec, &mut m, plan, seed ^ ((t as u64 + 1) << 40));
                             drop(q);
                             m.ops
@@ -362,7 +363,8 @@ fn harness_detects_lost_and_stale_data() {
     let start_bytes = std::fs::read(&img).unwrap();
     let base = read_disk(&img).unwrap();
     let rec = Recorder::new();
-    let mut model = Model { size: 4 * MIB, base, ops: Vec::new(), durability: Durability::Flushed, clock: 0 };
+    let mut model =
+        Model { size: 4 * MIB, base, ops: Vec::new(), durability: Durability::Flushed, clock: Clock::default() };
     let plan = [
         Planned { kind: GKind::Write, off: 0, len: 8192, batch: false },
         Planned { kind: GKind::Write, off: MIB, len: 8192, batch: false },
@@ -441,7 +443,8 @@ fn requests_without_device_events_keep_their_order() {
     let start_bytes = std::fs::read(&img).unwrap();
     let base = read_disk(&img).unwrap();
     let rec = Recorder::new();
-    let mut model = Model { size: 4 * MIB, base, ops: Vec::new(), durability: Durability::Flushed, clock: 0 };
+    let mut model =
+        Model { size: 4 * MIB, base, ops: Vec::new(), durability: Durability::Flushed, clock: Clock::default() };
     let plan = [
         Planned { kind: GKind::Zero { unmap: false }, off: 0, len: 8192, batch: false },
         Planned { kind: GKind::Zero { unmap: true }, off: 4096, len: 8192, batch: false },

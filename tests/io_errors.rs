@@ -86,7 +86,8 @@ fn run(img: Img, start: &Path, work: &Path, fail: FailPlan) -> Outcome {
     std::fs::copy(start, work).unwrap();
     let base = read_disk(start).unwrap();
     let rec = Recorder::with_plan(fail);
-    let mut model = Model { size: img.size(), base, ops: Vec::new(), durability: Durability::Acked, clock: 0 };
+    let mut model =
+        Model { size: img.size(), base, ops: Vec::new(), durability: Durability::Acked, clock: Clock::default() };
     let im = open_recorded(work, &rec, CacheMode::Writeback);
     let mut q = Queue::new(&im, &QueueOptions::default()).unwrap();
     run_plan(&mut q, &rec, &mut model, &plan(img), 0x10e);

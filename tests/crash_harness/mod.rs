@@ -497,15 +497,19 @@ pub struct Model {
     pub base: Vec<u8>,
     pub ops: Vec<GuestOp>,
     pub durability: Durability,
-    /// The next position in the order of submissions and completions ([`GuestOp::submitted`]).
-    pub clock: usize,
+    /// The order of submissions and completions ([`GuestOp::submitted`]), shared by the
+    /// models of queues that run at once (clone it), so their marks compare.
+    pub clock: Clock,
 }
+
+/// A logical clock: every submission and completion takes the next position.
+#[derive(Clone, Default)]
+pub struct Clock(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
 impl Model {
     /// Takes the next position in the order of submissions and completions.
     fn tick(&mut self) -> usize {
-        self.clock += 1;
-        self.clock
+        self.clock.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
     }
 
     fn sector_value(&self, op: Option<usize>, s: u64) -> Option<&[u8]> {
