@@ -108,6 +108,12 @@ impl L2Entry {
     pub fn decode(self, g: &Geometry) -> Result<ClusterKind> {
         let e = self.0;
         if e & L2_COMPRESSED != 0 {
+            if g.external_data {
+                return Err(Error::corrupt(
+                    "L2 entry",
+                    format!("compressed cluster descriptor {e:#018x} in an image with an external data file"),
+                ));
+            }
             if e & L2_COPIED != 0 {
                 return Err(Error::corrupt(
                     "L2 entry",
@@ -144,6 +150,11 @@ impl L2Entry {
             return Ok(ClusterKind::ZeroAlloc { host, copied });
         }
         if host.0 == 0 {
+            // With an external data file 0 is a valid host offset: every data cluster there
+            // has COPIED set (QEMU's qcow2_get_cluster_type), which tells it apart.
+            if g.external_data && copied {
+                return Ok(ClusterKind::Normal { host, copied });
+            }
             return Ok(ClusterKind::Unallocated);
         }
         if !g.is_cluster_aligned(host.0) {

@@ -16,6 +16,19 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     use crate::format::layout::{Preallocation, plan_create};
     use std::os::unix::fs::OpenOptionsExt;
     let plan = plan_create(o)?;
+    // The external data file first, as qemu-img creates it: an empty file of the virtual
+    // size (existing contents dropped), under the write lock meanwhile.
+    // With preallocated metadata, qemu-img's preallocation extends it to the end of the
+    // last cluster.
+    let data_len = if o.data_file_raw || o.preallocation != Preallocation::Off {
+        plan.header.size.next_multiple_of(o.cluster_size)
+    } else {
+        plan.header.size
+    };
+    let _data_lock = match &o.data_file {
+        Some(name) => Some(create_data_file(name, data_len)?),
+        None => None,
+    };
     let mut oo = std::fs::OpenOptions::new();
     oo.read(true).write(true).custom_flags(libc::O_CLOEXEC);
     if overwrite {
@@ -54,4 +67,25 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     file.file().set_len(plan.file_len).map_err(|e| Error::io("ftruncate", e))?;
     sync.fdatasync(file.fd())?;
     Ok(())
+}
+
+/// Creates (or truncates) the data file `name` (relative to the current directory, as
+/// qemu-img creates it and QEMU opens it: see [`super::data_file`]) as an empty file of
+/// `size` bytes; returns its lock, held until the image is written.
+fn create_data_file(name: &str, size: u64) -> Result<ImageLock> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = Path::new(name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(format!("Could not create data file '{}'", path.display()), e))?;
+    let lock = ImageLock::acquire(&f, path, LockMode::ReadWrite, false)?;
+    f.set_len(0)
+        .and_then(|()| f.set_len(size))
+        .map_err(|e| Error::io(format!("Could not resize data file '{}'", path.display()), e))?;
+    Ok(lock)
 }

@@ -34,6 +34,10 @@ impl Image {
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
         }
+        if self.data_file.as_ref().is_some_and(|d| d.raw()) && new_size != self.vsize() {
+            // The new range would need its metadata preallocated to keep the file raw.
+            return Err(Error::Unsupported("resizing an image with data_file_raw=on".into()));
+        }
         if new_size != self.vsize() && !self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
             return Err(Error::Unsupported(
                 "resizing an image with persistent bitmaps (remove them first: quring bitmap --remove)".into(),
@@ -101,6 +105,12 @@ impl Image {
             }
         }
         h.size = new_size;
+        // The data file grows with the disk, as QEMU's qcow2_co_truncate resizes it.
+        if let Some(d) = &self.data_file
+            && d.file().len()? < new_size
+        {
+            d.file().file().set_len(new_size).map_err(|e| Error::io("ftruncate data file", e))?;
+        }
         self.update_header(&self.counters, |cur| {
             cur.l1_table_offset = h.l1_table_offset;
             cur.l1_size = h.l1_size;

@@ -54,6 +54,12 @@ impl Queue {
             self.flushed(waiters, Some(Error::errno("fdatasync", errno)));
             return;
         }
+        // The external data file's writes, durable before this flush completes (the image
+        // file's are the SQE below).
+        if let Err(e) = img.sync_data_file() {
+            self.flushed(waiters, Some(e));
+            return;
+        }
         crate::counters::Counters::add(&self.counters.device_flushes, 1);
         let token = img.hook.as_ref().map_or(0, |h| h.0.flush_issued());
         let io = self.ios.insert(Io::Fsync { waiters, token });

@@ -133,7 +133,17 @@ impl Queue {
             drop(st);
             img.l2_cache.unpin(slot);
             match r {
-                Ok(true) => {}
+                Ok(true) => {
+                    // A raw data file stays a raw image of the disk: the range reads as
+                    // zeros there too (QEMU zeroes the data file in qcow2_subcluster_zeroize
+                    // and passes discards through).
+                    if img.data_file.as_ref().is_some_and(|d| d.raw())
+                        && let Err(e) = img.punch_data(meta_start, meta_end - meta_start)
+                    {
+                        self.fail_with(id, e);
+                        break;
+                    }
+                }
                 Ok(false) => {
                     // The entry cannot express it (part of a compressed cluster): zeros
                     // are written as data, which copies the cluster (as QEMU does).
