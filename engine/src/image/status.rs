@@ -99,12 +99,13 @@ impl Image {
                 return Ok(BlockStatus::unallocated(len, depth));
             }
             let (ext, n) = layer.lookup_sync(off, len.min(layer.vsize() - off))?;
-            let path = Some(layer.path().to_path_buf());
+            // Data lives in the external data file when there is one (qemu-img map names it).
+            let path = Some(layer.data_file().map_or(layer.path(), |d| d.path()).to_path_buf());
             match ext {
                 Extent::Data(h) => {
                     // QEMU recurses into the file for images it detects as metadata-
                     // preallocated: holes in the file then report as zeros.
-                    if layer.metadata_preallocated()? {
+                    if layer.data_file().is_none() && layer.metadata_preallocated()? {
                         let flen = layer.file_len();
                         let (data, run) = if h.0 >= flen {
                             (false, n)
