@@ -232,7 +232,12 @@ impl Image {
             return Ok(None);
         };
         let host = e & crate::format::geometry::OFFSET_MASK;
-        if host == 0 || e & crate::format::l2::L2_COMPRESSED != 0 {
+        // Host offset 0 is the data file's first cluster when COPIED says it is allocated
+        // (not a zero cluster without an offset).
+        let at_zero = self.geo.external_data
+            && e & crate::format::l2::L2_COPIED != 0
+            && (self.geo.extended_l2 || e & crate::format::l2::L2_ZERO == 0);
+        if (host == 0 && !at_zero) || e & crate::format::l2::L2_COMPRESSED != 0 {
             return Ok(None);
         }
         Ok(Some(host + self.geo.offset_in_cluster(off)))
