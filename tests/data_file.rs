@@ -323,3 +323,72 @@ fn refusals_are_clear() {
     assert_ne!(r.code, Some(0), "an internal snapshot was accepted:\n{}", r.describe());
     checks_clean(Path::new(&img), "after the refusals");
 }
+
+/// Backing chains: a plain overlay on a data-file image, and a data-file overlay on a
+/// plain qcow2 base (its copy-on-write fills read from the base). The same streams through
+/// `quring io` and `qemu-io` on two copies of the overlay compare equal, checks clean.
+#[test]
+fn backing_chains_with_data_files() {
+    for (cluster, extended_l2, data_overlay) in [(65536u64, false, false), (65536, false, true), (16384, true, true)] {
+        let dir = tempdir();
+        let cell = Cell { cluster, extended_l2, raw: false };
+        let size = cell.size();
+        let base = dir.path().join("base.qcow2");
+        let base_opts =
+            if data_overlay { format!("cluster_size={cluster}") } else { cell.opts(&dir.path().join("base.data")) };
+        qemu_img(["create", "-q", "-f", "qcow2", "-o", &base_opts, &s(&base), &size.to_string()]).ok();
+        run_qemu_io(&base, &stream(4000 + cluster, &cell, 20));
+        let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+        for (img, data) in [(&a, dir.path().join("a.data")), (&b, dir.path().join("b.data"))] {
+            let mut o = format!("cluster_size={cluster},extended_l2={}", if extended_l2 { "on" } else { "off" });
+            if data_overlay {
+                o += &format!(",data_file={}", s(&data));
+            }
+            qemu_img(["create", "-q", "-f", "qcow2", "-b", &s(&base), "-F", "qcow2", "-o", &o, &s(img)]).ok();
+        }
+        let cmds = stream(5000 + cluster, &cell, 60);
+        for (seg, part) in cmds.chunks(20).enumerate() {
+            let what =
+                format!("{cell:?} data file in the {} segment {seg}", if data_overlay { "overlay" } else { "base" });
+            run_quring_io(&a, part);
+            run_qemu_io(&b, part);
+            let c = qemu_img(["compare", &s(&a), &s(&b)]);
+            assert_eq!(c.code, Some(0), "{what}: quring's copy differs from qemu-io's:\n{}", c.describe());
+            checks_clean(&a, &what);
+        }
+        checks_clean(&base, "the base");
+    }
+}
+
+/// amend: refcount structures rebuilt on a data-file image leave the data clusters
+/// uncounted (qemu-img check stays clean); the downgrade to v2 is refused as QEMU does.
+#[test]
+fn amend_on_a_data_file_image() {
+    let dir = tempdir();
+    let img = dir.path().join("a.qcow2");
+    let data = dir.path().join("a.data");
+    let cell = Cell { cluster: 65536, extended_l2: false, raw: true };
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(&data), &s(&img), "4M"]).ok();
+    run_quring_io(&img, &stream(6000, &cell, 30));
+    let before = dir.path().join("before.raw");
+    qemu_img(["convert", "-O", "raw", &s(&img), &s(&before)]).ok();
+    quring(["amend", "-o", "refcount_bits=64", &s(&img)]).ok();
+    checks_clean(&img, "after amend refcount_bits=64");
+    same_as_raw(&img, &before, "after amend refcount_bits=64");
+    same_as_raw(&img, &data, "the raw data file after amend");
+}
+
+/// The downgrade to version 2 is refused with QEMU's message and exit code.
+#[test]
+fn downgrade_is_refused_as_qemu_does() {
+    let dir = tempdir();
+    let img = dir.path().join("a.qcow2");
+    let data = dir.path().join("a.data");
+    let cell = Cell { cluster: 65536, extended_l2: false, raw: false };
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(&data), &s(&img), "4M"]).ok();
+    let r = quring(["amend", "-o", "compat=0.10", &s(&img)]);
+    let q = qemu_img(["amend", "-o", "compat=0.10", &s(&img)]);
+    assert_eq!(r.code, q.code, "{}\n{}", r.describe(), q.describe());
+    assert!(q.stderr.contains("Cannot downgrade an image with a data file"), "{}", q.describe());
+    assert_eq!(r.stderr.replace("quring", "qemu-img"), q.stderr, "{}\n{}", r.describe(), q.describe());
+}
