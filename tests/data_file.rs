@@ -392,3 +392,44 @@ fn downgrade_is_refused_as_qemu_does() {
     assert!(q.stderr.contains("Cannot downgrade an image with a data file"), "{}", q.describe());
     assert_eq!(r.stderr.replace("quring", "qemu-img"), q.stderr, "{}\n{}", r.describe(), q.describe());
 }
+
+/// Resizing grows and shrinks the data file with the disk as qemu-img does; with
+/// data_file_raw quring refuses (the new range would need preallocated metadata).
+#[test]
+fn resize_moves_the_data_file_with_the_disk() {
+    let dir = tempdir();
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    let (ad, bd) = (dir.path().join("a.data"), dir.path().join("b.data"));
+    let cell = Cell { cluster: 65536, extended_l2: false, raw: false };
+    for (img, data) in [(&a, &ad), (&b, &bd)] {
+        qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(data), &s(img), "4M"]).ok();
+        run_qemu_io(img, &["write -P 1 0 4M".to_string()]);
+    }
+    for (size, shrink) in [("8M", false), ("2M", true)] {
+        let mut args = vec!["resize"];
+        if shrink {
+            args.push("--shrink");
+        }
+        let (a_s, b_s) = (s(&a), s(&b));
+        let mut qa = args.clone();
+        qa.extend([a_s.as_str(), size]);
+        let mut qb = args.clone();
+        qb.extend([b_s.as_str(), size]);
+        quring(qa).ok();
+        qemu_img(qb).ok();
+        assert_eq!(file_len(&ad), file_len(&bd), "data file length after resize to {size}");
+        let w = vec![format!("write -P 2 {} 64k", if shrink { 1 << 20 } else { 6 << 20 })];
+        run_quring_io(&a, &w);
+        run_qemu_io(&b, &w);
+        let c = qemu_img(["compare", &s(&a), &s(&b)]);
+        assert_eq!(c.code, Some(0), "after resize to {size}:\n{}", c.describe());
+        checks_clean(&a, &format!("after resize to {size}"));
+    }
+    let raw = dir.path().join("raw.qcow2");
+    let cell = Cell { cluster: 65536, extended_l2: false, raw: true };
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(&dir.path().join("raw.data")), &s(&raw), "4M"]).ok();
+    let r = quring(["resize", &s(&raw), "8M"]);
+    assert_ne!(r.code, Some(0), "{}", r.describe());
+    assert!(r.stderr.contains("data_file_raw"), "{}", r.describe());
+    checks_clean(&raw, "after the refused resize");
+}

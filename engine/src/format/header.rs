@@ -235,9 +235,9 @@ impl Header {
         // External data file: the name extension is validated whenever it is present; the
         // bit needs it, and the raw bit needs the bit (QEMU: "data-file-raw requires a data
         // file").
-        let name = h.data_file()?;
         if h.incompatible_features & feature::INCOMPAT_DATA_FILE != 0 {
-            if name.is_none() {
+            // (Without the bit the extension names nothing and is kept as it is, as QEMU does.)
+            if h.data_file()?.is_none() {
                 return Err(Error::corrupt(
                     "incompatible_features",
                     "incompatible bit 2 (external data file) is set but the header has no data file name extension (0x44415441)",

@@ -192,6 +192,12 @@ impl Image {
             st.grown_to = 0;
             self.file_len.store(bytes, Ordering::Release);
         }
+        // The data file shrinks with the disk, as QEMU's qcow2_co_truncate does.
+        if let Some(d) = &self.data_file
+            && d.file().len()? > new_size
+        {
+            self.sync.ftruncate(d.file().fd(), new_size)?;
+        }
         Ok(())
     }
 
