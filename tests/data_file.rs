@@ -433,3 +433,26 @@ fn resize_moves_the_data_file_with_the_disk() {
     assert!(r.stderr.contains("data_file_raw"), "{}", r.describe());
     checks_clean(&raw, "after the refused resize");
 }
+
+/// A discard gives the data file's space back (QEMU passes discards through to it), and
+/// the image reads zeros there afterwards, raw or not.
+#[test]
+fn discard_frees_data_file_space() {
+    use std::os::unix::fs::MetadataExt;
+    for raw in [false, true] {
+        let dir = tempdir();
+        let img = dir.path().join("a.qcow2");
+        let data = dir.path().join("a.data");
+        let cell = Cell { cluster: 65536, extended_l2: false, raw };
+        qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(&data), &s(&img), "8M"]).ok();
+        run_quring_io(&img, &["write -P 9 0 4M".to_string()]);
+        let used = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        let before = used(&data);
+        assert!(before >= 4 << 20, "raw={raw}: the data file holds {before} bytes after a 4 MiB write");
+        run_quring_io(&img, &["discard 0 3M".to_string()]);
+        let after = used(&data);
+        assert!(after <= before - (3 << 20), "raw={raw}: {before} -> {after} bytes after discarding 3 MiB");
+        qemu_io(["-c", "read -P 0 0 3M", "-c", "read -P 9 3M 1M", &s(&img)]).ok();
+        checks_clean(&img, &format!("raw={raw} after the discard"));
+    }
+}

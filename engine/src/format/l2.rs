@@ -387,6 +387,30 @@ mod tests {
         }
     }
 
+    /// With an external data file, host offset 0 with COPIED is the data file's first
+    /// cluster (QEMU's qcow2_get_cluster_type), and compressed entries are corrupt.
+    #[test]
+    fn external_data_kinds() {
+        for ext in [false, true] {
+            let mut g = Geometry::new(16, ext, 4).unwrap();
+            g.external_data = true;
+            assert_eq!(
+                L2Entry(L2_COPIED).decode(&g).unwrap(),
+                ClusterKind::Normal { host: HostOffset(0), copied: true }
+            );
+            assert_eq!(L2Entry(0).decode(&g).unwrap(), ClusterKind::Unallocated);
+            let e = L2Entry(L2_COMPRESSED | 0x1000).decode(&g).unwrap_err().to_string();
+            assert!(e.contains("external data file"), "{e}");
+        }
+        let mut g = Geometry::new(16, false, 4).unwrap();
+        g.external_data = true;
+        // The zero flag wins over offset 0 (a zero cluster without an offset).
+        assert_eq!(L2Entry(L2_COPIED | 1).decode(&g).unwrap(), ClusterKind::ZeroPlain);
+        // Without a data file, COPIED alone is still unallocated.
+        g.external_data = false;
+        assert_eq!(L2Entry(L2_COPIED).decode(&g).unwrap(), ClusterKind::Unallocated);
+    }
+
     #[test]
     fn standard_kinds() {
         let g = Geometry::new(16, false, 4).unwrap();
