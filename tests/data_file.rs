@@ -456,3 +456,27 @@ fn discard_frees_data_file_space() {
         checks_clean(&img, &format!("raw={raw} after the discard"));
     }
 }
+
+/// The data file is locked as the image is (QEMU's protocol): while quring has the image
+/// open for writing, qemu-io cannot write the data file, and a second quring writer of
+/// another image naming the same data file is refused.
+#[test]
+fn data_file_is_locked_like_the_image() {
+    use quring::image::{Image, Options};
+    let dir = tempdir();
+    let img = dir.path().join("a.qcow2");
+    let data = dir.path().join("a.data");
+    let cell = Cell { cluster: 65536, extended_l2: false, raw: true };
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(&data), &s(&img), "1M"]).ok();
+    let twin = dir.path().join("twin.qcow2");
+    std::fs::copy(&img, &twin).unwrap();
+    let open = Image::open(&img, &Options::default()).expect("open");
+    let r = qemu_io(["-f", "raw", "-c", "write 0 512", &s(&data)]);
+    assert!(!r.success(), "qemu-io wrote the data file of an open image:\n{}", r.describe());
+    assert!(r.stderr.contains("lock"), "{}", r.describe());
+    let e = Image::open(&twin, &Options::default()).expect_err("a second writer of the data file");
+    assert!(e.to_string().contains("lock"), "{e}");
+    open.close().expect("close");
+    drop(open);
+    qemu_io(["-f", "raw", "-c", "write 0 512", &s(&data)]).ok();
+}
