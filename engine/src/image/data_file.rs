@@ -43,7 +43,8 @@ impl DataFile {
         &self.name
     }
 
-    /// The path it was opened at (the name resolved against the image's directory).
+    /// The path it was opened at (the name as stored: relative names are relative to the
+    /// current directory, as in QEMU).
     pub fn path(&self) -> &Path {
         &self.path
     }
