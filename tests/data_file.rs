@@ -218,6 +218,10 @@ fn four_queues_share_clusters() {
                 });
             }
         });
+        // The engine's self-audit: refcounts equal references (none for the data clusters),
+        // cached metadata equal to the disk.
+        let rep = img.audit().expect("audit");
+        assert_eq!((rep.corruptions, rep.leaks, rep.check_errors), (0, 0, 0), "{cell:?}: audit {rep:?}");
         img.close().expect("close");
         drop(img);
         let expect = dir.path().join("expect.raw");
