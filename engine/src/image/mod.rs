@@ -461,6 +461,8 @@ impl Image {
         // they stay in use, inconsistent, as after a crash).
         let stored = if self.corrupt.load(Ordering::Acquire) { Ok(()) } else { self.store_bitmaps(&mut st) };
         self.close_metadata(&mut st)?;
+        // An external data file's writes are durable when the image is closed cleanly.
+        self.sync_data_file()?;
         stored?;
         st.closed = true;
         Ok(())
