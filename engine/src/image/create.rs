@@ -25,7 +25,7 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     } else {
         plan.header.size
     };
-    let _data_lock = match &o.data_file {
+    let data = match &o.data_file {
         Some(name) => Some(create_data_file(name, data_len)?),
         None => None,
     };
@@ -66,13 +66,33 @@ pub fn create(path: &Path, o: &crate::format::layout::CreateOptions, overwrite: 
     }
     file.file().set_len(plan.file_len).map_err(|e| Error::io("ftruncate", e))?;
     sync.fdatasync(file.fd())?;
+    // With a data file, falloc and full preallocate the data file (its clusters are mapped
+    // at their guest offsets by the plan, as for metadata preallocation).
+    if let Some((df, _lock)) = &data {
+        use std::os::unix::io::AsRawFd;
+        let fd = df.as_raw_fd();
+        match o.preallocation {
+            Preallocation::Falloc => sync.fallocate(fd, 0, data_len, 0)?,
+            Preallocation::Full => {
+                let chunk = crate::io::AlignedBuf::new(8 << 20);
+                let mut done = 0;
+                while done < data_len {
+                    let n = (data_len - done).min(chunk.len() as u64) as usize;
+                    sync.write(fd, done, &chunk[..n])?;
+                    done += n as u64;
+                }
+            }
+            _ => {}
+        }
+        sync.fdatasync(fd)?;
+    }
     Ok(())
 }
 
 /// Creates (or truncates) the data file `name` (relative to the current directory, as
 /// qemu-img creates it and QEMU opens it: see [`super::data_file`]) as an empty file of
-/// `size` bytes; returns its lock, held until the image is written.
-fn create_data_file(name: &str, size: u64) -> Result<ImageLock> {
+/// `size` bytes; returns it and its lock, held until the image is written.
+fn create_data_file(name: &str, size: u64) -> Result<(std::fs::File, ImageLock)> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = Path::new(name);
     let f = std::fs::OpenOptions::new()
@@ -87,5 +107,5 @@ fn create_data_file(name: &str, size: u64) -> Result<ImageLock> {
     f.set_len(0)
         .and_then(|()| f.set_len(size))
         .map_err(|e| Error::io(format!("Could not resize data file '{}'", path.display()), e))?;
-    Ok(lock)
+    Ok((f, lock))
 }

@@ -211,9 +211,6 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
         if o.data_file_raw && o.backing_file.is_some() {
             return Err(invalid("Backing file and data-file-raw cannot be used at the same time"));
         }
-        if matches!(o.preallocation, Preallocation::Falloc | Preallocation::Full) {
-            return Err(invalid("preallocation=falloc and full are not supported with an external data file"));
-        }
     }
     if let Some(f) = &o.backing_fmt
         && f.is_empty()
