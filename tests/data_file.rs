@@ -408,7 +408,7 @@ fn downgrade_is_refused_as_qemu_does() {
 }
 
 /// Resizing grows and shrinks the data file with the disk as qemu-img does; with
-/// data_file_raw quring refuses (the new range would need preallocated metadata).
+/// data_file_raw the grown range is mapped at its guest offsets, as qemu-img maps it.
 #[test]
 fn resize_moves_the_data_file_with_the_disk() {
     let dir = tempdir();
@@ -439,13 +439,30 @@ fn resize_moves_the_data_file_with_the_disk() {
         assert_eq!(c.code, Some(0), "after resize to {size}:\n{}", c.describe());
         checks_clean(&a, &format!("after resize to {size}"));
     }
-    let raw = dir.path().join("raw.qcow2");
-    let cell = Cell { cluster: 65536, extended_l2: false, raw: true };
-    qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(&dir.path().join("raw.data")), &s(&raw), "4M"]).ok();
-    let r = quring(["resize", &s(&raw), "8M"]);
-    assert_ne!(r.code, Some(0), "{}", r.describe());
-    assert!(r.stderr.contains("data_file_raw"), "{}", r.describe());
-    checks_clean(&raw, "after the refused resize");
+    // data_file_raw: the grown range is mapped at its guest offsets as qemu-img maps it,
+    // so bytes written into the data file directly show through the image.
+    let (ra, rb) = (dir.path().join("ra.qcow2"), dir.path().join("rb.qcow2"));
+    let (rad, rbd) = (dir.path().join("ra.data"), dir.path().join("rb.data"));
+    let cell = Cell { cluster: 4096, extended_l2: false, raw: true };
+    for (img, data) in [(&ra, &rad), (&rb, &rbd)] {
+        qemu_img(["create", "-q", "-f", "qcow2", "-o", &cell.opts(data), &s(img), "3M"]).ok();
+    }
+    for (size, shrink) in [("9M", false), ("2M", true)] {
+        let sh: &[&str] = if shrink { &["--shrink"] } else { &[] };
+        let mut a_args = vec!["resize"];
+        a_args.extend(sh);
+        let mut b_args = a_args.clone();
+        let (a_s, b_s) = (s(&ra), s(&rb));
+        a_args.extend([a_s.as_str(), size]);
+        b_args.extend([b_s.as_str(), size]);
+        quring(a_args).ok();
+        qemu_img(b_args).ok();
+        let (ma, mb) = (qemu_img(["map", "--output=json", &a_s]).ok(), qemu_img(["map", "--output=json", &b_s]).ok());
+        assert_eq!(ma.stdout, mb.stdout, "raw data file: map after resize to {size}");
+        assert_eq!(file_len(&rad), file_len(&rbd), "raw data file length after resize to {size}");
+        checks_clean(&ra, &format!("raw, after resize to {size}"));
+        same_as_raw(&ra, &rad, &format!("raw, after resize to {size}"));
+    }
 }
 
 /// A discard gives the data file's space back (QEMU passes discards through to it), and

@@ -100,6 +100,37 @@ impl Image {
         }
     }
 
+    /// `data_file_raw`: maps every guest cluster of `[from, to)` that maps nothing at its
+    /// guest offset (COPIED), as qemu-img preallocates the metadata of a raw data file at
+    /// creation and when the disk grows, so that data written to the data file directly is
+    /// what the image reads. Metadata lock held; the entries reach the disk at the next
+    /// write-back.
+    pub(crate) fn map_raw_range(&self, st: &mut super::MetaState, from: u64, to: u64) -> Result<()> {
+        use crate::format::l2::L2Entry;
+        use crate::format::types::{GuestOffset, HostOffset};
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let mut off = from / cs * cs;
+        while off < to {
+            let l1i = g.l1_index(g.guest_cluster(GuestOffset(off)));
+            if !self.write_l1_ready(l1i) {
+                self.ensure_l2_table(st, l1i, &self.counters)?;
+            }
+            let at = self.l2_slot(GuestOffset(off))?.ok_or_else(|| {
+                Error::InvalidRequest(format!("no L2 table for guest offset {:#x} after making one", off))
+            })?;
+            self.load_slice_sync(at.key)?;
+            // Evicted between the load and the pin: load it again.
+            let Some(slot) = self.l2_cache.pin(at.key) else { continue };
+            if self.l2_cache.load_word(slot, at.word) == 0 {
+                self.l2_cache.cas_word(slot, at.word, 0, L2Entry::normal(HostOffset(off), true).0);
+            }
+            self.l2_cache.unpin(slot);
+            off += cs;
+        }
+        Ok(())
+    }
+
     /// Deallocates `len` bytes at `off` in the data file (reads zeros afterwards). A data
     /// file on a filesystem that cannot punch holes gets zeros written instead only when
     /// it must stay raw-consistent.

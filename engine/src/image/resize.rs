@@ -34,10 +34,6 @@ impl Image {
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
         }
-        if self.data_file.as_ref().is_some_and(|d| d.raw()) && new_size != self.vsize() {
-            // The new range would need its metadata preallocated to keep the file raw.
-            return Err(Error::Unsupported("resizing an image with data_file_raw=on".into()));
-        }
         if new_size != self.vsize() && !self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
             return Err(Error::Unsupported(
                 "resizing an image with persistent bitmaps (remove them first: quring bitmap --remove)".into(),
@@ -117,6 +113,11 @@ impl Image {
             cur.size = h.size;
         })?;
         self.size.store(new_size, Ordering::Release);
+        // A raw data file's new range is mapped at its guest offsets, as qemu-img does.
+        if self.data_file.as_ref().is_some_and(|d| d.raw()) {
+            self.map_raw_range(&mut st, old, new_size)?;
+            self.flush_metadata(&mut st, false, &self.counters)?;
+        }
         Ok(())
     }
 
