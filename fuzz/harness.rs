@@ -55,6 +55,11 @@ pub fn fuzz_header(data: &[u8]) {
             let _ = h.feature_table();
             let _ = h.backing_format();
             let _ = h.lazy_refcounts();
+            // External data file: an accepted image with bit 2 names its data file.
+            let _ = h.data_file_raw();
+            if h.has_data_file() {
+                assert!(matches!(h.data_file(), Ok(Some(_))), "bit 2 accepted without a valid data file name");
+            }
             // quring's identity extension: accepted ones survive a rewrite unchanged.
             if let Ok(Some(id)) = h.identity() {
                 let _ = id.backing_current(h.backing_file.as_deref());
@@ -72,6 +77,7 @@ pub fn fuzz_header(data: &[u8]) {
     }
     let _ = Header::peek_cluster_size(data);
     let _ = parse_feature_table(data);
+    let _ = quring::format::data_file::parse_name(data);
     // Extensions from where v2 and v3 headers end, and from the header_length field.
     let mut starts = vec![72usize, 104, 112];
     if let Some(hl) = be32(data, 100) {
@@ -134,7 +140,9 @@ fn fuzz_l2(data: &[u8]) {
     let Some((&gb, rest)) = data.split_first() else { return };
     let cluster_bits = 9 + (gb & 15) as u32;
     let extended = gb & 16 != 0;
-    let Ok(g) = Geometry::new(cluster_bits, extended, 4) else { return };
+    let Ok(mut g) = Geometry::new(cluster_bits, extended, 4) else { return };
+    // External data file geometry (host offset 0 with COPIED is data, compressed refused).
+    g.external_data = gb & 32 != 0;
     let cs = g.cluster_size();
     for rec in rest.chunks_exact(16).take(256) {
         let entry = L2Entry(u64::from_be_bytes(rec[0..8].try_into().unwrap()));

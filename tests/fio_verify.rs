@@ -21,6 +21,8 @@ struct Case {
     iodepth: u32,
     numjobs: u32,
     cache: &'static str,
+    /// External data file (file name in the test directory, data_file_raw).
+    data_file: Option<(&'static str, bool)>,
 }
 
 fn run_case(dir: &Path, c: &Case) {
@@ -45,7 +47,11 @@ fn run_case(dir: &Path, c: &Case) {
         ]);
         assert_eq!(r.status(), 0, "{}", r.describe());
     } else {
-        let r = quring(["create", "-q", "-o", c.create, &s(&img), &vsize.to_string()]);
+        let mut create = c.create.to_string();
+        if let Some((name, raw)) = c.data_file {
+            create += &format!(",data_file={},data_file_raw={}", s(&dir.join(name)), if raw { "on" } else { "off" });
+        }
+        let r = quring(["create", "-q", "-o", &create, &s(&img), &vsize.to_string()]);
         assert_eq!(r.status(), 0, "{}", r.describe());
     }
     let mut args = vec![
@@ -88,6 +94,11 @@ fn run_case(dir: &Path, c: &Case) {
     };
     let chk = qemu_img(["check", &s(&img)]);
     assert_eq!(chk.status(), 0, "[{}] qemu-img check after fio:\n{}", c.name, chk.describe());
+    // A raw external data file is the disk itself.
+    if let Some((name, true)) = c.data_file {
+        let cmp = qemu_img(["compare", "-f", "qcow2", "-F", "raw", &s(&img), &s(&dir.join(name))]);
+        assert_eq!(cmp.status(), 0, "[{}] the raw data file differs from the disk:\n{}", c.name, cmp.describe());
+    }
 }
 
 #[test]
@@ -101,6 +112,7 @@ fn fio_verify_matrix() {
             iodepth: 1,
             numjobs: 1,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "std64k_qd64_2j",
@@ -109,6 +121,7 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 2,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "extl2_2m_qd64",
@@ -117,6 +130,7 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 1,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "extl2_2m_2j",
@@ -125,6 +139,7 @@ fn fio_verify_matrix() {
             iodepth: 16,
             numjobs: 2,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "rc1_qd64",
@@ -133,6 +148,7 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 1,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "lazy_qd64_2j",
@@ -141,6 +157,7 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 2,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "overlay_qd64",
@@ -149,6 +166,7 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 1,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "overlay_extl2_2j",
@@ -157,6 +175,7 @@ fn fio_verify_matrix() {
             iodepth: 8,
             numjobs: 2,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "l2less_qd64_2j",
@@ -165,6 +184,7 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 2,
             cache: "writeback",
+            data_file: None,
         },
         Case {
             name: "l2less_wt_qd1",
@@ -173,6 +193,7 @@ fn fio_verify_matrix() {
             iodepth: 1,
             numjobs: 1,
             cache: "writethrough",
+            data_file: None,
         },
         Case {
             name: "wt_qd1",
@@ -181,6 +202,7 @@ fn fio_verify_matrix() {
             iodepth: 1,
             numjobs: 1,
             cache: "writethrough",
+            data_file: None,
         },
         Case {
             name: "wt_qd64_rc1",
@@ -189,6 +211,25 @@ fn fio_verify_matrix() {
             iodepth: 64,
             numjobs: 1,
             cache: "writethrough",
+            data_file: None,
+        },
+        Case {
+            name: "datafile_qd64_2j",
+            create: "cluster_size=64k",
+            backing: false,
+            iodepth: 64,
+            numjobs: 2,
+            cache: "writeback",
+            data_file: Some(("datafile_qd64_2j.data", false)),
+        },
+        Case {
+            name: "datafile_raw_extl2_wt",
+            create: "cluster_size=64k,extended_l2=on",
+            backing: false,
+            iodepth: 16,
+            numjobs: 1,
+            cache: "writethrough",
+            data_file: Some(("datafile_raw_extl2_wt.data", true)),
         },
     ];
     for c in &cases {

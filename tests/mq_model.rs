@@ -120,10 +120,12 @@ struct Config {
     lazy: bool,
     start: Start,
     size: u64,
+    /// External data file next to the image (Some(data_file_raw)).
+    data_file: Option<bool>,
 }
 
 const fn cfg(name: &'static str, cluster: u64, ext: bool, start: Start, size: u64) -> Config {
-    Config { name, cluster, ext, refcount_bits: 16, v2: false, lazy: false, start, size }
+    Config { name, cluster, ext, refcount_bits: 16, v2: false, lazy: false, start, size, data_file: None }
 }
 
 const CONFIGS: &[Config] = &[
@@ -143,6 +145,11 @@ const CONFIGS: &[Config] = &[
     cfg("c2m", 2 * MIB, false, Start::Empty, 64 * MIB),
     cfg("c2m-ext", 2 * MIB, true, Start::Empty, 64 * MIB),
     cfg("c2m-ext-shared", 2 * MIB, true, Start::Shared, 64 * MIB),
+    // External data files (issue 17): new clusters at their guest offsets under the fill
+    // claim, no refcounts for data, raw data files punched by zero writes and discards.
+    Config { data_file: Some(false), ..cfg("c64k-datafile", 64 * KIB, false, Start::Empty, 32 * MIB) },
+    Config { data_file: Some(true), ..cfg("c64k-ext-datafile-raw", 64 * KIB, true, Start::Empty, 32 * MIB) },
+    Config { data_file: Some(false), ..cfg("c4k-datafile-backing", 4 * KIB, false, Start::Backing, 16 * MIB) },
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +222,7 @@ fn qcow2_opts(c: &Config) -> Qcow2Opts {
         extended_l2: c.ext,
         compat: if c.v2 { Compat::V010 } else { Compat::V11 },
         lazy_refcounts: c.lazy,
+        data_file: c.data_file.map(|raw| ("mq.data", raw)),
         ..Default::default()
     }
 }

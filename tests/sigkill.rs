@@ -117,6 +117,14 @@ const VARIANTS: &[Variant] = &[
     Variant { name: "64k writes up to 256k QD64", iodepth: 64, bs: "4k-256k", avg_write: 80 * 1024, ..STD },
     Variant { name: "64k sequential 4k QD32", ..SEQ },
     Variant { name: "64k extended_l2 sequential 4k QD32", create: "cluster_size=64k,extended_l2=on", fsync: 32, ..SEQ },
+    // External data files (issue 17): `@DATA` becomes the data file's path in the work dir.
+    Variant { name: "64k data_file", create: "cluster_size=64k,data_file=@DATA", ..STD },
+    Variant {
+        name: "64k extended_l2 data_file_raw",
+        create: "cluster_size=64k,extended_l2=on,data_file=@DATA,data_file_raw=on",
+        fsync: 8,
+        ..STD
+    },
 ];
 
 impl Variant {
@@ -290,7 +298,8 @@ fn kill_once(dir: &Path, seed: u64, v: &Variant, target: u64) -> Result<KillStat
     let img = dir.join("disk.qcow2");
     let ack = dir.join("ack.log");
     let _ = std::fs::remove_file(&ack);
-    let r = quring(["create", "-q", "-o", v.create, &s(&img), &v.disk_size().to_string()]);
+    let create = v.create.replace("@DATA", &s(&dir.join("disk.data")));
+    let r = quring(["create", "-q", "-o", &create, &s(&img), &v.disk_size().to_string()]);
     if r.status() != 0 {
         return Err(format!("quring create failed:\n{}", r.describe()));
     }

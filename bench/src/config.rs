@@ -11,6 +11,9 @@ pub struct Mode {
     pub create_opts: &'static str,
     /// Only `quring create` can make this layout (qemu-img does not know it).
     pub quring_only: bool,
+    /// Guest data in an external raw data file beside the image (`data_file=IMAGE.data,
+    /// data_file_raw=on`; see `plan::create_qcow2` for overlays).
+    pub data_file_raw: bool,
 }
 
 pub const MODES: &[Mode] = &[
@@ -19,32 +22,50 @@ pub const MODES: &[Mode] = &[
         title: "64 KiB clusters, 16-bit refcounts",
         create_opts: "cluster_size=64k,refcount_bits=16",
         quring_only: false,
+        data_file_raw: false,
     },
     Mode {
         id: "xl2-2m",
         title: "extended_l2, 2 MiB clusters (64 KiB subclusters)",
         create_opts: "cluster_size=2M,extended_l2=on",
         quring_only: false,
+        data_file_raw: false,
     },
     Mode {
         id: "xl2-64k",
         title: "extended_l2, 64 KiB clusters (2 KiB subclusters)",
         create_opts: "cluster_size=64k,extended_l2=on",
         quring_only: false,
+        data_file_raw: false,
     },
     Mode {
         id: "rc1",
         title: "64 KiB clusters, refcount_bits=1",
         create_opts: "cluster_size=64k,refcount_bits=1",
         quring_only: false,
+        data_file_raw: false,
     },
     Mode {
         id: "lazy",
         title: "64 KiB clusters, lazy_refcounts=on",
         create_opts: "cluster_size=64k,lazy_refcounts=on",
         quring_only: false,
+        data_file_raw: false,
     },
-    Mode { id: "l2less", title: "L2-less ranges", create_opts: "cluster_size=64k,l2_less=on", quring_only: true },
+    Mode {
+        id: "l2less",
+        title: "L2-less ranges",
+        create_opts: "cluster_size=64k,l2_less=on",
+        quring_only: true,
+        data_file_raw: false,
+    },
+    Mode {
+        id: "datafile-raw",
+        title: "64 KiB clusters, external raw data file (data_file_raw=on; overlays: data_file, raw off)",
+        create_opts: "cluster_size=64k",
+        quring_only: false,
+        data_file_raw: true,
+    },
 ];
 
 /// What the image holds before a run.

@@ -45,12 +45,26 @@ pub fn create_qcow2(t: &Tools, mode: &Mode, path: &Path, size: u64, backing: Opt
     } else {
         vec![s(&t.qemu_img), s("create"), s("-q"), s("-f"), s("qcow2")]
     };
-    v.extend([s("-o"), s(mode.create_opts)]);
+    let mut opts = s(mode.create_opts);
+    if mode.data_file_raw {
+        // QEMU refuses data_file_raw with a backing file: an overlay keeps its data in an
+        // external file that is not raw-consistent (the nearest layout QEMU allows).
+        let raw = if backing.is_some() { "off" } else { "on" };
+        opts += &format!(",data_file={},data_file_raw={raw}", p(&data_file_of(path)));
+    }
+    v.extend([s("-o"), opts]);
     if let Some(b) = backing {
         v.extend([s("-b"), p(b), s("-F"), s("raw")]);
     }
     v.extend([p(path), s(size)]);
     v
+}
+
+/// The external data file of image `path` in a data-file mode (removed with the image).
+pub fn data_file_of(path: &Path) -> std::path::PathBuf {
+    let mut f = path.as_os_str().to_owned();
+    f.push(".data");
+    f.into()
 }
 
 /// A sparse raw file.

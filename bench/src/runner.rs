@@ -222,6 +222,7 @@ impl<'a> Runner<'a> {
                     && !plan.dry_run
                 {
                     let _ = std::fs::remove_file(p);
+                    let _ = std::fs::remove_file(plan::data_file_of(p));
                 }
             }
             drop(tmp);
@@ -248,6 +249,7 @@ impl<'a> Runner<'a> {
                 parse::failure_message(&o.stderr, &o.stdout, &o.status)
             )
         });
+        let _ = std::fs::remove_file(plan::data_file_of(&probe));
         let _ = std::fs::remove_file(&probe);
         r
     }
@@ -369,6 +371,7 @@ impl<'a> Runner<'a> {
                     }
                 }
                 if let Some(f) = fresh {
+                    let _ = std::fs::remove_file(plan::data_file_of(&f));
                     let _ = std::fs::remove_file(f);
                 }
                 self.done += 1;

@@ -56,6 +56,10 @@ pub fn run(Args { a, quiet, repair: fix }: Args) -> Result<u8, Box<dyn std::erro
         a.force_share,
     )?;
     let len = file.len()?;
+    if let Err(e) = data_file_opens(&a.image) {
+        eprintln!("quring: Could not open '{}': {e}", a.image.display());
+        return Ok(1);
+    }
     let ring = SyncRing::new()?;
     let r = FileMeta { ring: &ring, file: &file, len };
     // Progress on a terminal: checking a large image reads all of its metadata.
@@ -155,4 +159,27 @@ fn run_repair(a: crate::args::InspectArgs, quiet: bool, fix: Fix) -> Result<u8, 
         eprintln!("quring: Check failed");
     }
     Ok(report.exit_code() as u8)
+}
+
+/// Like qemu-img, which opens the image (and so its external data file) before checking it:
+/// an image whose data file cannot be opened is not checked. Problems of the header itself
+/// are left to the check, which names them.
+fn data_file_opens(image: &std::path::Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let Ok(f) = std::fs::File::open(image) else { return Ok(()) };
+    let Ok(len) = f.metadata().map(|m| m.len()) else { return Ok(()) };
+    if f.take(2 << 20).read_to_end(&mut buf).is_err() {
+        return Ok(());
+    }
+    let Ok(h) = quring::format::header::Header::parse(&buf, len) else { return Ok(()) };
+    if !h.has_data_file() {
+        return Ok(());
+    }
+    match h.data_file() {
+        Ok(Some(name)) => {
+            std::fs::File::open(&name).map(drop).map_err(|e| format!("Could not open data file '{name}': {e}"))
+        }
+        _ => Ok(()),
+    }
 }

@@ -14,7 +14,8 @@ pub struct Args {
     format: String,
     /// Options: cluster_size=,extended_l2=on|off,refcount_bits=,lazy_refcounts=on|off,
     /// compat=0.10|1.1,preallocation=off|metadata|falloc|full,backing_file=,backing_fmt=,
-    /// compression_type=zlib|zstd,l2_less=on|off
+    /// compression_type=zlib|zstd,l2_less=on|off,
+    /// data_file=NAME,data_file_raw=on|off
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Backing file.
@@ -86,6 +87,12 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         }
         if let Some(f) = &o.backing_fmt {
             line += &format!(" backing_fmt={f}");
+        }
+        if let Some(d) = &o.data_file {
+            line += &format!(" data_file={d}");
+        }
+        if o.data_file_raw {
+            line += " data_file_raw=on";
         }
         if o.preallocation != Preallocation::Off {
             line += &format!(" preallocation={}", o.preallocation.name());

@@ -236,6 +236,10 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
             data.insert("bitmaps".into(), Value::Array(list));
         }
         data.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
+        if h.has_data_file() {
+            data.insert("data-file".into(), json!(h.data_file()?.unwrap_or_default()));
+            data.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
         data.insert("corrupt".into(), json!(h.incompatible_features & feature::INCOMPAT_CORRUPT != 0));
         data.insert("extended-l2".into(), json!(h.incompatible_features & feature::INCOMPAT_EXTL2 != 0));
     }

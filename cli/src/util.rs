@@ -95,6 +95,8 @@ pub fn apply_create_opts(o: &mut CreateOptions, list: &[String]) -> Result<(), B
                 }
             }
             "l2_less" => o.l2_less = on_off(&k, &v)?,
+            "data_file" => o.data_file = Some(v),
+            "data_file_raw" => o.data_file_raw = on_off(&k, &v)?,
             // quring's identity extension (docs/identity.md); on by default in the tools.
             "identity" => o.identity = on_off(&k, &v)?.then(quring::format::identity::Identity::generate),
             other => return Err(format!("Invalid parameter '{other}'").into()),

@@ -753,7 +753,7 @@ pub fn write_corpus(dir: &Path) -> Vec<BadCase> {
     std::fs::create_dir_all(dir).unwrap();
     let bases = make_bases();
     let mut out = Vec::new();
-    for spec in specs().into_iter().chain(bitmap_specs()) {
+    for spec in specs().into_iter().chain(bitmap_specs()).chain(data_file_specs()) {
         let path = dir.join(format!("{}.qcow2", spec.name));
         match (spec.base)(&bases) {
             Some(b) => {
@@ -773,4 +773,86 @@ pub fn write_corpus(dir: &Path) -> Vec<BadCase> {
         });
     }
     out
+}
+
+/// The external data file name extension's type.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+const DATA_FILE: &[&str] = &["data file", "data-file", "data_file"];
+
+/// Sets incompatible bit 2 and adds a data file name extension holding `name`.
+fn with_data_file(p: &Path, name: &[u8]) {
+    let f = read_be64(p, H_INCOMPAT);
+    patch_be64(p, H_INCOMPAT, f | 1 << 2);
+    add_extension(p, EXT_DATA_FILE, name);
+}
+
+/// External data file damage (issue 17): the extension, the bits, and entries a data file
+/// does not allow. Every one is refused with a message naming the data file field.
+fn data_file_specs() -> Vec<Spec> {
+    vec![
+        header_case!("data_file_name_empty", plain, DATA_FILE, "bit 2 with an empty data file name extension", |p| {
+            with_data_file(p, b"")
+        }),
+        header_case!(
+            "data_file_name_nul",
+            plain,
+            &["data file", "nul", "could not open"],
+            "bit 2 with a data file name that has a NUL byte",
+            |p| with_data_file(p, b"/nonexistent/a\0b")
+        ),
+        header_case!(
+            "data_file_name_not_utf8",
+            plain,
+            &["data file", "utf-8", "could not open"],
+            "bit 2 with a data file name that is not UTF-8",
+            |p| with_data_file(p, &[b'/', 0xff, 0xfe, b'x'])
+        ),
+        header_case!(
+            "data_file_missing",
+            plain,
+            &["data file", "quring-corpus-missing.raw"],
+            "bit 2 with a data file that does not exist",
+            |p| with_data_file(p, b"/nonexistent/quring-corpus-missing.raw")
+        ),
+        header_case!("data_file_ext_twice", plain, DATA_FILE, "two data file name extensions", |p| {
+            with_data_file(p, b"/nonexistent/one.raw");
+            add_extension(p, EXT_DATA_FILE, b"/nonexistent/two.raw");
+        }),
+        header_case!(
+            "data_file_raw_without_data_file",
+            plain,
+            &["raw external data", "data-file-raw", "data file"],
+            "autoclear bit 1 (raw external data) without incompatible bit 2",
+            |p| patch_be64(p, H_AUTOCLEAR, 1 << 1)
+        ),
+        header_case!(
+            "data_file_with_l2less",
+            plain,
+            &["l2-less", "61"],
+            "incompatible bits 2 and 61 (quring L2-less) together",
+            |p| {
+                with_data_file(p, b"/nonexistent/x.raw");
+                patch_be64(p, H_INCOMPAT, 1 << 2 | 1 << 61);
+            }
+        ),
+        header_case!(
+            "data_file_name_overruns_cluster",
+            plain,
+            &["overrun", "extension"],
+            "data file name extension whose length runs past the header cluster",
+            |p| {
+                with_data_file(p, b"/nonexistent/x.raw");
+                let (off, _) = find_extension(p, EXT_DATA_FILE).unwrap();
+                patch_be32(p, off + 4, 0x20000);
+            }
+        ),
+        data_case!(
+            "data_file_compressed_entry",
+            compressed,
+            &["compressed", "data file"],
+            "compressed clusters in an image whose data file is the image itself",
+            |p| with_data_file(p, p.to_str().unwrap().as_bytes())
+        ),
+    ]
 }

@@ -402,6 +402,9 @@ pub struct Qcow2Opts {
     pub preallocation: Option<&'static str>,
     /// (backing file name as stored in the header, backing format)
     pub backing: Option<(String, String)>,
+    /// External data file: (file name, created next to the image and stored as an absolute
+    /// path, since QEMU opens relative names from the current directory; data_file_raw).
+    pub data_file: Option<(&'static str, bool)>,
 }
 
 impl Default for Qcow2Opts {
@@ -415,6 +418,7 @@ impl Default for Qcow2Opts {
             lazy_refcounts: false,
             preallocation: None,
             backing: None,
+            data_file: None,
         }
     }
 }
@@ -448,8 +452,12 @@ impl Qcow2Opts {
 /// `qemu-img create -f qcow2 -o OPTS [-b B -F F] path size`.
 #[track_caller]
 pub fn create_qcow2(path: &Path, opts: &Qcow2Opts, size: u64) {
-    let mut args =
-        vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into(), "-o".into(), opts.create_options()];
+    let mut o = opts.create_options();
+    if let Some((name, raw)) = opts.data_file {
+        let dir = std::path::absolute(path).expect("absolute path").parent().expect("image directory").to_path_buf();
+        o += &format!(",data_file={},data_file_raw={}", s(&dir.join(name)), if raw { "on" } else { "off" });
+    }
+    let mut args = vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into(), "-o".into(), o];
     if let Some((b, f)) = &opts.backing {
         args.extend(["-b".into(), b.clone(), "-F".into(), f.clone()]);
     }

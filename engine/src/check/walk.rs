@@ -171,6 +171,11 @@ impl Checker<'_> {
             let (entry, bitmap) = l2::read_entry(&g, &table, i);
             let raw = entry.0;
             let bitmap = bitmap.0;
+            if raw & L2_COMPRESSED != 0 && g.external_data {
+                // QEMU: compressed clusters are not allowed with an external data file.
+                self.rep.corrupt(format!("ERROR compressed cluster {i} with data file, entry={raw:#x}"));
+                continue;
+            }
             if raw & L2_COMPRESSED != 0 {
                 if raw & L2_COPIED != 0 {
                     self.rep.corrupt(format!(
@@ -201,7 +206,10 @@ impl Checker<'_> {
             }
             let offset = entry.host_offset().0;
             let zero_flag = !g.extended_l2 && raw & L2_ZERO != 0;
-            if offset == 0 {
+            // With an external data file, offset 0 with COPIED is data at the start of the
+            // data file.
+            let data_at_zero = g.external_data && entry.copied() && !zero_flag;
+            if offset == 0 && !data_at_zero {
                 if !zero_flag && bitmap & BITMAP_ALL_ALLOC != 0 {
                     // Not repaired by qemu-img 10 either.
                     self.rep.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation map".into());
@@ -238,7 +246,11 @@ impl Checker<'_> {
                 }
                 next_contiguous = offset + self.cs;
             }
-            self.inc(offset, self.cs)?;
+            // Data clusters in an external data file have no refcounts here (QEMU's
+            // check_refcounts_l2 counts them only without a data file).
+            if !g.external_data {
+                self.inc(offset, self.cs)?;
+            }
         }
         Ok(())
     }
@@ -476,7 +488,10 @@ impl Checker<'_> {
                 if raw & L2_COMPRESSED != 0 || data == 0 {
                     continue;
                 }
-                if let Stored::Value(rc) = self.stored_refcount(g.cluster_index(data))?
+                // An external data file's clusters count as referenced once (QEMU).
+                let stored =
+                    if g.external_data { Stored::Value(1) } else { self.stored_refcount(g.cluster_index(data))? };
+                if let Stored::Value(rc) = stored
                     && (rc == 1) != entry.copied()
                 {
                     self.rep.note(format!("{verb} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"));

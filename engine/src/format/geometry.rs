@@ -27,6 +27,10 @@ pub struct Geometry {
     pub extended_l2: bool,
     /// log2 of the refcount width in bits (0..=6).
     pub refcount_order: u32,
+    /// Guest data lives in an external data file (incompatible bit 2, see
+    /// [`super::data_file`]): host offset 0 with COPIED is data, compressed entries are
+    /// invalid, data clusters have no refcounts.
+    pub external_data: bool,
 }
 
 impl Geometry {
@@ -47,7 +51,7 @@ impl Geometry {
         if refcount_order > 6 {
             return Err(Error::corrupt("refcount_order", format!("{refcount_order} is above 6 (64-bit refcounts)")));
         }
-        Ok(Geometry { cluster_bits, extended_l2, refcount_order })
+        Ok(Geometry { cluster_bits, extended_l2, refcount_order, external_data: false })
     }
 
     /// Cluster size in bytes.

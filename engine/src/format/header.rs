@@ -232,10 +232,28 @@ impl Header {
                 feature::describe_unknown_incompatible(unknown, &table)
             )));
         }
-        if h.incompatible_features & feature::INCOMPAT_DATA_FILE != 0
-            || h.extensions.iter().any(|e| e.kind == EXT_DATA_FILE)
-        {
-            return Err(Error::Unsupported("external data files (incompatible bit 2) are not supported".into()));
+        // External data file: the name extension is validated whenever it is present; the
+        // bit needs it, and the raw bit needs the bit (QEMU: "data-file-raw requires a data
+        // file").
+        if h.incompatible_features & feature::INCOMPAT_DATA_FILE != 0 {
+            // (Without the bit the extension names nothing and is kept as it is, as QEMU does.)
+            if h.data_file()?.is_none() {
+                return Err(Error::corrupt(
+                    "incompatible_features",
+                    "incompatible bit 2 (external data file) is set but the header has no data file name extension (0x44415441)",
+                ));
+            }
+            if h.incompatible_features & feature::INCOMPAT_L2LESS != 0 {
+                return Err(Error::corrupt(
+                    "incompatible_features",
+                    "incompatible bits 2 (external data file) and 61 (quring L2-less ranges) cannot be combined",
+                ));
+            }
+        } else if h.autoclear_features & feature::AUTOCLEAR_DATA_FILE_RAW != 0 && h.version >= 3 {
+            return Err(Error::corrupt(
+                "autoclear_features",
+                "autoclear bit 1 (raw external data) is set but incompatible bit 2 (external data file) is not",
+            ));
         }
         if h.crypt_method != 0 || h.extensions.iter().any(|e| e.kind == EXT_CRYPTO) {
             return Err(Error::Unsupported(format!(
@@ -348,7 +366,29 @@ impl Header {
             cluster_bits: self.cluster_bits,
             extended_l2: self.incompatible_features & feature::INCOMPAT_EXTL2 != 0,
             refcount_order: self.refcount_order,
+            external_data: self.incompatible_features & feature::INCOMPAT_DATA_FILE != 0,
         }
+    }
+
+    /// The external data file's name from its extension (validated; None: no extension).
+    /// It names the data file only when incompatible bit 2 is set ([`Header::has_data_file`]).
+    pub fn data_file(&self) -> Result<Option<String>> {
+        let mut it = self.extensions.iter().filter(|e| e.kind == EXT_DATA_FILE);
+        let Some(e) = it.next() else { return Ok(None) };
+        if it.next().is_some() {
+            return Err(Error::corrupt("data file name extension", "the header has more than one"));
+        }
+        super::data_file::parse_name(&e.data).map(Some)
+    }
+
+    /// Does guest data live in an external data file (incompatible bit 2)?
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & feature::INCOMPAT_DATA_FILE != 0
+    }
+
+    /// Is the external data file a raw image of the disk (autoclear bit 1)?
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & feature::AUTOCLEAR_DATA_FILE_RAW != 0
     }
 
     /// The feature name table, empty when the extension is absent.
@@ -547,7 +587,8 @@ mod tests {
             h.refcount_table_offset = HostOffset(1 << cb);
             h.refcount_table_clusters = 1;
             h.compatible_features = compat_unknown | if lazy { 1 } else { 0 };
-            h.autoclear_features = autoclear;
+            // (The raw-external-data bit needs a data file: tested on its own.)
+            h.autoclear_features = autoclear & !feature::AUTOCLEAR_DATA_FILE_RAW;
             h.header_length = V3_HEADER_LENGTH + 8 * extra_len as u32;
             h.extra = (0..h.header_length as usize - 105).map(|i| i as u8).collect();
             for (kind, data) in unknown {

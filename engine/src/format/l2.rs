@@ -108,6 +108,12 @@ impl L2Entry {
     pub fn decode(self, g: &Geometry) -> Result<ClusterKind> {
         let e = self.0;
         if e & L2_COMPRESSED != 0 {
+            if g.external_data {
+                return Err(Error::corrupt(
+                    "L2 entry",
+                    format!("compressed cluster descriptor {e:#018x} in an image with an external data file"),
+                ));
+            }
             if e & L2_COPIED != 0 {
                 return Err(Error::corrupt(
                     "L2 entry",
@@ -144,6 +150,11 @@ impl L2Entry {
             return Ok(ClusterKind::ZeroAlloc { host, copied });
         }
         if host.0 == 0 {
+            // With an external data file 0 is a valid host offset: every data cluster there
+            // has COPIED set (QEMU's qcow2_get_cluster_type), which tells it apart.
+            if g.external_data && copied {
+                return Ok(ClusterKind::Normal { host, copied });
+            }
             return Ok(ClusterKind::Unallocated);
         }
         if !g.is_cluster_aligned(host.0) {
@@ -374,6 +385,30 @@ mod tests {
                 pos += run;
             }
         }
+    }
+
+    /// With an external data file, host offset 0 with COPIED is the data file's first
+    /// cluster (QEMU's qcow2_get_cluster_type), and compressed entries are corrupt.
+    #[test]
+    fn external_data_kinds() {
+        for ext in [false, true] {
+            let mut g = Geometry::new(16, ext, 4).unwrap();
+            g.external_data = true;
+            assert_eq!(
+                L2Entry(L2_COPIED).decode(&g).unwrap(),
+                ClusterKind::Normal { host: HostOffset(0), copied: true }
+            );
+            assert_eq!(L2Entry(0).decode(&g).unwrap(), ClusterKind::Unallocated);
+            let e = L2Entry(L2_COMPRESSED | 0x1000).decode(&g).unwrap_err().to_string();
+            assert!(e.contains("external data file"), "{e}");
+        }
+        let mut g = Geometry::new(16, false, 4).unwrap();
+        g.external_data = true;
+        // The zero flag wins over offset 0 (a zero cluster without an offset).
+        assert_eq!(L2Entry(L2_COPIED | 1).decode(&g).unwrap(), ClusterKind::ZeroPlain);
+        // Without a data file, COPIED alone is still unallocated.
+        g.external_data = false;
+        assert_eq!(L2Entry(L2_COPIED).decode(&g).unwrap(), ClusterKind::Unallocated);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod bitmap;
 pub mod bytes;
 pub mod compress;
+pub mod data_file;
 pub mod extension;
 pub mod feature;
 pub mod geometry;

@@ -178,6 +178,9 @@ pub fn check_downgrade(h: &Header, snaps: &[Snapshot], order: u32) -> Result<()>
     if snaps.iter().any(|s| s.vm_state_size() > u32::MAX as u64 || s.disk_size().is_some_and(|d| d != h.size)) {
         return Err(Error::Unsupported("Internal snapshots prevent downgrade of image".into()));
     }
+    if h.has_data_file() {
+        return Err(Error::Unsupported("Cannot downgrade an image with a data file".into()));
+    }
     let blocking = h.incompatible_features & !(feature::INCOMPAT_DIRTY | feature::INCOMPAT_COMPRESSION);
     if blocking != 0 {
         return Err(Error::Unsupported(format!(

@@ -32,7 +32,7 @@ use super::snapshot_refs::Refs;
 use super::*;
 use crate::format::bitmap::{self as bm, BitmapsExt, DirEntry, TableEntry};
 use crate::format::extension::{EXT_BITMAPS, EXT_FEATURE_TABLE};
-use crate::format::feature::AUTOCLEAR_BITMAPS;
+use crate::format::feature::{AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW};
 use crate::format::types::HostOffset;
 use crate::meta::dirty::DirtyBitmap;
 
@@ -157,7 +157,9 @@ pub(super) fn open_bitmaps(
     if read_only || h.version < 3 {
         return Ok(dir);
     }
-    let keep = if consistent { AUTOCLEAR_BITMAPS } else { 0 };
+    // quring keeps the external data file raw-consistent (image/data_file.rs), so the raw
+    // bit stays too.
+    let keep = if consistent { AUTOCLEAR_BITMAPS } else { 0 } | (h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW);
     if h.autoclear_features != keep || (has_ext && !consistent) {
         h.autoclear_features = keep;
         if !consistent {

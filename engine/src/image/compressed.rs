@@ -39,6 +39,11 @@ impl Image {
     /// Stores compressed clusters at unallocated guest clusters (QEMU refuses to compress
     /// over an allocated cluster: "compressed writes only go to unallocated clusters").
     pub(crate) fn store_compressed(&self, items: &[Payload<'_>], cnt: &Counters) -> Result<()> {
+        if self.data_file.is_some() {
+            return Err(Error::Unsupported(
+                "compressed writes to an image with an external data file (qcow2 does not allow them)".into(),
+            ));
+        }
         // The guard wakes the queues parked on the lock when it is released.
         let Some(mut st) = self.lock_meta() else {
             return Err(Error::InvalidRequest("the image is open read-only".into()));

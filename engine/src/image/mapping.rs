@@ -132,7 +132,10 @@ impl Image {
             }
             e => e,
         })?;
+        // (An external data file is not bounded by the image file: past its end it reads
+        // as zeros, as in QEMU.)
         if let Extent::Data(h) = extent
+            && !g.external_data
             && h.0.checked_add(len).is_none_or(|e| e > self.file_len().div_ceil(g.cluster_size()) * g.cluster_size())
         {
             return Err(Error::corrupt(

@@ -19,6 +19,7 @@ mod cache_sizes;
 mod clean;
 pub(crate) mod compressed;
 mod create;
+pub mod data_file;
 pub(crate) mod epoch;
 mod header;
 mod identity;
@@ -39,6 +40,7 @@ pub use backing::NewBacking;
 pub use bitmap_export::BitmapView;
 pub use bitmaps::BitmapInfo;
 pub use create::create;
+pub use data_file::DataFile;
 pub use identity::{find_by_guid, header_guid};
 pub use open::{probe_format, resolve_backing_path};
 pub use snapshot::NewSnapshot;
@@ -198,6 +200,8 @@ pub(crate) type OwedFrees = Arc<Mutex<Vec<(u64, u64)>>>;
 /// An open qcow2 image, shared by all queues (wrap in `Arc`).
 pub struct Image {
     pub(crate) file: ImageFile,
+    /// The external data file (incompatible bit 2), where guest data lives ([`data_file`]).
+    pub(crate) data_file: Option<DataFile>,
     pub(crate) sync: SyncRing,
     pub(crate) header: Mutex<Header>,
     pub(crate) geo: Geometry,
@@ -464,6 +468,8 @@ impl Image {
         // they stay in use, inconsistent, as after a crash).
         let stored = if self.corrupt.load(Ordering::Acquire) { Ok(()) } else { self.store_bitmaps(&mut st) };
         self.close_metadata(&mut st)?;
+        // An external data file's writes are durable when the image is closed cleanly.
+        self.sync_data_file()?;
         stored?;
         st.closed = true;
         Ok(())

@@ -108,6 +108,9 @@ impl Image {
         let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);
         let slice_entries = entry_size / geo.l2_entry_size();
 
+        // External data file (same file layer and lock mode as the image).
+        let data_file = super::data_file::open(&header, read_only, opts.force_share)?;
+
         // Backing chain.
         let backing = if opts.backing == BackingPolicy::Ignore {
             None
@@ -186,6 +189,7 @@ impl Image {
             compression: header.compression_type,
             geo,
             file,
+            data_file,
             sync,
             l1,
             l2_cache,

@@ -78,6 +78,10 @@ impl Image {
                 ),
             )));
         }
+        if g.external_data {
+            // The entries point into the external data file, which holds no metadata.
+            return Ok(());
+        }
         let step = (g.l2_entry_size() / 8) as usize;
         for i in entries {
             let e = word(i * step);

@@ -101,12 +101,23 @@ impl Image {
             }
         }
         h.size = new_size;
+        // The data file grows with the disk, as QEMU's qcow2_co_truncate resizes it.
+        if let Some(d) = &self.data_file
+            && d.file().len()? < new_size
+        {
+            d.file().file().set_len(new_size).map_err(|e| Error::io("ftruncate data file", e))?;
+        }
         self.update_header(&self.counters, |cur| {
             cur.l1_table_offset = h.l1_table_offset;
             cur.l1_size = h.l1_size;
             cur.size = h.size;
         })?;
         self.size.store(new_size, Ordering::Release);
+        // A raw data file's new range is mapped at its guest offsets, as qemu-img does.
+        if self.data_file.as_ref().is_some_and(|d| d.raw()) {
+            self.map_raw_range(&mut st, old, new_size)?;
+            self.flush_metadata(&mut st, false, &self.counters)?;
+        }
         Ok(())
     }
 
@@ -181,6 +192,12 @@ impl Image {
             st.rc.set_end(end);
             st.grown_to = 0;
             self.file_len.store(bytes, Ordering::Release);
+        }
+        // The data file shrinks with the disk, as QEMU's qcow2_co_truncate does.
+        if let Some(d) = &self.data_file
+            && d.file().len()? > new_size
+        {
+            self.sync.ftruncate(d.file().fd(), new_size)?;
         }
         Ok(())
     }

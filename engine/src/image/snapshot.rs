@@ -96,6 +96,10 @@ impl Image {
     /// virtual disk size, icount). Returns the new table entry. Needs idle queues (module
     /// documentation).
     pub fn create_snapshot(&self, new: &NewSnapshot) -> Result<Snapshot> {
+        if self.data_file.is_some() {
+            // As QEMU (qcow2_snapshot_create: -ENOTSUP): the data file has one copy of the data.
+            return Err(Error::Unsupported("internal snapshots of an image with an external data file".into()));
+        }
         let mut st = self.snapshot_lock()?;
         let mut snaps = self.snapshots();
         if snaps.len() >= MAX_SNAPSHOTS as usize {

@@ -99,12 +99,13 @@ impl Image {
                 return Ok(BlockStatus::unallocated(len, depth));
             }
             let (ext, n) = layer.lookup_sync(off, len.min(layer.vsize() - off))?;
-            let path = Some(layer.path().to_path_buf());
+            // Data lives in the external data file when there is one (qemu-img map names it).
+            let path = Some(layer.data_file().map_or(layer.path(), |d| d.path()).to_path_buf());
             match ext {
                 Extent::Data(h) => {
                     // QEMU recurses into the file for images it detects as metadata-
                     // preallocated: holes in the file then report as zeros.
-                    if layer.metadata_preallocated()? {
+                    if layer.data_file().is_none() && layer.metadata_preallocated()? {
                         let flen = layer.file_len();
                         let (data, run) = if h.0 >= flen {
                             (false, n)
@@ -231,7 +232,12 @@ impl Image {
             return Ok(None);
         };
         let host = e & crate::format::geometry::OFFSET_MASK;
-        if host == 0 || e & crate::format::l2::L2_COMPRESSED != 0 {
+        // Host offset 0 is the data file's first cluster when COPIED says it is allocated
+        // (not a zero cluster without an offset).
+        let at_zero = self.geo.external_data
+            && e & crate::format::l2::L2_COPIED != 0
+            && (self.geo.extended_l2 || e & crate::format::l2::L2_ZERO == 0);
+        if (host == 0 && !at_zero) || e & crate::format::l2::L2_COMPRESSED != 0 {
             return Ok(None);
         }
         Ok(Some(host + self.geo.offset_in_cluster(off)))

@@ -201,6 +201,8 @@ impl WbCoord {
 impl Image {
     fn device_flush(&self, c: &Counters) -> Result<()> {
         Counters::add(&c.device_flushes, 1);
+        // Guest data in an external data file is made durable with the metadata, first.
+        self.sync_data_file()?;
         self.sync.fdatasync(self.file.fd())
     }
 

@@ -118,8 +118,9 @@ pub(crate) fn plan(
         }
     };
     // A fresh cluster reads as zeros: with zeros around the write, only the guest's bytes
-    // are written.
-    let write = if target == Target::Fresh && fill_zero { in_c..in_c + len } else { write };
+    // are written. Not in an external data file, where the new cluster is the one at the
+    // guest offset, which may hold old bytes: the whole range is written (zero-filled).
+    let write = if target == Target::Fresh && fill_zero && !g.external_data { in_c..in_c + len } else { write };
     let fills = if fill_zero {
         Vec::new()
     } else {

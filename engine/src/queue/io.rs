@@ -41,8 +41,9 @@ pub(crate) enum Io {
     /// A write of this queue's metadata write-back (`queue/writeback.rs`): write `index`
     /// of stage `stage` of its plan (`token`: the test hook's).
     WbWrite { stage: usize, index: usize, token: u64 },
-    /// A device flush of this queue's metadata write-back (`token`: the test hook's).
-    WbFsync { token: u64 },
+    /// A device flush of this queue's metadata write-back (`token`: the test hook's; `None`
+    /// for the flush of an external data file, which the hook does not see).
+    WbFsync { token: Option<u64> },
     /// A read request's private copy of an L2 slice (see `queue/read.rs`).
     Private { req: usize, layer: Arc<Image>, key: u64, first: usize, buf: AlignedBuf },
 }

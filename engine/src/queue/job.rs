@@ -101,7 +101,14 @@ impl Queue {
         };
         let in_disk = (img.vsize() - cluster.0).min(g.cluster_size());
         let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some());
-        let host = match plan.target {
+        // With an external data file a new cluster is the one at the guest offset (QEMU's
+        // do_alloc_cluster_offset), written in place under the same fill claim as an owned
+        // one: two jobs for one cluster would otherwise both write it whole.
+        let target = match plan.target {
+            cow::Target::Fresh if g.external_data => cow::Target::Own(HostOffset(cluster.0)),
+            t => t,
+        };
+        let host = match target {
             cow::Target::Own(h) => {
                 // Only one in-place fill per host cluster at a time (see Image::fill_busy).
                 if !img.claim_fill(g.host_cluster(h).0) {
@@ -153,7 +160,7 @@ impl Queue {
             word: at.word,
             old: (e, b),
             host,
-            fresh: plan.target == cow::Target::Fresh,
+            fresh: target == cow::Target::Fresh,
             write_start: plan.write.start,
             buf,
             new: (new_e, plan.bitmap),
@@ -199,7 +206,7 @@ impl Queue {
     }
 
     pub(super) fn job_write(&mut self, job: usize) {
-        let fd = self.image.file.fd();
+        let fd = self.image.data_fd();
         let j = &mut self.jobs[job];
         let (ptr, n) = match &mut j.buf {
             Some(b) => {
@@ -258,7 +265,7 @@ impl Queue {
         let Some(g) = self.group.take() else { return };
         crate::counters::Counters::add(&self.counters.data_writes, 1);
         crate::counters::Counters::add(&self.counters.data_write_bytes, g.len);
-        let fd = self.image.file.fd();
+        let fd = self.image.data_fd();
         let io = if g.jobs.len() == 1 {
             self.ios.insert(Io::JobWrite { job: g.jobs[0] })
         } else {
@@ -376,6 +383,10 @@ impl Queue {
     /// Records the decrements an L2 entry's clusters are owed.
     pub(super) fn owe_free(&mut self, e: L2Entry) {
         let g = self.image.geo;
+        if g.external_data {
+            // Data clusters in an external data file have no refcounts.
+            return;
+        }
         match e.decode(&g) {
             Ok(ClusterKind::Normal { host, .. }) | Ok(ClusterKind::ZeroAlloc { host, .. }) => {
                 self.owe(g.host_cluster(host), 1);

@@ -101,7 +101,7 @@ fn resolve(top: &Arc<Image>, off: u64, len: u64, c: &Counters, private: Option<&
                     Counters::bump(&c.l2_hits, 1);
                 }
                 match extent {
-                    Extent::Data(h) => return Ok(Piece::Data { fd: layer.file.fd(), host: h.0, len: n }),
+                    Extent::Data(h) => return Ok(Piece::Data { fd: layer.data_fd(), host: h.0, len: n }),
                     Extent::Zero => return Ok(Piece::Zero { len: n }),
                     Extent::Compressed { host, len: clen } => {
                         if host.0 >= layer.file_len() {
@@ -328,7 +328,7 @@ impl Queue {
         if cached {
             Counters::bump(&self.counters.l2_hits, 1);
         }
-        let fd = img.file.fd();
+        let fd = img.data_fd();
         let io = self.ios.insert(Io::Whole { user_data, dst: buf, len: len as usize, entered });
         self.whole_in_flight += 1;
         let sqe = opcode::Read::new(types::Fd(fd), buf, len as u32).offset(h.0).build().user_data(io as u64);

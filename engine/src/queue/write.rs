@@ -188,7 +188,7 @@ impl Queue {
         // that finishes at once) must not finish it under our feet.
         self.reqs[id].pending += 1;
         self.grouping += 1;
-        let fd = self.image.file.fd();
+        let fd = self.image.data_fd();
         let mut run = RunBuilder::default();
         while let Some((pos, end)) = self.walk_next(id) {
             let pos = GuestOffset(pos);

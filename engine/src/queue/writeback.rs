@@ -96,10 +96,23 @@ impl Queue {
                 let token = img.hook.as_ref().map_or(0, |h| h.0.flush_issued());
                 wb.outstanding += 1;
                 crate::counters::Counters::add(&self.counters.device_flushes, 1);
-                let io = self.ios.insert(Io::WbFsync { token });
+                let io = self.ios.insert(Io::WbFsync { token: Some(token) });
                 let sqe =
                     opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build().user_data(io as u64);
                 self.push(sqe);
+                // Guest data in an external data file: durable by the same stage flush (its
+                // entries are in the copies this plan took, so the flush before the L2 stage
+                // orders that data before them; the closing flush makes it durable).
+                if img.data_file.is_some() {
+                    let wb = self.wb.as_mut().expect("write-back in progress");
+                    wb.outstanding += 1;
+                    let io = self.ios.insert(Io::WbFsync { token: None });
+                    let sqe = opcode::Fsync::new(types::Fd(img.data_fd()))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                        .user_data(io as u64);
+                    self.push(sqe);
+                }
                 continue;
             }
             wb.stage += 1;
@@ -124,8 +137,8 @@ impl Queue {
     }
 
     /// A device flush of the write-back completed with `res`.
-    pub(super) fn wb_fsync_done(&mut self, token: u64, res: i32) {
-        if let Some(h) = &self.image.hook {
+    pub(super) fn wb_fsync_done(&mut self, token: Option<u64>, res: i32) {
+        if let (Some(h), Some(token)) = (&self.image.hook, token) {
             h.0.flush_completed(token, res >= 0);
         }
         let Some(wb) = self.wb.as_mut() else { return };

@@ -129,11 +129,30 @@ impl Queue {
             } else {
                 ZeroHow::Zero { unmap }
             };
-            let r = self.zero_entry(slot, at.word, meta_start - cstart, meta_end - meta_start, whole, how);
+            let mut dropped = None;
+            let r =
+                self.zero_entry(slot, at.word, meta_start - cstart, meta_end - meta_start, whole, how, &mut dropped);
             drop(st);
             img.l2_cache.unpin(slot);
             match r {
-                Ok(true) => {}
+                Ok(true) => {
+                    // A raw data file stays a raw image of the disk: the range reads as
+                    // zeros there too (QEMU zeroes the data file in qcow2_subcluster_zeroize
+                    // and passes discards through). Otherwise a dropped mapping gives its
+                    // cluster's space back (the discard passed through), when it is the
+                    // cluster at the guest offset, where quring and QEMU place data.
+                    let punch = match &img.data_file {
+                        Some(d) if d.raw() => Some((meta_start, meta_end - meta_start)),
+                        Some(_) => dropped.filter(|&h| h == cstart).map(|h| (h, cs)),
+                        None => None,
+                    };
+                    if let Some((off, len)) = punch
+                        && let Err(e) = img.punch_data(off, len)
+                    {
+                        self.fail_with(id, e);
+                        break;
+                    }
+                }
                 Ok(false) => {
                     // The entry cannot express it (part of a compressed cluster): zeros
                     // are written as data, which copies the cluster (as QEMU does).
@@ -155,7 +174,9 @@ impl Queue {
 
     /// Rewrites one L2 entry for a zero write or discard (metadata lock held). `Ok(false)`:
     /// the entry cannot express the change (a partial zero write to a compressed cluster);
-    /// nothing was changed and the range must be written as zeros.
+    /// nothing was changed and the range must be written as zeros. `dropped` receives the
+    /// host offset of a cluster the entry no longer maps.
+    #[allow(clippy::too_many_arguments)]
     fn zero_entry(
         &mut self,
         slot: SlotId,
@@ -164,6 +185,7 @@ impl Queue {
         len: u64,
         whole: bool,
         how: ZeroHow,
+        dropped: &mut Option<u64>,
     ) -> Result<bool> {
         let (discard, unmap, full) = match how {
             ZeroHow::Zero { unmap } => (false, unmap, false),
@@ -199,6 +221,7 @@ impl Queue {
                 cache.store_pair(slot, word, ne, nb);
                 if free {
                     self.owe_free(L2Entry(e));
+                    *dropped = allocated.then(|| L2Entry(e).host_offset().0);
                 }
                 return Ok(true);
             }
@@ -218,6 +241,7 @@ impl Queue {
             if cache.cas_word(slot, word, e, ne) {
                 if free {
                     self.owe_free(L2Entry(e));
+                    *dropped = allocated.then(|| L2Entry(e).host_offset().0);
                 }
                 return Ok(true);
             }

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::extension::{EXT_FEATURE_TABLE, Extension};
+use super::extension::{EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, Extension};
 use super::feature;
 use super::geometry::{Geometry, MAX_L1_BYTES, OFFSET_MASK};
 use super::header::{CompressionType, Header, MAX_BACKING_NAME, V2_HEADER_LENGTH};
@@ -77,6 +77,12 @@ pub struct CreateOptions {
     /// image's GUID and length. None (the default) keeps the file byte-identical to
     /// `qemu-img create`'s; left out when it does not fit in cluster 0.
     pub identity: Option<super::identity::Identity>,
+    /// External data file name (`data_file`): incompatible bit 2 and the data file name
+    /// extension ([`super::data_file`]); the caller creates the file itself.
+    pub data_file: Option<String>,
+    /// `data_file_raw`: autoclear bit 1, with every cluster mapped at its guest offset
+    /// (metadata preallocated, as qemu-img does).
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -94,6 +100,8 @@ impl Default for CreateOptions {
             compression: CompressionType::Deflate,
             l2_less: false,
             identity: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -187,6 +195,23 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
             ));
         }
     }
+    if o.data_file_raw && o.data_file.is_none() {
+        return Err(invalid("Parameter 'data-file-raw' requires 'data-file'"));
+    }
+    if let Some(d) = &o.data_file {
+        super::data_file::parse_name(d.as_bytes()).map_err(|e| invalid(format!("Invalid data file name: {e}")))?;
+        if o.compat_v2 {
+            return Err(invalid(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
+        if o.l2_less {
+            return Err(invalid("L2-less ranges cannot be combined with an external data file (data_file)"));
+        }
+        if o.data_file_raw && o.backing_file.is_some() {
+            return Err(invalid("Backing file and data-file-raw cannot be used at the same time"));
+        }
+    }
     if let Some(f) = &o.backing_fmt
         && f.is_empty()
     {
@@ -195,11 +220,13 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
     let size = o.size.checked_next_multiple_of(512).filter(|&s| s <= MAX_IMAGE_LENGTH).ok_or_else(|| {
         invalid(format!("Could not resize image: offset({}) exceeds maximum({MAX_IMAGE_LENGTH})", o.size))
     })?;
-    let g = Geometry::new(cluster_bits, o.extended_l2, o.refcount_bits.trailing_zeros())?;
+    let mut g = Geometry::new(cluster_bits, o.extended_l2, o.refcount_bits.trailing_zeros())?;
+    g.external_data = o.data_file.is_some();
     let l1_entries = g.l1_entries_for(size).filter(|&n| n <= MAX_L1_BYTES / 8).ok_or_else(|| {
         invalid("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
     })?;
-    if o.preallocation != Preallocation::Off {
+    let prealloc_meta = o.preallocation != Preallocation::Off || o.data_file_raw;
+    if prealloc_meta {
         // L2 tables alone; refcount blocks are checked as they are created.
         let l2_bytes = l1_entries.saturating_mul(cs);
         if l2_bytes > MAX_PLAN_METADATA {
@@ -227,6 +254,15 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
     }
     header.backing_file = o.backing_file.clone();
     header.set_backing_format(o.backing_fmt.as_deref());
+    if let Some(d) = &o.data_file {
+        // QEMU writes it right after the backing format extension.
+        header.incompatible_features |= feature::INCOMPAT_DATA_FILE;
+        if o.data_file_raw {
+            header.autoclear_features |= feature::AUTOCLEAR_DATA_FILE_RAW;
+        }
+        let at = header.extensions.iter().position(|e| e.kind != EXT_BACKING_FORMAT).unwrap_or(header.extensions.len());
+        header.extensions.insert(at, super::data_file::to_extension(d));
+    }
     if o.l2_less {
         header.incompatible_features |= feature::INCOMPAT_L2LESS;
         // quring's own bit is named whenever the table fits, so that other implementations
@@ -256,6 +292,8 @@ pub fn plan_create(o: &CreateOptions) -> Result<CreatePlan> {
     // qcow2_co_truncate: grow the L1 table to its exact size.
     sim.grow_l1(l1_entries)?;
     match o.preallocation {
+        // qemu-img maps every cluster of a raw data file at its guest offset.
+        _ if o.data_file.is_some() && prealloc_meta => sim.preallocate_external(size)?,
         Preallocation::Off => {}
         Preallocation::Metadata => sim.preallocate_metadata(size)?,
         Preallocation::Falloc | Preallocation::Full => sim.preallocate_data(size)?,

@@ -425,6 +425,22 @@ impl Sim {
         Ok(())
     }
 
+    /// `preallocate_co` with an external data file: every cluster mapped at its guest
+    /// offset in the data file (QEMU's `do_alloc_cluster_offset`), only L2 tables
+    /// allocated here.
+    pub(super) fn preallocate_external(&mut self, size: u64) -> Result<()> {
+        let cs = self.cs;
+        let mut start = 0u64;
+        while start < size {
+            self.l2_table(start)?;
+            let l2_index = (start >> self.cb) & (self.g.l2_entries() - 1);
+            let nb = (size - start).div_ceil(cs).min(self.g.l2_entries() - l2_index);
+            self.link(start, start, nb)?;
+            start += nb * cs;
+        }
+        Ok(())
+    }
+
     /// `preallocate_co` (preallocation=metadata).
     pub(super) fn preallocate_metadata(&mut self, size: u64) -> Result<()> {
         let cs = self.cs;

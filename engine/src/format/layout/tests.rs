@@ -333,6 +333,8 @@ fn any_options() -> impl Strategy<Value = CreateOptions> {
             l2_less: false,
             // quring's identity extension on some plans (it must parse back).
             identity: lazy.then(crate::format::identity::Identity::generate),
+            data_file: None,
+            data_file_raw: false,
         })
 }
 
