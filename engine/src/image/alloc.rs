@@ -4,7 +4,7 @@
 
 use crate::counters::Counters;
 use crate::format::l1::L1Entry;
-use crate::format::types::HostCluster;
+use crate::format::types::{GuestCluster, HostCluster};
 use crate::image::{Image, MetaState};
 use crate::meta::overlap::MetaKind;
 use crate::meta::refcount::MetaIo;
@@ -102,6 +102,21 @@ impl Image {
     /// Gives the fill claim of `host` back and wakes the queues waiting for one.
     pub(crate) fn release_fill(&self, host: u64) {
         self.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&host);
+        wake(self.lock_waiters.notify_counted());
+    }
+
+    /// Takes the allocation claim of guest cluster `c` (see [`Image::alloc_busy`]); false
+    /// when another job holds it (park on [`Image::lock_waiters`]). The set's own lock is
+    /// held only for the insert, so it is waited for rather than tried: a failed try would
+    /// park a request without anyone to wake it.
+    pub(crate) fn claim_alloc(&self, c: GuestCluster) -> bool {
+        self.alloc_busy.lock().unwrap_or_else(|e| e.into_inner()).insert(c)
+    }
+
+    /// Gives the allocation claim of guest cluster `c` back and wakes the queues waiting
+    /// for one.
+    pub(crate) fn release_alloc(&self, c: GuestCluster) {
+        self.alloc_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&c);
         wake(self.lock_waiters.notify_counted());
     }
 
@@ -303,6 +318,10 @@ impl Image {
         Counters::add(&cnt.l2_writes, 1);
         Counters::add(&cnt.l2_write_bytes, cs as u64);
         Counters::add(&cnt.clusters_allocated, 1);
+        if old.l2_offset().0 == 0 {
+            // A new, zeroed table (a copied one is loaded, and checked, when used).
+            self.install_slices(off, &table, cnt);
+        }
         if old.l2_offset().0 != 0 {
             let oc = self.geo.cluster_index(old.l2_offset().0);
             st.rc.free_later(oc, 1);

@@ -114,26 +114,45 @@ impl Queue {
                 // old entry would then write its zeros over that job's data in the live
                 // cluster, before the commit could notice. Plans are made only from the entry
                 // as it is under the claim.
-                let now_e = L2Entry(img.l2_cache.load_word(slot, at.word));
-                let now_b = if g.extended_l2 { SubclusterBitmap(img.l2_cache.load_word(slot, at.word + 1)) } else { b };
-                if now_e != e || now_b != b {
+                if self.entry_changed(slot, at.word, e, b) {
                     img.release_fill(g.host_cluster(h).0);
                     img.l2_cache.unpin(slot);
                     return Ok(Started::Stale);
                 }
                 h
             }
-            cow::Target::Fresh => match self.take_cluster() {
-                Ok(Some(c)) => g.host_offset(c),
-                Ok(None) => {
+            cow::Target::Fresh => {
+                // One new cluster per guest cluster at a time (see Image::alloc_busy): a
+                // write into a guest cluster that another job is allocating waits for its
+                // entry, then writes in place (or fills subclusters of it).
+                let gc = g.guest_cluster(cluster);
+                if !img.claim_alloc(gc) {
                     img.l2_cache.unpin(slot);
                     return Ok(Started::NeedLock);
                 }
-                Err(err) => {
+                // A job that held the claim may have published since the piece was
+                // resolved: plan again from its entry rather than write a cluster whose
+                // publication must fail.
+                if self.entry_changed(slot, at.word, e, b) {
+                    img.release_alloc(gc);
                     img.l2_cache.unpin(slot);
-                    return Err(err);
+                    return Ok(Started::Stale);
                 }
-            },
+                let want = self.clusters_left(id, cluster);
+                match self.take_cluster(want) {
+                    Ok(Some(c)) => g.host_offset(c),
+                    Ok(None) => {
+                        img.release_alloc(gc);
+                        img.l2_cache.unpin(slot);
+                        return Ok(Started::NeedLock);
+                    }
+                    Err(err) => {
+                        img.release_alloc(gc);
+                        img.l2_cache.unpin(slot);
+                        return Err(err);
+                    }
+                }
+            }
         };
         let new_e = match plan.entry {
             cow::NewEntry::Keep => e,
@@ -180,6 +199,25 @@ impl Queue {
         }
         self.job_read_done(job, 0, None);
         Ok(Started::Yes)
+    }
+
+    /// Whether the L2 entry (and with extended L2 its bitmap) at `word` of pinned slice
+    /// `slot` differs from `e` / `b`, what a piece was resolved from.
+    fn entry_changed(&self, slot: SlotId, word: usize, e: L2Entry, b: SubclusterBitmap) -> bool {
+        let c = &self.image.l2_cache;
+        let now_e = L2Entry(c.load_word(slot, word));
+        let now_b = if self.image.geo.extended_l2 { SubclusterBitmap(c.load_word(slot, word + 1)) } else { b };
+        now_e != e || now_b != b
+    }
+
+    /// Guest clusters of request `id` from the one at `cluster` to its end: how many new
+    /// clusters the rest of its walk may take (a batch refill reserves them together, so
+    /// that they follow each other on the host).
+    fn clusters_left(&self, id: usize, cluster: GuestOffset) -> u64 {
+        let r = &self.reqs[id];
+        let g = &self.image.geo;
+        let end = r.offset + r.len;
+        (end - cluster.0).div_ceil(g.cluster_size())
     }
 
     pub(crate) fn job_read_done(&mut self, job: usize, err: i32, detail: Option<Error>) {
@@ -335,7 +373,9 @@ impl Queue {
         let img = self.image.clone();
         img.l2_cache.unpin(j.slot);
         let host = img.geo.host_cluster(j.host);
-        if !j.fresh {
+        if j.fresh {
+            img.release_alloc(img.geo.guest_cluster(j.cluster));
+        } else {
             img.release_fill(host.0);
         }
         let id = j.req;

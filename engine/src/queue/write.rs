@@ -24,8 +24,13 @@ use crate::io::AlignedBuf;
 use crate::{Error, Result};
 use io_uring::{opcode, types};
 
-/// Clusters a queue reserves at a time.
+/// Clusters a queue reserves at a time (at least).
 const BATCH: u64 = 64;
+
+/// Most bytes of clusters one batch refill reserves for the request that needs them (a
+/// request that allocates more clusters than [`BATCH`] reserves them together, so that
+/// they follow each other on the host and take one data write).
+const MAX_REFILL_BYTES: u64 = 32 << 20;
 
 /// What a write piece needs.
 enum WPiece {
@@ -89,17 +94,19 @@ impl Queue {
         Ok(WPiece::Alloc { slot, entry, bitmap, len })
     }
 
-    /// Takes a host cluster from the batch, refilling it under the metadata lock.
-    /// `Ok(None)`: the lock is busy (park).
-    pub(super) fn take_cluster(&mut self) -> Result<Option<HostCluster>> {
+    /// Takes a host cluster from the batch, refilling it under the metadata lock with at
+    /// least [`BATCH`] clusters, or `want` (the clusters the request may still take, up to
+    /// [`MAX_REFILL_BYTES`]). `Ok(None)`: the lock is busy (park).
+    pub(super) fn take_cluster(&mut self, want: u64) -> Result<Option<HostCluster>> {
         if let Some(c) = self.batch.pop() {
             return Ok(Some(c));
         }
         let img = self.image.clone();
         let Some(mut st) = img.try_meta()? else { return Ok(None) };
         self.hand_over_frees(&mut st.rc.pending_free);
-        let mut got = Vec::with_capacity(BATCH as usize);
-        img.reserve_clusters(&mut st, BATCH, &mut got, &self.counters)?;
+        let n = want.min(MAX_REFILL_BYTES >> img.geo.cluster_bits).max(BATCH);
+        let mut got = Vec::with_capacity(n as usize);
+        img.reserve_clusters(&mut st, n, &mut got, &self.counters)?;
         drop(st);
         // Pop from the end: keep ascending order for contiguous layout.
         self.batch = got.into_iter().rev().map(HostCluster).collect();
@@ -182,6 +189,50 @@ impl Queue {
         }
     }
 
+    /// Makes the private L2 tables (or L2-less extents) of every L1 entry that the rest of
+    /// request `id` spans before its data clusters are taken, under one hold of the lock:
+    /// made one by one as the walk reaches them, each table would land between two clusters
+    /// of the request's data and split its one write into several. Returns whether the
+    /// walk goes on (false: parked on the lock, or failed).
+    fn tables_ahead(&mut self, id: usize) -> bool {
+        let img = self.image.clone();
+        let g = &img.geo;
+        let r = &self.reqs[id];
+        let (first, last) = (
+            g.l1_index(g.guest_cluster(GuestOffset(r.cursor))),
+            g.l1_index(g.guest_cluster(GuestOffset(r.offset + r.len - 1))),
+        );
+        if first >= last {
+            return true;
+        }
+        let needs = |l1i: u64| {
+            // Neither an L2-less range the image owns nor a private table yet.
+            let e = img.l1_entry(l1i);
+            !(img.write_l1_ready(l1i) || e.contiguous() && e.copied())
+        };
+        if !(first..=last).any(needs) {
+            return true;
+        }
+        let res = (|| {
+            let Some(mut st) = img.try_meta()? else { return Ok(false) };
+            for l1i in (first..=last).filter(|&l| needs(l)) {
+                img.ensure_l2_table(&mut st, l1i, &self.counters)?;
+            }
+            Ok(true)
+        })();
+        match res {
+            Ok(true) => true,
+            Ok(false) => {
+                self.park_lock(id);
+                false
+            }
+            Err(e) => {
+                self.fail_write(id, e);
+                false
+            }
+        }
+    }
+
     /// Advances a write request.
     pub(crate) fn drive_write(&mut self, id: usize) {
         // Hold the request open while we walk it: a nested completion (a child request
@@ -190,7 +241,8 @@ impl Queue {
         self.grouping += 1;
         let fd = self.image.file.fd();
         let mut run = RunBuilder::default();
-        while let Some((pos, end)) = self.walk_next(id) {
+        let ahead = self.walk_next(id).is_none() || self.tables_ahead(id);
+        while let Some((pos, end)) = self.walk_next(id).filter(|_| ahead) {
             let pos = GuestOffset(pos);
             let piece = match self.resolve_write(pos, end - pos.0) {
                 Ok(p) => p,
