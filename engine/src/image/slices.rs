@@ -82,25 +82,21 @@ impl Image {
         }
     }
 
-    /// Puts the slices of the (zeroed, so valid) L2 table just written at host offset
-    /// `table` (`bytes`, the whole table) into the cache, clean, so that the writes that made it do not read it
-    /// back (an allocating write that spans L1 entries would otherwise park on a load per
-    /// table). A slice whose set has no slot to give now is left to be loaded when used.
-    /// A stale slice under the same key (a table freed from this cluster) is dropped first.
-    pub(crate) fn install_slices(&self, table: u64, bytes: &[u8], c: &Counters) {
-        let len = self.l2_cache.slot_size();
-        for (i, slice) in bytes.chunks_exact(len).enumerate() {
-            let key = table + (i * len) as u64;
-            self.l2_cache.forget(key);
+    /// Puts slices `keys` of an L2 table just written as zeros into the cache, clean, so
+    /// that the writes that made the table do not read them back (an allocating write that
+    /// spans L1 entries would otherwise park on a load per table). A slice already cached
+    /// (another queue loaded it) or whose set has no slot to give now is left alone.
+    pub(crate) fn install_zero_slices(&self, keys: impl Iterator<Item = u64>, c: &Counters) {
+        let words = self.l2_cache.slot_size() / 8;
+        for key in keys {
             let mut evicted = false;
             let claim = self.l2_cache.claim_noting(key, &mut evicted);
             if evicted {
                 Counters::add(&c.l2_evictions, 1);
             }
             if let Claim::Load(slot) = claim {
-                for (w, b) in slice.chunks_exact(8).enumerate() {
-                    let v = u64::from_be_bytes(b.try_into().expect("8-byte chunk"));
-                    self.l2_cache.init_word(slot, w, v);
+                for w in 0..words {
+                    self.l2_cache.init_word(slot, w, 0);
                 }
                 self.l2_cache.complete_load(slot);
             }

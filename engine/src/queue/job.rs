@@ -46,7 +46,7 @@ pub(crate) struct Job {
 }
 
 /// Largest write a [`WriteGroup`] grows to (an SQE's length is 32 bits).
-const MAX_GROUP_WRITE: u64 = 1 << 30;
+pub(super) const MAX_GROUP_WRITE: u64 = 1 << 30;
 
 /// Data writes of consecutive jobs of one request (issue 15, item 1): a request that
 /// allocates several clusters takes them in ascending order from the queue's batch, so a
@@ -58,6 +58,10 @@ pub(crate) struct WriteGroup {
     req: usize,
     /// The jobs, in guest order.
     jobs: Vec<usize>,
+    /// The group starts with an overwrite in place of the same request (the clusters before
+    /// the jobs' are the image's already and the new ones follow them on the host): it
+    /// holds one `pending` of the request; the test hook's token for its bytes.
+    lead: Option<u64>,
     /// The guest buffer and host offset of the first job's bytes, and the total length.
     ptr: *const u8,
     off: u64,
@@ -281,7 +285,7 @@ impl Queue {
                 return;
             }
             self.issue_group();
-            self.group = Some(WriteGroup { req, jobs: vec![job], ptr, off, len: n });
+            self.group = Some(WriteGroup { req, jobs: vec![job], lead: None, ptr, off, len: n });
             return;
         }
         crate::counters::Counters::add(&self.counters.data_writes, 1);
@@ -291,16 +295,38 @@ impl Queue {
         self.push(sqe);
     }
 
+    /// Starts a [`WriteGroup`] with `len` bytes of request `id` at `ptr` (its memory,
+    /// 512-byte aligned) that overwrite host bytes at `off` in place, so that the jobs the
+    /// walk starts next join them in one write when their clusters follow on the host.
+    pub(super) fn lead_group(&mut self, id: usize, ptr: *const u8, off: u64, len: u64) {
+        self.issue_group();
+        let mut token = 0;
+        if let Some(h) = &self.image.hook {
+            if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, len) {
+                self.fail(id, -errno);
+                return;
+            }
+            // SAFETY: ptr is valid for len bytes (inside the request buffer).
+            let data = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
+            token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
+        }
+        self.reqs[id].pending += 1;
+        self.group = Some(WriteGroup { req: id, jobs: Vec::new(), lead: Some(token), ptr, off, len });
+    }
+
     /// Issues the pending [`WriteGroup`], if any: one data write for all its jobs.
     pub(super) fn issue_group(&mut self) {
         let Some(g) = self.group.take() else { return };
         crate::counters::Counters::add(&self.counters.data_writes, 1);
         crate::counters::Counters::add(&self.counters.data_write_bytes, g.len);
         let fd = self.image.file.fd();
-        let io = if g.jobs.len() == 1 {
-            self.ios.insert(Io::JobWrite { job: g.jobs[0] })
-        } else {
-            self.ios.insert(Io::GroupWrite { jobs: g.jobs, len: g.len })
+        let io = match (g.lead, g.jobs.len()) {
+            (Some(token), 0) => self.ios.insert(Io::Write { req: g.req, token }),
+            (None, 1) => self.ios.insert(Io::JobWrite { job: g.jobs[0] }),
+            (lead, _) => {
+                let lead = lead.map(|token| (g.req, token));
+                self.ios.insert(Io::GroupWrite { jobs: g.jobs, len: g.len, lead })
+            }
         };
         let sqe = opcode::Write::new(types::Fd(fd), g.ptr, g.len as u32).offset(g.off).build().user_data(io as u64);
         self.push(sqe);
