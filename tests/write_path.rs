@@ -211,6 +211,7 @@ struct Cost {
     data_writes: u64,
     data_bytes: u64,
     cow_bytes: u64,
+    zero_fill_bytes: u64,
     guest_bytes: u64,
 }
 
@@ -266,6 +267,7 @@ fn run_layout(layout: &Layout, size: u64, writes: &[(u64, u64)], depth: usize) -
         data_writes: after.data_writes - before.data_writes,
         data_bytes: after.data_write_bytes - before.data_write_bytes,
         cow_bytes: after.cow_bytes - before.cow_bytes,
+        zero_fill_bytes: after.zero_fill_bytes - before.zero_fill_bytes,
         guest_bytes: writes.iter().map(|w| w.1).sum(),
     };
     (cost, runs)
@@ -293,6 +295,7 @@ fn sequential_writes_write_only_the_guest_bytes_in_every_layout() {
             let what = format!("{} ({} requests of {chunk}, {depth} in flight)", layout.name(), writes.len());
             assert_eq!(cost.data_bytes, cost.guest_bytes, "{what}: device data bytes per guest byte");
             assert_eq!(cost.cow_bytes, 0, "{what}: copy-on-write bytes");
+            assert_eq!(cost.zero_fill_bytes, 0, "{what}: zero fill bytes");
             let expect: u64 = writes.iter().map(|&(o, l)| runs_touched(&runs, o, l)).sum();
             assert_eq!(cost.data_writes, expect, "{what}: data writes (host runs {runs:x?})");
             assert_eq!(expect, writes.len() as u64, "{what}: each request's clusters follow each other on the host");
@@ -323,6 +326,7 @@ fn multi_cluster_writes_are_one_write_per_host_run() {
         assert_eq!(cost.data_writes, expect, "{what}: data writes (host runs {runs:x?})");
         assert_eq!(cost.data_bytes, cost.guest_bytes, "{what}: device data bytes per guest byte");
         assert_eq!(cost.cow_bytes, 0, "{what}: copy-on-write bytes");
+        assert_eq!(cost.zero_fill_bytes, 0, "{what}: zero fill bytes");
         let clusters: u64 = writes.iter().map(|&(o, l)| (o + l).div_ceil(c) - o / c).sum();
         assert!(expect < clusters, "{what}: {expect} host runs for {clusters} clusters");
     }

@@ -164,6 +164,9 @@ impl Queue {
         };
         let src = self.reqs[id].mem(pos.0, len) as *const u8;
         let wlen = plan.write.end - plan.write.start;
+        if plan.fill_zero && wlen > len {
+            Counters::add(&self.counters.zero_fill_bytes, wlen - len);
+        }
         let direct = wlen == len && (src as usize).is_multiple_of(512);
         let buf = if direct { None } else { Some(self.get_buf(wlen as usize)) };
         let job = self.jobs.insert(Job {
