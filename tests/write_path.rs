@@ -102,3 +102,232 @@ fn unaligned_multi_cluster_writes_match_qemu() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The whole matrix: every cluster size, extended L2, refcount widths, lazy refcounts and
+// L2-less ranges; requests in flight together.
+
+const KIB: u64 = 1024;
+
+/// Every cluster size qcow2 allows.
+const CLUSTER_SIZES: [u64; 13] =
+    [512, KIB, 2 * KIB, 4 * KIB, 8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, MIB, 2 * MIB];
+
+/// One image layout of the matrix.
+struct Layout {
+    cluster: u64,
+    /// Made by `qemu-img create` with these options, or (None) an L2-less image made by
+    /// `quring create` (QEMU cannot open those).
+    qemu: Option<Qcow2Opts>,
+    /// `quring create -o` options of an L2-less image.
+    l2less: String,
+}
+
+impl Layout {
+    fn qemu(opts: Qcow2Opts) -> Layout {
+        Layout { cluster: opts.cluster_size as u64, qemu: Some(opts), l2less: String::new() }
+    }
+
+    fn name(&self) -> String {
+        match &self.qemu {
+            Some(o) => o.create_options(),
+            None => self.l2less.clone(),
+        }
+    }
+
+    fn create(&self, path: &std::path::Path, size: u64) {
+        match &self.qemu {
+            Some(o) => create_qcow2(path, o, size),
+            None => {
+                let r = quring(["create", "-q", "-o", &self.l2less, &s(path), &size.to_string()]);
+                assert_eq!(r.status(), 0, "{}", r.describe());
+            }
+        }
+    }
+
+    /// Checks the image (QEMU's check; an L2-less one is checked by quring, converted to
+    /// the standard layout and that checked by QEMU) and compares its content with the raw
+    /// file qemu-io made from the same writes.
+    fn verify(&self, dir: &std::path::Path, img: &std::path::Path, raw: &std::path::Path) {
+        let what = self.name();
+        let std_img = if self.qemu.is_some() {
+            img.to_path_buf()
+        } else {
+            let r = quring(["check", &s(img)]);
+            assert_eq!(r.status(), 0, "{what}: quring check\n{}", r.describe());
+            let std_img = dir.join("converted.qcow2");
+            let r = quring(["convert", "-O", "qcow2", &s(img), &s(&std_img)]);
+            assert_eq!(r.status(), 0, "{what}: {}", r.describe());
+            std_img
+        };
+        let r = qemu_img(["check", &s(&std_img)]);
+        assert_eq!(r.status(), 0, "{what}: {}", r.describe());
+        let r = qemu_img(["compare", "-f", "qcow2", "-F", "raw", &s(&std_img), &s(raw)]);
+        assert_eq!(r.status(), 0, "{what}: {}", r.describe());
+    }
+
+    /// The host runs of written data (`map --output=json`: `qemu-img map`, or `quring map`
+    /// for an L2-less image) as (guest start, guest end) ranges.
+    fn host_runs(&self, img: &std::path::Path) -> Vec<(u64, u64)> {
+        let r = if self.qemu.is_some() {
+            qemu_img(["map", "--output=json", &s(img)])
+        } else {
+            quring(["map", "--output=json", &s(img)])
+        };
+        assert_eq!(r.status(), 0, "{}", r.describe());
+        let v = r.json();
+        v.as_array()
+            .expect("map: a JSON array")
+            .iter()
+            .filter(|e| e["data"] == true && e["zero"] == false && e.get("offset").is_some())
+            .map(|e| {
+                let start = e["start"].as_u64().unwrap();
+                (start, start + e["length"].as_u64().unwrap())
+            })
+            .collect()
+    }
+}
+
+/// Every layout of the matrix: each cluster size with 16- and 1-bit refcounts, extended
+/// L2 where the cluster allows it (16 KiB and up), lazy refcounts, and L2-less ranges.
+fn matrix() -> Vec<Layout> {
+    let mut v = Vec::new();
+    for cs in CLUSTER_SIZES {
+        let base = Qcow2Opts::cluster(cs as u32);
+        v.push(Layout::qemu(base.clone()));
+        v.push(Layout::qemu(Qcow2Opts { refcount_bits: 1, ..base.clone() }));
+        v.push(Layout::qemu(Qcow2Opts { lazy_refcounts: true, ..base.clone() }));
+        if cs >= 16 * KIB {
+            v.push(Layout::qemu(Qcow2Opts { extended_l2: true, ..base.clone() }));
+            v.push(Layout::qemu(Qcow2Opts { extended_l2: true, refcount_bits: 1, ..base.clone() }));
+        }
+        v.push(Layout { cluster: cs, qemu: None, l2less: format!("l2_less=on,cluster_size={cs}") });
+    }
+    v
+}
+
+/// What a run of writes cost, from the counters.
+struct Cost {
+    data_writes: u64,
+    data_bytes: u64,
+    cow_bytes: u64,
+    zero_fill_bytes: u64,
+    guest_bytes: u64,
+}
+
+/// Writes `writes` (offset, length) to a fresh image of `layout` with up to `depth`
+/// requests in flight on one queue, then verifies the image against qemu-io's result.
+/// Returns the cost and the image's host runs.
+fn run_layout(layout: &Layout, size: u64, writes: &[(u64, u64)], depth: usize) -> (Cost, Vec<(u64, u64)>) {
+    use quring::queue::{Completion, Op, Request};
+    let dir = tempdir();
+    let img_path = dir.path().join("w.qcow2");
+    let raw_path = dir.path().join("w.raw");
+    layout.create(&img_path, size);
+    let img = Image::open(&img_path, &Options::default()).unwrap();
+    let mut q = Queue::new(&img, &QueueOptions::default()).unwrap();
+    let bufs: Vec<AlignedBuf> = writes
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, len))| {
+            let mut b = AlignedBuf::new(len as usize);
+            b.fill((i % 200 + 1) as u8);
+            b
+        })
+        .collect();
+    let before = img.counters();
+    let (mut next, mut in_flight, mut done) = (0, 0, Vec::<Completion>::new());
+    while next < writes.len() || in_flight > 0 {
+        while next < writes.len() && in_flight < depth {
+            let (offset, len) = writes[next];
+            let op = Op::Write { offset, buf: bufs[next].as_ptr(), len: len as usize };
+            // SAFETY: `bufs` outlives every request: all are reaped before it is dropped.
+            unsafe { q.submit(Request { op, user_data: next as u64 }).unwrap() };
+            next += 1;
+            in_flight += 1;
+        }
+        done.clear();
+        q.reap(&mut done, 1, None).unwrap();
+        for c in &done {
+            assert_eq!(c.result, 0, "{}: write {}", layout.name(), c.user_data);
+            in_flight -= 1;
+        }
+    }
+    let after = img.counters();
+    q.flush().unwrap();
+    drop(q);
+    img.close().unwrap();
+    drop(img);
+    let cmds: Vec<String> =
+        writes.iter().enumerate().map(|(i, &(off, len))| format!("write -P {} {off} {len}", i % 200 + 1)).collect();
+    build_raw(&raw_path, size, &cmds);
+    layout.verify(dir.path(), &img_path, &raw_path);
+    let runs = layout.host_runs(&img_path);
+    let cost = Cost {
+        data_writes: after.data_writes - before.data_writes,
+        data_bytes: after.data_write_bytes - before.data_write_bytes,
+        cow_bytes: after.cow_bytes - before.cow_bytes,
+        zero_fill_bytes: after.zero_fill_bytes - before.zero_fill_bytes,
+        guest_bytes: writes.iter().map(|w| w.1).sum(),
+    };
+    (cost, runs)
+}
+
+/// Host runs of `runs` that guest range `[off, off + len)` touches.
+fn runs_touched(runs: &[(u64, u64)], off: u64, len: u64) -> u64 {
+    runs.iter().filter(|&&(a, b)| a < off + len && off < b).count() as u64
+}
+
+/// Sequential writes of whole clusters on a fresh image, one at a time and with 8 in
+/// flight: exactly the guest's bytes reach the device (no copy-on-write), each request
+/// is one data write per host run it covers, and the content is qemu-io's. With 8 in
+/// flight, 2 MiB clusters take two 1 MiB requests each, which share a new cluster: the
+/// second waits for the first's allocation and writes in place (it wrote its data twice,
+/// 1.5 device bytes per guest byte, before).
+#[test]
+fn sequential_writes_write_only_the_guest_bytes_in_every_layout() {
+    for layout in matrix() {
+        let cs = layout.cluster;
+        let total = 4 * MIB.max(cs);
+        for (chunk, depth) in [(MIB.max(cs), 1), (MIB, 8)] {
+            let writes: Vec<(u64, u64)> = (0..total / chunk).map(|i| (i * chunk, chunk)).collect();
+            let (cost, runs) = run_layout(&layout, total + 8 * MIB, &writes, depth);
+            let what = format!("{} ({} requests of {chunk}, {depth} in flight)", layout.name(), writes.len());
+            assert_eq!(cost.data_bytes, cost.guest_bytes, "{what}: device data bytes per guest byte");
+            assert_eq!(cost.cow_bytes, 0, "{what}: copy-on-write bytes");
+            assert_eq!(cost.zero_fill_bytes, 0, "{what}: zero fill bytes");
+            let expect: u64 = writes.iter().map(|&(o, l)| runs_touched(&runs, o, l)).sum();
+            assert_eq!(cost.data_writes, expect, "{what}: data writes (host runs {runs:x?})");
+            assert_eq!(expect, writes.len() as u64, "{what}: each request's clusters follow each other on the host");
+        }
+    }
+}
+
+/// Allocating writes over several clusters, starting and ending inside clusters, spanning
+/// L2 tables (small clusters) and batch refills: exactly one data write per contiguous
+/// host run each request covers, never one per cluster, and the content is qemu-io's.
+#[test]
+fn multi_cluster_writes_are_one_write_per_host_run() {
+    for layout in matrix() {
+        let c = layout.cluster;
+        // Entries per L2 table: a write of 3 tables' worth spans at least 3 L1 entries.
+        let per_table = c / if layout.qemu.as_ref().is_some_and(|o| o.extended_l2) { 16 } else { 8 };
+        let span = (3 * per_table * c).min(8 * MIB).max(3 * c);
+        let writes = vec![
+            (512, 3 * c - 1024),
+            (4 * c + 1024, 70 * c.min(64 * KIB) + 512),
+            (span.next_multiple_of(c) + (c / 2).max(512), span),
+            (3 * span.next_multiple_of(c), 2 * c),
+        ];
+        let size = (4 * span.next_multiple_of(c) + 4 * c).next_multiple_of(MIB);
+        let (cost, runs) = run_layout(&layout, size, &writes, 1);
+        let what = layout.name();
+        let expect: u64 = writes.iter().map(|&(o, l)| runs_touched(&runs, o, l)).sum();
+        assert_eq!(cost.data_writes, expect, "{what}: data writes (host runs {runs:x?})");
+        assert_eq!(cost.data_bytes, cost.guest_bytes, "{what}: device data bytes per guest byte");
+        assert_eq!(cost.cow_bytes, 0, "{what}: copy-on-write bytes");
+        assert_eq!(cost.zero_fill_bytes, 0, "{what}: zero fill bytes");
+        let clusters: u64 = writes.iter().map(|&(o, l)| (o + l).div_ceil(c) - o / c).sum();
+        assert!(expect < clusters, "{what}: {expect} host runs for {clusters} clusters");
+    }
+}

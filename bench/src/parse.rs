@@ -100,6 +100,36 @@ pub fn quring_bench(text: &str) -> Result<Measured, String> {
     Ok(m)
 }
 
+/// The engine counters that libquring_fio.so prints on fio's stderr when it closes an
+/// image (`quring: PATH:` then `name: value` lines), summed over the images of the run;
+/// None when there are none. They give the cells that run through fio the same device
+/// bytes per guest byte as `quring bench --counters` (issue 15, item 2).
+pub fn plugin_counters(stderr: &str) -> Option<BTreeMap<String, u64>> {
+    let mut counters = BTreeMap::new();
+    let mut inside = false;
+    for l in stderr.lines() {
+        let t = l.trim();
+        if t.starts_with("quring: ") && t.ends_with(':') {
+            inside = true;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        match t.split_once(':') {
+            Some((k, v))
+                if !k.is_empty()
+                    && k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                    && v.trim().parse::<u64>().is_ok() =>
+            {
+                *counters.entry(k.to_string()).or_insert(0) += v.trim().parse::<u64>().unwrap_or(0);
+            }
+            _ => inside = false,
+        }
+    }
+    (!counters.is_empty()).then_some(counters)
+}
+
 /// The message to record for a failed command: its first `error:` line, else its last
 /// non-empty stderr line (or stdout's).
 pub fn failure_message(stderr: &str, stdout: &str, status: &str) -> String {
@@ -187,6 +217,25 @@ IOPS: 168284  latency p50: 92.5 us  p99: 3344.4 us  p99.9: 8618.0 us
         assert_eq!(c.len(), 3);
         assert!(quring_bench("Run completed in 1 seconds.\n").is_err());
         assert!(quring_bench("IOPS: 5 latency p50: 1 us\n").unwrap().counters.is_none());
+    }
+
+    #[test]
+    fn plugin_counters_from_fio_stderr() {
+        let err = "fio: some warning: 3
+quring: /x/a.qcow2:
+         guest_writes: 10
+          write_bytes: 40960
+     data_write_bytes: 40960
+fio: done
+quring: /x/b.qcow2:
+         guest_writes: 2
+";
+        let c = plugin_counters(err).unwrap();
+        assert_eq!(c["guest_writes"], 12);
+        assert_eq!(c["write_bytes"], 40960);
+        assert_eq!(c["data_write_bytes"], 40960);
+        assert_eq!(c.len(), 3, "the fio line before the first image is not a counter: {c:?}");
+        assert!(plugin_counters("fio: nothing here: 5\n").is_none());
     }
 
     #[test]

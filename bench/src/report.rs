@@ -190,10 +190,11 @@ const WT_COUNTERS: &[&str] = &[
 ];
 
 /// Device bytes per guest byte written, from quring's counters (issue 15, item 2): `data`
-/// is every data byte written (guest bytes plus copy-on-write), `cow` the copy-on-write part
-/// of it, `metadata` the L2, refcount, L1 and header bytes. `None` when the cell wrote no
-/// guest bytes or recorded no counters.
-pub fn device_bytes(x: &Cell) -> Option<[f64; 4]> {
+/// is every data byte written (guest bytes plus copy-on-write and zero fills), `cow` the
+/// copy-on-write part of it (bytes read and copied), `zero fill` the zeros written around
+/// guest data where nothing had to be copied, `metadata` the L2, refcount, L1 and header
+/// bytes. `None` when the cell wrote no guest bytes or recorded no counters.
+pub fn device_bytes(x: &Cell) -> Option<[f64; 5]> {
     let c = &x.quring.counters_per_request;
     let guest = *c.get("write_bytes")?;
     if guest <= 0.0 {
@@ -202,11 +203,11 @@ pub fn device_bytes(x: &Cell) -> Option<[f64; 4]> {
     let get = |k: &str| c.get(k).copied().unwrap_or(0.0);
     let data = get("data_write_bytes");
     let meta = get("l2_write_bytes") + get("refcount_write_bytes") + get("l1_header_write_bytes");
-    Some([data / guest, get("cow_bytes") / guest, meta / guest, (data + meta) / guest])
+    Some([data / guest, get("cow_bytes") / guest, get("zero_fill_bytes") / guest, meta / guest, (data + meta) / guest])
 }
 
 fn device_bytes_section(o: &mut String, cells: &[Cell]) {
-    let rows: Vec<(&Cell, [f64; 4])> = cells.iter().filter_map(|x| Some((x, device_bytes(x)?))).collect();
+    let rows: Vec<(&Cell, [f64; 5])> = cells.iter().filter_map(|x| Some((x, device_bytes(x)?))).collect();
     let _ = writeln!(o, "## Device bytes per guest byte\n");
     if rows.is_empty() {
         let _ = writeln!(o, "No write workload with counters in this run.\n");
@@ -215,13 +216,15 @@ fn device_bytes_section(o: &mut String, cells: &[Cell]) {
     let _ = writeln!(
         o,
         "What quring wrote to the device per byte the guest wrote (median counters over the measured \
-         runs): data (guest bytes plus copy-on-write), of which copy-on-write, metadata (L2, refcount, \
-         L1 and header), and the total.\n"
+         runs): data (guest bytes, copy-on-write and zero fills), of which copy-on-write (bytes read \
+         and copied) and zero fill (zeros the format requires around the guest's bytes, nothing \
+         copied), metadata (L2, refcount, L1 and header), and the total.\n"
     );
-    let _ = writeln!(o, "| device | workload | mode | data | cow | metadata | total |");
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
-    for (x, [d, c, m, t]) in rows {
-        let _ = writeln!(o, "| {} | {} | {} | {d:.3} | {c:.3} | {m:.3} | {t:.3} |", x.device, x.workload, x.mode);
+    let _ = writeln!(o, "| device | workload | mode | data | cow | zero fill | metadata | total |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for (x, [d, c, z, m, t]) in rows {
+        let _ =
+            writeln!(o, "| {} | {} | {} | {d:.3} | {c:.3} | {z:.3} | {m:.3} | {t:.3} |", x.device, x.workload, x.mode);
     }
     let _ = writeln!(o);
 }
@@ -557,7 +560,7 @@ pub mod tests {
             "| randwrite-4k | standard | failed: quring: unsupported: writes are not implemented yet (exit status: 1) |"
         ));
         assert!(md.contains("![quring/raw and quring/QEMU ratios on shm](chart-shm.svg)"));
-        assert!(md.contains("| shm | wt-alloc-qd1 | standard | 2.000 | 1.000 | 0.100 | 2.100 |"), "{md}");
+        assert!(md.contains("| shm | wt-alloc-qd1 | standard | 2.000 | 1.000 | 0.000 | 0.100 | 2.100 |"), "{md}");
         let a = analysis_section("# Analysis of run X\n\nseqwrite is slower because ...\n");
         assert!(a.starts_with("\n## Analysis\n"));
         assert!(a.contains("seqwrite is slower because ..."));

@@ -348,8 +348,11 @@ impl<'a> Runner<'a> {
                         rec.elapsed_s = o.elapsed;
                         let parsed: Result<Measured, String> = if !o.ok {
                             Err(parse::failure_message(&o.stderr, &o.stdout, &o.status))
-                        } else if side == Side::Raw || driver == QuringDriver::Fio && side == Side::Quring {
+                        } else if side == Side::Raw {
                             parse::fio_json(&o.stdout)
+                        } else if driver == QuringDriver::Fio && side == Side::Quring {
+                            parse::fio_json(&o.stdout)
+                                .map(|m| parse::Measured { counters: parse::plugin_counters(&o.stderr), ..m })
                         } else if side == Side::Qemu {
                             parse::qemu_bench(&o.stdout, count)
                         } else {

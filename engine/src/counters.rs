@@ -86,6 +86,10 @@ counters!(
     flush_joins,
     /// Bytes copied for copy-on-write (backing file or shared cluster fill).
     cow_bytes,
+    /// Bytes of zeros written around guest data where the format requires them but no
+    /// copy is needed (the rest of a subcluster, or of a preallocated zero cluster, that
+    /// reads as zeros and is written in place). Also counted in `data_write_bytes`.
+    zero_fill_bytes,
     /// Clusters allocated.
     clusters_allocated,
     /// Metadata slices loaded from the device.

@@ -4,7 +4,7 @@
 
 use crate::counters::Counters;
 use crate::format::l1::L1Entry;
-use crate::format::types::HostCluster;
+use crate::format::types::{GuestCluster, HostCluster};
 use crate::image::{Image, MetaState};
 use crate::meta::overlap::MetaKind;
 use crate::meta::refcount::MetaIo;
@@ -102,6 +102,21 @@ impl Image {
     /// Gives the fill claim of `host` back and wakes the queues waiting for one.
     pub(crate) fn release_fill(&self, host: u64) {
         self.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&host);
+        wake(self.lock_waiters.notify_counted());
+    }
+
+    /// Takes the allocation claim of guest cluster `c` (see [`Image::alloc_busy`]); false
+    /// when another job holds it (park on [`Image::lock_waiters`]). The set's own lock is
+    /// held only for the insert, so it is waited for rather than tried: a failed try would
+    /// park a request without anyone to wake it.
+    pub(crate) fn claim_alloc(&self, c: GuestCluster) -> bool {
+        self.alloc_busy.lock().unwrap_or_else(|e| e.into_inner()).insert(c)
+    }
+
+    /// Gives the allocation claim of guest cluster `c` back and wakes the queues waiting
+    /// for one.
+    pub(crate) fn release_alloc(&self, c: GuestCluster) {
+        self.alloc_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&c);
         wake(self.lock_waiters.notify_counted());
     }
 
@@ -314,24 +329,65 @@ impl Image {
         Ok(())
     }
 
-    /// L2-less mode: makes L1 range `l1i` one contiguous extent on its first write. The
-    /// extent comes from fresh space, is punched so that never-written parts read as zeros
-    /// (also when it reuses freed space), and every cluster is refcounted. The L1 entry is
-    /// written at flush time, after the refcounts are durable.
+    /// [`Image::ensure_l2_table`] for each of the L1 entries `l1is` (ascending), except
+    /// that consecutive entries that get new L2-less extents get them from one contiguous
+    /// allocation ([`Image::alloc_extents`]): a request that spans them is one host run.
+    pub(crate) fn ensure_l2_tables(&self, st: &mut MetaState, l1is: &[u64], cnt: &Counters) -> Result<()> {
+        let new_extent = |l1i: u64| {
+            let e = self.l1_entry(l1i);
+            !e.contiguous() && e.l2_offset().0 == 0 && self.l2less && self.backing.is_none()
+        };
+        let mut i = 0;
+        while i < l1is.len() {
+            if !new_extent(l1is[i]) {
+                self.ensure_l2_table(st, l1is[i], cnt)?;
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < l1is.len() && l1is[j] == l1is[j - 1] + 1 && new_extent(l1is[j]) {
+                j += 1;
+            }
+            self.alloc_extents(st, l1is[i], (j - i) as u64, cnt)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// L2-less mode: makes L1 range `l1i` one contiguous extent on its first write.
     fn alloc_extent(&self, st: &mut MetaState, l1i: u64, cnt: &Counters) -> Result<()> {
+        self.alloc_extents(st, l1i, 1, cnt)
+    }
+
+    /// L2-less mode: makes each of the `count` L1 ranges from `first` on one contiguous
+    /// extent, the extents following each other in one allocation (refcount blocks made on
+    /// the way land after it, not between them). The space comes from fresh space, is
+    /// punched so that never-written parts read as zeros (also when it reuses freed space),
+    /// and every cluster is refcounted. The L1 entries are written at flush time, after the
+    /// refcounts are durable.
+    fn alloc_extents(&self, st: &mut MetaState, first: u64, count: u64, cnt: &Counters) -> Result<()> {
+        let last = first
+            .checked_add(count)
+            .filter(|&e| e <= self.l1.len() as u64)
+            .ok_or_else(|| Error::InvalidRequest(format!("L1 indices {first}+{count} are beyond the L1 table")))?;
         self.mark_dirty_for_lazy(st, cnt)?;
         let io = self.meta_io();
-        let n = self.range_clusters(l1i);
+        let n: u64 = (first..last).map(|i| self.range_clusters(i)).sum();
         let c = st.rc.alloc_contiguous(&io, n)?;
         self.note_end(st);
         let off = self.geo.cluster_bytes(c);
         let len = self.geo.cluster_bytes(n);
         self.sync.punch(crate::io::hook::WriteKind::Data, &self.file, off, len)?;
-        // The extent lies inside the file, so its first writes are not extending ones.
+        // The extents lie inside the file, so their first writes are not extending ones.
         self.grow_ahead(st, off + len)?;
         Counters::add(&cnt.clusters_allocated, n);
-        let e = L1Entry(off | crate::format::l1::L1_CONTIGUOUS | crate::format::l1::L1_COPIED);
-        self.l1[l1i as usize].store(e.0, Ordering::Release);
+        let mut at = c;
+        for l1i in first..last {
+            let e =
+                L1Entry(self.geo.cluster_bytes(at) | crate::format::l1::L1_CONTIGUOUS | crate::format::l1::L1_COPIED);
+            self.l1[l1i as usize].store(e.0, Ordering::Release);
+            at += self.range_clusters(l1i);
+        }
         st.l1_dirty = true;
         Ok(())
     }

@@ -262,6 +262,13 @@ pub struct Image {
     /// cluster, a preallocated zero cluster): a second job for the same cluster waits, so
     /// two copy-on-write fills never overwrite each other's data.
     pub(crate) fill_busy: Mutex<std::collections::HashSet<u64>>,
+    /// Guest clusters that an allocation job is writing into a new host cluster (until its
+    /// L2 entry is published or given up): a second write into the same guest cluster
+    /// waits for it and then writes in place, instead of allocating a second cluster whose
+    /// publication would lose the race and be written again (QEMU's `handle_dependencies`;
+    /// issue 15, item 2: sequential 1 MiB writes in flight together on 2 MiB clusters wrote
+    /// every second half twice).
+    pub(crate) alloc_busy: Mutex<std::collections::HashSet<crate::format::types::GuestCluster>>,
     /// The asynchronous metadata write-backs: one at a time, joined by the flushes it
     /// covers ([`writeback`]).
     pub(crate) wb: writeback::WbCoord,

@@ -213,6 +213,7 @@ impl Image {
             cache_mode: opts.cache,
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
+            alloc_busy: Mutex::new(std::collections::HashSet::new()),
             lock_waiters: crate::meta::waiters::Waiters::new(),
             wb: Default::default(),
             wb_shared,

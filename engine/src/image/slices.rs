@@ -81,4 +81,25 @@ impl Image {
             }
         }
     }
+
+    /// Puts slices `keys` of an L2 table just written as zeros into the cache, clean, so
+    /// that the writes that made the table do not read them back (an allocating write that
+    /// spans L1 entries would otherwise park on a load per table). A slice already cached
+    /// (another queue loaded it) or whose set has no slot to give now is left alone.
+    pub(crate) fn install_zero_slices(&self, keys: impl Iterator<Item = u64>, c: &Counters) {
+        let words = self.l2_cache.slot_size() / 8;
+        for key in keys {
+            let mut evicted = false;
+            let claim = self.l2_cache.claim_noting(key, &mut evicted);
+            if evicted {
+                Counters::add(&c.l2_evictions, 1);
+            }
+            if let Claim::Load(slot) = claim {
+                for w in 0..words {
+                    self.l2_cache.init_word(slot, w, 0);
+                }
+                self.l2_cache.complete_load(slot);
+            }
+        }
+    }
 }

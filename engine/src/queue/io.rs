@@ -32,8 +32,9 @@ pub(crate) enum Io {
     /// An allocation job's data write (from its bounce buffer or the guest buffer).
     JobWrite { job: usize },
     /// One data write for several jobs of one request whose bytes follow each other on
-    /// the host and in the guest buffer (`len`: the whole write).
-    GroupWrite { jobs: Vec<usize>, len: u64 },
+    /// the host and in the guest buffer (`len`: the whole write), maybe after an overwrite
+    /// in place of the same request (`lead`: the request and the test hook's token).
+    GroupWrite { jobs: Vec<usize>, len: u64, lead: Option<(usize, u64)> },
     /// The read of the queue's wake eventfd (see `queue/wake.rs`) into `_buf`.
     Wake { _buf: Box<u64> },
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
@@ -120,12 +121,20 @@ impl Queue {
                 self.io_done(req);
             }
             Io::JobWrite { job } => self.job_write_done(job, res),
-            Io::GroupWrite { jobs, len } => {
+            Io::GroupWrite { jobs, len, lead } => {
                 // A short write leaves some of the jobs' bytes unwritten: none of them is
                 // published.
                 let res = if res >= 0 && (res as u64) < len { -libc::EIO } else { res };
                 for job in jobs {
                     self.job_write_done(job, res);
+                }
+                if let Some((req, token)) = lead {
+                    if res < 0 {
+                        self.fail(req, res);
+                    } else if let Some(h) = &self.image.hook {
+                        h.0.completed(token);
+                    }
+                    self.io_done(req);
                 }
             }
             Io::Wake { .. } => self.woke(),

@@ -46,7 +46,7 @@ pub(crate) struct Job {
 }
 
 /// Largest write a [`WriteGroup`] grows to (an SQE's length is 32 bits).
-const MAX_GROUP_WRITE: u64 = 1 << 30;
+pub(super) const MAX_GROUP_WRITE: u64 = 1 << 30;
 
 /// Data writes of consecutive jobs of one request (issue 15, item 1): a request that
 /// allocates several clusters takes them in ascending order from the queue's batch, so a
@@ -58,6 +58,10 @@ pub(crate) struct WriteGroup {
     req: usize,
     /// The jobs, in guest order.
     jobs: Vec<usize>,
+    /// The group starts with an overwrite in place of the same request (the clusters before
+    /// the jobs' are the image's already and the new ones follow them on the host): it
+    /// holds one `pending` of the request; the test hook's token for its bytes.
+    lead: Option<u64>,
     /// The guest buffer and host offset of the first job's bytes, and the total length.
     ptr: *const u8,
     off: u64,
@@ -121,26 +125,45 @@ impl Queue {
                 // old entry would then write its zeros over that job's data in the live
                 // cluster, before the commit could notice. Plans are made only from the entry
                 // as it is under the claim.
-                let now_e = L2Entry(img.l2_cache.load_word(slot, at.word));
-                let now_b = if g.extended_l2 { SubclusterBitmap(img.l2_cache.load_word(slot, at.word + 1)) } else { b };
-                if now_e != e || now_b != b {
+                if self.entry_changed(slot, at.word, e, b) {
                     img.release_fill(g.host_cluster(h).0);
                     img.l2_cache.unpin(slot);
                     return Ok(Started::Stale);
                 }
                 h
             }
-            cow::Target::Fresh => match self.take_cluster() {
-                Ok(Some(c)) => g.host_offset(c),
-                Ok(None) => {
+            cow::Target::Fresh => {
+                // One new cluster per guest cluster at a time (see Image::alloc_busy): a
+                // write into a guest cluster that another job is allocating waits for its
+                // entry, then writes in place (or fills subclusters of it).
+                let gc = g.guest_cluster(cluster);
+                if !img.claim_alloc(gc) {
                     img.l2_cache.unpin(slot);
                     return Ok(Started::NeedLock);
                 }
-                Err(err) => {
+                // A job that held the claim may have published since the piece was
+                // resolved: plan again from its entry rather than write a cluster whose
+                // publication must fail.
+                if self.entry_changed(slot, at.word, e, b) {
+                    img.release_alloc(gc);
                     img.l2_cache.unpin(slot);
-                    return Err(err);
+                    return Ok(Started::Stale);
                 }
-            },
+                let want = self.clusters_left(id, cluster);
+                match self.take_cluster(want) {
+                    Ok(Some(c)) => g.host_offset(c),
+                    Ok(None) => {
+                        img.release_alloc(gc);
+                        img.l2_cache.unpin(slot);
+                        return Ok(Started::NeedLock);
+                    }
+                    Err(err) => {
+                        img.release_alloc(gc);
+                        img.l2_cache.unpin(slot);
+                        return Err(err);
+                    }
+                }
+            }
         };
         let new_e = match plan.entry {
             cow::NewEntry::Keep => e,
@@ -148,6 +171,9 @@ impl Queue {
         };
         let src = self.reqs[id].mem(pos.0, len) as *const u8;
         let wlen = plan.write.end - plan.write.start;
+        if plan.fill_zero && wlen > len {
+            Counters::add(&self.counters.zero_fill_bytes, wlen - len);
+        }
         let direct = wlen == len && (src as usize).is_multiple_of(512);
         let buf = if direct { None } else { Some(self.get_buf(wlen as usize)) };
         let job = self.jobs.insert(Job {
@@ -187,6 +213,25 @@ impl Queue {
         }
         self.job_read_done(job, 0, None);
         Ok(Started::Yes)
+    }
+
+    /// Whether the L2 entry (and with extended L2 its bitmap) at `word` of pinned slice
+    /// `slot` differs from `e` / `b`, what a piece was resolved from.
+    fn entry_changed(&self, slot: SlotId, word: usize, e: L2Entry, b: SubclusterBitmap) -> bool {
+        let c = &self.image.l2_cache;
+        let now_e = L2Entry(c.load_word(slot, word));
+        let now_b = if self.image.geo.extended_l2 { SubclusterBitmap(c.load_word(slot, word + 1)) } else { b };
+        now_e != e || now_b != b
+    }
+
+    /// Guest clusters of request `id` from the one at `cluster` to its end: how many new
+    /// clusters the rest of its walk may take (a batch refill reserves them together, so
+    /// that they follow each other on the host).
+    fn clusters_left(&self, id: usize, cluster: GuestOffset) -> u64 {
+        let r = &self.reqs[id];
+        let g = &self.image.geo;
+        let end = r.offset + r.len;
+        (end - cluster.0).div_ceil(g.cluster_size())
     }
 
     pub(crate) fn job_read_done(&mut self, job: usize, err: i32, detail: Option<Error>) {
@@ -250,7 +295,7 @@ impl Queue {
                 return;
             }
             self.issue_group();
-            self.group = Some(WriteGroup { req, jobs: vec![job], ptr, off, len: n });
+            self.group = Some(WriteGroup { req, jobs: vec![job], lead: None, ptr, off, len: n });
             return;
         }
         crate::counters::Counters::add(&self.counters.data_writes, 1);
@@ -260,16 +305,38 @@ impl Queue {
         self.push(sqe);
     }
 
+    /// Starts a [`WriteGroup`] with `len` bytes of request `id` at `ptr` (its memory,
+    /// 512-byte aligned) that overwrite host bytes at `off` in place, so that the jobs the
+    /// walk starts next join them in one write when their clusters follow on the host.
+    pub(super) fn lead_group(&mut self, id: usize, ptr: *const u8, off: u64, len: u64) {
+        self.issue_group();
+        let mut token = 0;
+        if let Some(h) = &self.image.hook {
+            if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, len) {
+                self.fail(id, -errno);
+                return;
+            }
+            // SAFETY: ptr is valid for len bytes (inside the request buffer).
+            let data = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
+            token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
+        }
+        self.reqs[id].pending += 1;
+        self.group = Some(WriteGroup { req: id, jobs: Vec::new(), lead: Some(token), ptr, off, len });
+    }
+
     /// Issues the pending [`WriteGroup`], if any: one data write for all its jobs.
     pub(super) fn issue_group(&mut self) {
         let Some(g) = self.group.take() else { return };
         crate::counters::Counters::add(&self.counters.data_writes, 1);
         crate::counters::Counters::add(&self.counters.data_write_bytes, g.len);
         let fd = self.image.data_fd();
-        let io = if g.jobs.len() == 1 {
-            self.ios.insert(Io::JobWrite { job: g.jobs[0] })
-        } else {
-            self.ios.insert(Io::GroupWrite { jobs: g.jobs, len: g.len })
+        let io = match (g.lead, g.jobs.len()) {
+            (Some(token), 0) => self.ios.insert(Io::Write { req: g.req, token }),
+            (None, 1) => self.ios.insert(Io::JobWrite { job: g.jobs[0] }),
+            (lead, _) => {
+                let lead = lead.map(|token| (g.req, token));
+                self.ios.insert(Io::GroupWrite { jobs: g.jobs, len: g.len, lead })
+            }
         };
         let sqe = opcode::Write::new(types::Fd(fd), g.ptr, g.len as u32).offset(g.off).build().user_data(io as u64);
         self.push(sqe);
@@ -342,7 +409,9 @@ impl Queue {
         let img = self.image.clone();
         img.l2_cache.unpin(j.slot);
         let host = img.geo.host_cluster(j.host);
-        if !j.fresh {
+        if j.fresh {
+            img.release_alloc(img.geo.guest_cluster(j.cluster));
+        } else {
             img.release_fill(host.0);
         }
         let id = j.req;

@@ -28,6 +28,9 @@ pub(crate) struct Req {
     pub entered: Option<u8>,
     /// A read's private copy of the L2 slice it last missed (see `queue/read.rs`).
     pub private: Option<super::read::PrivateSlice>,
+    /// How often a write parked to have every L2 slice of its range cached before its
+    /// walk (see `queue/write.rs`, `Queue::slices_ahead`).
+    pub ahead: u8,
 }
 
 /// A request's memory: `len` bytes at `ptr` that the submitter keeps valid until the
@@ -156,6 +159,7 @@ impl Queue {
             parent,
             entered: None,
             private: None,
+            ahead: 0,
         })
     }
 

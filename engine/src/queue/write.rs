@@ -13,7 +13,7 @@
 //! The metadata lock is only ever tried: when another queue holds it the request is parked
 //! and retried, so a queue never blocks its thread on another queue.
 
-use super::job::Started;
+use super::job::{MAX_GROUP_WRITE, Started};
 use super::run::{Run, RunBuilder};
 use super::{Io, Queue};
 use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, subcluster_mask};
@@ -24,8 +24,20 @@ use crate::io::AlignedBuf;
 use crate::{Error, Result};
 use io_uring::{opcode, types};
 
-/// Clusters a queue reserves at a time.
+/// Clusters a queue reserves at a time (at least).
 const BATCH: u64 = 64;
+
+/// How often a write parks to have the L2 slices of its range cached before it walks
+/// (a slice evicted again meanwhile is then loaded when the walk reaches it).
+const AHEAD_TRIES: u8 = 3;
+
+/// Most L2 slices a write loads ahead of its walk.
+const AHEAD_SLICES: u64 = 64;
+
+/// Most bytes of clusters one batch refill reserves for the request that needs them (a
+/// request that allocates more clusters than [`BATCH`] reserves them together, so that
+/// they follow each other on the host and take one data write).
+const MAX_REFILL_BYTES: u64 = 32 << 20;
 
 /// What a write piece needs.
 enum WPiece {
@@ -89,17 +101,19 @@ impl Queue {
         Ok(WPiece::Alloc { slot, entry, bitmap, len })
     }
 
-    /// Takes a host cluster from the batch, refilling it under the metadata lock.
-    /// `Ok(None)`: the lock is busy (park).
-    pub(super) fn take_cluster(&mut self) -> Result<Option<HostCluster>> {
+    /// Takes a host cluster from the batch, refilling it under the metadata lock with at
+    /// least [`BATCH`] clusters, or `want` (the clusters the request may still take, up to
+    /// [`MAX_REFILL_BYTES`]). `Ok(None)`: the lock is busy (park).
+    pub(super) fn take_cluster(&mut self, want: u64) -> Result<Option<HostCluster>> {
         if let Some(c) = self.batch.pop() {
             return Ok(Some(c));
         }
         let img = self.image.clone();
         let Some(mut st) = img.try_meta()? else { return Ok(None) };
         self.hand_over_frees(&mut st.rc.pending_free);
-        let mut got = Vec::with_capacity(BATCH as usize);
-        img.reserve_clusters(&mut st, BATCH, &mut got, &self.counters)?;
+        let n = want.min(MAX_REFILL_BYTES >> img.geo.cluster_bits).max(BATCH);
+        let mut got = Vec::with_capacity(n as usize);
+        img.reserve_clusters(&mut st, n, &mut got, &self.counters)?;
         drop(st);
         // Pop from the end: keep ascending order for contiguous layout.
         self.batch = got.into_iter().rev().map(HostCluster).collect();
@@ -158,18 +172,53 @@ impl Queue {
         self.wait_lock();
     }
 
-    /// Ensures a private L2 table for `l1i` under the lock. `Ok(false)`: lock busy.
-    fn make_table(&mut self, l1i: u64) -> Result<bool> {
+    /// Ensures a private L2 table for `l1i` under the lock (for request `id`'s walk).
+    /// `Ok(false)`: lock busy.
+    fn make_table(&mut self, id: usize, l1i: u64) -> Result<bool> {
         let img = self.image.clone();
         let Some(mut st) = img.try_meta()? else { return Ok(false) };
+        let new = self.new_table(l1i);
         img.ensure_l2_table(&mut st, l1i, &self.counters)?;
+        if new {
+            self.cache_new_table(id, l1i);
+        }
         Ok(true)
+    }
+
+    /// Whether L1 entry `l1i` gets a new, zeroed L2 table (not an L2-less extent, not a
+    /// copy of a table shared with a snapshot) when it is made private.
+    fn new_table(&self, l1i: u64) -> bool {
+        let img = &self.image;
+        let e = img.l1_entry(l1i);
+        e.l2_offset().0 == 0 && !(img.l2less && img.backing.is_none())
+    }
+
+    /// Puts the slices of the new (zeroed) L2 table of `l1i` that the rest of request `id`
+    /// covers into the cache ([`Image::install_zero_slices`]): the walk goes on without
+    /// reading back what was just written.
+    ///
+    /// [`Image::install_zero_slices`]: crate::image::Image::install_zero_slices
+    fn cache_new_table(&self, id: usize, l1i: u64) {
+        let img = &self.image;
+        let g = &img.geo;
+        let r = &self.reqs[id];
+        let start = l1i.saturating_mul(g.l1_coverage());
+        let (a, b) = (r.cursor.max(start), (r.offset + r.len).min(start.saturating_add(g.l1_coverage())));
+        let table = img.l1_entry(l1i).l2_offset().0;
+        if a >= b || table == 0 {
+            return;
+        }
+        let per = img.slice_entries;
+        let (first, last) =
+            (g.l2_index(g.guest_cluster(GuestOffset(a))) / per, g.l2_index(g.guest_cluster(GuestOffset(b - 1))) / per);
+        let size = img.l2_cache.slot_size() as u64;
+        img.install_zero_slices((first..=last).map(|s| table + s * size), &self.counters);
     }
 
     /// Makes sure L1 entry `l1i` has a private L2 table for request `id`'s walk; when it
     /// cannot now, parks the request (lock busy) or fails it. Returns whether the walk goes on.
     pub(super) fn table_ready(&mut self, id: usize, l1i: u64) -> bool {
-        match self.make_table(l1i) {
+        match self.make_table(id, l1i) {
             Ok(true) => true,
             Ok(false) => {
                 self.park_lock(id);
@@ -182,6 +231,103 @@ impl Queue {
         }
     }
 
+    /// Makes the private L2 tables (or L2-less extents) of every L1 entry that the rest of
+    /// request `id` spans before its data clusters are taken, under one hold of the lock:
+    /// made one by one as the walk reaches them, each table would land between two clusters
+    /// of the request's data and split its one write into several. Returns whether the
+    /// walk goes on (false: parked on the lock, or failed).
+    fn tables_ahead(&mut self, id: usize) -> bool {
+        let img = self.image.clone();
+        let g = &img.geo;
+        let r = &self.reqs[id];
+        let (first, last) = (
+            g.l1_index(g.guest_cluster(GuestOffset(r.cursor))),
+            g.l1_index(g.guest_cluster(GuestOffset(r.offset + r.len - 1))),
+        );
+        if first >= last {
+            return true;
+        }
+        let needs = |l1i: u64| {
+            // Neither an L2-less range the image owns nor a private table yet.
+            let e = img.l1_entry(l1i);
+            !(img.write_l1_ready(l1i) || e.contiguous() && e.copied())
+        };
+        if !(first..=last).any(needs) {
+            return true;
+        }
+        let res = (|| {
+            let Some(mut st) = img.try_meta()? else { return Ok(false) };
+            let l1is: Vec<u64> = (first..=last).filter(|&l| needs(l)).collect();
+            let new: Vec<u64> = l1is.iter().copied().filter(|&l| self.new_table(l)).collect();
+            img.ensure_l2_tables(&mut st, &l1is, &self.counters)?;
+            for l1i in new {
+                self.cache_new_table(id, l1i);
+            }
+            Ok(true)
+        })();
+        match res {
+            Ok(true) => true,
+            Ok(false) => {
+                self.park_lock(id);
+                false
+            }
+            Err(e) => {
+                self.fail_write(id, e);
+                false
+            }
+        }
+    }
+
+    /// Has every L2 slice that the rest of request `id` covers cached before the walk
+    /// starts jobs: a slice missed half way would park the walk and split the request's
+    /// data into one write before and one after the load. Loads the missing ones together
+    /// and parks on the first (returns false); at most [`AHEAD_TRIES`] times per request
+    /// and for at most [`AHEAD_SLICES`] slices, so that a cache too small to hold them all
+    /// cannot keep a request from walking.
+    fn slices_ahead(&mut self, id: usize) -> bool {
+        let img = self.image.clone();
+        let g = &img.geo;
+        let r = &self.reqs[id];
+        if r.ahead >= AHEAD_TRIES {
+            return true;
+        }
+        let (a, end) = (r.cursor, r.offset + r.len);
+        let per = img.slice_entries;
+        let size = img.l2_cache.slot_size() as u64;
+        let mut keys = Vec::new();
+        let mut pos = a;
+        while pos < end {
+            let gc = g.guest_cluster(GuestOffset(pos));
+            let l1i = g.l1_index(gc);
+            let l1_end = (l1i + 1).saturating_mul(g.l1_coverage()).min(end);
+            let e = img.l1_entry(l1i);
+            let table = e.l2_offset().0;
+            if img.write_l1_ready(l1i) {
+                let first = g.l2_index(gc) / per;
+                let last = g.l2_index(g.guest_cluster(GuestOffset(l1_end - 1))) / per;
+                keys.extend((first..=last).map(|s| table + s * size));
+            }
+            if keys.len() as u64 > AHEAD_SLICES {
+                return true;
+            }
+            pos = l1_end;
+        }
+        if keys.len() < 2 {
+            return true;
+        }
+        let missing: Vec<u64> = keys.into_iter().filter(|&k| img.l2_cache.read_word(k, 0).is_none()).collect();
+        let Some((&first, rest)) = missing.split_first() else {
+            self.reqs[id].ahead = AHEAD_TRIES;
+            return true;
+        };
+        self.reqs[id].ahead += 1;
+        for &k in rest {
+            self.load_slice(img.clone(), k);
+        }
+        self.park_slice(id, first);
+        false
+    }
+
     /// Advances a write request.
     pub(crate) fn drive_write(&mut self, id: usize) {
         // Hold the request open while we walk it: a nested completion (a child request
@@ -190,7 +336,8 @@ impl Queue {
         self.grouping += 1;
         let fd = self.image.data_fd();
         let mut run = RunBuilder::default();
-        while let Some((pos, end)) = self.walk_next(id) {
+        let ahead = self.walk_next(id).is_none() || (self.tables_ahead(id) && self.slices_ahead(id));
+        while let Some((pos, end)) = self.walk_next(id).filter(|_| ahead) {
             let pos = GuestOffset(pos);
             let piece = match self.resolve_write(pos, end - pos.0) {
                 Ok(p) => p,
@@ -217,7 +364,13 @@ impl Queue {
                 }
                 WPiece::Alloc { slot, entry, bitmap, len } => {
                     if let Some(r) = run.take() {
-                        self.issue_write(id, r);
+                        // The overwrite before the allocation: the jobs' write may continue it.
+                        let src = self.reqs[id].mem(r.guest.0, r.len) as *const u8;
+                        if (src as usize).is_multiple_of(512) && r.len <= MAX_GROUP_WRITE {
+                            self.lead_group(id, src, r.host.0, r.len);
+                        } else {
+                            self.issue_write(id, r);
+                        }
                     }
                     match self.start_job(id, pos, len, slot, entry, bitmap) {
                         Ok(Started::Yes) => self.reqs[id].cursor += len,

@@ -354,6 +354,13 @@ impl MetaCache {
         unimplemented!("slot memory is not addressable under loom")
     }
 
+    /// Stores word `word` (host-endian value, stored big-endian) of a slot the caller owns
+    /// in loading state: a slice filled from memory instead of a read (a table the caller
+    /// has just written), published by [`MetaCache::complete_load`]. No dirty mark.
+    pub fn init_word(&self, slot: SlotId, word: usize, value: u64) {
+        self.word_ptr(slot.0 as usize, word).store(value.to_be(), Ordering::Relaxed);
+    }
+
     /// Marks a loaded slot valid (its memory now holds the slice), and wakes its set's
     /// waiters.
     pub fn complete_load(&self, slot: SlotId) {
