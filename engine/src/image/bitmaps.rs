@@ -390,6 +390,71 @@ impl Image {
         self.replace_bits(&mut st, &mut dir, i, Arc::new(bits))
     }
 
+    /// Can every bitmap follow a resize to `new_size` (QEMU's `qcow2_co_truncate` with
+    /// persistent bitmaps)? Not one left inconsistent (`in_use`) by another writer, nor one
+    /// with incompatible extra data (QEMU's message), nor one that would outgrow the limits.
+    pub(crate) fn check_bitmaps_resizable(&self, new_size: u64) -> Result<()> {
+        let dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let cs = self.geo.cluster_size();
+        for r in &dir.recs {
+            if r.live.is_none() {
+                self.check_usable(&r.entry)?;
+            }
+            bm::check_new(new_size, r.entry.granularity_bits, cs)?;
+        }
+        Ok(())
+    }
+
+    /// Resizes the bitmaps to cover `new_size` bytes, as QEMU does on a resize (bits past
+    /// the new end dropped, the grown range clean; the resize's own zeroing and
+    /// preallocation are not guest writes and mark nothing). `stored`: the bitmaps this
+    /// session does not track get new tables and data on disk (before a grow changes the
+    /// header's size, after a shrink did: a table longer than the disk needs is valid, a
+    /// shorter one is not, so a crash in between leaves valid bitmaps); otherwise the
+    /// tracked ones are replaced in memory by resized copies (stored at close).
+    pub(crate) fn resize_bitmaps(&self, new_size: u64, stored: bool) -> Result<()> {
+        if self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.idle_lock("resizing an image with bitmaps")?;
+        let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let cs = self.geo.cluster_size();
+        let old_size = self.vsize();
+        let mut plan: Vec<Store> = Vec::with_capacity(dir.recs.len());
+        let mut any = false;
+        for r in dir.recs.iter_mut() {
+            let gb = r.entry.granularity_bits;
+            match (&r.live, stored) {
+                (Some(l), false) => {
+                    if l.disk_size() != new_size {
+                        let b = DirtyBitmap::new(new_size, gb);
+                        b.merge(l);
+                        r.live = Some(Arc::new(b));
+                        any = true;
+                    }
+                    plan.push(Store::Keep);
+                }
+                (None, true) => {
+                    let old = read_data(&self.sync, self.file.fd(), cs, &r.entry, old_size, self.file_len())?;
+                    let b = DirtyBitmap::new(new_size, gb);
+                    b.merge(&old);
+                    plan.push(Store::Bits(Arc::new(b)));
+                    any = true;
+                }
+                _ => plan.push(Store::Keep),
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        if stored {
+            self.rewrite_directory(&mut st, &mut dir, plan)
+        } else {
+            self.publish_live(&dir);
+            Ok(())
+        }
+    }
+
     /// Clean close: every tracked bitmap stored with `in_use` cleared.
     pub(super) fn store_bitmaps(&self, st: &mut MetaState) -> Result<()> {
         let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());

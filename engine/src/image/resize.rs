@@ -19,7 +19,13 @@ impl Image {
         if self.backing.is_some() {
             return Err(Error::Unsupported("growing an image with a backing file needs Queue::resize".into()));
         }
-        self.grow(new_size)
+        if new_size == self.vsize() {
+            return Ok(());
+        }
+        self.check_resizable(new_size)?;
+        self.resize_bitmaps(new_size, true)?;
+        self.grow(new_size)?;
+        self.resize_bitmaps(new_size, false)
     }
 
     /// Checks that the image can be resized to `new_size`.
@@ -34,10 +40,8 @@ impl Image {
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
         }
-        if new_size != self.vsize() && !self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
-            return Err(Error::Unsupported(
-                "resizing an image with persistent bitmaps (remove them first: quring bitmap --remove)".into(),
-            ));
+        if new_size != self.vsize() {
+            self.check_bitmaps_resizable(new_size)?;
         }
         if self.version < 3
             && !self.snapshots.read().unwrap_or_else(|e| e.into_inner()).is_empty()

@@ -51,12 +51,21 @@ impl Queue {
                 self.full_discard(cut, old - cut)?;
             }
             self.flush()?;
-            return img.finish_shrink(new_size);
+            img.finish_shrink(new_size)?;
+            // Persistent bitmaps follow (QEMU's bdrv_dirty_bitmap_truncate): the stored
+            // ones after the header's size (a longer table stays valid), the tracked ones
+            // in memory.
+            img.resize_bitmaps(new_size, true)?;
+            return img.resize_bitmaps(new_size, false);
         }
         let zero_below = img.backing_len() > old;
         if zero_below && img.version < 3 {
             return Err(Error::Unsupported("Failed to zero out new clusters: Operation not supported".into()));
         }
+        // Stored bitmaps get tables for the new size before the header says it; the
+        // tracked ones grow after the zeroing and preallocation below, which QEMU does not
+        // count as guest writes (the old bitmaps clip those marks).
+        img.resize_bitmaps(new_size, true)?;
         img.grow(new_size)?;
         let len = new_size - old;
         match opts.preallocation {
@@ -74,7 +83,8 @@ impl Queue {
                 }
             }
         }
-        self.flush()
+        self.flush()?;
+        img.resize_bitmaps(new_size, false)
     }
 
     /// Blocking: unmaps and frees `[offset, offset + len)` whatever lies below (QEMU's full
