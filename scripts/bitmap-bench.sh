@@ -4,7 +4,8 @@
 # /dev/shm (writes land on allocated clusters, so the bitmap's bit setting is the only
 # difference), one with an enabled bitmap (qemu-img bitmap --add, 64 KiB granularity) and
 # one without, with 1 and 4 jobs (4 queues on one shared Image), alternated ROUNDS times in
-# one run. Prints one line per round and the median ratio with/without per job count.
+# one run. Prints one line per round (IOPS, and fio's CPU time per write, which a busy shared
+# machine disturbs less) and the median ratios with/without per job count.
 #
 #   scripts/bitmap-bench.sh [ROUNDS] [RUNTIME_S] [SIZE]
 #   (needs target/release/libquring_fio.so: cargo build --release -p quring-fio)
@@ -19,16 +20,26 @@ qemu-io -c "write -P 0x5a 0 $SIZE" "$D/plain.qcow2" >/dev/null
 cp "$D/plain.qcow2" "$D/bitmap.qcow2"
 qemu-img bitmap --add "$D/bitmap.qcow2" b
 
-# Summed write IOPS of one fio run on image $1 with $2 jobs.
+# One fio run on image $1 with $2 jobs: "IOPS CPU_US_PER_WRITE" (summed write IOPS; the
+# CPU time fio used, user and system, per write: steadier than IOPS on a shared machine).
 run_fio() {
-    fio --name=w --ioengine=external:"$PLUGIN" --filename="$1" --thread --group_reporting \
-        --rw=randwrite --bs=4k --iodepth=32 --direct=1 --numjobs="$2" --time_based \
-        --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 --size=100% \
-        --output-format=json --output="$D/fio.json" >/dev/null 2>&1
-    python3 -c 'import json,sys; t=open(sys.argv[1]).read(); d=json.loads(t[t.index("{"):]) if not t.startswith("{") else json.loads(t); print(int(sum(j["write"]["iops"] for j in d["jobs"])))' "$D/fio.json"
+    python3 - "$PLUGIN" "$1" "$2" "$RUNTIME" "$D/fio.json" <<'PY'
+import json, resource, subprocess, sys
+plugin, img, jobs, runtime, out = sys.argv[1:]
+subprocess.run(["fio", "--name=w", f"--ioengine=external:{plugin}", f"--filename={img}", "--thread",
+    "--group_reporting", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--direct=1", f"--numjobs={jobs}",
+    "--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0", "--size=100%",
+    "--output-format=json", f"--output={out}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+t = open(out).read()
+d = json.loads(t[t.index("\n{") + 1:] if not t.startswith("{") else t)
+ios = sum(j["write"]["total_ios"] for j in d["jobs"])
+iops = sum(j["write"]["iops"] for j in d["jobs"])
+print(int(iops), f"{(ru.ru_utime + ru.ru_stime) * 1e6 / ios:.2f}")
+PY
 }
 
-declare -A ratios
+declare -A ratios cpus
 for r in $(seq 1 "$ROUNDS"); do
     for jobs in 1 4; do
         # Alternate which side runs first.
@@ -37,13 +48,15 @@ for r in $(seq 1 "$ROUNDS"); do
         else
             without=$(run_fio "$D/plain.qcow2" "$jobs"); with=$(run_fio "$D/bitmap.qcow2" "$jobs")
         fi
-        ratio=$(python3 -c "print(f'{$with/$without:.3f}')")
-        ratios[$jobs]="${ratios[$jobs]:-} $ratio"
-        echo "round $r jobs $jobs with-bitmap $with without $without ratio $ratio"
+        read -r wi wc <<<"$with"; read -r oi oc <<<"$without"
+        ratio=$(python3 -c "print(f'{$wi/$oi:.3f}')"); cpu=$(python3 -c "print(f'{$wc/$oc:.3f}')")
+        ratios[$jobs]="${ratios[$jobs]:-} $ratio"; cpus[$jobs]="${cpus[$jobs]:-} $cpu"
+        echo "round $r jobs $jobs with-bitmap ${wi} IOPS ${wc} us-cpu/write, without ${oi} IOPS ${oc} us-cpu/write: IOPS ratio $ratio, CPU ratio $cpu"
     done
 done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 for jobs in 1 4; do
-    echo "jobs $jobs median ratio $(echo ${ratios[$jobs]} | tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}')"
+    echo "jobs $jobs: median IOPS ratio (with/without) $(echo "${ratios[$jobs]}" | median), median CPU-per-write ratio $(echo "${cpus[$jobs]}" | median)"
 done
 # The bitmap image is left consistent with the writes recorded.
 qemu-img check -q "$D/bitmap.qcow2"

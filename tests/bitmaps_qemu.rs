@@ -124,13 +124,18 @@ fn sigkill_during_writes_qemu_sees_inconsistent() {
     create_qcow2(&img, &Qcow2Opts::cluster(65536), 64 << 20);
     qemu_bitmap(&["--add", &s(&img), "b"]);
     qemu_bitmap(&["--add", "--disable", &s(&img), "off"]);
-    // Many writes, each a command of its own; the writer is killed well before the end.
+    // Many writes, each a command of its own, with a short pause every 50 (the stream lasts
+    // over 1.6 s however fast the build); the writer is killed well before the end.
     let mut args: Vec<String> = vec!["io".into()];
     let mut st = 77u64;
     for i in 0..4000 {
         let off = splitmix64(&mut st) % 1000 * 65536;
         args.push("-c".into());
         args.push(format!("write -P {} {off} 64k", 1 + i % 200));
+        if i % 50 == 49 {
+            args.push("-c".into());
+            args.push("sleep 20".into());
+        }
     }
     args.push(s(&img));
     let mut child =
