@@ -405,54 +405,89 @@ impl Image {
         Ok(())
     }
 
-    /// Resizes the bitmaps to cover `new_size` bytes, as QEMU does on a resize (bits past
-    /// the new end dropped, the grown range clean; the resize's own zeroing and
-    /// preallocation are not guest writes and mark nothing). `stored`: the bitmaps this
-    /// session does not track get new tables and data on disk (before a grow changes the
-    /// header's size, after a shrink did: a table longer than the disk needs is valid, a
-    /// shorter one is not, so a crash in between leaves valid bitmaps); otherwise the
-    /// tracked ones are replaced in memory by resized copies (stored at close).
-    pub(crate) fn resize_bitmaps(&self, new_size: u64, stored: bool) -> Result<()> {
+    /// First half of a resize with bitmaps: every bitmap this session does not track is
+    /// marked `in_use` on disk (the directory rewritten in place and made durable) before
+    /// the header's size changes. QEMU needs a table of exactly the size the disk needs,
+    /// so the header's size and the tables cannot change together: a crash in between
+    /// leaves the bitmaps in use (inconsistent), as QEMU leaves every bitmap it had loaded.
+    pub(crate) fn begin_bitmap_resize(&self) -> Result<()> {
+        if self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
+            return Ok(());
+        }
+        let _st = self.idle_lock("resizing an image with bitmaps")?;
+        let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let old: Vec<u32> = dir.recs.iter().map(|r| r.entry.flags).collect();
+        let mut changed = false;
+        for r in dir.recs.iter_mut().filter(|r| r.live.is_none()) {
+            r.entry.flags |= bm::FLAG_IN_USE;
+            changed = true;
+        }
+        if !changed {
+            return Ok(());
+        }
+        if let Err(e) = self.write_directory_in_place(&dir) {
+            for (r, f) in dir.recs.iter_mut().zip(old) {
+                r.entry.flags = f;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Second half of a resize from `old_size` (the header says the new size now): the
+    /// bitmaps cover `new_size` bytes as with QEMU (bits past the new end dropped, a grown
+    /// range clean; the resize's own zeroing and preallocation are not guest writes and
+    /// marked nothing, the tracked bitmaps still had the old size then). The tracked ones
+    /// are replaced in memory by resized copies (stored at close); the others get new
+    /// tables and data with `in_use` cleared.
+    pub(crate) fn finish_bitmap_resize(&self, old_size: u64, new_size: u64) -> Result<()> {
         if self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
             return Ok(());
         }
         let mut st = self.idle_lock("resizing an image with bitmaps")?;
         let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
         let cs = self.geo.cluster_size();
-        let old_size = self.vsize();
         let mut plan: Vec<Store> = Vec::with_capacity(dir.recs.len());
-        let mut any = false;
+        let (mut stored, mut live) = (false, false);
+        let old_flags: Vec<u32> = dir.recs.iter().map(|r| r.entry.flags).collect();
         for r in dir.recs.iter_mut() {
             let gb = r.entry.granularity_bits;
-            match (&r.live, stored) {
-                (Some(l), false) => {
-                    if l.disk_size() != new_size {
-                        let b = DirtyBitmap::new(new_size, gb);
-                        b.merge(l);
-                        r.live = Some(Arc::new(b));
-                        any = true;
-                    }
+            let b = DirtyBitmap::new(new_size, gb);
+            match &r.live {
+                Some(l) => {
+                    b.merge(l);
+                    r.live = Some(Arc::new(b));
+                    live = true;
                     plan.push(Store::Keep);
                 }
-                (None, true) => {
-                    let old = read_data(&self.sync, self.file.fd(), cs, &r.entry, old_size, self.file_len())?;
-                    let b = DirtyBitmap::new(new_size, gb);
-                    b.merge(&old);
+                None => {
+                    // The tables still cover the old size.
+                    b.merge(&read_data(&self.sync, self.file.fd(), cs, &r.entry, old_size, self.file_len())?);
+                    r.entry.flags &= !bm::FLAG_IN_USE;
                     plan.push(Store::Bits(Arc::new(b)));
-                    any = true;
+                    stored = true;
                 }
-                _ => plan.push(Store::Keep),
             }
         }
-        if !any {
-            return Ok(());
-        }
-        if stored {
-            self.rewrite_directory(&mut st, &mut dir, plan)
-        } else {
+        if live {
             self.publish_live(&dir);
-            Ok(())
         }
+        if stored && let Err(e) = self.rewrite_directory(&mut st, &mut dir, plan) {
+            for (r, f) in dir.recs.iter_mut().zip(old_flags) {
+                r.entry.flags = f;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the directory where it is (only flags changed: same size) and makes it
+    /// durable.
+    fn write_directory_in_place(&self, dir: &BitmapDir) -> Result<()> {
+        let Some(ext) = dir.ext else { return Err(Error::InvalidRequest("no bitmap directory".into())) };
+        let bytes = bm::serialize_directory(&dir.recs.iter().map(|r| r.entry.clone()).collect::<Vec<_>>());
+        self.sync.write_kind(crate::io::hook::WriteKind::Other, self.file.fd(), ext.directory_offset.0, &bytes)?;
+        self.sync.fdatasync(self.file.fd())
     }
 
     /// Clean close: every tracked bitmap stored with `in_use` cleared.

@@ -23,9 +23,11 @@ impl Image {
             return Ok(());
         }
         self.check_resizable(new_size)?;
-        self.resize_bitmaps(new_size, true)?;
+        self.check_bitmaps_resizable(new_size)?;
+        let old = self.vsize();
+        self.begin_bitmap_resize()?;
         self.grow(new_size)?;
-        self.resize_bitmaps(new_size, false)
+        self.finish_bitmap_resize(old, new_size)
     }
 
     /// Checks that the image can be resized to `new_size`.
@@ -39,9 +41,6 @@ impl Image {
         }
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
-        }
-        if new_size != self.vsize() {
-            self.check_bitmaps_resizable(new_size)?;
         }
         if self.version < 3
             && !self.snapshots.read().unwrap_or_else(|e| e.into_inner()).is_empty()
