@@ -450,19 +450,29 @@ impl Image {
         let mut plan: Vec<Store> = Vec::with_capacity(dir.recs.len());
         let (mut stored, mut live) = (false, false);
         let old_flags: Vec<u32> = dir.recs.iter().map(|r| r.entry.flags).collect();
-        for r in dir.recs.iter_mut() {
+        // The untracked bitmaps' bits first (their tables still cover the old size), so
+        // that a read error changes nothing.
+        let mut on_disk = Vec::with_capacity(dir.recs.len());
+        for r in &dir.recs {
+            on_disk.push(match r.live {
+                Some(_) => None,
+                None => Some(read_data(&self.sync, self.file.fd(), cs, &r.entry, old_size, self.file_len())?),
+            });
+        }
+        for (r, disk) in dir.recs.iter_mut().zip(on_disk) {
             let gb = r.entry.granularity_bits;
             let b = DirtyBitmap::new(new_size, gb);
-            match &r.live {
-                Some(l) => {
+            match (&r.live, disk) {
+                (Some(l), _) => {
                     b.merge(l);
                     r.live = Some(Arc::new(b));
                     live = true;
                     plan.push(Store::Keep);
                 }
-                None => {
-                    // The tables still cover the old size.
-                    b.merge(&read_data(&self.sync, self.file.fd(), cs, &r.entry, old_size, self.file_len())?);
+                (None, d) => {
+                    if let Some(d) = d {
+                        b.merge(&d);
+                    }
                     r.entry.flags &= !bm::FLAG_IN_USE;
                     plan.push(Store::Bits(Arc::new(b)));
                     stored = true;
