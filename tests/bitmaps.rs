@@ -254,6 +254,7 @@ fn sigkill_leaves_bitmap_in_use() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    wait_unlocked(&img);
     let l = qemu_bitmaps(&img);
     assert_eq!(
         l,

@@ -153,6 +153,7 @@ fn sigkill_during_writes_qemu_sees_inconsistent() {
     assert!(child.try_wait().unwrap().is_none(), "the writer finished before the kill: make the stream longer");
     child.kill().unwrap();
     child.wait().unwrap();
+    wait_unlocked(&img);
     let l = qemu_bitmaps(&img);
     assert_eq!(
         l,
@@ -283,6 +284,7 @@ fn resize_with_bitmaps_matches_qemu_img() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    wait_unlocked(&killed);
     qemu_img(["check", "-q", "-r", "leaks", &s(&killed)]).ok();
     for (args, new_size) in [(&[][..], "32M"), (&["--shrink"][..], "8M")] {
         let (qemu, ours) = (dir.path().join("iq.qcow2"), dir.path().join("iu.qcow2"));

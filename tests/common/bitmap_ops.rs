@@ -344,3 +344,18 @@ impl Drop for Qmp {
         }
     }
 }
+
+/// Waits until no process holds `path`'s image lock (up to 10 s). A writer killed with
+/// SIGKILL releases its file only when the kernel has torn its io_uring down, which may
+/// be a moment after `wait` returned.
+pub fn wait_unlocked(path: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = qemu_img(["info", &s(path)]);
+        if r.code == Some(0) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the image stays locked:\n{}", r.describe());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

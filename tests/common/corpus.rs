@@ -456,6 +456,15 @@ fn bitmap_specs() -> Vec<Spec> {
             patch_be32(p, bitmap_entry(p) + 8, 0x0800_0001);
         }),
         bitmap_case!(
+            "bitmap_table_size_too_long",
+            bitmap,
+            &["bitmap_table_size"],
+            "bitmap table of 2 entries where the disk needs 1 (QEMU cannot load it)",
+            |p| {
+                patch_be32(p, bitmap_entry(p) + 8, 2);
+            }
+        ),
+        bitmap_case!(
             "bitmap_table_past_eof",
             bitmap,
             &["bitmap_table_offset"],
