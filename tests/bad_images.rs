@@ -3,6 +3,8 @@
 //! `check` must agree with `qemu-img check` wherever QEMU can open the image.
 
 mod common;
+#[path = "../fuzz/harness.rs"]
+mod harness;
 
 use common::corpus::{BadCase, Must, write_corpus};
 use common::*;
@@ -234,6 +236,11 @@ const QEMU_OPENS: &[&str] = &[
     "data_file_raw_without_data_file",
     // A bitmap data cluster past the end of the file reads as zeros in QEMU.
     "bitmap_table_entry_past_eof",
+    // qemu-img info lists the bitmap from its directory entry; QEMU reads the table (and
+    // would find it past the end of the file or on the directory) only when it loads the
+    // bitmap.
+    "bitmap_table_past_eof",
+    "bitmap_table_is_directory",
 ];
 
 /// The process runner itself: exit codes, signals, per-child peak RSS.
@@ -279,4 +286,35 @@ fn check_with_many_problems_keeps_memory_bounded() {
     // The kept lines, the count of the rest, and why the engine would not open the image.
     assert!(lines <= quring::check::MAX_MESSAGES + 2, "{lines} lines on stderr");
     assert!(r.stderr.contains("more problem lines not shown"), "{}", &r.stderr[r.stderr.len().saturating_sub(500)..]);
+}
+
+/// The fuzz target `image` (its own body, fuzz/harness.rs) runs every bitmap-directory case
+/// of the corpus without a panic, and the read-only open it starts with refuses each one
+/// naming the field: the target reaches the bitmap parser (directory, entries, tables).
+/// A valid image with a bitmap goes through the target's export of the bitmap too.
+#[test]
+fn fuzz_image_target_reaches_the_bitmap_parser() {
+    use quring::image::{BackingPolicy, Image, Options};
+    let dir = tempdir();
+    let corpus = write_corpus(&dir.path().join("corpus"));
+    let scratch = dir.path().join("fuzz.qcow2");
+    let opts = Options { read_only: true, backing: BackingPolicy::Ignore, ..Default::default() };
+    let mut n = 0;
+    for c in corpus.iter().filter(|c| c.name.starts_with("bitmap_")) {
+        let data = std::fs::read(&c.path).unwrap();
+        harness::fuzz_image(&data, &scratch);
+        let e = Image::open(&c.path, &opts).err().unwrap_or_else(|| panic!("[{}] opens", c.name));
+        let msg = e.to_string().to_lowercase();
+        assert!(c.expect.iter().any(|x| msg.contains(x)), "[{}] {msg}", c.name);
+        n += 1;
+    }
+    assert!(n >= 27, "{n} bitmap cases");
+    let good = dir.path().join("good.qcow2");
+    create_qcow2(&good, &Qcow2Opts::cluster(65536), 1 << 20);
+    qemu_img(["bitmap", "--add", "-g", "4096", &s(&good), "b"]).ok();
+    qemu_io_cmds(&good, "qcow2", &["write 8k 4k".into()]);
+    let img = Image::open(&good, &opts).unwrap();
+    assert_eq!(img.dirty_ranges("b").unwrap().len(), 1);
+    drop(img);
+    harness::fuzz_image(&std::fs::read(&good).unwrap(), &scratch);
 }

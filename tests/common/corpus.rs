@@ -386,6 +386,123 @@ fn bitmap_specs() -> Vec<Spec> {
                 patch_be64(p, read_be64(p, bitmap_entry(p)), 0x1000_0000);
             }
         ),
+        bitmap_case!(
+            "bitmap_dir_offset_zero",
+            bitmap,
+            &["bitmap_directory_offset"],
+            "bitmap directory offset 0",
+            |p| {
+                patch_be64(p, bitmaps_ext(p) + 16, 0);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_nb_above_dir",
+            bitmap,
+            &["bitmap directory", "bitmap_directory_size"],
+            "nb_bitmaps 2 with a directory that holds one entry",
+            |p| {
+                patch_be32(p, bitmaps_ext(p), 2);
+            }
+        ),
+        bitmap_case!("bitmap_nb_huge", bitmap, &["nb_bitmaps"], "nb_bitmaps 65536, above QEMU's limit", |p| {
+            patch_be32(p, bitmaps_ext(p), 65536);
+        }),
+        bitmap_case!(
+            "bitmap_dir_size_below_entries",
+            bitmap,
+            &["bitmap_directory_size"],
+            "bitmap directory size 16, below one entry's fixed 24 bytes",
+            |p| {
+                patch_be64(p, bitmaps_ext(p) + 8, 16);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_dir_size_above_entries",
+            bitmap,
+            &["bitmap_directory_size"],
+            "bitmap directory size 8 bytes more than its one entry takes (the file grown by a cluster)",
+            |p| {
+                let e = bitmaps_ext(p);
+                patch_be64(p, e + 8, read_be64(p, e + 8) + 8);
+                let len = std::fs::metadata(p).unwrap().len();
+                OpenOptions::new().write(true).open(p).unwrap().set_len(len + 65536).unwrap();
+            }
+        ),
+        bitmap_case!(
+            "bitmap_ext_length_16",
+            bitmap,
+            &["bitmaps extension", "extension"],
+            "bitmaps extension length 16 instead of 24",
+            |p| {
+                patch_be32(p, bitmaps_ext(p) - 4, 16);
+            }
+        ),
+        bitmap_case!("bitmap_ext_reserved", bitmap, &["reserved"], "bitmaps extension reserved field 1", |p| {
+            patch_be32(p, bitmaps_ext(p) + 4, 1);
+        }),
+        bitmap_case!(
+            "bitmap_extra_data_huge",
+            bitmap,
+            &["extra_data_size"],
+            "bitmap extra_data_size 0xffffffff",
+            |p| {
+                patch_be32(p, bitmap_entry(p) + 20, u32::MAX);
+            }
+        ),
+        bitmap_case!("bitmap_name_empty", bitmap, &["name_size"], "bitmap name_size 0", |p| {
+            patch_be16(p, bitmap_entry(p) + 18, 0);
+        }),
+        bitmap_case!("bitmap_table_size_huge", bitmap, &["bitmap_table_size"], "bitmap table size 2^27 + 1", |p| {
+            patch_be32(p, bitmap_entry(p) + 8, 0x0800_0001);
+        }),
+        bitmap_case!(
+            "bitmap_table_size_too_long",
+            bitmap,
+            &["bitmap_table_size"],
+            "bitmap table of 2 entries where the disk needs 1 (QEMU cannot load it)",
+            |p| {
+                patch_be32(p, bitmap_entry(p) + 8, 2);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_table_past_eof",
+            bitmap,
+            &["bitmap_table_offset"],
+            "bitmap table offset past the end of the file",
+            |p| {
+                patch_be64(p, bitmap_entry(p), 0x1000_0000);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_table_is_directory",
+            bitmap,
+            &["bitmap_table_offset", "overlap"],
+            "bitmap table at the directory's cluster",
+            |p| {
+                let e = bitmap_entry(p);
+                patch_be64(p, e, e);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_table_entry_ones_and_offset",
+            bitmap,
+            &["bitmap table entry"],
+            "bitmap table entry with a data offset and the all-ones bit",
+            |p| {
+                let t = read_be64(p, bitmap_entry(p));
+                patch_be64(p, t, read_be64(p, t) | 1);
+            }
+        ),
+        bitmap_case!(
+            "bitmap_table_entry_unaligned",
+            bitmap,
+            &["bitmap table entry"],
+            "bitmap table entry offset not cluster aligned",
+            |p| {
+                let t = read_be64(p, bitmap_entry(p));
+                patch_be64(p, t, read_be64(p, t) + 512);
+            }
+        ),
     ]
 }
 

@@ -4,6 +4,7 @@
 //! helper is used by every binary.
 #![allow(dead_code)]
 
+pub mod bitmap_ops;
 pub mod corpus;
 mod rng;
 

@@ -173,8 +173,8 @@ impl DirEntry {
     }
 
     /// Checks the entry against the image: table alignment and size, flags, type,
-    /// granularity, name length, and (for a bitmap not in use) that the table covers
-    /// `disk_size` bytes.
+    /// granularity, name length, and (for a bitmap not in use) that the table has exactly
+    /// the entries `disk_size` bytes need (as QEMU requires when it loads the bitmap).
     pub fn validate(&self, cluster_size: u64, file_len: u64, disk_size: u64) -> Result<()> {
         let name = &self.name;
         let field = |what: &'static str, detail: String| Error::corrupt(what, format!("bitmap '{name}': {detail}"));
@@ -216,11 +216,14 @@ impl DirEntry {
                 format!("table at {off:#x} of {} entries lies past the end of the file", self.table_size),
             ));
         }
-        if !self.in_use() && (self.table_size as u64) < table_size_for(disk_size, self.granularity_bits, cluster_size) {
+        let need = table_size_for(disk_size, self.granularity_bits, cluster_size);
+        if !self.in_use() && self.table_size as u64 != need {
+            // QEMU loads a consistent bitmap only with exactly the table the disk needs
+            // ("Could not read bitmap ...: Invalid argument").
             return Err(field(
                 "bitmap_table_size",
                 format!(
-                    "{} entries do not cover the disk size {disk_size} at granularity {}",
+                    "{} entries, but the disk size {disk_size} at granularity {} needs {need}",
                     self.table_size,
                     self.granularity()
                 ),
@@ -482,6 +485,10 @@ mod tests {
         let e = DirEntry { granularity_bits: 9, ..entry("a") };
         let s = e.validate(cs, 1 << 41, 1 << 40).unwrap_err().to_string();
         assert!(s.contains("bitmap_table_size"), "{s}");
+        // A longer table than the disk needs is refused too (QEMU cannot load it).
+        let long = DirEntry { table_size: 2, ..entry("a") };
+        let s = long.validate(cs, 1 << 30, 1 << 30).unwrap_err().to_string();
+        assert!(s.contains("bitmap_table_size") && s.contains("needs 1"), "{s}");
         let mut in_use = e.clone();
         in_use.flags |= FLAG_IN_USE;
         assert!(in_use.validate(cs, 1 << 41, 1 << 40).is_ok(), "an in-use bitmap may be short");

@@ -392,6 +392,116 @@ impl Image {
         self.replace_bits(&mut st, &mut dir, i, Arc::new(bits))
     }
 
+    /// Can every bitmap follow a resize to `new_size` (QEMU's `qcow2_co_truncate` with
+    /// persistent bitmaps)? Not one left inconsistent (`in_use`) by another writer, nor one
+    /// with incompatible extra data (QEMU's message), nor one that would outgrow the limits.
+    pub(crate) fn check_bitmaps_resizable(&self, new_size: u64) -> Result<()> {
+        let dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let cs = self.geo.cluster_size();
+        for r in &dir.recs {
+            if r.live.is_none() {
+                self.check_usable(&r.entry)?;
+            }
+            bm::check_new(new_size, r.entry.granularity_bits, cs)?;
+        }
+        Ok(())
+    }
+
+    /// First half of a resize with bitmaps: every bitmap this session does not track is
+    /// marked `in_use` on disk (the directory rewritten in place and made durable) before
+    /// the header's size changes. QEMU needs a table of exactly the size the disk needs,
+    /// so the header's size and the tables cannot change together: a crash in between
+    /// leaves the bitmaps in use (inconsistent), as QEMU leaves every bitmap it had loaded.
+    pub(crate) fn begin_bitmap_resize(&self) -> Result<()> {
+        if self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
+            return Ok(());
+        }
+        let _st = self.idle_lock("resizing an image with bitmaps")?;
+        let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let old: Vec<u32> = dir.recs.iter().map(|r| r.entry.flags).collect();
+        let mut changed = false;
+        for r in dir.recs.iter_mut().filter(|r| r.live.is_none()) {
+            r.entry.flags |= bm::FLAG_IN_USE;
+            changed = true;
+        }
+        if !changed {
+            return Ok(());
+        }
+        if let Err(e) = self.write_directory_in_place(&dir) {
+            for (r, f) in dir.recs.iter_mut().zip(old) {
+                r.entry.flags = f;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Second half of a resize from `old_size` (the header says the new size now): the
+    /// bitmaps cover `new_size` bytes as with QEMU (bits past the new end dropped, a grown
+    /// range clean; the resize's own zeroing and preallocation are not guest writes and
+    /// marked nothing, the tracked bitmaps still had the old size then). The tracked ones
+    /// are replaced in memory by resized copies (stored at close); the others get new
+    /// tables and data with `in_use` cleared.
+    pub(crate) fn finish_bitmap_resize(&self, old_size: u64, new_size: u64) -> Result<()> {
+        if self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.idle_lock("resizing an image with bitmaps")?;
+        let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());
+        let cs = self.geo.cluster_size();
+        let mut plan: Vec<Store> = Vec::with_capacity(dir.recs.len());
+        let (mut stored, mut live) = (false, false);
+        let old_flags: Vec<u32> = dir.recs.iter().map(|r| r.entry.flags).collect();
+        // The untracked bitmaps' bits first (their tables still cover the old size), so
+        // that a read error changes nothing.
+        let mut on_disk = Vec::with_capacity(dir.recs.len());
+        for r in &dir.recs {
+            on_disk.push(match r.live {
+                Some(_) => None,
+                None => Some(read_data(&self.sync, self.file.fd(), cs, &r.entry, old_size, self.file_len())?),
+            });
+        }
+        for (r, disk) in dir.recs.iter_mut().zip(on_disk) {
+            let gb = r.entry.granularity_bits;
+            let b = DirtyBitmap::new(new_size, gb);
+            match (&r.live, disk) {
+                (Some(l), _) => {
+                    b.merge(l);
+                    r.live = Some(Arc::new(b));
+                    live = true;
+                    plan.push(Store::Keep);
+                }
+                (None, d) => {
+                    if let Some(d) = d {
+                        b.merge(&d);
+                    }
+                    r.entry.flags &= !bm::FLAG_IN_USE;
+                    plan.push(Store::Bits(Arc::new(b)));
+                    stored = true;
+                }
+            }
+        }
+        if live {
+            self.publish_live(&dir);
+        }
+        if stored && let Err(e) = self.rewrite_directory(&mut st, &mut dir, plan) {
+            for (r, f) in dir.recs.iter_mut().zip(old_flags) {
+                r.entry.flags = f;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the directory where it is (only flags changed: same size) and makes it
+    /// durable.
+    fn write_directory_in_place(&self, dir: &BitmapDir) -> Result<()> {
+        let Some(ext) = dir.ext else { return Err(Error::InvalidRequest("no bitmap directory".into())) };
+        let bytes = bm::serialize_directory(&dir.recs.iter().map(|r| r.entry.clone()).collect::<Vec<_>>());
+        self.sync.write_kind(crate::io::hook::WriteKind::Other, self.file.fd(), ext.directory_offset.0, &bytes)?;
+        self.sync.fdatasync(self.file.fd())
+    }
+
     /// Clean close: every tracked bitmap stored with `in_use` cleared.
     pub(super) fn store_bitmaps(&self, st: &mut MetaState) -> Result<()> {
         let mut dir = self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner());

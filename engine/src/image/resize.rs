@@ -19,7 +19,15 @@ impl Image {
         if self.backing.is_some() {
             return Err(Error::Unsupported("growing an image with a backing file needs Queue::resize".into()));
         }
-        self.grow(new_size)
+        if new_size == self.vsize() {
+            return Ok(());
+        }
+        self.check_resizable(new_size)?;
+        self.check_bitmaps_resizable(new_size)?;
+        let old = self.vsize();
+        self.begin_bitmap_resize()?;
+        self.grow(new_size)?;
+        self.finish_bitmap_resize(old, new_size)
     }
 
     /// Checks that the image can be resized to `new_size`.
@@ -33,11 +41,6 @@ impl Image {
         }
         if new_size == 0 {
             return Err(Error::InvalidRequest("New image size must be positive".into()));
-        }
-        if new_size != self.vsize() && !self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()).recs.is_empty() {
-            return Err(Error::Unsupported(
-                "resizing an image with persistent bitmaps (remove them first: quring bitmap --remove)".into(),
-            ));
         }
         if self.version < 3
             && !self.snapshots.read().unwrap_or_else(|e| e.into_inner()).is_empty()

@@ -38,6 +38,8 @@ impl Queue {
         if new_size == old {
             return Ok(());
         }
+        // Before any change (the bitmaps are in use on disk from begin_bitmap_resize on).
+        img.check_bitmaps_resizable(new_size)?;
         if new_size < old {
             if !opts.shrink {
                 return Err(Error::InvalidRequest("Use the --shrink option to perform a shrink operation.".into()));
@@ -45,18 +47,25 @@ impl Queue {
             if opts.preallocation != Preallocation::Off {
                 return Err(Error::InvalidRequest("Preallocation can't be used for shrinking an image".into()));
             }
+            img.begin_bitmap_resize()?;
             let cs = img.geo.cluster_size();
             let cut = new_size.div_ceil(cs) * cs;
             if cut < old {
                 self.full_discard(cut, old - cut)?;
             }
             self.flush()?;
-            return img.finish_shrink(new_size);
+            img.finish_shrink(new_size)?;
+            // Persistent bitmaps follow (QEMU's bdrv_dirty_bitmap_truncate).
+            return img.finish_bitmap_resize(old, new_size);
         }
         let zero_below = img.backing_len() > old;
         if zero_below && img.version < 3 {
             return Err(Error::Unsupported("Failed to zero out new clusters: Operation not supported".into()));
         }
+        // The bitmaps follow after the zeroing and preallocation below, which QEMU does not
+        // count as guest writes (the tracked bitmaps, still of the old size, clip those
+        // marks); the untracked ones are in use on disk meanwhile.
+        img.begin_bitmap_resize()?;
         img.grow(new_size)?;
         let len = new_size - old;
         match opts.preallocation {
@@ -74,7 +83,8 @@ impl Queue {
                 }
             }
         }
-        self.flush()
+        self.flush()?;
+        img.finish_bitmap_resize(old, new_size)
     }
 
     /// Blocking: unmaps and frees `[offset, offset + len)` whatever lies below (QEMU's full
