@@ -23,6 +23,7 @@ mod wake;
 mod write;
 mod zero;
 
+pub use compressed::CompressedClusters;
 use io::Io;
 use req::{Parent, Req, ReqKind};
 pub use resize::ResizeOptions;
