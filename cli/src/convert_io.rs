@@ -173,7 +173,7 @@ fn run_chunks(sh: &Shared, ends: &mut Ends, slots: &mut [Slot]) -> Result<(), St
         let runs = plan_chunk(sh, ends, &mut slots[si].buf, start, end)?;
         // Compression happens here, before the chunk's turn: every worker compresses its
         // own chunk at once, and only the stores go in guest order.
-        let mut packed = compress_chunk(sh, ends, &slots[si].buf, start, &runs)?;
+        let mut packed = compress_chunk(sh, &slots[si].buf, start, &runs)?;
         if !sh.unordered {
             // Wait for this chunk's turn, serving this worker's queue meanwhile: another
             // worker's request may wait for an L2 slice this queue is loading.
@@ -332,24 +332,40 @@ fn read_source(src: &Source, ends: &mut Ends, dst: &mut [u8], off: u64) -> Resul
     }
 }
 
-/// With -c into qcow2: each data run of the chunk compressed (`None` for other runs).
+/// With -c into qcow2: each data run of the chunk compressed (`None` for other runs), as
+/// one or more pieces in guest order. A run of several clusters is split in two and its
+/// second half compressed on a helper thread: with two workers, up to four threads compress
+/// at once, as QEMU's qcow2 driver compresses up to four clusters at once (QCOW2_MAX_THREADS).
 fn compress_chunk(
     sh: &Shared,
-    ends: &Ends,
     buf: &AlignedBuf,
     start: u64,
     runs: &[(Status, u64, u64)],
-) -> Result<Vec<Option<CompressedClusters>>, String> {
-    let Some(q) = ends.dst_q.as_ref().filter(|_| sh.compress) else {
+) -> Result<Vec<Vec<CompressedClusters>>, String> {
+    let Target::Qcow2(img) = sh.dst else { return Ok(Vec::new()) };
+    if !sh.compress {
         return Ok(Vec::new());
+    }
+    let pack = |o: u64, b: &[u8]| {
+        CompressedClusters::new(img, o, b).map_err(|e| format!("error while writing at byte {o}: {e}"))
     };
     runs.iter()
         .map(|&(s, o, n)| {
             if s != Status::Data {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let b = &buf[(o - start) as usize..(o - start + n) as usize];
-            q.compress_clusters(o, b).map(Some).map_err(|e| format!("error while writing at byte {o}: {e}"))
+            let half = n / sh.cluster / 2 * sh.cluster;
+            if half == 0 {
+                return pack(o, b).map(|c| vec![c]);
+            }
+            let (first, second) = b.split_at(half as usize);
+            std::thread::scope(|sc| {
+                let helper = sc.spawn(|| pack(o + half, second));
+                let a = pack(o, first);
+                let b = helper.join().map_err(|_| "a compression thread panicked".to_string())?;
+                Ok(vec![a?, b?])
+            })
         })
         .collect()
 }
@@ -363,7 +379,7 @@ fn issue(
     si: usize,
     start: u64,
     runs: &[(Status, u64, u64)],
-    packed: &mut [Option<CompressedClusters>],
+    packed: &mut [Vec<CompressedClusters>],
 ) -> Result<(), String> {
     for (i, &(s, o, n)) in runs.iter().enumerate() {
         let werr = |e: String| format!("error while writing at byte {o}: {e}");
@@ -387,11 +403,13 @@ fn issue(
                     Target::Qcow2(_) => {
                         let q = ends.dst_q.as_mut().expect("a qcow2 target has a queue");
                         if sh.compress {
-                            let c = match packed.get_mut(i).and_then(Option::take) {
-                                Some(c) => c,
-                                None => q.compress_clusters(o, b).map_err(|e| werr(e.to_string()))?,
-                            };
-                            q.write_compressed_clusters(c).map_err(|e| werr(e.to_string()))?;
+                            let mut pieces = packed.get_mut(i).map(std::mem::take).unwrap_or_default();
+                            if pieces.is_empty() {
+                                pieces.push(q.compress_clusters(o, b).map_err(|e| werr(e.to_string()))?);
+                            }
+                            for c in pieces {
+                                q.write_compressed_clusters(c).map_err(|e| werr(e.to_string()))?;
+                            }
                             continue;
                         }
                         let op = Op::Write { offset: o, buf: b.as_ptr(), len: b.len() };

@@ -20,6 +20,13 @@ pub struct CompressedClusters {
 }
 
 impl CompressedClusters {
+    /// Checks the range and compresses each cluster of `data` (at guest `offset` of `image`)
+    /// on the calling thread, touching no image state: [`Queue::compress_clusters`] without
+    /// a queue, for helper threads.
+    pub fn new(image: &Arc<Image>, offset: u64, data: &[u8]) -> Result<CompressedClusters> {
+        compress_for(image, offset, data)
+    }
+
     /// The guest range they cover.
     pub fn range(&self) -> (u64, u64) {
         (self.offset, self.len)
@@ -41,45 +48,7 @@ impl Queue {
     /// The compression half of [`Queue::write_compressed`]: checks the range and compresses
     /// each cluster on the calling thread, touching neither the queue nor the image's state.
     pub fn compress_clusters(&self, offset: u64, data: &[u8]) -> Result<CompressedClusters> {
-        let img = &self.image;
-        img.check_writable()?;
-        if img.l2less {
-            return Err(Error::Unsupported("compressed writes on an L2-less image".into()));
-        }
-        let cs = img.geo.cluster_size();
-        let size = img.vsize();
-        let len = data.len() as u64;
-        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-            Error::InvalidRequest(format!("range {offset}+{len} is past the end of the image ({size} bytes)"))
-        })?;
-        if !offset.is_multiple_of(cs) || (!len.is_multiple_of(cs) && end != size) {
-            return Err(Error::InvalidRequest(format!(
-                "compressed writes take whole clusters: offset {offset} and length {len} are not multiples of \
-                 the cluster size {cs} (only the last cluster may end at the end of the image)"
-            )));
-        }
-        let mut padded = Vec::new();
-        let mut items: Vec<(u64, Vec<u8>, bool)> = Vec::new();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let n = (data.len() - pos).min(cs as usize);
-            let input = if n == cs as usize {
-                &data[pos..pos + n]
-            } else {
-                padded.clear();
-                padded.extend_from_slice(&data[pos..pos + n]);
-                padded.resize(cs as usize, 0);
-                &padded[..]
-            };
-            // Clusters that do not compress are stored whole, allocated in the same
-            // sequence (as QEMU's fallback to a normal write allocates the next cluster).
-            match crate::format::compress::compress(img.compression, input)? {
-                Some(c) => items.push((offset + pos as u64, c, true)),
-                None => items.push((offset + pos as u64, input.to_vec(), false)),
-            }
-            pos += n;
-        }
-        Ok(CompressedClusters { image: img.clone(), offset, len, items })
+        compress_for(&self.image, offset, data)
     }
 
     /// The storing half of [`Queue::write_compressed`]: stores clusters compressed by
@@ -100,4 +69,46 @@ impl Queue {
         Counters::add(&self.counters.write_bytes, c.len);
         Ok(())
     }
+}
+
+/// [`CompressedClusters::new`] and [`Queue::compress_clusters`].
+fn compress_for(img: &Arc<Image>, offset: u64, data: &[u8]) -> Result<CompressedClusters> {
+    img.check_writable()?;
+    if img.l2less {
+        return Err(Error::Unsupported("compressed writes on an L2-less image".into()));
+    }
+    let cs = img.geo.cluster_size();
+    let size = img.vsize();
+    let len = data.len() as u64;
+    let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
+        Error::InvalidRequest(format!("range {offset}+{len} is past the end of the image ({size} bytes)"))
+    })?;
+    if !offset.is_multiple_of(cs) || (!len.is_multiple_of(cs) && end != size) {
+        return Err(Error::InvalidRequest(format!(
+            "compressed writes take whole clusters: offset {offset} and length {len} are not multiples of \
+             the cluster size {cs} (only the last cluster may end at the end of the image)"
+        )));
+    }
+    let mut padded = Vec::new();
+    let mut items: Vec<(u64, Vec<u8>, bool)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let n = (data.len() - pos).min(cs as usize);
+        let input = if n == cs as usize {
+            &data[pos..pos + n]
+        } else {
+            padded.clear();
+            padded.extend_from_slice(&data[pos..pos + n]);
+            padded.resize(cs as usize, 0);
+            &padded[..]
+        };
+        // Clusters that do not compress are stored whole, allocated in the same
+        // sequence (as QEMU's fallback to a normal write allocates the next cluster).
+        match crate::format::compress::compress(img.compression, input)? {
+            Some(c) => items.push((offset + pos as u64, c, true)),
+            None => items.push((offset + pos as u64, input.to_vec(), false)),
+        }
+        pos += n;
+    }
+    Ok(CompressedClusters { image: img.clone(), offset, len, items })
 }
