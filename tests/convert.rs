@@ -237,6 +237,55 @@ fn compressed_output_checks_clean_and_matches_qemu_img_size() {
     assert!(r.stderr.contains("Compression not supported for this file format"), "{}", r.describe());
 }
 
+/// 6 MiB of mixed real data, no holes: this test program's own bytes (a binary), text,
+/// noise, and a zero run, so that clusters compress well, badly and not at all.
+fn mixed_raw(p: &Path) {
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let mut v = Vec::with_capacity(6 * MIB as usize);
+    v.extend_from_slice(&exe[..exe.len().min(3 * MIB as usize)]);
+    let mut st = 11u64;
+    while v.len() < 4 * MIB as usize {
+        let w = splitmix64(&mut st) % 300;
+        v.extend_from_slice(format!("line {w}: the quick brown fox {}\n", w * 7).as_bytes());
+    }
+    v.truncate(4 * MIB as usize);
+    v.extend_from_slice(&pattern_bytes(5, MIB as usize));
+    v.resize(6 * MIB as usize - 100_000, 0);
+    v.extend_from_slice(&exe[..100_000.min(exe.len())]);
+    v.resize(6 * MIB as usize, 1);
+    std::fs::write(p, &v).unwrap();
+}
+
+#[test]
+fn compressed_mixed_data_decompresses_in_qemu_with_every_deflate_profile() {
+    // Both deflate profiles (QEMU's zlib parameters and the faster zlib-rs one) on two
+    // queues: QEMU reads every cluster back equal and checks the image clean; the QEMU
+    // profile writes qemu-img's size (its bytes), the fast one at most 2% more.
+    let d = tempdir();
+    let src = d.path().join("mixed.raw");
+    mixed_raw(&src);
+    let theirs = d.path().join("theirs.qcow2");
+    qemu_img(["convert", "-c", "-m", "2", "-f", "raw", "-O", "qcow2", &s(&src), &s(&theirs)]).ok();
+    for profile in ["qemu", "fast"] {
+        let ours = d.path().join(format!("ours-{profile}.qcow2"));
+        let mut cmd = std::process::Command::new(quring_bin());
+        cmd.env("QURING_DEFLATE", profile).args(["convert", "-c", "-m", "2", "-f", "raw", "-O", "qcow2"]);
+        run(cmd.args([s(&src), s(&ours)])).ok();
+        check_clean(&ours);
+        same_content(&src, "raw", &ours, "qcow2");
+        let info = qemu_img(["check", "--output=json", &s(&ours)]).ok().json();
+        let theirs_info = qemu_img(["check", "--output=json", &s(&theirs)]).ok().json();
+        assert!(info["compressed-clusters"].as_u64().unwrap() > 40, "{profile}: {info}");
+        assert_eq!(info["compressed-clusters"], theirs_info["compressed-clusters"], "{profile}");
+        let (a, b) = (len(&ours), len(&theirs));
+        if profile == "qemu" {
+            near("qemu profile: file length", a, b, 1.0, 64 << 10);
+        } else {
+            assert!(a * 100 <= b * 102, "fast profile: {a} bytes against qemu-img's {b}");
+        }
+    }
+}
+
 #[test]
 fn progress_goes_to_stdout_like_qemu_img() {
     let d = tempdir();

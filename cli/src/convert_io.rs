@@ -5,7 +5,7 @@
 
 use quring::image::Image;
 use quring::io::AlignedBuf;
-use quring::queue::{Completion, Op, Queue, QueueOptions, Request};
+use quring::queue::{Completion, CompressedClusters, Op, Queue, QueueOptions, Request};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -171,6 +171,9 @@ fn run_chunks(sh: &Shared, ends: &mut Ends, slots: &mut [Slot]) -> Result<(), St
             reap(ends, slots, 1, None)?;
         };
         let runs = plan_chunk(sh, ends, &mut slots[si].buf, start, end)?;
+        // Compression happens here, before the chunk's turn: every worker compresses its
+        // own chunk at once, and only the stores go in guest order.
+        let mut packed = compress_chunk(sh, &slots[si].buf, start, &runs)?;
         if !sh.unordered {
             // Wait for this chunk's turn, serving this worker's queue meanwhile: another
             // worker's request may wait for an L2 slice this queue is loading.
@@ -190,7 +193,7 @@ fn run_chunks(sh: &Shared, ends: &mut Ends, slots: &mut [Slot]) -> Result<(), St
                 reap(ends, slots, 0, Some(Duration::ZERO))?;
             }
         }
-        let issued = issue(sh, ends, slots, si, start, &runs);
+        let issued = issue(sh, ends, slots, si, start, &runs, &mut packed);
         if !sh.unordered {
             *sh.turn.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             sh.turn_cv.notify_all();
@@ -329,7 +332,46 @@ fn read_source(src: &Source, ends: &mut Ends, dst: &mut [u8], off: u64) -> Resul
     }
 }
 
-/// Issues the writes of one chunk's runs from slot `si`.
+/// With -c into qcow2: each data run of the chunk compressed (`None` for other runs), as
+/// one or more pieces in guest order. A run of several clusters is split in two and its
+/// second half compressed on a helper thread: with two workers, up to four threads compress
+/// at once, as QEMU's qcow2 driver compresses up to four clusters at once (QCOW2_MAX_THREADS).
+fn compress_chunk(
+    sh: &Shared,
+    buf: &AlignedBuf,
+    start: u64,
+    runs: &[(Status, u64, u64)],
+) -> Result<Vec<Vec<CompressedClusters>>, String> {
+    let Target::Qcow2(img) = sh.dst else { return Ok(Vec::new()) };
+    if !sh.compress {
+        return Ok(Vec::new());
+    }
+    let pack = |o: u64, b: &[u8]| {
+        CompressedClusters::new(img, o, b).map_err(|e| format!("error while writing at byte {o}: {e}"))
+    };
+    runs.iter()
+        .map(|&(s, o, n)| {
+            if s != Status::Data {
+                return Ok(Vec::new());
+            }
+            let b = &buf[(o - start) as usize..(o - start + n) as usize];
+            let half = n / sh.cluster / 2 * sh.cluster;
+            if half == 0 {
+                return pack(o, b).map(|c| vec![c]);
+            }
+            let (first, second) = b.split_at(half as usize);
+            std::thread::scope(|sc| {
+                let helper = sc.spawn(|| pack(o + half, second));
+                let a = pack(o, first);
+                let b = helper.join().map_err(|_| "a compression thread panicked".to_string())?;
+                Ok(vec![a?, b?])
+            })
+        })
+        .collect()
+}
+
+/// Issues the writes of one chunk's runs from slot `si` (`packed`: the runs compressed by
+/// [`compress_chunk`]).
 fn issue(
     sh: &Shared,
     ends: &mut Ends,
@@ -337,8 +379,9 @@ fn issue(
     si: usize,
     start: u64,
     runs: &[(Status, u64, u64)],
+    packed: &mut [Vec<CompressedClusters>],
 ) -> Result<(), String> {
-    for &(s, o, n) in runs {
+    for (i, &(s, o, n)) in runs.iter().enumerate() {
         let werr = |e: String| format!("error while writing at byte {o}: {e}");
         match s {
             Status::Backing => {}
@@ -360,7 +403,13 @@ fn issue(
                     Target::Qcow2(_) => {
                         let q = ends.dst_q.as_mut().expect("a qcow2 target has a queue");
                         if sh.compress {
-                            q.write_compressed(o, b).map_err(|e| werr(e.to_string()))?;
+                            let mut pieces = packed.get_mut(i).map(std::mem::take).unwrap_or_default();
+                            if pieces.is_empty() {
+                                pieces.push(q.compress_clusters(o, b).map_err(|e| werr(e.to_string()))?);
+                            }
+                            for c in pieces {
+                                q.write_compressed_clusters(c).map_err(|e| werr(e.to_string()))?;
+                            }
                             continue;
                         }
                         let op = Op::Write { offset: o, buf: b.as_ptr(), len: b.len() };

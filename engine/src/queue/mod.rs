@@ -24,6 +24,7 @@ mod write;
 mod writeback;
 mod zero;
 
+pub use compressed::CompressedClusters;
 use io::Io;
 use req::{Parent, Req, ReqKind};
 pub use resize::ResizeOptions;
