@@ -15,6 +15,9 @@
 //!   drawn by alignment class relative to subclusters and clusters.
 //!   `scripts/diff-campaign.sh` runs the same generator for as long as one wants
 //!   (`tests/diff_campaign.rs`).
+//! * the same generated streams with an external data file (`data_file`, and
+//!   `data_file_raw=on`), reduced to what QEMU allows with one; each copy has its own data
+//!   file (`streams_data_file`).
 //! * scenarios written from the situations of QEMU's qcow2 iotests
 //!   (`tests/scenarios/*.scn`), compared after every step.
 //!
@@ -58,6 +61,27 @@ fn run_cells(range: std::ops::Range<usize>) {
     assert!(failures.is_empty(), "{} failing plan(s):\n{}", failures.len(), failures.join("\n"));
     assert!(ops > 0);
     eprintln!("{ops} operations compared");
+}
+
+/// Runs the data-file plans (see [`Config::data_file_suite`]) with `ops` commands each.
+fn run_data_file_plans(ops: usize) {
+    let opts = RunOpts::default();
+    let mut failures = Vec::new();
+    let mut total = 0;
+    for c in Config::data_file_suite(ops) {
+        let p = generator::plan(&c);
+        let t = std::time::Instant::now();
+        match run_and_report(&p, &opts, minimize_budget_from_env()) {
+            Ok(st) => {
+                total += st.ops;
+                eprintln!("{}: {} ops, {} segments, {:.1}s", p.desc, st.ops, st.segments, t.elapsed().as_secs_f64());
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(failures.is_empty(), "{} failing plan(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(total > 0);
+    eprintln!("{total} operations compared");
 }
 
 fn run_scenarios(prefix: &str) {
@@ -123,6 +147,33 @@ fn streams_extended_l2_small() {
 fn streams_extended_l2_large() {
     // 256 KiB .. 2 MiB with subclusters
     run_cells(17..21);
+}
+
+/// The generated streams again with an external data file (issue 17 acceptance 3):
+/// cluster sizes 512 B, 4 KiB, 64 KiB and 2 MiB, extended L2 off and on, `data_file_raw`
+/// off and on. Each copy has its own data file; after every segment the copies compare
+/// equal, `qemu-img check` passes on quring's, and with `data_file_raw` quring's data file
+/// equals the disk.
+#[test]
+fn streams_data_file() {
+    let plans = Config::data_file_suite(1);
+    assert_eq!(plans.len(), 12);
+    for raw in [false, true] {
+        for (cs, ext) in [(512, false), (4096, false), (65536, false), (65536, true), (2 << 20, false), (2 << 20, true)]
+        {
+            assert!(
+                plans.iter().any(|c| c.cluster == cs && c.extended_l2 == ext && c.data_file == Some(raw)),
+                "cluster_size={cs} extended_l2={ext} data_file_raw={raw} not covered"
+            );
+        }
+    }
+    assert!(plans.iter().all(|c| !c.v2 && !c.compressed && c.snapshots == 0));
+    assert!(plans.iter().all(|c| c.data_file != Some(true) || c.backing == generator::Backing::None));
+    for b in [generator::Backing::Raw, generator::Backing::Qcow2, generator::Backing::Chain] {
+        assert!(plans.iter().any(|c| c.backing == b), "{b:?} not covered");
+    }
+    assert!(plans.iter().any(|c| c.prealloc.is_some()) && plans.iter().any(|c| c.lazy));
+    run_data_file_plans(100);
 }
 
 /// QEMU iotest 271's situations (subclusters), 16 KiB, 64 KiB and 2 MiB clusters.

@@ -72,6 +72,10 @@ pub struct Config {
     pub writethrough: bool,
     /// quring io's L2 cache size in bytes (small ones force slice evictions).
     pub l2_cache: Option<u64>,
+    /// The image under test keeps its data in an external data file (`data_file`);
+    /// `Some(true)`: `data_file_raw=on`. See [`Config::with_data_file`] for what QEMU allows
+    /// with it.
+    pub data_file: Option<bool>,
 }
 
 impl Config {
@@ -147,6 +151,7 @@ impl Config {
             l2_boundary: r.percent(35),
             writethrough: r.percent(20),
             l2_cache: if r.percent(25) { Some([1, 4096, 16384][r.below(3) as usize]) } else { None },
+            data_file: None,
         };
         if c.l2_span() > 4 * GIB {
             c.l2_boundary = false;
@@ -199,7 +204,69 @@ impl Config {
         c.normalize()
     }
 
+    /// The same point with an external data file (`raw`: `data_file_raw=on`), reduced to
+    /// what QEMU allows with one: version 3 (the incompatible bit), no compressed
+    /// clusters (`write -c` is refused), no internal snapshots (`snapshot -c` is refused),
+    /// and `data_file_raw` only without a backing file (`qemu-img create` refuses the
+    /// pair). Preallocation stays: QEMU takes `metadata` and `falloc` with a data file
+    /// (and implies `metadata` with `data_file_raw`).
+    pub fn with_data_file(mut self, raw: bool) -> Config {
+        self.data_file = Some(raw);
+        self.v2 = false;
+        self.compressed = false;
+        self.snapshots = 0;
+        if raw {
+            self.backing = Backing::None;
+            self.backing_short = false;
+        }
+        self.normalize()
+    }
+
+    /// The data-file plans of the suite: cluster sizes 512 B, 4 KiB, 64 KiB and 2 MiB,
+    /// extended L2 off and (where QEMU allows it) on, `data_file_raw` off and on; the other
+    /// axes cycle as in [`Config::suite`]. `ops` commands per stream.
+    pub fn data_file_suite(ops: usize) -> Vec<Config> {
+        let mut v = Vec::new();
+        let mut i = 0usize;
+        for cluster in [512, 4 * KIB, 64 * KIB, 2 * MIB] {
+            for extended_l2 in [false, true] {
+                if extended_l2 && cluster < 16 * KIB {
+                    continue;
+                }
+                for raw in [false, true] {
+                    let mut c = Config::random(7000 + i as u64);
+                    c.cluster = cluster;
+                    c.extended_l2 = extended_l2;
+                    c.refcount_bits = [16, 1, 64, 8, 2, 32, 4][i % 7];
+                    c.lazy = i % 4 == 1;
+                    c.zstd = i % 3 == 2;
+                    c.backing = [Backing::Raw, Backing::Qcow2, Backing::Chain, Backing::None][(i / 2) % 4];
+                    c.backing_short = i.is_multiple_of(3);
+                    c.zeros = i % 3 != 2;
+                    c.ops = ops;
+                    c.reopen_every = [4, 8, 16][i % 3];
+                    c.l2_boundary = i.is_multiple_of(5) && c.l2_span() <= 4 * GIB;
+                    c.writethrough = i % 4 == 2;
+                    c.l2_cache = [None, Some(1), None, Some(16384), None][i % 5];
+                    c.prealloc =
+                        if c.l2_boundary { None } else { [None, Some("metadata"), None, Some("falloc")][i % 4] };
+                    v.push(c.with_data_file(raw));
+                    i += 1;
+                }
+            }
+        }
+        v
+    }
+
     pub fn describe(&self) -> String {
+        let mut d = self.describe_base();
+        if let Some(raw) = self.data_file {
+            let _ = write!(d, " data_file=on data_file_raw={raw}");
+        }
+        d
+    }
+
+    fn describe_base(&self) -> String {
         format!(
             "seed={} cluster_size={} extended_l2={} refcount_bits={} compat={} lazy={} zstd={} prealloc={:?} \
              backing={:?}{} snapshots={} compressed={} zeros={} ops={} reopen_every~{} l2_boundary={} \
@@ -562,7 +629,15 @@ pub fn plan(c: &Config) -> Plan {
     if let Some(n) = c.l2_cache {
         quring_opts.extend(["--l2-cache-size".to_string(), n.to_string()]);
     }
-    Plan { name: format!("seed {}", c.seed), desc, files, steps, corrupt: false, quring_opts }
+    Plan {
+        name: format!("seed {}", c.seed),
+        desc,
+        files,
+        steps,
+        corrupt: false,
+        quring_opts,
+        data_file: c.data_file.map(|raw| DataFile { raw }),
+    }
 }
 
 /// The largest refcount a width can hold (each snapshot adds a reference).
@@ -602,12 +677,13 @@ pub fn stream(c: &Config, l: &Layout, r: &mut Rng, p: &mut Pat) -> Vec<Step> {
             // next quring open must rebuild them (lazy refcounts leave the image dirty).
             let (off, len) = l.request(r, false);
             Step::Both(format!("write -P {} {off} {len} ; sigraise 9", p.next()))
-        } else if k < 97 {
+        } else if k < 97 && c.data_file.is_none() {
             for cmd in compressed_write(l, r, p, Unmap::of(c)) {
                 v.push(Step::Both(cmd));
             }
             continue;
-        } else if k < 98 && made < 2 && snaps.len() as u32 + 1 < max_refcount(c.refcount_bits) {
+        } else if k < 98 && made < 2 && c.data_file.is_none() && snaps.len() as u32 + 1 < max_refcount(c.refcount_bits)
+        {
             // QEMU takes a snapshot of both copies: the clusters quring wrote become shared.
             made += 1;
             snaps.push(format!("t{made}"));

@@ -100,6 +100,33 @@ pub struct Plan {
     pub corrupt: bool,
     /// Extra `quring io` options (cache mode, L2 cache size).
     pub quring_opts: Vec<String>,
+    /// The image under test has an external data file (see [`DataFile`]).
+    pub data_file: Option<DataFile>,
+}
+
+/// An external data file of the image under test (`data_file`, incompatible bit 2).
+///
+/// Every image has its own data file beside it, named like the image with `.data` for
+/// `.qcow2` ([`data_path`]), and its header names that file by its absolute path: QEMU
+/// resolves a relative data file name against the current directory, not the image's
+/// directory, so absolute names are what keeps the copies apart. The starting image is
+/// created with `data_file=DIR/NAME.data`; each copy gets a copy of that data file and
+/// `qemu-img amend -o data_file=` naming its own, so that no two copies ever share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataFile {
+    /// `data_file_raw=on`: the data file is itself the disk; after every segment it must
+    /// equal the guest content.
+    pub raw: bool,
+}
+
+/// The data file of the image `img` (`x.qcow2` -> `x.data`).
+pub fn data_path(img: &Path) -> PathBuf {
+    img.with_extension("data")
+}
+
+/// The `-o` options of `qemu-img create` that give `img` its data file.
+fn data_file_opts(df: DataFile, img: &Path) -> String {
+    format!("data_file={},data_file_raw={}", s(&data_path(img)), if df.raw { "on" } else { "off" })
 }
 
 /// What went wrong, coarsely: the minimizer keeps a reduction only when the failure
@@ -255,7 +282,20 @@ impl Plan {
                 }
                 FileKind::Qcow2 { opts, backing } => {
                     let b = backing.as_ref().map(|(b, bf)| format!(" -b {} -F {bf}", q(b))).unwrap_or_default();
-                    let o_ = if opts.is_empty() { String::new() } else { format!("-o {} ", q(opts)) };
+                    let df = match self.data_file {
+                        Some(df) if std::ptr::eq(f, self.image()) => {
+                            let stem = Path::new(&f.name).with_extension("data");
+                            let d = format!(
+                                "data_file=\"$PWD\"/{},data_file_raw={}",
+                                q(&s(&stem)),
+                                if df.raw { "on" } else { "off" }
+                            );
+                            if opts.is_empty() { d } else { format!(",{d}") }
+                        }
+                        _ => String::new(),
+                    };
+                    let o_ =
+                        if opts.is_empty() && df.is_empty() { String::new() } else { format!("-o {}{df} ", q(opts)) };
                     let _ = writeln!(o, "qemu-img create -q -f qcow2 {o_}{}{b} {}", q(&f.name), f.size);
                     "qcow2"
                 }
@@ -300,6 +340,20 @@ impl Plan {
         }
         let img = &self.image().name;
         let _ = writeln!(o, "cp {} quring.qcow2; cp {} qemu.qcow2", q(img), q(img));
+        if self.data_file.is_some() {
+            // Each copy gets its own data file (the header names it by absolute path).
+            let d = q(&s(&Path::new(img).with_extension("data")));
+            let _ = writeln!(
+                o,
+                "for i in quring qemu; do cp --sparse=always {d} $i.data; \
+                 qemu-img amend -f qcow2 -o data_file=\"$PWD/$i.data\" $i.qcow2; done"
+            );
+        }
+        let raw_check = if self.data_file.is_some_and(|df| df.raw) {
+            " && qemu-img compare -f raw -F qcow2 quring.data qemu.qcow2"
+        } else {
+            ""
+        };
         for seg in self.segments() {
             match seg {
                 Segment::Io { cmds, ro, .. } => {
@@ -318,7 +372,8 @@ impl Plan {
                     let _ = writeln!(o, "for i in quring qemu; do qemu-img {} $i.qcow2; done", a.join(" "));
                 }
             }
-            let _ = writeln!(o, "qemu-img compare quring.qcow2 qemu.qcow2 && qemu-img check -q quring.qcow2");
+            let _ =
+                writeln!(o, "qemu-img compare quring.qcow2 qemu.qcow2 && qemu-img check -q quring.qcow2{raw_check}");
         }
         if !self.corrupt {
             let _ = writeln!(
@@ -407,15 +462,24 @@ fn copy(from: &Path, to: &Path) {
 
 /// Builds the plan's files in `dir`; returns the path of the image under test.
 pub fn build(plan: &Plan, dir: &Path) -> Result<PathBuf, Failure> {
-    for f in &plan.files {
+    let under_test = plan.files.len() - 1;
+    for (fi, f) in plan.files.iter().enumerate() {
         let path = dir.join(&f.name);
         let _ = std::fs::remove_file(&path);
         let (fmt, r) = match &f.kind {
             FileKind::Raw => ("raw", qemu_img(["create", "-q", "-f", "raw", &s(&path), &f.size.to_string()])),
             FileKind::Qcow2 { opts, backing } => {
                 let mut a: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+                let opts = match plan.data_file {
+                    Some(df) if fi == under_test => {
+                        let _ = std::fs::remove_file(data_path(&path));
+                        let d = data_file_opts(df, &path);
+                        if opts.is_empty() { d } else { format!("{opts},{d}") }
+                    }
+                    _ => opts.clone(),
+                };
                 if !opts.is_empty() {
-                    a.extend(["-o".into(), opts.clone()]);
+                    a.extend(["-o".into(), opts]);
                 }
                 if let Some((b, bf)) = backing {
                     a.extend(["-b".into(), b.clone(), "-F".into(), bf.clone()]);
@@ -550,12 +614,46 @@ pub fn execute(plan: &Plan, start: &Path, tag: &str, opts: &RunOpts) -> Result<S
     let b = dir.join(format!("qemu{tag}.qcow2"));
     copy(start, &a);
     copy(start, &b);
+    if plan.data_file.is_some() {
+        for img in [&a, &b] {
+            copy(&data_path(start), &data_path(img));
+            let r = qemu_img(["amend", "-f", "qcow2", "-o", &format!("data_file={}", s(&data_path(img))), &s(img)]);
+            if !r.success() {
+                return Err(fail(
+                    FailKind::Build,
+                    0,
+                    format!("giving {} its own data file:\n{}", s(img), r.describe()),
+                ));
+            }
+        }
+    }
     let res = execute_on(plan, &a, &b, tag, opts);
     if res.is_ok() {
-        let _ = std::fs::remove_file(&a);
-        let _ = std::fs::remove_file(&b);
+        for img in [&a, &b] {
+            let _ = std::fs::remove_file(img);
+            if plan.data_file.is_some() {
+                let _ = std::fs::remove_file(data_path(img));
+            }
+        }
     }
     res
+}
+
+/// With `data_file_raw`, the data file of quring's copy `a` must be the disk itself:
+/// equal to the guest content of QEMU's copy `b` (which equals `a`'s).
+fn raw_data_file_equal(plan: &Plan, a: &Path, b: &Path, seg: usize) -> Result<(), Failure> {
+    if !plan.data_file.is_some_and(|df| df.raw) {
+        return Ok(());
+    }
+    let r = qemu_img(["compare", "-f", "raw", "-F", "qcow2", &s(&data_path(a)), &s(b)]);
+    if r.code != Some(0) {
+        return Err(fail(
+            FailKind::Content,
+            seg,
+            format!("data_file_raw: quring's data file differs from the disk:\n{}", r.describe()),
+        ));
+    }
+    Ok(())
 }
 
 fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Result<Stats, Failure> {
@@ -634,6 +732,7 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
                     // which qemu-img check reports); the next read-write open repairs them.
                     // Only their content is compared here.
                     compare(a, b).map_err(|e| fail(FailKind::Content, i, e))?;
+                    raw_data_file_equal(plan, a, b, i)?;
                     continue;
                 }
             }
@@ -690,9 +789,14 @@ fn execute_on(plan: &Plan, a: &Path, b: &Path, tag: &str, opts: &RunOpts) -> Res
         } else {
             compare(a, b).map_err(|e| fail(FailKind::Content, i, e))?;
             checks(a, b, i, qemu_failed)?;
+            raw_data_file_equal(plan, a, b, i)?;
         }
     }
     st.space = (disk_usage(a), disk_usage(b));
+    if plan.data_file.is_some() {
+        st.space.0 += disk_usage(&data_path(a));
+        st.space.1 += disk_usage(&data_path(b));
+    }
     // Layout is not compared, but quring must not need far more space than QEMU (a zero
     // write that allocates what QEMU deallocates).
     let cs = cluster_size_of(plan);

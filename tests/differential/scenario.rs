@@ -169,6 +169,7 @@ fn expand(name: &str, cluster: Option<u64>, lines: &[(usize, String)]) -> Result
         steps: Vec::new(),
         corrupt: false,
         quring_opts: Vec::new(),
+        data_file: None,
     };
     for (lno, l) in lines {
         let err = |e: String| format!("line {lno}: {e}");
