@@ -218,7 +218,14 @@ impl Queue {
     /// Makes sure L1 entry `l1i` has a private L2 table for request `id`'s walk; when it
     /// cannot now, parks the request (lock busy) or fails it. Returns whether the walk goes on.
     pub(super) fn table_ready(&mut self, id: usize, l1i: u64) -> bool {
-        match self.make_table(id, l1i) {
+        let r = self.make_table(id, l1i);
+        self.locked_step(id, r)
+    }
+
+    /// The outcome of a step of request `id` under the metadata lock: done (the walk goes
+    /// on), the lock busy (the request parks on it) or an error (the request fails).
+    fn locked_step(&mut self, id: usize, r: Result<bool>) -> bool {
+        match r {
             Ok(true) => true,
             Ok(false) => {
                 self.park_lock(id);
@@ -265,17 +272,7 @@ impl Queue {
             }
             Ok(true)
         })();
-        match res {
-            Ok(true) => true,
-            Ok(false) => {
-                self.park_lock(id);
-                false
-            }
-            Err(e) => {
-                self.fail_write(id, e);
-                false
-            }
-        }
+        self.locked_step(id, res)
     }
 
     /// Has every L2 slice that the rest of request `id` covers cached before the walk
