@@ -136,24 +136,27 @@ impl Image {
     }
 
     /// Freed clusters come back to the allocator without waiting for the guest's flush
-    /// (issue 14): once the decrements queued since the last write-back cover
-    /// [`FREED_BOUND`] bytes, the allocating queue writes metadata back itself (the L2
-    /// changes that dropped the references first, then the decrements, in the write-back's
-    /// dependency order) so that the next batch reuses them, lowest offsets first, and the
-    /// file stays as compact as QEMU's. Decrements retire at an epoch flip and apply once
-    /// the requests of the old epoch are done, so under steady load this takes effect from
-    /// the following batch on.
-    pub(crate) fn reclaim_if_many_freed(&self, st: &mut MetaState, cnt: &Counters) -> Result<()> {
+    /// (issue 14). Under the metadata lock, called by an allocating queue (and by one that
+    /// finished a discard): takes back what asynchronous write-backs made safe, and once
+    /// the decrements queued cover [`FREED_BOUND`] bytes applies those whose reference
+    /// drops are durable (when every request of the old epoch is done: see
+    /// `image/epoch.rs`), so that the next batch reuses them, lowest offsets first, and the
+    /// file stays as compact as QEMU's. Returns whether decrements whose reference drops
+    /// are not durable yet are queued: the caller then asks for a metadata write-back on its
+    /// own ring (`Queue::wb_wanted`), which writes the L2 changes that dropped the
+    /// references (after the refcount increases, before a device flush) and hands the
+    /// decrements back as safe when it completed; a later call applies them. No I/O of the
+    /// write-back runs here or under this lock.
+    pub(crate) fn reclaim_if_many_freed(&self, st: &mut MetaState) -> Result<bool> {
+        self.absorb_writeback(st);
         let queued = (st.rc.pending_free.len() + st.rc.retiring.len() + st.rc.safe_free.len()) as u64;
         if queued.saturating_mul(self.geo.cluster_size()) < FREED_BOUND {
-            return Ok(());
+            return Ok(false);
         }
-        if self.wb.busy() {
-            // A write-back is in flight (maybe this queue's own: never wait for it here);
-            // the decrements it covers come back when it ends, the rest at the next one.
-            return Ok(());
+        if let Some(e) = self.retire_safe(st)? {
+            return Err(self.signal_corruption(e));
         }
-        self.flush_metadata(st, false, cnt)
+        Ok(!st.rc.pending_free.is_empty())
     }
 
     /// Reserves `n` host clusters (refcount 1) for a queue's batch (counted into `cnt`).
@@ -165,7 +168,6 @@ impl Image {
         cnt: &Counters,
     ) -> Result<()> {
         self.mark_dirty_for_lazy(st, cnt)?;
-        self.reclaim_if_many_freed(st, cnt)?;
         let io = self.meta_io();
         let first_new = out.len();
         // Every cluster at or past the allocation end reads as zeros: it lay past the end of

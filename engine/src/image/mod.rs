@@ -33,6 +33,7 @@ mod snapshot_refs;
 pub mod status;
 pub(crate) mod writeback;
 
+pub(crate) use alloc::FREED_BOUND;
 pub(crate) use slices::SliceClaim;
 
 pub use amend::{Amend, amend};

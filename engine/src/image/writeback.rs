@@ -6,9 +6,9 @@
 //! Two ways to run it:
 //!
 //! * [`Image::flush_metadata`]: synchronously on the image's `SyncRing`, under the metadata
-//!   lock (open, close, tools, resize, snapshots, the audit, the freed-cluster bound).
+//!   lock (open, close, tools, resize, snapshots, the audit).
 //! * Asynchronously on a queue's own ring (guest flushes, writethrough writes, a cache set
-//!   full of dirty slices): [`Image::begin_writeback`] copies the dirty metadata under the
+//!   full of dirty slices, the freed-cluster bound): [`Image::begin_writeback`] copies the dirty metadata under the
 //!   metadata lock into a [`WbPlan`] (stages of writes, each followed by a device flush),
 //!   the lock is released, and the queue's state machine (`queue/writeback.rs`) issues each
 //!   stage's writes as SQEs, then an `IORING_OP_FSYNC` (datasync) once they all completed,
@@ -66,6 +66,9 @@ pub(crate) struct WbPlan {
     l1: bool,
     /// Decrements whose reference drops this write-back makes durable.
     frees: Vec<(u64, u64)>,
+    /// The epoch flipped for `frees` when it began: once it completed they retire at
+    /// once instead of waiting for a flip of their own ([`Image::begin_writeback`]).
+    early: bool,
     /// A decrement applied at its start went below zero (reported when it ends).
     corrupt: Option<crate::Error>,
 }
@@ -119,6 +122,10 @@ pub(crate) struct WbCoord {
     /// of a later generation covers every write completed so far (its entries were
     /// published before it began copying). A guest flush needs one past this.
     need: AtomicU64,
+    /// Decrements (clusters) of the write-back in flight that retire as soon as it
+    /// completed (it flipped the epoch for them when it began): an allocation that would
+    /// otherwise take fresh space waits for it ([`WbCoord::early_frees`]).
+    early: AtomicU64,
 }
 
 impl WbCoord {
@@ -182,6 +189,12 @@ impl WbCoord {
         wake(self.waiters.notify());
     }
 
+    /// The decrements (clusters) that the write-back in flight makes reusable when it
+    /// completed (0 when none is in flight).
+    pub fn early_frees(&self) -> u64 {
+        self.early.load(Ordering::SeqCst)
+    }
+
     /// Is a write-back in flight?
     pub fn busy(&self) -> bool {
         self.lock().in_flight.is_some()
@@ -230,7 +243,7 @@ impl Image {
     }
 
     /// Takes back what asynchronous write-backs handed over (under the metadata lock).
-    fn absorb_writeback(&self, st: &mut MetaState) {
+    pub(crate) fn absorb_writeback(&self, st: &mut MetaState) {
         if st.rc.absorb_writeback() {
             st.l1_dirty = true;
         }
@@ -331,7 +344,9 @@ impl Image {
         //    corrupt (Image::signal_corruption) and the flush fails.
         let mut corrupt = None;
         loop {
-            if st.rc.start_retiring() {
+            // A flip only once the previous flip's old epoch is drained (a write-back that
+            // flipped early and then failed leaves one that no batch waited for).
+            if st.rc.retiring.is_empty() && self.old_epoch_drained() && st.rc.start_retiring() {
                 self.flip_epoch();
             }
             if st.rc.retiring.is_empty() || !self.old_epoch_drained() {
@@ -387,6 +402,7 @@ impl Image {
             table: false,
             l1: false,
             frees: Vec::new(),
+            early: false,
             corrupt: None,
         };
         let write_refcounts = !st.lazy;
@@ -460,6 +476,18 @@ impl Image {
             plan.stages.push(WbStage { writes, flush: true });
         }
         plan.frees = std::mem::take(&mut st.rc.pending_free);
+        // The epoch flips for these decrements now, when no batch retires and none waits
+        // to (so this flip cannot be confused with another) and the previous flip's old
+        // epoch is drained: every reference they drop was dropped before this point, so
+        // no request entering after it can use their clusters, and once the write-back
+        // completed they are applied as soon as the requests that entered before it are
+        // done: freed clusters come back one write-back earlier (issue 14).
+        if !plan.frees.is_empty() && st.rc.retiring.is_empty() && st.rc.safe_free.is_empty() && self.old_epoch_drained()
+        {
+            self.flip_epoch();
+            plan.early = true;
+            self.wb.early.store(plan.frees.len() as u64, Ordering::SeqCst);
+        }
         Ok(plan)
     }
 
@@ -467,11 +495,11 @@ impl Image {
     /// older epoch may still use their clusters (see the sync path's step 4); the freed
     /// clusters are punched. Returns a corruption found (a decrement below zero), which
     /// fails the write-back when it ends.
-    fn retire_safe(&self, st: &mut MetaState) -> Result<Option<crate::Error>> {
+    pub(crate) fn retire_safe(&self, st: &mut MetaState) -> Result<Option<crate::Error>> {
         let io = self.meta_io();
         let mut corrupt = None;
         loop {
-            if st.rc.retiring.is_empty() && !st.rc.safe_free.is_empty() {
+            if st.rc.retiring.is_empty() && !st.rc.safe_free.is_empty() && self.old_epoch_drained() {
                 st.rc.retiring = std::mem::take(&mut st.rc.safe_free);
                 self.flip_epoch();
             }
@@ -517,7 +545,13 @@ impl Image {
         let Some(shared) = &self.wb_shared else { return None };
         crate::meta::refcount::Refcounts::settle_blocks(shared, &plan.blocks, ok);
         let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
-        if ok {
+        if plan.early {
+            // Before the write-back's end wakes its waiters (`WbCoord::end`).
+            self.wb.early.store(0, Ordering::SeqCst);
+        }
+        if ok && plan.early {
+            sh.early_frees.extend(plan.frees);
+        } else if ok {
             sh.safe_frees.extend(plan.frees);
         } else {
             sh.failed_frees.extend(plan.frees);

@@ -150,7 +150,7 @@ impl Queue {
                     return Ok(Started::Stale);
                 }
                 let want = self.clusters_left(id, cluster);
-                match self.take_cluster(want) {
+                match self.take_cluster(id, want) {
                     Ok(Some(c)) => g.host_offset(c),
                     Ok(None) => {
                         img.release_alloc(gc);

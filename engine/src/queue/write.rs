@@ -103,14 +103,34 @@ impl Queue {
 
     /// Takes a host cluster from the batch, refilling it under the metadata lock with at
     /// least [`BATCH`] clusters, or `want` (the clusters the request may still take, up to
-    /// [`MAX_REFILL_BYTES`]). `Ok(None)`: the lock is busy (park).
-    pub(super) fn take_cluster(&mut self, want: u64) -> Result<Option<HostCluster>> {
+    /// [`MAX_REFILL_BYTES`]). `Ok(None)`: the lock is busy, or a write-back that brings
+    /// freed clusters back is about to end (park).
+    pub(super) fn take_cluster(&mut self, id: usize, want: u64) -> Result<Option<HostCluster>> {
         if let Some(c) = self.batch.pop() {
             return Ok(Some(c));
         }
         let img = self.image.clone();
+        // A write-back in flight brings back at least FREED_BOUND bytes of freed clusters
+        // as soon as it completed: a request that entered after the epoch flip of those
+        // decrements (it does not hold them back) waits for it, woken by its end, rather
+        // than take fresh space, so that the file stays compact. (While it is in flight
+        // no other flip happens, so the current parity is the one after that flip.) A
+        // request of the old epoch goes on: the decrements wait for it.
+        let bound = (crate::image::FREED_BOUND >> img.geo.cluster_bits).max(1);
+        let newer = self.entered_parity(id) == Some((img.epoch.load(std::sync::atomic::Ordering::SeqCst) & 1) as u8);
+        if newer && img.wb.early_frees() >= bound {
+            // Registered first, then looked at again: an end after this look wakes us.
+            img.wb.waiters.add(self.waker.bit());
+            if img.wb.early_frees() >= bound {
+                self.arm_wake();
+                return Ok(None);
+            }
+        }
         let Some(mut st) = img.try_meta()? else { return Ok(None) };
         self.hand_over_frees(&mut st.rc.pending_free);
+        if img.reclaim_if_many_freed(&mut st)? {
+            self.wb_wanted = true;
+        }
         let n = want.min(MAX_REFILL_BYTES >> img.geo.cluster_bits).max(BATCH);
         let mut got = Vec::with_capacity(n as usize);
         img.reserve_clusters(&mut st, n, &mut got, &self.counters)?;
@@ -118,6 +138,20 @@ impl Queue {
         // Pop from the end: keep ascending order for contiguous layout.
         self.batch = got.into_iter().rev().map(HostCluster).collect();
         Ok(self.batch.pop())
+    }
+
+    /// The epoch parity request `id` (or the guest request it is part of) entered with.
+    fn entered_parity(&self, mut id: usize) -> Option<u8> {
+        loop {
+            let r = &self.reqs[id];
+            if let Some(p) = r.entered {
+                return Some(p);
+            }
+            match r.parent {
+                super::req::Parent::Req(p) if self.reqs.contains(p) => id = p,
+                _ => return None,
+            }
+        }
     }
 
     /// Moves this queue's owed refcount decrements to `to` (the image's pending frees,
@@ -128,8 +162,10 @@ impl Queue {
 
     /// Hands this queue's owed decrements over and, when the freed clusters queued reach
     /// the bound, has them made durable and reusable (if the metadata lock is free; else
-    /// the next allocation or flush does it). A failed write-back leaves the metadata
-    /// dirty for the next flush, which reports it.
+    /// the next allocation or flush does it): those already safe are applied now, the
+    /// others by a write-back on this queue's ring (started at the next reap, or joined
+    /// when one is in flight). A failed write-back leaves the metadata dirty for the next
+    /// flush, which reports it.
     pub(crate) fn reclaim_freed(&mut self) {
         let img = self.image.clone();
         if img.meta.is_none() {
@@ -137,7 +173,9 @@ impl Queue {
         }
         if let Ok(Some(mut st)) = img.try_meta() {
             self.hand_over_frees(&mut st.rc.pending_free);
-            let _ = img.reclaim_if_many_freed(&mut st, &self.counters);
+            if let Ok(true) = img.reclaim_if_many_freed(&mut st) {
+                self.wb_wanted = true;
+            }
         }
     }
 

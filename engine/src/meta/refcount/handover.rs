@@ -27,6 +27,10 @@ pub(crate) struct WbShared {
     pub safe_frees: Vec<(u64, u64)>,
     /// Decrements of a write-back that failed: queued again as they were.
     pub failed_frees: Vec<(u64, u64)>,
+    /// Decrements of a completed write-back that flipped the epoch for them when it began
+    /// (`Image::begin_writeback`): they retire at once (no other flip can have happened
+    /// since: see `Refcounts::absorb_writeback`).
+    pub early_frees: Vec<(u64, u64)>,
 }
 
 impl Refcounts {
@@ -47,6 +51,18 @@ impl Refcounts {
         }
         self.pending_free.append(&mut sh.failed_frees);
         self.safe_free.append(&mut sh.safe_frees);
+        if !sh.early_frees.is_empty() {
+            if self.retiring.is_empty() {
+                // The epoch flip at the write-back's start is the last one: every flip
+                // needs an empty retiring batch and a drained old epoch, and while the
+                // write-back ran, no batch could start (no safe decrements: one
+                // write-back at a time, and it began with none).
+                self.retiring = std::mem::take(&mut sh.early_frees);
+            } else {
+                // Not expected; the conservative way: retire after a flip of their own.
+                self.safe_free.append(&mut sh.early_frees);
+            }
+        }
         std::mem::take(&mut sh.l1_redirty)
     }
 
