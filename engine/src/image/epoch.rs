@@ -14,9 +14,16 @@
 //! a retiring batch and flips the epoch (every reference drop in the batch happened before
 //! the flip, so a request that enters after it cannot see the old mappings); the batch is
 //! applied once no queue has a request of the old parity in flight, at that flush or a
-//! later one. Only one batch retires at a time (the parity is reused after two flips).
+//! later one. Only one batch retires at a time (the parity is reused after two flips), and
+//! an epoch flips only once the previous flip's old parity has drained.
 //! Unlike a count of all requests in flight, this cannot be starved by a steady stream of
 //! requests: the old parity only drains.
+//!
+//! An asynchronous write-back (`image/writeback.rs`) flips the epoch for the decrements it
+//! carries when it begins, if no batch retires or waits to: their reference drops
+//! happened before that flip just the same, so once the write-back completed they retire
+//! at once, one write-back earlier than a flip after its completion would allow (the
+//! freed-cluster bound, issue 14).
 
 use crate::image::Image;
 use std::sync::Arc;
