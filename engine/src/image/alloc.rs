@@ -91,12 +91,12 @@ impl Image {
     }
 
     /// Takes the in-place fill claim of host cluster `host` (see [`Image::fill_busy`]);
-    /// false when another job holds it (park on [`Image::lock_waiters`]). Like
-    /// [`Image::claim_alloc`], the set's lock is waited for, not tried: it is held only for
-    /// an insert or a remove, and a try that failed because another queue was inserting
-    /// would park the request until some later release, with nothing of its own to wait for.
+    /// false when another job holds it (park on [`Image::lock_waiters`]).
     pub(crate) fn claim_fill(&self, host: u64) -> bool {
-        self.fill_busy.lock().unwrap_or_else(|e| e.into_inner()).insert(host)
+        match self.fill_busy.try_lock() {
+            Ok(mut set) => set.insert(host),
+            Err(_) => false,
+        }
     }
 
     /// Gives the fill claim of `host` back and wakes the queues waiting for one.

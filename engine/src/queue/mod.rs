@@ -194,6 +194,8 @@ pub struct Queue {
     pub(crate) waker: crate::meta::waiters::Waker,
     /// A read of the waker's eventfd is in flight.
     pub(crate) wake_armed: bool,
+    /// That read's I/O index (its user_data).
+    pub(crate) wake_io: usize,
     /// Something parked requests wait for changed: retry them.
     pub(crate) woken: bool,
     /// A NOP from [`Queue::nudge`] is in flight.
@@ -265,6 +267,7 @@ impl Queue {
             gate: image.open_gate(),
             waker,
             wake_armed: false,
+            wake_io: 0,
             woken: false,
             nudged: false,
             ring_wakes: !opts.sqpoll,

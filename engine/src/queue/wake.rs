@@ -86,6 +86,7 @@ impl Queue {
         let io = self.ios.insert(Io::Wake { _buf: buf });
         let sqe = opcode::Read::new(types::Fd(self.waker.fd()), ptr, 8).build().user_data(io as u64);
         self.wake_armed = true;
+        self.wake_io = io;
         self.push(sqe);
     }
 
@@ -143,10 +144,19 @@ impl Queue {
         }
     }
 
-    /// Teardown: completes this queue's own eventfd read, if in flight.
+    /// Teardown: completes this queue's own eventfd read, if in flight: cancelled from its
+    /// own ring (no syscall of its own; the read's handler runs on -ECANCELED like on a
+    /// wake), or, where the cancel cannot be issued (an SQPOLL ring), by a wake of its own
+    /// eventfd.
     pub(super) fn disarm_wake(&mut self) {
-        if self.wake_armed {
-            crate::meta::waiters::wake(self.waker.bit());
+        if !self.wake_armed {
+            return;
+        }
+        if self.ring_wakes {
+            let io = self.ios.insert(Io::Nudge);
+            self.push(opcode::AsyncCancel::new(self.wake_io as u64).build().user_data(io as u64));
+        } else {
+            waiters::wake(self.waker.bit());
         }
     }
 }
