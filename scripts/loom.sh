@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Model-checks the metadata cache's concurrency protocol with loom (engine/src/meta/cache.rs,
-# mod loom_tests): every interleaving of small configurations (one set of 2 ways, 2-3
-# threads, a few operations each), with a bounded number of preemptions per execution.
+# Model-checks the metadata cache's concurrency protocol with loom (engine/src/meta/cache,
+# mod loom_tests) and the wait/wake protocols outside it (engine/src/meta/waiters, mod
+# loom_tests: the metadata lock, fill claims, group-flush joins, MSG_RING teardown): every
+# interleaving of small configurations (one set of 2 ways, 2-3 threads, a few operations
+# each), with a bounded number of preemptions per execution.
 #   scripts/loom.sh                  # all loom tests
 #   scripts/loom.sh one_claimer      # tests whose name contains the filter
 #   LOOM_MAX_PREEMPTIONS=3 scripts/loom.sh
@@ -14,12 +16,12 @@ export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 # Separate target directory: the cfg changes every crate's build, so sharing target/
 # would rebuild the normal build afterwards.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
-filter="meta::cache::loom_tests${1:+::$1}"
+filters=("meta::cache::loom_tests${1:+::$1}" "meta::waiters::loom_tests${1:+::$1}")
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 start=$(date +%s)
 set +e
-cargo test -p quring --lib --release -- "$filter" 2>&1 | tee "$log"
+cargo test -p quring --lib --release -- "${filters[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 secs=$(($(date +%s) - start))

@@ -215,3 +215,56 @@ fn two_queues_flushing_at_once_share_one_write_back() {
     let chk = qemu_img(["check", &s(&path)]);
     assert_eq!(chk.code, Some(0), "{}", chk.describe());
 }
+
+/// A wake from another queue's thread reaches a parked request through the rings, with no
+/// eventfd write: queue B's flush joins queue A's write-back and parks; A's thread ends the
+/// write-back and wakes B by an `IORING_OP_MSG_RING` on A's own ring (counted per thread
+/// by `quring::meta::waiters`), and B's flush completes.
+#[test]
+fn a_wake_from_another_queue_reaches_a_parked_flush_without_an_eventfd_write() {
+    use quring::meta::waiters::{eventfd_writes_on_this_thread, ring_wakes_on_this_thread};
+    let dir = tempdir();
+    let path = dir.path().join("t.qcow2");
+    create_qcow2(&path, &Qcow2Opts::cluster(65536), 64 * MIB);
+    let stall = Arc::new(Stall::default());
+    let img = open(&path, &stall, CacheMode::Writeback);
+    let mut qb = Queue::new(&img, &QueueOptions::default()).unwrap();
+    qb.write_at(&pattern_bytes(3, 64 * KIB as usize), 16 * MIB).unwrap();
+    let a = {
+        let img = img.clone();
+        let stall = stall.clone();
+        std::thread::spawn(move || {
+            let mut qa = Queue::new(&img, &QueueOptions::default()).unwrap();
+            qa.write_at(&pattern_bytes(4, 64 * KIB as usize), 0).unwrap();
+            let (writes, messages) = (eventfd_writes_on_this_thread(), ring_wakes_on_this_thread());
+            stall.arm();
+            let r = qa.flush();
+            // Counted before the queue's drop, which may wake by eventfd (no queue call).
+            let counts = (eventfd_writes_on_this_thread() - writes, ring_wakes_on_this_thread() - messages);
+            (r, counts)
+        })
+    };
+    assert!(stall.wait_stalled(), "queue A's flush never reached the device");
+    // SAFETY: a flush carries no buffer.
+    unsafe { qb.submit(Request { op: Op::Flush, user_data: 9 }).unwrap() };
+    qb.commit().unwrap();
+    let mut out = Vec::new();
+    qb.reap(&mut out, 0, Some(Duration::ZERO)).unwrap();
+    assert!(out.is_empty(), "B's flush completed while A's write-back was stalled: {out:?}");
+    stall.release();
+    let (ra, (writes, messages)) = a.join().unwrap();
+    ra.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.is_empty() && Instant::now() < deadline {
+        qb.reap(&mut out, 1, Some(Duration::from_millis(100))).unwrap();
+    }
+    assert_eq!(out, [Completion { user_data: 9, result: 0 }], "B's parked flush was not woken");
+    assert_eq!(qb.counters().flush_joins, 1, "B's flush did not park on A's write-back");
+    assert_eq!(writes, 0, "queue A's thread woke B by eventfd write(2)");
+    assert!(messages >= 1, "queue A's thread sent no MSG_RING wake");
+    drop(qb);
+    img.close().unwrap();
+    drop(img);
+    let chk = qemu_img(["check", &s(&path)]);
+    assert_eq!(chk.code, Some(0), "{}", chk.describe());
+}

@@ -194,10 +194,17 @@ pub struct Queue {
     pub(crate) waker: crate::meta::waiters::Waker,
     /// A read of the waker's eventfd is in flight.
     pub(crate) wake_armed: bool,
+    /// That read's I/O index (its user_data).
+    pub(crate) wake_io: usize,
     /// Something parked requests wait for changed: retry them.
     pub(crate) woken: bool,
     /// A NOP from [`Queue::nudge`] is in flight.
     pub(crate) nudged: bool,
+    /// This queue wakes others by MSG_RING from its ring (not an SQPOLL ring).
+    pub(crate) ring_wakes: bool,
+    /// Registry slots whose ring fd a queued MSG_RING wake names, until it is submitted
+    /// ([`crate::meta::waiters::claim_ring`]).
+    pub(crate) wake_claims: Vec<usize>,
     /// Private slice loads of reads in flight (`queue/read.rs`).
     pub(crate) private_in_flight: usize,
     /// [`Image::lock_waiters`]' event count before the last attempt at the lock.
@@ -225,6 +232,10 @@ impl Queue {
         };
         let ring = build(true).or_else(|_| build(false)).map_err(|e| Error::io("io_uring_setup", e))?;
         let waker = crate::meta::waiters::Waker::register().map_err(|e| Error::io("eventfd", e))?;
+        {
+            use std::os::unix::io::AsRawFd;
+            waker.publish_ring(ring.as_raw_fd());
+        }
         let counters = Arc::new(Counters::default());
         image.register_queue_counters(&counters);
         Ok(Queue {
@@ -256,8 +267,11 @@ impl Queue {
             gate: image.open_gate(),
             waker,
             wake_armed: false,
+            wake_io: 0,
             woken: false,
             nudged: false,
+            ring_wakes: !opts.sqpoll,
+            wake_claims: Vec::new(),
             private_in_flight: 0,
             lock_seen: 0,
             bitmaps: (0, Arc::from(Vec::new())),
@@ -305,6 +319,15 @@ impl Queue {
     /// The buffer in `req.op` must be valid for `len` bytes and stay valid and untouched
     /// until the request's completion is returned by [`Queue::reap`].
     pub unsafe fn submit(&mut self, req: Request) -> Result<()> {
+        let _defer = self.defer_wakes();
+        // SAFETY: our caller's promise, passed on.
+        let r = unsafe { self.submit_inner(req) };
+        let w = self.finish_wakes();
+        r.and(w)
+    }
+
+    /// [`Queue::submit`] inside its wake scope.
+    unsafe fn submit_inner(&mut self, req: Request) -> Result<()> {
         let size = self.image.vsize();
         if let Op::Readv { offset, iov, iovcnt } | Op::Writev { offset, iov, iovcnt } = req.op {
             let write = matches!(req.op, Op::Writev { .. });
@@ -424,6 +447,12 @@ impl Drop for Queue {
             self.process_cqes();
             self.parked.clear();
         }
+        // Wakes this queue sent are submitted (or die with its ring); then no other queue
+        // may still be about to address a message to this ring when it closes.
+        for slot in self.wake_claims.drain(..) {
+            crate::meta::waiters::release_ring(slot);
+        }
+        self.waker.retire_ring();
         self.image.retire_queue_counters(&self.counters);
         self.image.retire_owed_frees(&self.local_frees);
         self.image.close_gate(&self.gate);

@@ -16,6 +16,14 @@ const IORING_ENTER_GETEVENTS: u32 = 1;
 impl Queue {
     /// Pushes queued SQEs to the kernel (one `io_uring_enter`). Never blocks.
     pub fn commit(&mut self) -> Result<()> {
+        let _defer = self.defer_wakes();
+        self.send_wakes();
+        let r = self.commit_inner();
+        self.settle_wakes();
+        r
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
         // Enter the kernel when SQEs are queued, or when deferred task work (completions)
         // is waiting to be posted.
         if self.unsubmitted == 0 && !self.ring.submission().taskrun() {
@@ -51,6 +59,13 @@ impl Queue {
     /// Moves finished requests into `out`, waiting until at least `min` are available or
     /// `timeout` passes (`None`: no limit; `Some(ZERO)`: do not wait). Returns the count.
     pub fn reap(&mut self, out: &mut Vec<Completion>, min: usize, timeout: Option<Duration>) -> Result<usize> {
+        let _defer = self.defer_wakes();
+        let r = self.reap_inner(out, min, timeout);
+        let w = self.finish_wakes();
+        r.and_then(|n| w.map(|()| n))
+    }
+
+    fn reap_inner(&mut self, out: &mut Vec<Completion>, min: usize, timeout: Option<Duration>) -> Result<usize> {
         // The clock is read only when there is a real timeout to keep.
         let no_wait = timeout == Some(Duration::ZERO);
         self.image.maybe_clean_cache();
@@ -112,10 +127,11 @@ impl Queue {
     /// that commits after every batch) and want to save that syscall; an event loop woken by
     /// the ring fd must call [`Queue::reap`], which does enter. Returns the count.
     pub fn reap_posted(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        let _defer = self.defer_wakes();
         self.process_cqes();
         self.retry_if_woken();
         self.group_flush();
-        if self.unsubmitted > 0 {
+        if self.unsubmitted > 0 || crate::meta::waiters::has_deferred() {
             self.commit()?;
         }
         let n = self.done.len();
@@ -124,6 +140,8 @@ impl Queue {
     }
 
     fn wait_cqe(&mut self, wait: Option<Duration>) -> Result<()> {
+        // Wakes recorded since the last enter go with this one, before this thread sleeps.
+        self.send_wakes();
         let r = match wait {
             None => self.ring.submit_and_wait(1),
             Some(d) => {
@@ -134,6 +152,7 @@ impl Queue {
         };
         // The enter also submitted every queued SQE.
         self.unsubmitted = 0;
+        self.settle_wakes();
         match r {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY)) => Ok(()),
@@ -157,7 +176,10 @@ impl Queue {
             // queue by moving what is posted into the backlog, and try again. Handlers are
             // not run here: this may be inside one.
             match self.ring.submit() {
-                Ok(_) => self.unsubmitted = 0,
+                Ok(_) => {
+                    self.unsubmitted = 0;
+                    self.settle_wakes();
+                }
                 Err(_) => self.stash_cqes(),
             }
         }
@@ -181,7 +203,11 @@ impl Queue {
                 break;
             }
             for &(ud, res) in &batch {
-                self.complete_io(ud as usize, res);
+                if ud >= crate::meta::waiters::WAKE_SENT_CQE {
+                    self.wake_cqe(ud, res);
+                } else {
+                    self.complete_io(ud as usize, res);
+                }
             }
         }
         self.cqe_buf = batch;

@@ -1,11 +1,80 @@
 //! The queue's side of waiting for other queues ([`crate::meta::waiters`]): registering a
-//! parked request's condition, the eventfd read that a wake completes, and retrying the
-//! parked requests only when something they wait for changed. No timer.
+//! parked request's condition, the eventfd read that a wake from a thread without a ring
+//! completes, the MSG_RING messages by which this queue wakes others from its own ring (and
+//! receives theirs), and retrying the parked requests only when something they wait for
+//! changed. No timer.
 
 use super::*;
-use io_uring::{opcode, types};
+use crate::meta::waiters::{self, WAKE_CQE, WAKE_SENT_CQE, WAKE_SLOTS};
+use io_uring::{opcode, squeue, types};
 
 impl Queue {
+    /// Opens a scope in which wakes made on this thread are recorded for this queue to
+    /// send from its ring ([`Queue::send_wakes`]) instead of written to eventfds. Not for an
+    /// SQPOLL ring (the kernel thread submits whenever it likes: the window between reading
+    /// a target's ring fd and submitting would have no bound).
+    pub(super) fn defer_wakes(&self) -> Option<waiters::Deferral> {
+        if self.ring_wakes { Some(waiters::defer()) } else { None }
+    }
+
+    /// Turns the wakes recorded on this thread into MSG_RING SQEs on this ring, addressed
+    /// to each woken queue's ring; called right before this queue enters the kernel. A
+    /// wake of this queue itself is a NOP; a queue with no ring published (gone, or an
+    /// SQPOLL one) is woken by eventfd.
+    pub(super) fn send_wakes(&mut self) {
+        if !self.ring_wakes {
+            return;
+        }
+        let mut m = waiters::take_deferred();
+        while m != 0 {
+            let slot = m.trailing_zeros() as usize;
+            m &= m - 1;
+            if slot == self.waker.slot() {
+                self.nudge();
+                continue;
+            }
+            let Some(fd) = waiters::claim_ring(slot) else {
+                waiters::signal_slot(slot);
+                continue;
+            };
+            self.wake_claims.push(slot);
+            let sqe = opcode::MsgRingData::new(types::Fd(fd), 0, WAKE_CQE, None)
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+                .user_data(WAKE_SENT_CQE + slot as u64);
+            self.push(sqe);
+        }
+    }
+
+    /// After an io_uring_enter: once the kernel has taken every queued SQE, the MSG_RING
+    /// wakes among them hold their target rings themselves; give up the claims.
+    pub(super) fn settle_wakes(&mut self) {
+        if !self.wake_claims.is_empty() && self.ring.submission().is_empty() {
+            for slot in self.wake_claims.drain(..) {
+                waiters::release_ring(slot);
+            }
+        }
+    }
+
+    /// End of a queue call that opened [`Queue::defer_wakes`]: wakes recorded since the
+    /// last enter are sent and submitted now, not left for a later call.
+    pub(super) fn finish_wakes(&mut self) -> Result<()> {
+        if waiters::has_deferred() { self.commit() } else { Ok(()) }
+    }
+
+    /// A CQE with a reserved user_data: a wake from another queue's ring, or a wake this
+    /// queue sent that failed (then sent by eventfd instead).
+    pub(super) fn wake_cqe(&mut self, user_data: u64, res: i32) {
+        if user_data == WAKE_CQE {
+            self.woken = true;
+        } else if res < 0 {
+            let slot = (user_data - WAKE_SENT_CQE) as usize;
+            if slot < WAKE_SLOTS {
+                waiters::signal_slot(slot);
+            }
+        }
+    }
+
     /// Keeps a read of this queue's eventfd in flight, so that a wake from any thread
     /// completes it and the ring (or the event loop polling its fd) runs again.
     pub(super) fn arm_wake(&mut self) {
@@ -17,6 +86,7 @@ impl Queue {
         let io = self.ios.insert(Io::Wake { _buf: buf });
         let sqe = opcode::Read::new(types::Fd(self.waker.fd()), ptr, 8).build().user_data(io as u64);
         self.wake_armed = true;
+        self.wake_io = io;
         self.push(sqe);
     }
 
@@ -60,9 +130,9 @@ impl Queue {
     /// was given back since [`Queue::note_lock_events`] (before the failed attempt),
     /// retries at once instead (that release may have found nobody registered).
     pub(super) fn wait_lock(&mut self) {
-        self.image.lock_waiters.add(self.waker.bit());
+        let moved = self.image.lock_waiters.park_after(self.waker.bit(), self.lock_seen);
         self.arm_wake();
-        if self.image.lock_waiters.events() != self.lock_seen {
+        if moved {
             self.nudge();
         }
     }
@@ -74,10 +144,19 @@ impl Queue {
         }
     }
 
-    /// Teardown: completes this queue's own eventfd read, if in flight.
+    /// Teardown: completes this queue's own eventfd read, if in flight: cancelled from its
+    /// own ring (no syscall of its own; the read's handler runs on -ECANCELED like on a
+    /// wake), or, where the cancel cannot be issued (an SQPOLL ring), by a wake of its own
+    /// eventfd.
     pub(super) fn disarm_wake(&mut self) {
-        if self.wake_armed {
-            crate::meta::waiters::wake(self.waker.bit());
+        if !self.wake_armed {
+            return;
+        }
+        if self.ring_wakes {
+            let io = self.ios.insert(Io::Nudge);
+            self.push(opcode::AsyncCancel::new(self.wake_io as u64).build().user_data(io as u64));
+        } else {
+            waiters::wake(self.waker.bit());
         }
     }
 }

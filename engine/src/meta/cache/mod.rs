@@ -32,7 +32,6 @@
 //! Under `--cfg loom` (see `scripts/loom.sh`) the atomics are loom's and slot memory is a
 //! boxed slice of atomic words instead of the arena, so the protocol can be model-checked.
 
-#[cfg(not(loom))]
 use crate::io::AlignedBuf;
 use crate::meta::waiters::Waiters;
 #[cfg(loom)]
