@@ -96,7 +96,10 @@ impl CoordState {
         if generation > self.done {
             return None;
         }
-        let r = match self.results.iter().find(|(g, _)| *g == generation) {
+        // From the newest: a joiner asks about a generation that has just ended, and the
+        // list keeps the last RESULTS_KEPT (a search from the oldest cost 4% of the CPU of
+        // writethrough writes on tmpfs).
+        let r = match self.results.iter().rev().find(|(g, _)| *g == generation) {
             Some((_, None)) => Ok(()),
             Some((_, Some((errno, text)))) => Err(crate::Error::errno(text.clone(), *errno)),
             None => Err(crate::Error::errno("write-back result no longer known", libc::EIO)),
