@@ -115,7 +115,8 @@ pub struct Options {
     /// `refcount-cache-size` in bytes (None: a quarter of the L2 cache, at least 256 KiB),
     /// capped at what the image can use.
     pub refcount_cache_size: Option<u64>,
-    /// `l2-cache-entry-size` in bytes (None: min(cluster size, 4 KiB)).
+    /// `l2-cache-entry-size` in bytes (None: min(cluster size, 4 KiB), or 512 bytes when
+    /// the L2 cache cannot hold every L2 table of the disk: see `cache_sizes.rs`).
     pub l2_cache_entry_size: Option<u64>,
     /// Share the image with other users (`-U`): no write lock expected.
     pub force_share: bool,

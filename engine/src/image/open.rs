@@ -3,7 +3,7 @@
 //! opened (qcow2 or raw files, relative names resolved against the directory of the image
 //! that names them, as QEMU does).
 
-use super::cache_sizes::cache_sizes;
+use super::cache_sizes::{cache_sizes, default_l2_entry_size};
 use super::header::mark_corrupt_at_open;
 use super::*;
 use crate::format::feature;
@@ -102,7 +102,7 @@ impl Image {
                 }
                 s
             }
-            None => geo.cluster_size().min(4096),
+            None => default_l2_entry_size(&geo, header.size, opts),
         };
         let (l2_bytes, rc_bytes) = cache_sizes(&geo, header.size, file_len, entry_size, opts)?;
         let l2_cache = MetaCache::new(l2_bytes, entry_size as usize);

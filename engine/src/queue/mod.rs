@@ -144,6 +144,8 @@ pub struct Queue {
     pub(crate) ios: Slab<Io>,
     /// Requests waiting for an L2 slice: (request, slice key).
     pub(crate) parked: Vec<(usize, u64)>,
+    /// Scratch list of the requests a completed slice load drives (`Queue::slice_loaded`).
+    pub(crate) ready_scratch: Vec<usize>,
     pub(crate) done: Vec<Completion>,
     pub(crate) unsubmitted: usize,
     /// Detailed errors of failed requests, by user_data (the most recent few).
@@ -244,6 +246,7 @@ impl Queue {
             reqs: Slab::with_capacity(256),
             ios: Slab::with_capacity(512),
             parked: Vec::new(),
+            ready_scratch: Vec::new(),
             done: Vec::new(),
             unsubmitted: 0,
             details: std::collections::VecDeque::new(),

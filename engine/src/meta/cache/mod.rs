@@ -534,22 +534,42 @@ impl MetaCache {
     /// until the caller unpins it once the copy is on disk, or a reload before the write
     /// lands would read the old slice and lose the copy's updates) and its dirty mark is
     /// cleared (an entry stored after the copy marks it dirty again). Returns (slot, key,
-    /// bytes), in slot order.
+    /// bytes), in key order.
     pub fn pin_dirty_copies(&self) -> Vec<(SlotId, u64, AlignedBuf)> {
+        self.pin_dirty()
+            .into_iter()
+            .map(|(slot, key)| {
+                let mut buf = AlignedBuf::new(self.slot_size());
+                self.copy_pinned(slot, &mut buf);
+                (slot, key, buf)
+            })
+            .collect()
+    }
+
+    /// The first half of [`MetaCache::pin_dirty_copies`]: pins every dirty slot and clears
+    /// its dirty mark; returns (slot, key) in key order. The caller copies each slot with
+    /// [`MetaCache::copy_pinned`] after this (a copy taken after the mark was cleared holds
+    /// every entry stored before it), and unpins it once the copy is on disk.
+    pub fn pin_dirty(&self) -> Vec<(SlotId, u64)> {
         let mut out = Vec::new();
         for slot in self.dirty_slots() {
             let Some(key) = self.slot_key(slot) else { continue };
             let Some(pinned) = self.pin(key) else { continue };
             self.clear_dirty(pinned);
-            let len = self.slot_size();
-            let mut buf = AlignedBuf::new(len);
-            // SAFETY: the slot is pinned (valid, not evictable) and its slice is `len` bytes;
-            // concurrent single-word CAS updates may race with this copy, which then holds the
-            // old or the new word (and the slot is dirty again).
-            buf.copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(pinned), len) });
-            out.push((pinned, key, buf));
+            out.push((pinned, key));
         }
+        out.sort_unstable_by_key(|&(_, key)| key);
         out
+    }
+
+    /// Copies the slice of a slot pinned by [`MetaCache::pin_dirty`] into `dst`
+    /// ([`MetaCache::slot_size`] bytes).
+    pub fn copy_pinned(&self, slot: SlotId, dst: &mut [u8]) {
+        let len = self.slot_size();
+        // SAFETY: the slot is pinned (valid, not evictable) and its slice is `len` bytes;
+        // concurrent single-word CAS updates may race with this copy, which then holds the
+        // old or the new word (and the slot is dirty again).
+        dst.copy_from_slice(unsafe { std::slice::from_raw_parts(self.slot_ptr(slot), len) });
     }
 
     /// Re-marks a slot dirty (its write-back failed).
