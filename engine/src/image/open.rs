@@ -214,6 +214,7 @@ impl Image {
             _lock: lock,
             fill_busy: Mutex::new(std::collections::HashSet::new()),
             alloc_busy: Mutex::new(std::collections::HashSet::new()),
+            clean_clusters: Mutex::new(std::collections::HashSet::new()),
             lock_waiters: crate::meta::waiters::Waiters::new(),
             wb: Default::default(),
             wb_shared,

@@ -20,7 +20,9 @@
 //!   snapshot) is copied whole into a new cluster; the old one is freed once the new entry
 //!   is published.
 //! * A new cluster reads as zeros (batch clusters are fresh or punched): when what the
-//!   guest sees around the write is zeros too, only the guest's bytes are written.
+//!   guest sees around the write is zeros too, only the guest's bytes are written. So does
+//!   an owned extended-L2 cluster known clean (its bytes outside allocated subclusters read
+//!   as zeros: [`crate::image::Image::clean_clusters`]).
 
 use crate::format::Geometry;
 use crate::format::l2::{ClusterKind, SubclusterBitmap, subcluster_mask};
@@ -69,7 +71,9 @@ pub(crate) struct CowPlan {
 /// Plans writing `len` bytes at `in_c` (inside one cluster: `in_c + len <= cluster size`)
 /// into a cluster that holds `kind` with subcluster bitmap `bitmap`. `in_disk` is how many
 /// bytes of the cluster lie inside the virtual disk; `backing` says whether the image has a
-/// backing file (unallocated ranges then read from it).
+/// backing file (unallocated ranges then read from it); `own_clean` that the cluster, when
+/// the image owns it (extended L2), reads as zeros outside its allocated subclusters.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan(
     g: &Geometry,
     kind: ClusterKind,
@@ -78,6 +82,7 @@ pub(crate) fn plan(
     len: u64,
     in_disk: u64,
     backing: bool,
+    own_clean: bool,
 ) -> CowPlan {
     debug_assert!(len > 0 && in_c + len <= g.cluster_size());
     let cs = g.cluster_size();
@@ -120,7 +125,11 @@ pub(crate) fn plan(
     // A fresh cluster reads as zeros: with zeros around the write, only the guest's bytes
     // are written. Not in an external data file, where the new cluster is the one at the
     // guest offset, which may hold old bytes: the whole range is written (zero-filled).
-    let write = if target == Target::Fresh && fill_zero && !g.external_data { in_c..in_c + len } else { write };
+    let target_zero = match target {
+        Target::Fresh => !g.external_data,
+        Target::Own(_) => own_clean && ext && entry == NewEntry::Keep,
+    };
+    let write = if target_zero && fill_zero { in_c..in_c + len } else { write };
     let fills = if fill_zero {
         Vec::new()
     } else {
@@ -148,7 +157,8 @@ mod tests {
 
     #[test]
     fn standard_unallocated_without_backing_writes_only_the_guest_bytes() {
-        let p = plan(&std64k(), ClusterKind::Unallocated, SubclusterBitmap(0), 4 * KIB, 4 * KIB, 64 * KIB, false);
+        let p =
+            plan(&std64k(), ClusterKind::Unallocated, SubclusterBitmap(0), 4 * KIB, 4 * KIB, 64 * KIB, false, false);
         assert_eq!(p.target, Target::Fresh);
         assert_eq!(p.write, 4 * KIB..8 * KIB);
         assert!(p.fills.is_empty() && p.fill_zero && !p.free_old);
@@ -157,7 +167,7 @@ mod tests {
 
     #[test]
     fn standard_unallocated_over_backing_copies_the_whole_cluster() {
-        let p = plan(&std64k(), ClusterKind::Unallocated, SubclusterBitmap(0), 4 * KIB, 4 * KIB, 64 * KIB, true);
+        let p = plan(&std64k(), ClusterKind::Unallocated, SubclusterBitmap(0), 4 * KIB, 4 * KIB, 64 * KIB, true, false);
         assert_eq!(p.write, 0..64 * KIB);
         assert_eq!(p.fills, vec![0..4 * KIB, 8 * KIB..64 * KIB]);
         assert!(!p.fill_zero && !p.free_old);
@@ -165,14 +175,14 @@ mod tests {
 
     #[test]
     fn fills_stop_at_the_end_of_the_disk() {
-        let p = plan(&std64k(), ClusterKind::Unallocated, SubclusterBitmap(0), 0, 4 * KIB, 10 * KIB, true);
+        let p = plan(&std64k(), ClusterKind::Unallocated, SubclusterBitmap(0), 0, 4 * KIB, 10 * KIB, true, false);
         assert_eq!(p.fills, vec![4 * KIB..10 * KIB]);
     }
 
     #[test]
     fn compressed_and_shared_clusters_are_copied_and_freed() {
         for kind in [ClusterKind::Compressed { host: H, len: 1000 }, normal(false)] {
-            let p = plan(&std64k(), kind, SubclusterBitmap(0), 0, 512, 64 * KIB, false);
+            let p = plan(&std64k(), kind, SubclusterBitmap(0), 0, 512, 64 * KIB, false, false);
             assert_eq!((p.target, p.write.clone(), p.free_old, p.fill_zero), (Target::Fresh, 0..64 * KIB, true, false));
             assert_eq!(p.fills, vec![512..64 * KIB]);
         }
@@ -180,13 +190,13 @@ mod tests {
 
     #[test]
     fn zero_clusters_need_no_fill() {
-        let p = plan(&std64k(), ClusterKind::ZeroPlain, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, true);
+        let p = plan(&std64k(), ClusterKind::ZeroPlain, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, true, false);
         assert_eq!((p.target, p.write.clone(), p.fill_zero), (Target::Fresh, 8 * KIB..8 * KIB + 512, true));
         let own = ClusterKind::ZeroAlloc { host: H, copied: true };
-        let p = plan(&std64k(), own, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, true);
+        let p = plan(&std64k(), own, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, true, false);
         assert_eq!((p.target, p.write.clone(), p.fill_zero, p.free_old), (Target::Own(H), 0..64 * KIB, true, false));
         let shared = ClusterKind::ZeroAlloc { host: H, copied: false };
-        let p = plan(&std64k(), shared, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, true);
+        let p = plan(&std64k(), shared, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, true, false);
         assert_eq!((p.target, p.free_old), (Target::Fresh, true));
     }
 
@@ -194,13 +204,13 @@ mod tests {
     fn extended_unallocated_writes_the_touched_subclusters() {
         // 64 KiB clusters: 2 KiB subclusters. 1 KiB at 3 KiB touches subcluster 1 only.
         let g = ext64k();
-        let p = plan(&g, ClusterKind::Unallocated, SubclusterBitmap(0), 3 * KIB, KIB, 64 * KIB, true);
+        let p = plan(&g, ClusterKind::Unallocated, SubclusterBitmap(0), 3 * KIB, KIB, 64 * KIB, true, false);
         assert_eq!(p.target, Target::Fresh);
         assert_eq!(p.write, 2 * KIB..4 * KIB);
         assert_eq!(p.fills, vec![2 * KIB..3 * KIB]);
         assert_eq!(p.bitmap, SubclusterBitmap::from_parts(0b10, 0));
         // Without a backing file only the guest's bytes.
-        let p = plan(&g, ClusterKind::Unallocated, SubclusterBitmap(0), 3 * KIB, KIB, 64 * KIB, false);
+        let p = plan(&g, ClusterKind::Unallocated, SubclusterBitmap(0), 3 * KIB, KIB, 64 * KIB, false, false);
         assert_eq!((p.write.clone(), p.fills.len()), (3 * KIB..4 * KIB, 0));
         // Straddling subclusters 1..=3, zero bits of the touched ones cleared.
         let p = plan(
@@ -211,6 +221,7 @@ mod tests {
             4 * KIB,
             64 * KIB,
             true,
+            false,
         );
         assert_eq!(p.bitmap, SubclusterBitmap::from_parts(0b1110, 0b10000));
     }
@@ -221,7 +232,7 @@ mod tests {
         // Subcluster 1 holds data, 2 does not: a write from 3 KiB to 5 KiB writes subcluster
         // 1 only where the guest writes and subcluster 2 whole.
         let bm = SubclusterBitmap::from_parts(0b10, 0);
-        let p = plan(&g, normal(true), bm, 3 * KIB, 2 * KIB, 64 * KIB, true);
+        let p = plan(&g, normal(true), bm, 3 * KIB, 2 * KIB, 64 * KIB, true, false);
         assert_eq!(p.target, Target::Own(H));
         assert_eq!(p.write, 3 * KIB..6 * KIB);
         assert_eq!(p.fills, vec![5 * KIB..6 * KIB]);
@@ -229,12 +240,25 @@ mod tests {
         assert_eq!(p.bitmap, SubclusterBitmap::from_parts(0b110, 0));
         assert!(!p.free_old);
         // No backing file: the unallocated edge reads as zeros; no fill reads.
-        let p = plan(&g, normal(true), bm, 3 * KIB, 2 * KIB, 64 * KIB, false);
+        let p = plan(&g, normal(true), bm, 3 * KIB, 2 * KIB, 64 * KIB, false, false);
         assert!(p.fill_zero && p.fills.is_empty());
         assert_eq!(
             p.write,
             3 * KIB..6 * KIB,
             "in place: the zero edge is still written (the cluster may hold old bytes)"
         );
+        // Known clean (its unallocated subclusters read as zeros on the host): only the
+        // guest's bytes, the subclusters allocated as before.
+        let p = plan(&g, normal(true), bm, 3 * KIB, 2 * KIB, 64 * KIB, false, true);
+        assert_eq!((p.write.clone(), p.fills.len()), (3 * KIB..5 * KIB, 0));
+        assert_eq!(p.bitmap, SubclusterBitmap::from_parts(0b110, 0));
+        // Clean does not help over a backing file: the edge is copied from it.
+        let p = plan(&g, normal(true), bm, 3 * KIB, 2 * KIB, 64 * KIB, true, true);
+        assert_eq!(p.write, 3 * KIB..6 * KIB);
+        assert_eq!((p.fills.len(), p.fills[0].clone()), (1, 5 * KIB..6 * KIB));
+        // Nor in a standard cluster (no subclusters to leave unallocated).
+        let own = ClusterKind::ZeroAlloc { host: H, copied: true };
+        let p = plan(&std64k(), own, SubclusterBitmap(0), 8 * KIB, 512, 64 * KIB, false, true);
+        assert_eq!(p.write, 0..64 * KIB);
     }
 }

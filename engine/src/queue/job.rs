@@ -104,7 +104,14 @@ impl Queue {
             return Ok(Started::Parked);
         };
         let in_disk = (img.vsize() - cluster.0).min(g.cluster_size());
-        let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some());
+        // Whether the image's own cluster reads as zeros outside its allocated subclusters
+        // (checked again under the fill claim).
+        let clean_host = match kind {
+            ClusterKind::Normal { host, copied: true } if g.extended_l2 && !g.external_data => Some(host),
+            _ => None,
+        };
+        let own_clean = clean_host.is_some_and(|h| img.is_clean(h.0));
+        let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some(), own_clean);
         // With an external data file a new cluster is the one at the guest offset (QEMU's
         // do_alloc_cluster_offset), written in place under the same fill claim as an owned
         // one: two jobs for one cluster would otherwise both write it whole.
@@ -125,7 +132,9 @@ impl Queue {
                 // old entry would then write its zeros over that job's data in the live
                 // cluster, before the commit could notice. Plans are made only from the entry
                 // as it is under the claim.
-                if self.entry_changed(slot, at.word, e, b) {
+                // A plan that trusted the clean mark needs it still there (a job that
+                // failed or lost its publication meanwhile may have written the cluster).
+                if self.entry_changed(slot, at.word, e, b) || (own_clean && !img.is_clean(h.0)) {
                     img.release_fill(g.host_cluster(h).0);
                     img.l2_cache.unpin(slot);
                     return Ok(Started::Stale);
@@ -394,6 +403,15 @@ impl Queue {
             // Both words in one seqlock write: no reader sees the new offset with the old
             // bitmap (it would fill a subcluster that is being published with zeros).
             img.l2_cache.store_pair(slot, word, new_e.0, new_b.0);
+            // A new cluster read as zeros and only this job wrote it: clean (see
+            // Image::clean_clusters) until every subcluster is allocated.
+            let (fresh, host) = (self.jobs[job].fresh, self.jobs[job].host.0);
+            let full = new_b.alloc() == u32::MAX;
+            if fresh && !g.external_data {
+                img.mark_clean(host, full);
+            } else if full {
+                img.unmark_clean(host);
+            }
         }
         drop(st);
         self.job_end(job, ok);
@@ -415,6 +433,10 @@ impl Queue {
             img.release_fill(host.0);
         }
         let id = j.req;
+        if !j.fresh && (j.error != 0 || !published) {
+            // It may hold bytes of ours outside its allocated subclusters now.
+            img.unmark_clean(j.host.0);
+        }
         if j.error != 0 {
             if j.fresh {
                 // It may hold bytes now: never reuse it as a known-zero batch cluster.
@@ -446,6 +468,7 @@ impl Queue {
     /// Owes `n` refcount decrements to host cluster `c` (handed to the image's pending
     /// frees the next time this queue takes the metadata lock).
     pub(super) fn owe(&mut self, c: HostCluster, n: u64) {
+        self.image.unmark_clean(self.image.geo.host_offset(c).0);
         self.local_frees.lock().unwrap_or_else(|e| e.into_inner()).push((c.0, n));
     }
 
