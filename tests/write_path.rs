@@ -435,3 +435,91 @@ fn zeroed_subclusters_are_filled_again() {
     let m = run_ops(&opts, 4 * MIB, None, &ops);
     assert_eq!(m.zero_fill_bytes, 2 * 60 * k, "{m:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Copy-on-write over a backing file (issue 15, points 1 and 3 of the issue): the head and
+// tail go in the same write as the guest's bytes, and where the backing file has a hole
+// they are neither read nor, in a new cluster, written.
+
+/// A raw backing file of 4 MiB with data (0x5a) in its first MiB and at 3 MiB..3.5 MiB,
+/// holes elsewhere.
+fn sparse_backing() -> Vec<String> {
+    vec!["write -P 0x5a 0 1M".into(), "write -P 0x5a 3M 512k".into()]
+}
+
+#[test]
+fn cow_over_backing_data_is_one_write_and_holes_are_skipped() {
+    let k = 1024u64;
+    let back = sparse_backing();
+    let std = Qcow2Opts::cluster(65536);
+    // Over data: head and tail copied, one write of the whole cluster.
+    let m = run_ops(&std, 4 * MIB, Some(&back), &[Op::Write(64 * k + 4 * k, 4 * k)]);
+    assert_eq!((m.cow_bytes, m.data_bytes, m.data_writes), (60 * k, 64 * k, 1), "{m:?}");
+    // Over a hole: only the guest's bytes.
+    let m = run_ops(&std, 4 * MIB, Some(&back), &[Op::Write(2 * MIB + 4 * k, 4 * k)]);
+    assert_eq!((m.cow_bytes, m.data_bytes, m.zero_fill_bytes), (0, 4 * k, 0), "{m:?}");
+    // A write straddling the end of the data at 3.5 MiB (a cluster boundary): the head of
+    // the cluster over data is copied, the tail of the next one, over the hole, is not.
+    let m = run_ops(&std, 4 * MIB, Some(&back), &[Op::Write(3 * MIB + 512 * k - 4 * k, 8 * k)]);
+    assert_eq!((m.cow_bytes, m.data_bytes), (60 * k, 68 * k), "{m:?}");
+    // 2 MiB clusters: a tail that is partly hole, partly data is copied whole.
+    let big = Qcow2Opts::cluster(2 * MIB as u32);
+    let m = run_ops(&big, 4 * MIB, Some(&back), &[Op::Write(2 * MIB + 512 * k, 4 * k)]);
+    // Head 2 MiB..2.5 MiB is a hole, tail 2.5 MiB+4k..3 MiB hole, 3..3.5 MiB data, rest hole:
+    // the tail range as a whole is not zero, so it is read and written.
+    assert_eq!(m.cow_bytes, 2 * MIB - 512 * k - 4 * k, "{m:?}");
+    assert_eq!(m.data_bytes, 2 * MIB - 512 * k, "{m:?}");
+    assert_eq!(m.data_writes, 1, "{m:?}");
+}
+
+/// Extended L2 over a sparse backing file: only the touched subcluster's missing part is
+/// copied, not at all over a hole, and in place in a cluster this image allocated (clean)
+/// the same holds.
+#[test]
+fn subclusters_over_backing_copy_only_their_missing_part() {
+    let k = 1024u64;
+    let back = sparse_backing();
+    let ext64 = Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) };
+    // 2 KiB subclusters: 1 KiB at 3 KiB over data copies 1 KiB, over a hole nothing.
+    let m = run_ops(&ext64, 4 * MIB, Some(&back), &[Op::Write(3 * k, k), Op::Write(2 * MIB + 3 * k, k)]);
+    assert_eq!((m.cow_bytes, m.data_bytes, m.data_writes), (k, 2 * k + k, 2), "{m:?}");
+    let ext2m = Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(2 * MIB as u32) };
+    // 64 KiB subclusters of cluster 0 (data below 1 MiB, hole above): a first touch over
+    // the hole, an in-place one over data (head and tail of its subcluster copied, one
+    // write), an in-place one over the hole again, and one straddling two subclusters.
+    let ops = [
+        Op::Write(MIB + 4 * k, 4 * k),
+        Op::Write(64 * k + 4 * k, 4 * k),
+        Op::Write(MIB + 68 * k, 4 * k),
+        Op::Write(192 * k - 2 * k, 4 * k),
+    ];
+    let m = run_ops(&ext2m, 4 * MIB, Some(&back), &ops);
+    assert_eq!(m.cow_bytes, 60 * k + 2 * 62 * k, "{m:?}");
+    assert_eq!(m.data_bytes, 4 * k + 64 * k + 4 * k + 128 * k, "{m:?}");
+    assert_eq!(m.data_writes, 4, "{m:?}");
+}
+
+/// Partial writes over a backing file into clusters whose subclusters were made zero
+/// (their bytes kept on the host), and whole clusters rewritten after a zero write:
+/// content as qemu-io's.
+#[test]
+fn cow_over_backing_after_zero_writes_matches_qemu() {
+    let k = 1024u64;
+    let back = sparse_backing();
+    for opts in [
+        Qcow2Opts::cluster(65536),
+        Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(65536) },
+        Qcow2Opts { extended_l2: true, ..Qcow2Opts::cluster(2 * MIB as u32) },
+    ] {
+        let ops = [
+            Op::Write(0, 128 * k),
+            Op::Zero(64 * k, 64 * k),
+            Op::Write(68 * k, 4 * k),
+            Op::Write(1020 * k, 8 * k),
+            Op::Zero(2 * MIB, 256 * k),
+            Op::Write(2 * MIB + 6 * k, 3 * k),
+            Op::Write(3 * MIB + 510 * k, 4 * k),
+        ];
+        run_ops(&opts, 4 * MIB, Some(&back), &ops);
+    }
+}

@@ -171,6 +171,55 @@ impl Image {
         }
     }
 
+    /// Whether `len` bytes at guest offset `off` of what this image's unallocated ranges
+    /// read (its backing chain, zeros past it) are known to read as zeros, without
+    /// blocking: raw files by SEEK_DATA, qcow2 layers from their cached L2 entries. Unknown
+    /// (an uncached slice, an error) counts as data. QEMU's `is_zero_cow` asks the same of
+    /// the backing file before copying a cluster's head or tail.
+    pub(crate) fn backing_reads_zero(&self, off: u64, len: u64) -> bool {
+        let lim = self.backing_limit();
+        if off >= lim {
+            return true;
+        }
+        let len = len.min(lim - off);
+        match &self.backing {
+            None => true,
+            Some(Backing::Raw(raw)) => {
+                if off >= raw.size {
+                    return true;
+                }
+                let n = len.min(raw.size - off);
+                matches!(seek_data_hole(raw.file.fd(), off, n, raw.size), Ok((false, run)) if run >= n)
+            }
+            Some(Backing::Qcow2(b)) => b.reads_zero(off, len),
+        }
+    }
+
+    /// Whether `len` bytes at `off` of this image read as zeros, known without blocking
+    /// (see [`Image::backing_reads_zero`]).
+    fn reads_zero(&self, off: u64, len: u64) -> bool {
+        let (mut pos, end) = (off, off.saturating_add(len));
+        if pos >= self.vsize() {
+            return true;
+        }
+        let end = end.min(self.vsize());
+        while pos < end {
+            let Ok(Lookup::Mapped { extent, len: n, .. }) = self.lookup(GuestOffset(pos), end - pos) else {
+                return false;
+            };
+            let zero = match extent {
+                Extent::Zero => true,
+                Extent::Unallocated => self.backing_reads_zero(pos, n),
+                _ => false,
+            };
+            if !zero || n == 0 {
+                return false;
+            }
+            pos += n;
+        }
+        true
+    }
+
     /// QEMU's metadata-preallocation heuristic: the image refcounts clearly more clusters
     /// (>= max(10/9 of them, +2)) than the file really has allocated on the filesystem.
     pub fn metadata_preallocated(&self) -> Result<bool> {
