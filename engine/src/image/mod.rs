@@ -229,6 +229,10 @@ pub struct Image {
     pub(crate) depth: usize,
     /// QEMU's "metadata preallocation" detection result (block status only).
     pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
+    /// A raw backing file without holes (its allocated blocks cover its size when first
+    /// asked): the copy-on-write zero check ([`Image::backing_reads_zero`]) then skips its
+    /// SEEK_DATA per fill. Wrong only towards "has data", which costs a read, never content.
+    pub(crate) backing_dense: std::sync::OnceLock<bool>,
     /// Writer state (None when read-only).
     pub(crate) meta: Option<Mutex<MetaState>>,
     /// Data writes submitted and not completed, over all queues ([`Image::audit`] requires

@@ -205,6 +205,7 @@ impl Image {
             opts: opts.clone(),
             depth,
             prealloc_detected: std::sync::OnceLock::new(),
+            backing_dense: std::sync::OnceLock::new(),
             meta,
             writes_in_flight: AtomicU64::new(0),
             epoch: AtomicU64::new(0),

@@ -188,7 +188,11 @@ impl Image {
                 if off >= raw.size {
                     return true;
                 }
-                hole_at(raw.file.fd(), off, len.min(raw.size - off))
+                let dense = *self.backing_dense.get_or_init(|| {
+                    use std::os::unix::fs::MetadataExt;
+                    raw.file.file().metadata().is_ok_and(|m| m.blocks().saturating_mul(512) >= raw.size)
+                });
+                !dense && hole_at(raw.file.fd(), off, len.min(raw.size - off))
             }
             Some(Backing::Qcow2(b)) => b.reads_zero(off, len),
         }
