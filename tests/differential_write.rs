@@ -212,3 +212,11 @@ fn scenarios_060_080_corrupt_images() {
 fn scenarios_900_mixed() {
     run_scenarios("900");
 }
+
+/// Copy-on-write over sparse raw and qcow2 backing files (holes, written zeros, zero
+/// clusters), partial subclusters, writes straddling clusters with a head and a tail,
+/// clusters known clean after zero writes and discards, a freed cluster reused.
+#[test]
+fn scenarios_950_cow_backing() {
+    run_scenarios("950");
+}

@@ -12,6 +12,9 @@ use crate::meta::waiters::{Waiters, wake};
 use crate::{Error, Result};
 use std::ops::{Deref, DerefMut};
 use std::sync::MutexGuard;
+
+/// Most host clusters [`Image::clean_clusters`] remembers (16 bytes or so each).
+pub(crate) const CLEAN_CLUSTERS_MAX: usize = 1 << 16;
 use std::sync::atomic::Ordering;
 
 /// The metadata lock, held. Releasing it wakes the queues parked on it (see
@@ -118,6 +121,32 @@ impl Image {
     pub(crate) fn release_alloc(&self, c: GuestCluster) {
         self.alloc_busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&c);
         wake(self.lock_waiters.notify_counted());
+    }
+
+    /// Records that host cluster `host`'s bytes outside its allocated subclusters read as
+    /// zeros (see [`Image::clean_clusters`]); `full`: every subcluster is allocated now,
+    /// so there is nothing left to know.
+    pub(crate) fn mark_clean(&self, host: u64, full: bool) {
+        let mut set = self.clean_clusters.lock().unwrap_or_else(|e| e.into_inner());
+        if full {
+            set.remove(&host);
+        } else if set.len() < CLEAN_CLUSTERS_MAX {
+            set.insert(host);
+        }
+    }
+
+    /// Whether host cluster `host` is known clean (see [`Image::clean_clusters`]).
+    pub(crate) fn is_clean(&self, host: u64) -> bool {
+        self.clean_clusters.lock().unwrap_or_else(|e| e.into_inner()).contains(&host)
+    }
+
+    /// Forgets that host cluster `host` is clean: bytes outside its allocated subclusters
+    /// may be anything now.
+    pub(crate) fn unmark_clean(&self, host: u64) {
+        let mut set = self.clean_clusters.lock().unwrap_or_else(|e| e.into_inner());
+        if !set.is_empty() {
+            set.remove(&host);
+        }
     }
 
     /// Sets the dirty bit before the first refcount-skipping write (lazy refcounts).

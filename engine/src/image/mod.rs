@@ -231,6 +231,10 @@ pub struct Image {
     pub(crate) depth: usize,
     /// QEMU's "metadata preallocation" detection result (block status only).
     pub(crate) prealloc_detected: std::sync::OnceLock<bool>,
+    /// A raw backing file without holes (its allocated blocks cover its size when first
+    /// asked): the copy-on-write zero check ([`Image::backing_reads_zero`]) then skips its
+    /// SEEK_DATA per fill. Wrong only towards "has data", which costs a read, never content.
+    pub(crate) backing_dense: std::sync::OnceLock<bool>,
     /// Writer state (None when read-only).
     pub(crate) meta: Option<Mutex<MetaState>>,
     /// Data writes submitted and not completed, over all queues ([`Image::audit`] requires
@@ -271,6 +275,16 @@ pub struct Image {
     /// issue 15, item 2: sequential 1 MiB writes in flight together on 2 MiB clusters wrote
     /// every second half twice).
     pub(crate) alloc_busy: Mutex<std::collections::HashSet<crate::format::types::GuestCluster>>,
+    /// Host clusters (extended L2) whose bytes outside their allocated subclusters are
+    /// known to read as zeros: taken fresh from a batch (which reads as zeros) and published
+    /// by this image with some subclusters unallocated, since when only allocating jobs
+    /// wrote them. A write into an unallocated subcluster of such a cluster needs no zero
+    /// fill around the guest's bytes (issue 15, item 3: 4 KiB first touches of 2 MiB
+    /// clusters wrote each 64 KiB subcluster whole, 1.9 device bytes per guest byte).
+    /// Anything that may leave other bytes there (a subcluster made zero or unallocated
+    /// with its data kept, a failed or lost in-place job, the cluster being freed) removes
+    /// it. Bounded by [`alloc::CLEAN_CLUSTERS_MAX`]; forgetting one only costs the fill.
+    pub(crate) clean_clusters: Mutex<std::collections::HashSet<u64>>,
     /// The asynchronous metadata write-backs: one at a time, joined by the flushes it
     /// covers ([`writeback`]).
     pub(crate) wb: writeback::WbCoord,

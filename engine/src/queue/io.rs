@@ -31,10 +31,11 @@ pub(crate) enum Io {
     WriteBounce { req: usize, _buf: AlignedBuf, token: u64 },
     /// An allocation job's data write (from its bounce buffer or the guest buffer).
     JobWrite { job: usize },
-    /// One data write for several jobs of one request whose bytes follow each other on
-    /// the host and in the guest buffer (`len`: the whole write), maybe after an overwrite
-    /// in place of the same request (`lead`: the request and the test hook's token).
-    GroupWrite { jobs: Vec<usize>, len: u64, lead: Option<(usize, u64)> },
+    /// One data write (a `writev` of `_iov`, kept until it completes) for several jobs of
+    /// one request whose bytes follow each other on the host, or for one job with its
+    /// copy-on-write head and tail (`len`: the whole write), maybe after an overwrite in
+    /// place of the same request (`lead`: the request and the test hook's token).
+    GroupWrite { jobs: Vec<usize>, len: u64, lead: Option<(usize, u64)>, _iov: Vec<libc::iovec> },
     /// The read of the queue's wake eventfd (see `queue/wake.rs`) into `_buf`.
     Wake { _buf: Box<u64> },
     /// A NOP that makes the queue retry its parked requests (see `Queue::nudge`).
@@ -121,7 +122,7 @@ impl Queue {
                 self.io_done(req);
             }
             Io::JobWrite { job } => self.job_write_done(job, res),
-            Io::GroupWrite { jobs, len, lead } => {
+            Io::GroupWrite { jobs, len, lead, .. } => {
                 // A short write leaves some of the jobs' bytes unwritten: none of them is
                 // published.
                 let res = if res >= 0 && (res as u64) < len { -libc::EIO } else { res };

@@ -9,6 +9,7 @@ use crate::image::mapping::L2Slot;
 use crate::io::AlignedBuf;
 use crate::meta::cache::SlotId;
 use io_uring::{opcode, types};
+use std::ops::Range;
 
 /// One copy-on-write allocation of (part of) a cluster: the [`cow::CowPlan`] being carried
 /// out. Lives from `start_job` until `job_end`; its L2 slot is pinned meanwhile.
@@ -31,8 +32,8 @@ pub(crate) struct Job {
     fresh: bool,
     /// First byte of the cluster that is written (the plan's `write.start`).
     write_start: u64,
-    /// Bounce buffer for the written bytes (None: written straight from the guest buffer).
-    buf: Option<AlignedBuf>,
+    /// Where the written bytes outside the guest buffer are.
+    bounce: Bounce,
     /// Entry and bitmap to publish.
     new: (L2Entry, SubclusterBitmap),
     /// The old entry's clusters are freed once the new one is published.
@@ -48,6 +49,40 @@ pub(crate) struct Job {
 /// Largest write a [`WriteGroup`] grows to (an SQE's length is 32 bits).
 pub(super) const MAX_GROUP_WRITE: u64 = 1 << 30;
 
+/// Most iovecs of one [`WriteGroup`] (the kernel's `UIO_MAXIOV`).
+const MAX_GROUP_IOVECS: usize = 1024;
+
+/// The buffers of a job's written range (`write.start..write.end` of its plan) besides the
+/// guest's bytes.
+enum Bounce {
+    /// Only the guest's bytes are written, straight from the guest buffer.
+    Direct,
+    /// The copy-on-write head (`write.start..in_c`) and tail (`in_c + len..write.end`) in
+    /// buffers of their own, written with the guest buffer in one `writev` (issue 15: no
+    /// copy of the guest's bytes, no zeroing of a whole-cluster buffer; the jobs of one
+    /// request join one write per contiguous host run).
+    Split { head: Option<AlignedBuf>, tail: Option<AlignedBuf> },
+    /// The whole range in one buffer, the guest's bytes copied in (guest buffer or edges
+    /// not 512-byte aligned, which O_DIRECT iovecs need).
+    Whole(AlignedBuf),
+}
+
+/// An iovec of `len` bytes at `ptr`.
+fn iov(ptr: *const u8, len: usize) -> libc::iovec {
+    libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len }
+}
+
+/// Appends `v` to `list`, merged into the last iovec when it continues it in memory.
+fn push_iov(list: &mut Vec<libc::iovec>, v: libc::iovec) {
+    if let Some(last) = list.last_mut()
+        && (last.iov_base as *const u8).wrapping_add(last.iov_len) == v.iov_base as *const u8
+    {
+        last.iov_len += v.iov_len;
+        return;
+    }
+    list.push(v);
+}
+
 /// Data writes of consecutive jobs of one request (issue 15, item 1): a request that
 /// allocates several clusters takes them in ascending order from the queue's batch, so a
 /// write of whole clusters (or of every touched subcluster) that needs no copy-on-write is
@@ -62,8 +97,9 @@ pub(crate) struct WriteGroup {
     /// the jobs' are the image's already and the new ones follow them on the host): it
     /// holds one `pending` of the request; the test hook's token for its bytes.
     lead: Option<u64>,
-    /// The guest buffer and host offset of the first job's bytes, and the total length.
-    ptr: *const u8,
+    /// The memory written (guest buffer pieces and copy-on-write buffers, in host order),
+    /// the host offset of its first byte, and the total length.
+    iov: Vec<libc::iovec>,
     off: u64,
     len: u64,
 }
@@ -104,7 +140,15 @@ impl Queue {
             return Ok(Started::Parked);
         };
         let in_disk = (img.vsize() - cluster.0).min(g.cluster_size());
-        let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some());
+        // Whether the image's own cluster reads as zeros outside its allocated subclusters
+        // (checked again under the fill claim).
+        let clean_host = match kind {
+            ClusterKind::Normal { host, copied: true } if g.extended_l2 && !g.external_data => Some(host),
+            _ => None,
+        };
+        let own_clean = clean_host.is_some_and(|h| img.is_clean(h.0));
+        let backing_zero = |r: Range<u64>| img.backing_reads_zero(cluster.0 + r.start, r.end - r.start);
+        let plan = cow::plan(&g, kind, b, in_c, len, in_disk, img.backing.is_some(), own_clean, &backing_zero);
         // With an external data file a new cluster is the one at the guest offset (QEMU's
         // do_alloc_cluster_offset), written in place under the same fill claim as an owned
         // one: two jobs for one cluster would otherwise both write it whole.
@@ -125,7 +169,9 @@ impl Queue {
                 // old entry would then write its zeros over that job's data in the live
                 // cluster, before the commit could notice. Plans are made only from the entry
                 // as it is under the claim.
-                if self.entry_changed(slot, at.word, e, b) {
+                // A plan that trusted the clean mark needs it still there (a job that
+                // failed or lost its publication meanwhile may have written the cluster).
+                if self.entry_changed(slot, at.word, e, b) || (own_clean && !img.is_clean(h.0)) {
                     img.release_fill(g.host_cluster(h).0);
                     img.l2_cache.unpin(slot);
                     return Ok(Started::Stale);
@@ -171,11 +217,33 @@ impl Queue {
         };
         let src = self.reqs[id].mem(pos.0, len) as *const u8;
         let wlen = plan.write.end - plan.write.start;
-        if plan.fill_zero && wlen > len {
-            Counters::add(&self.counters.zero_fill_bytes, wlen - len);
+        let filled: u64 = plan.fills.iter().map(|f| f.end - f.start).sum();
+        if wlen > len + filled {
+            Counters::add(&self.counters.zero_fill_bytes, wlen - len - filled);
         }
-        let direct = wlen == len && (src as usize).is_multiple_of(512);
-        let buf = if direct { None } else { Some(self.get_buf(wlen as usize)) };
+        let (head, tail) = (plan.write.start..in_c, (in_c + len)..plan.write.end);
+        let aligned = |x: u64| x.is_multiple_of(512);
+        let bounce = if !(src as usize).is_multiple_of(512) || !aligned(len) && wlen > len {
+            Bounce::Whole(self.get_buf(wlen as usize))
+        } else if wlen == len {
+            Bounce::Direct
+        } else if aligned(head.end - head.start) && aligned(tail.end - tail.start) {
+            // A part that one fill read covers whole needs no zeroing first.
+            let mut part = |r: &Range<u64>| {
+                let n = (r.end - r.start) as usize;
+                if n == 0 {
+                    None
+                } else if plan.fills.contains(r) {
+                    Some(self.get_read_buf(n))
+                } else {
+                    Some(self.get_buf(n))
+                }
+            };
+            let (h, t) = (part(&head), part(&tail));
+            Bounce::Split { head: h, tail: t }
+        } else {
+            Bounce::Whole(self.get_buf(wlen as usize))
+        };
         let job = self.jobs.insert(Job {
             req: id,
             guest: pos,
@@ -188,7 +256,7 @@ impl Queue {
             host,
             fresh: target == cow::Target::Fresh,
             write_start: plan.write.start,
-            buf,
+            bounce,
             new: (new_e, plan.bitmap),
             free_old: plan.free_old,
             // Held open while the fill reads are issued: a read that completes at once
@@ -201,10 +269,22 @@ impl Queue {
         self.reqs[id].pending += 1;
         for fill in plan.fills {
             let j = &mut self.jobs[job];
-            let dst = j.buf.as_mut().expect("fills imply a bounce buffer").as_mut_ptr();
-            // SAFETY: write.start <= fill.start < fill.end <= write.end: inside the bounce
-            // buffer of write.end - write.start bytes.
-            let dst = unsafe { dst.add((fill.start - plan.write.start) as usize) };
+            let dst = match &mut j.bounce {
+                // SAFETY: write.start <= fill.start < fill.end <= write.end: inside the
+                // bounce buffer of write.end - write.start bytes.
+                Bounce::Whole(b) => unsafe { b.as_mut_ptr().add((fill.start - plan.write.start) as usize) },
+                // A fill lies in the head (write.start..in_c) or in the tail
+                // (in_c + len..write.end, clipped to the disk's end).
+                Bounce::Split { head: Some(b), .. } if fill.end <= in_c => {
+                    // SAFETY: write.start <= fill.start < fill.end <= in_c: inside the head.
+                    unsafe { b.as_mut_ptr().add((fill.start - plan.write.start) as usize) }
+                }
+                // SAFETY: in_c + len <= fill.start < fill.end <= write.end: inside the tail.
+                Bounce::Split { tail: Some(b), .. } => unsafe {
+                    b.as_mut_ptr().add((fill.start - in_c - len) as usize)
+                },
+                _ => unreachable!("fills lie outside the guest's bytes, in a bounce buffer"),
+            };
             j.reads_pending += 1;
             Counters::add(&self.counters.cow_bytes, fill.end - fill.start);
             let rid =
@@ -253,8 +333,9 @@ impl Queue {
     pub(super) fn job_write(&mut self, job: usize) {
         let fd = self.image.data_fd();
         let j = &mut self.jobs[job];
-        let (ptr, n) = match &mut j.buf {
-            Some(b) => {
+        let mut list = Vec::with_capacity(3);
+        match &mut j.bounce {
+            Bounce::Whole(b) => {
                 // SAFETY: src holds len bytes; the bounce buffer covers the written range,
                 // which contains the guest's bytes.
                 unsafe {
@@ -264,45 +345,70 @@ impl Queue {
                         j.len as usize,
                     )
                 };
-                (b.as_ptr(), b.len())
+                list.push(iov(b.as_ptr(), b.len()));
             }
-            None => (j.src, j.len as usize),
-        };
+            Bounce::Direct => list.push(iov(j.src, j.len as usize)),
+            Bounce::Split { head, tail } => {
+                if let Some(h) = head {
+                    list.push(iov(h.as_ptr(), h.len()));
+                }
+                list.push(iov(j.src, j.len as usize));
+                if let Some(t) = tail {
+                    list.push(iov(t.as_ptr(), t.len()));
+                }
+            }
+        }
+        let n: u64 = list.iter().map(|v| v.iov_len as u64).sum();
         let off = (j.host + j.write_start).0;
-        let (req, direct) = (j.req, j.buf.is_none());
+        let req = j.req;
         if let Some(h) = &self.image.hook {
-            if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, n as u64) {
+            if let Some(errno) = h.0.fail_write(crate::io::hook::WriteKind::Data, off, n) {
                 j.error = -errno;
                 self.job_end(job, false);
                 return;
             }
-            // SAFETY: ptr is valid for n bytes (bounce buffer or guest buffer).
-            let data = unsafe { std::slice::from_raw_parts(ptr, n) };
-            j.token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
+            let mut data = Vec::with_capacity(n as usize);
+            for v in &list {
+                // SAFETY: every iovec is valid for its length (bounce or guest buffer).
+                data.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+            }
+            j.token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(&data));
         }
-        if direct && self.grouping > 0 {
-            // Written straight from the guest buffer while the request is walked: join the
-            // previous job's write when this one continues it on the host and in the buffer.
-            let n = n as u64;
+        if self.grouping > 0 {
+            // While the request is walked: join the previous job's write when this one
+            // continues it on the host.
             if let Some(g) = &mut self.group
                 && g.req == req
                 && g.off + g.len == off
-                && g.ptr.wrapping_add(g.len as usize) == ptr
                 && g.len + n <= MAX_GROUP_WRITE
+                && g.iov.len() + list.len() <= MAX_GROUP_IOVECS
             {
                 g.jobs.push(job);
                 g.len += n;
+                for v in list {
+                    push_iov(&mut g.iov, v);
+                }
                 return;
             }
             self.issue_group();
-            self.group = Some(WriteGroup { req, jobs: vec![job], lead: None, ptr, off, len: n });
+            self.group = Some(WriteGroup { req, jobs: vec![job], lead: None, iov: list, off, len: n });
             return;
         }
         crate::counters::Counters::add(&self.counters.data_writes, 1);
-        crate::counters::Counters::add(&self.counters.data_write_bytes, n as u64);
-        let io = self.ios.insert(Io::JobWrite { job });
-        let sqe = opcode::Write::new(types::Fd(fd), ptr, n as u32).offset(off).build().user_data(io as u64);
-        self.push(sqe);
+        crate::counters::Counters::add(&self.counters.data_write_bytes, n);
+        if let [v] = list[..] {
+            let io = self.ios.insert(Io::JobWrite { job });
+            let sqe = opcode::Write::new(types::Fd(fd), v.iov_base as *const u8, v.iov_len as u32)
+                .offset(off)
+                .build()
+                .user_data(io as u64);
+            self.push(sqe);
+        } else {
+            let (ptr, cnt) = (list.as_ptr(), list.len() as u32);
+            let io = self.ios.insert(Io::GroupWrite { jobs: vec![job], len: n, lead: None, _iov: list });
+            let sqe = opcode::Writev::new(types::Fd(fd), ptr, cnt).offset(off).build().user_data(io as u64);
+            self.push(sqe);
+        }
     }
 
     /// Starts a [`WriteGroup`] with `len` bytes of request `id` at `ptr` (its memory,
@@ -321,7 +427,14 @@ impl Queue {
             token = h.0.issued(crate::io::hook::WriteKind::Data, off, crate::io::hook::WriteData::Bytes(data));
         }
         self.reqs[id].pending += 1;
-        self.group = Some(WriteGroup { req: id, jobs: Vec::new(), lead: Some(token), ptr, off, len });
+        self.group = Some(WriteGroup {
+            req: id,
+            jobs: Vec::new(),
+            lead: Some(token),
+            iov: vec![iov(ptr, len as usize)],
+            off,
+            len,
+        });
     }
 
     /// Issues the pending [`WriteGroup`], if any: one data write for all its jobs.
@@ -330,16 +443,25 @@ impl Queue {
         crate::counters::Counters::add(&self.counters.data_writes, 1);
         crate::counters::Counters::add(&self.counters.data_write_bytes, g.len);
         let fd = self.image.data_fd();
-        let io = match (g.lead, g.jobs.len()) {
-            (Some(token), 0) => self.ios.insert(Io::Write { req: g.req, token }),
-            (None, 1) => self.ios.insert(Io::JobWrite { job: g.jobs[0] }),
-            (lead, _) => {
+        let single = match g.iov[..] {
+            [v] => Some(v.iov_base as *const u8),
+            _ => None,
+        };
+        let (iov_ptr, cnt) = (g.iov.as_ptr(), g.iov.len() as u32);
+        let io = match (g.lead, g.jobs.len(), single) {
+            (Some(token), 0, Some(_)) => self.ios.insert(Io::Write { req: g.req, token }),
+            (None, 1, Some(_)) => self.ios.insert(Io::JobWrite { job: g.jobs[0] }),
+            (lead, _, _) => {
                 let lead = lead.map(|token| (g.req, token));
-                self.ios.insert(Io::GroupWrite { jobs: g.jobs, len: g.len, lead })
+                self.ios.insert(Io::GroupWrite { jobs: g.jobs, len: g.len, lead, _iov: g.iov })
             }
         };
-        let sqe = opcode::Write::new(types::Fd(fd), g.ptr, g.len as u32).offset(g.off).build().user_data(io as u64);
-        self.push(sqe);
+        let sqe = match single {
+            // The iovec array moved into the Io (its heap buffer stays where it is).
+            Some(ptr) => opcode::Write::new(types::Fd(fd), ptr, g.len as u32).offset(g.off).build(),
+            None => opcode::Writev::new(types::Fd(fd), iov_ptr, cnt).offset(g.off).build(),
+        };
+        self.push(sqe.user_data(io as u64));
     }
 
     pub(crate) fn job_write_done(&mut self, job: usize, res: i32) {
@@ -394,6 +516,15 @@ impl Queue {
             // Both words in one seqlock write: no reader sees the new offset with the old
             // bitmap (it would fill a subcluster that is being published with zeros).
             img.l2_cache.store_pair(slot, word, new_e.0, new_b.0);
+            // A new cluster read as zeros and only this job wrote it: clean (see
+            // Image::clean_clusters) until every subcluster is allocated.
+            let (fresh, host) = (self.jobs[job].fresh, self.jobs[job].host.0);
+            let full = new_b.alloc() == u32::MAX;
+            if fresh && !g.external_data {
+                img.mark_clean(host, full);
+            } else if full {
+                img.unmark_clean(host);
+            }
         }
         drop(st);
         self.job_end(job, ok);
@@ -402,9 +533,15 @@ impl Queue {
     /// Finishes a job: on success owe the old cluster's decrement; on a lost race give the
     /// cluster back and redo the piece; on error fail the request.
     fn job_end(&mut self, job: usize, published: bool) {
-        let mut j = self.jobs.remove(job);
-        if let Some(b) = j.buf.take() {
-            self.put_buf(b);
+        let j = self.jobs.remove(job);
+        match j.bounce {
+            Bounce::Direct => {}
+            Bounce::Whole(b) => self.put_buf(b),
+            Bounce::Split { head, tail } => {
+                for b in [head, tail].into_iter().flatten() {
+                    self.put_buf(b);
+                }
+            }
         }
         let img = self.image.clone();
         img.l2_cache.unpin(j.slot);
@@ -415,6 +552,10 @@ impl Queue {
             img.release_fill(host.0);
         }
         let id = j.req;
+        if !j.fresh && (j.error != 0 || !published) {
+            // It may hold bytes of ours outside its allocated subclusters now.
+            img.unmark_clean(j.host.0);
+        }
         if j.error != 0 {
             if j.fresh {
                 // It may hold bytes now: never reuse it as a known-zero batch cluster.
@@ -446,6 +587,7 @@ impl Queue {
     /// Owes `n` refcount decrements to host cluster `c` (handed to the image's pending
     /// frees the next time this queue takes the metadata lock).
     pub(super) fn owe(&mut self, c: HostCluster, n: u64) {
+        self.image.unmark_clean(self.image.geo.host_offset(c).0);
         self.local_frees.lock().unwrap_or_else(|e| e.into_inner()).push((c.0, n));
     }
 

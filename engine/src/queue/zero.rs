@@ -218,6 +218,12 @@ impl Queue {
                     let bm = SubclusterBitmap(b);
                     (e, SubclusterBitmap::from_parts(bm.alloc() & !m, bm.zero() | m).0, false)
                 };
+                if allocated {
+                    // The subclusters keep their bytes: the cluster is no longer known
+                    // clean (before the entry changes, so a job planned from it loses its
+                    // publication rather than trust a stale mark).
+                    img.unmark_clean(L2Entry(e).host_offset().0);
+                }
                 cache.store_pair(slot, word, ne, nb);
                 if free {
                     self.owe_free(L2Entry(e));
