@@ -442,11 +442,9 @@ impl<'a> Conn<'a> {
             && !self.input_closed
             && sock::ring_wait(self.queue.ring_fd(), self.engine_in_flight as u32, BATCH_WAIT).is_ok()
         {
-            // The socket may have become readable meanwhile: try it next time round.
+            // The socket may have become readable meanwhile: try it next time round. The
+            // completions also signalled `ring_wake`: it is drained before the next ppoll.
             self.readable = true;
-            if let Some(e) = &self.ring_wake {
-                e.drain();
-            }
             return;
         }
         let mut sock_ev: libc::c_short = 0;
@@ -460,7 +458,17 @@ impl<'a> Conn<'a> {
         let mut timeout = None;
         if self.engine_in_flight > 0 {
             match &self.ring_wake {
-                Some(e) => fds[1] = sock::pollfd(e.fd(), libc::POLLIN),
+                Some(e) => {
+                    // Completions reaped since the last ppoll left it signalled: reset it,
+                    // then look at the ring (the kernel raises the ring's TASKRUN flag
+                    // before it signals the eventfd, so nothing signalled before the
+                    // drain goes unseen; anything after it wakes the ppoll).
+                    e.drain();
+                    if self.queue.events_waiting() {
+                        return;
+                    }
+                    fds[1] = sock::pollfd(e.fd(), libc::POLLIN)
+                }
                 None => timeout = Some(Duration::from_micros(200)),
             }
             if let Some(h) = self.queue.poll_hint() {
@@ -490,11 +498,6 @@ impl<'a> Conn<'a> {
         }
         if rev & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0 {
             self.writable = true;
-        }
-        if fds[1].revents != 0
-            && let Some(e) = &self.ring_wake
-        {
-            e.drain();
         }
         if fds[2].revents != 0
             && let Some(w) = &self.worker

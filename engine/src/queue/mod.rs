@@ -285,6 +285,14 @@ impl Queue {
         None
     }
 
+    /// Whether a [`Queue::reap`] would find something without waiting: completions posted
+    /// to the ring, completions the kernel holds back as task work for this thread (the
+    /// ring's TASKRUN flag), or finished requests not returned yet. Reads shared memory
+    /// only (no system call), so an event loop can check it before deciding to sleep.
+    pub fn events_waiting(&mut self) -> bool {
+        !self.done.is_empty() || !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+    }
+
     /// What this queue's requests have cost so far: guest requests and bytes, device
     /// writes by kind, device flushes, copy-on-write bytes, clusters allocated, slice loads,
     /// L2 cache hits, misses and the evictions its loads caused. ([`Image::counters`]
