@@ -205,44 +205,6 @@ pub fn register_ring_eventfd(ring_fd: RawFd, efd: &EventFd) -> io::Result<()> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// Waits in `io_uring_enter` on a ring for at least `min` completions or `timeout`, and has
-/// the ring post what it holds (GETEVENTS); submits nothing. On a DEFER_TASKRUN ring the
-/// kernel wakes the waiter once `min` completions are queued, not once per completion.
-pub fn ring_wait(ring_fd: RawFd, min: u32, timeout: Duration) -> io::Result<()> {
-    const IORING_ENTER_GETEVENTS: libc::c_long = 1;
-    const IORING_ENTER_EXT_ARG: libc::c_long = 8;
-    #[repr(C)]
-    struct GeteventsArg {
-        sigmask: u64,
-        sigmask_sz: u32,
-        min_wait_usec: u32,
-        ts: u64,
-    }
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
-    let arg = GeteventsArg { sigmask: 0, sigmask_sz: 0, min_wait_usec: 0, ts: &ts as *const libc::timespec as u64 };
-    // SAFETY: io_uring_enter(2) with EXT_ARG: `arg` and the timespec it points to live until
-    // the call returns; no SQE is submitted (to_submit 0).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_enter,
-            ring_fd as libc::c_long,
-            0 as libc::c_long,
-            min as libc::c_long,
-            IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG,
-            &arg as *const GeteventsArg,
-            std::mem::size_of::<GeteventsArg>() as libc::c_long,
-        )
-    };
-    if r >= 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) => Ok(()),
-        _ => Err(e),
-    }
-}
-
 /// Why a handshake exchange stopped.
 #[derive(Debug)]
 pub enum HsError {

@@ -302,6 +302,20 @@ impl Queue {
         None
     }
 
+    /// Whether a [`Queue::reap`] would find something without waiting: completions posted
+    /// to the ring, completions the kernel holds back as task work for this thread (the
+    /// ring's TASKRUN flag), or finished requests not returned yet. Reads shared memory
+    /// only (no system call), so an event loop can check it before deciding to sleep.
+    pub fn events_waiting(&mut self) -> bool {
+        !self.done.is_empty() || !self.ring.completion().is_empty() || self.ring.submission().taskrun()
+    }
+
+    /// Requests that have finished and wait for the next reap (a request can finish inside
+    /// [`Queue::submit`], with no completion of the ring behind it: a read of a hole).
+    pub fn finished(&self) -> usize {
+        self.done.len()
+    }
+
     /// What this queue's requests have cost so far: guest requests and bytes, device
     /// writes by kind, device flushes, copy-on-write bytes, clusters allocated, slice loads,
     /// L2 cache hits, misses and the evictions its loads caused. ([`Image::counters`]

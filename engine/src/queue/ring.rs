@@ -128,6 +128,7 @@ impl Queue {
     /// the ring fd must call [`Queue::reap`], which does enter. Returns the count.
     pub fn reap_posted(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         let _defer = self.defer_wakes();
+        self.image.maybe_clean_cache();
         self.process_cqes();
         self.retry_if_woken();
         self.group_flush();
@@ -137,6 +138,33 @@ impl Queue {
         let n = self.done.len();
         out.append(&mut self.done);
         Ok(n)
+    }
+
+    /// Submits the queued SQEs and, in the same `io_uring_enter`, waits until the kernel
+    /// has posted at least `min` completions (CQEs, which are not requests one for one) or
+    /// `timeout` has passed. Handles nothing: the next [`Queue::reap_posted`] (or
+    /// [`Queue::reap`]) does. For an event loop that knows it has nothing else to do until
+    /// its batch completes: one system call submits the batch and sleeps, where
+    /// [`Queue::commit`] followed by a wait would take two. On a DEFER_TASKRUN ring the
+    /// kernel wakes the thread once `min` completions are queued, not once per completion.
+    pub fn submit_and_wait(&mut self, min: usize, timeout: Duration) -> Result<()> {
+        // Wakes recorded since the last enter go with this one, before this thread sleeps.
+        self.send_wakes();
+        let ts = io_uring::types::Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        let r = self.ring.submitter().submit_with_args(min.max(1), &args);
+        // What the kernel did not take (an interrupted or refused enter) goes with the next.
+        self.unsubmitted = self.ring.submission().len();
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME)) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // The completion queue overflowed: make room; the next commit submits.
+                self.stash_cqes();
+                Ok(())
+            }
+            Err(e) => Err(Error::io("io_uring_enter", e)),
+        }
     }
 
     fn wait_cqe(&mut self, wait: Option<Duration>) -> Result<()> {
