@@ -90,6 +90,8 @@ fn describe(
         read_only: true,
         force_share,
         backing: quring::image::BackingPolicy::Ignore,
+        // Nor does it need the data file: one that is missing leaves the image described.
+        data_file: quring::image::DataFilePolicy::MetadataOnly,
         ..Default::default()
     };
     // A missing file in qemu-img's words (no Rust "os error" suffix).

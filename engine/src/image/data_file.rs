@@ -87,6 +87,13 @@ impl Image {
         }
     }
 
+    /// Why the data file the header names could not be opened, when the image was opened
+    /// without it ([`super::DataFilePolicy::MetadataOnly`]); None when it is open or there
+    /// is none.
+    pub fn data_file_unavailable(&self) -> Option<&str> {
+        self.data_file_error.as_deref()
+    }
+
     /// The external data file, if the image has one.
     pub fn data_file(&self) -> Option<&DataFile> {
         self.data_file.as_ref()
