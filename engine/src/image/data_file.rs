@@ -66,7 +66,10 @@ pub(super) fn open(header: &Header, read_only: bool, force_share: bool) -> Resul
         return Ok(None);
     }
     let name = header.data_file()?.ok_or_else(|| {
-        Error::corrupt("incompatible_features", "incompatible bit 2 (external data file) without a data file name")
+        Error::corrupt(
+            "incompatible_features",
+            "incompatible bit 2 (external data file) is set but the header has no data file name extension (0x44415441)",
+        )
     })?;
     let path = PathBuf::from(&name);
     let file = ImageFile::open(&path, !read_only)
