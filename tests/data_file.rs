@@ -511,3 +511,95 @@ fn data_file_is_locked_like_the_image() {
     drop(open);
     qemu_io(["-f", "raw", "-c", "write 0 512", &s(&data)]).ok();
 }
+
+/// `amend -o data_file=NAME` / `data_file_raw=` as qemu-img amend does them, on two copies of
+/// one image (each in its own directory, relative names): the same exit code and message,
+/// the same header cluster (data file name extension, autoclear bits, refcount structures),
+/// `qemu-img check` 0 and equal content. Covers re-pointing, removing the name, the
+/// refusals (no data file, setting the raw bit), clearing the raw bit, and QEMU's order
+/// when other options come along: the name is written before the backing file check,
+/// lazy refcounts, the size and the downgrade, so those refusals leave it changed, and a
+/// resize grows the data file the image was opened with.
+#[test]
+fn amend_data_file_matches_qemu_img() {
+    let plain = "cluster_size=65536";
+    let data = "data_file=d.raw";
+    let raw = "data_file=d.raw,data_file_raw=on";
+    for (create, amend) in [
+        (data, "data_file=new.raw"),
+        (raw, "data_file=new.raw"),
+        (data, "data_file=d.raw"),
+        (data, "data_file="),
+        (plain, "data_file=new.raw"),
+        (plain, "data_file="),
+        (plain, "data_file_raw=on"),
+        (plain, "data_file_raw=off"),
+        (data, "data_file_raw=on"),
+        (data, "data_file_raw=off"),
+        (raw, "data_file_raw=off"),
+        (raw, "data_file_raw=on"),
+        (raw, "data_file=new.raw,data_file_raw=off"),
+        (data, "data_file=new.raw,refcount_bits=8"),
+        (data, "data_file=new.raw,refcount_bits=3"),
+        (data, "data_file=new.raw,compat=0.10"),
+        (data, "data_file=new.raw,backing_file=base.qcow2"),
+        (data, "data_file=new.raw,compat=0.10,lazy_refcounts=on"),
+        ("data_file=d.raw,lazy_refcounts=on", "data_file=new.raw,lazy_refcounts=off"),
+        (data, "data_file=new.raw,size=1000"),
+        (data, "data_file=new.raw,size=8M"),
+        (raw, "data_file=new.raw,size=32M"),
+        (raw, "data_file_raw=off,size=32M"),
+        (data, "data_file=new.raw,encrypt.state=active"),
+        ("data_file=d.raw,cluster_size=16384,extended_l2=on", "data_file=new.raw"),
+        // (qemu-img amend takes minutes to change the refcount width with 2 MiB clusters.)
+        ("data_file=d.raw,data_file_raw=on,cluster_size=2M", "data_file=new.raw,data_file_raw=off"),
+        ("data_file=d.raw,refcount_bits=1", "data_file=new.raw,refcount_bits=64"),
+    ] {
+        let what = format!("[{create}] amend -o {amend}");
+        let dir = tempdir();
+        let (q, r) = (dir.path().join("q"), dir.path().join("r"));
+        for d in [&q, &r] {
+            std::fs::create_dir_all(d).unwrap();
+            run_in(d, "qemu-img", ["create", "-q", "-f", "qcow2", "-o", create, "a.qcow2", "16M"]).ok();
+            run_in(
+                d,
+                "qemu-io",
+                ["-c", "write -P 5 0 192k", "-c", "write -z 1M 64k", "-c", "write -P 6 3M 4k", "a.qcow2"],
+            )
+            .ok();
+            // The file the image is re-pointed at: a copy of the data file.
+            if d.join("d.raw").exists() {
+                std::fs::copy(d.join("d.raw"), d.join("new.raw")).unwrap();
+            }
+        }
+        let ours = quring_in(&q, ["amend", "-o", amend, "a.qcow2"]);
+        let theirs = run_in(&r, "qemu-img", ["amend", "-o", amend, "a.qcow2"]);
+        assert_eq!(ours.status(), theirs.status(), "{what}: exit code\n{}\n{}", ours.describe(), theirs.describe());
+        assert_eq!(ours.stderr.replace("quring", "qemu-img"), theirs.stderr, "{what}: message");
+        let cluster = if create.contains("2M") { 2 << 20 } else { 65536 };
+        assert_eq!(
+            read_bytes(&q.join("a.qcow2"), 0, cluster),
+            read_bytes(&r.join("a.qcow2"), 0, cluster),
+            "{what}: the header cluster differs from qemu-img's"
+        );
+        for f in ["d.raw", "new.raw"] {
+            assert_eq!(
+                q.join(f).exists().then(|| file_len(&q.join(f))),
+                r.join(f).exists().then(|| file_len(&r.join(f))),
+                "{what}: {f}'s length"
+            );
+        }
+        // Both open (unless the name was removed) and read the same.
+        if amend != "data_file=" {
+            let c = run_in(&q, "qemu-img", ["check", "a.qcow2"]);
+            assert_eq!(c.code, Some(0), "{what}: qemu-img check of quring's image:\n{}", c.describe());
+            let c = run_in(&q, "qemu-img", ["compare", "a.qcow2", &s(&r.join("a.qcow2"))]);
+            assert_eq!(c.code, Some(0), "{what}: content differs from qemu-img's:\n{}", c.describe());
+            same_as_qemu_img(&q, &["info", "a.qcow2"]);
+        } else {
+            // Described without a name, as qemu-img describes it.
+            same_as_qemu_img(&q, &["info", "--output=json", "a.qcow2"]);
+            same_as_qemu_img(&r, &["info", "a.qcow2"]);
+        }
+    }
+}

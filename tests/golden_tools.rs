@@ -212,6 +212,38 @@ fn info_backing_chain_matches_qemu_img() {
     same(dir, &["info", "--backing-chain", "-f", "raw", "top.qcow2"]);
 }
 
+/// `info` describes an image whose external data file is missing, as qemu-img 10 does (it
+/// opens the image without I/O and leaves the data file out): the same text and JSON, exit
+/// 0, with and without `data_file_raw`, alone, under an overlay and with `--backing-chain`;
+/// commands that need guest data (`map`, `io`) still fail as qemu-img/qemu-io do.
+#[test]
+fn info_describes_an_image_whose_data_file_is_missing() {
+    let d = tempdir();
+    let dir = d.path();
+    for (img, o) in [("m.qcow2", "data_file=gone.raw"), ("r.qcow2", "data_file=gone2.raw,data_file_raw=on")] {
+        run_in(dir, "qemu-img", ["create", "-q", "-f", "qcow2", "-o", o, img, "16M"]).ok();
+        run_in(dir, "qemu-io", ["-c", "write -P 7 0 128k", img]).ok();
+    }
+    std::fs::remove_file(dir.join("gone.raw")).unwrap();
+    std::fs::remove_file(dir.join("gone2.raw")).unwrap();
+    run_in(dir, "qemu-img", ["create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "ov.qcow2"]).ok();
+    for img in ["m.qcow2", "r.qcow2", "ov.qcow2"] {
+        for out in ["--output=human", "--output=json"] {
+            same(dir, &["info", out, img]);
+            same(dir, &["info", "-U", out, img]);
+            same(dir, &["info", "--backing-chain", out, img]);
+        }
+    }
+    let q = run_in(dir, "qemu-img", ["info", "--output=json", "r.qcow2"]);
+    assert_eq!(q.code, Some(0), "{}", q.describe());
+    assert!(q.stdout.contains("\"data-file\": \"gone2.raw\""), "{}", q.describe());
+    for args in [&["map", "m.qcow2"][..], &["io", "-c", "read 0 512", "m.qcow2"]] {
+        let ours = quring_in(dir, args);
+        assert_ne!(ours.code, Some(0), "{args:?} ran without the data file:\n{}", ours.describe());
+        assert!(ours.stderr.contains("gone.raw"), "{args:?}: the message names the data file:\n{}", ours.describe());
+    }
+}
+
 /// `amend`, `rebase` and `commit`: help, refusals and messages with relative names, and
 /// the lines printed on success (each run on its own copy).
 #[test]

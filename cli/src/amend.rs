@@ -2,8 +2,10 @@
 //! messages and exit codes on the library's [`quring::image::amend`]: `compat=0.10|1.1`,
 //! `lazy_refcounts=on|off`, `refcount_bits=N`, `size=`; `backing_file`/`backing_fmt` only as
 //! qemu-img 10 accepts them (both given and equal to the image's: a no-op; otherwise
-//! "Cannot amend the backing file", use `rebase`); creation-only options and the external
-//! data file and encryption options refused with qemu-img's messages. `-o help` lists them.
+//! "Cannot amend the backing file", use `rebase`); `data_file=NAME` re-points an image that
+//! has an external data file (`data_file=` removes the name) and `data_file_raw=off` clears
+//! the raw bit, with qemu-img's rules; creation-only options and the encryption options
+//! refused with qemu-img's messages. `-o help` lists them.
 
 use crate::probe::ImageFormat;
 use clap::Parser;
@@ -17,8 +19,8 @@ pub struct Args {
     /// Image format (qcow2; raw cannot be amended; probed when absent).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// Options to change: compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=
-    /// (`-o help` lists them).
+    /// Options to change: compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=,
+    /// data_file=NAME, data_file_raw=on|off (`-o help` lists them).
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Show progress.
@@ -138,8 +140,10 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
             }
             "backing_file" => backing_file = Some(v.clone()),
             "backing_fmt" => backing_fmt = Some(v.clone()),
-            "data_file" | "data_file_raw" | "encrypt.iter-time" | "encrypt.keyslot" | "encrypt.new-secret"
-            | "encrypt.old-secret" | "encrypt.state" => {}
+            "data_file" => am.data_file = Some(v.clone()),
+            "data_file_raw" => am.data_file_raw = Some(on_off(k, v)?),
+            "encrypt.iter-time" | "encrypt.keyslot" | "encrypt.new-secret" | "encrypt.old-secret" | "encrypt.state" => {
+            }
             k if CREATE_ONLY.contains(&k) => {
                 return Err(format!("Invalid parameter '{k}'\nThis option is only supported for image creation").into());
             }
@@ -152,23 +156,12 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
     let h = img.header();
     let old_size = img.size();
     drop(img);
-    // qemu-img 10: the backing file cannot be changed here (a no-op when both name and
-    // format are given and equal to the image's).
-    if (backing_file.is_some() || backing_fmt.is_some())
-        && (backing_file != h.backing_file || backing_fmt != h.backing_format())
-    {
-        return Err("Cannot amend the backing file\nYou can use 'quring rebase' instead.".into());
-    }
+    // QEMU's option loop: encryption, the data file options, the refcount width (the
+    // refusals that leave the image untouched).
     if list.iter().any(|(k, _)| ENCRYPT_AMEND.contains(&k.as_str())) {
         return Err("Can't amend encryption options - encryption not present".into());
     }
-    if list.iter().any(|(k, _)| k == "data_file") {
-        return Err("data-file can only be set for images that use an external data file".into());
-    }
-    if list.iter().any(|(k, _)| k == "data_file_raw") {
-        return Err("data-file-raw cannot be set on existing images".into());
-    }
-    quring::image::amend::check(&h, &am).map_err(message)?;
+    quring::image::amend::check(&h, &Amend { lazy_refcounts: None, ..am.clone() }).map_err(message)?;
     let progress = a.progress && !a.quiet;
     let mut bar = progress.then(crate::progress::Progress::start);
     let mut report = |f: f64| {
@@ -183,32 +176,63 @@ pub fn run(a: Args) -> Result<u8, Box<dyn std::error::Error>> {
         let opts = Options { hook: quring::io::hook::from_env(), ..Default::default() };
         quring::image::amend(&image, &opts, am, report).map_err(message)
     };
-    // QEMU's order: upgrade, refcount width, lazy refcounts, then the size, then the
-    // downgrade (an upgrade lets a version 2 image with snapshots be resized; a failed
-    // downgrade leaves the earlier changes done, as in qemu-img).
+    // QEMU's order: upgrade, refcount width, the data file's raw bit and name (one header
+    // update), then the backing file check, lazy refcounts, the size and the downgrade (an
+    // upgrade lets a version 2 image with snapshots be resized; a failed later step leaves
+    // the earlier ones done, as in qemu-img).
     let downgrade = am.compat_v2 == Some(true) && h.version != 2;
-    let first = Amend { compat_v2: am.compat_v2.filter(|&v2| !v2), ..am.clone() };
-    amend(&first, &mut |f| report(f * 0.5))?;
-    // The virtual size (qemu-img amend shrinks without --shrink).
-    if let Some(new_size) = size.filter(|&s| s != old_size) {
-        if !new_size.is_multiple_of(512) {
-            return Err("The new size must be a multiple of 512".into());
+    let first = Amend {
+        compat_v2: am.compat_v2.filter(|&v2| !v2),
+        refcount_bits: am.refcount_bits,
+        data_file_raw: am.data_file_raw,
+        ..Default::default()
+    };
+    amend(&first, &mut |f| report(f * 0.4))?;
+    // The new name is written last, also when a later step fails: QEMU keeps the data file
+    // it opened for those steps (a resize grows or shrinks that file), so quring must not
+    // reopen the image at a new name in between.
+    let rest = (|| -> Result<(), String> {
+        // qemu-img 10: the backing file cannot be changed here (a no-op when both name
+        // and format are given and equal to the image's).
+        if (backing_file.is_some() || backing_fmt.is_some())
+            && (backing_file != h.backing_file || backing_fmt != h.backing_format())
+        {
+            return Err("Cannot amend the backing file\nYou can use 'quring rebase' instead.".into());
         }
-        let opts = Options { l1_room: Some(new_size), ..Default::default() };
-        let img = Image::open(&image, &opts).map_err(|e| format!("Could not open '{p}': {e}"))?;
-        if img.header().version == 2 && !img.snapshots().is_empty() {
-            return Err("Can't resize a v2 image which has snapshots".into());
+        let to_v2 = am.compat_v2.unwrap_or(h.version == 2);
+        if to_v2 && am.lazy_refcounts == Some(true) && !h.lazy_refcounts() {
+            return Err(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
+                    .into(),
+            );
         }
-        let mut q = Queue::new(&img, &QueueOptions::default())?;
-        let r = q.resize(new_size, &ResizeOptions { shrink: true, ..Default::default() });
-        drop(q);
-        let closed = img.close();
-        r.map_err(message)?;
-        closed?;
+        amend(&Amend { lazy_refcounts: am.lazy_refcounts, ..Default::default() }, &mut |f| report(0.4 + f * 0.1))?;
+        // The virtual size (qemu-img amend shrinks without --shrink).
+        if let Some(new_size) = size.filter(|&s| s != old_size) {
+            if !new_size.is_multiple_of(512) {
+                return Err("The new size must be a multiple of 512".into());
+            }
+            let opts = Options { l1_room: Some(new_size), ..Default::default() };
+            let img = Image::open(&image, &opts).map_err(|e| format!("Could not open '{p}': {e}"))?;
+            if img.header().version == 2 && !img.snapshots().is_empty() {
+                return Err("Can't resize a v2 image which has snapshots".into());
+            }
+            let mut q = Queue::new(&img, &QueueOptions::default()).map_err(message)?;
+            let r = q.resize(new_size, &ResizeOptions { shrink: true, ..Default::default() });
+            drop(q);
+            let closed = img.close();
+            r.map_err(message)?;
+            closed.map_err(message)?;
+        }
+        if downgrade {
+            amend(&Amend { compat_v2: Some(true), ..Default::default() }, &mut |f| report(0.5 + f * 0.5))?;
+        }
+        Ok(())
+    })();
+    if am.data_file.is_some() {
+        amend(&Amend { data_file: am.data_file.clone(), ..Default::default() }, &mut |_| {})?;
     }
-    if downgrade {
-        amend(&Amend { compat_v2: Some(true), ..Default::default() }, &mut |f| report(0.5 + f * 0.5))?;
-    }
+    rest?;
     if let Some(b) = bar {
         b.finish();
     }

@@ -180,6 +180,9 @@ fn data_file_opens(image: &std::path::Path) -> Result<(), String> {
         Ok(Some(name)) => {
             std::fs::File::open(&name).map(drop).map_err(|e| format!("Could not open data file '{name}': {e}"))
         }
-        _ => Ok(()),
+        // The bit without a name (`amend -o data_file=`): QEMU needs the data file given
+        // another way and does not open the image.
+        Ok(None) => Err("'data-file' is required for this image".into()),
+        Err(_) => Ok(()),
     }
 }

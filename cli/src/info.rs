@@ -90,6 +90,8 @@ fn describe(
         read_only: true,
         force_share,
         backing: quring::image::BackingPolicy::Ignore,
+        // Nor does it need the data file: one that is missing leaves the image described.
+        data_file: quring::image::DataFilePolicy::MetadataOnly,
         ..Default::default()
     };
     // A missing file in qemu-img's words (no Rust "os error" suffix).
@@ -237,7 +239,11 @@ fn info_json(img: &Image, path: &std::path::Path) -> Result<Value, Box<dyn std::
         }
         data.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
         if h.has_data_file() {
-            data.insert("data-file".into(), json!(h.data_file()?.unwrap_or_default()));
+            // The name can be absent (`amend -o data_file=` removes it): qemu-img then
+            // shows only data-file-raw.
+            if let Some(name) = h.data_file()? {
+                data.insert("data-file".into(), json!(name));
+            }
             data.insert("data-file-raw".into(), json!(h.data_file_raw()));
         }
         data.insert("corrupt".into(), json!(h.incompatible_features & feature::INCOMPAT_CORRUPT != 0));

@@ -83,6 +83,21 @@ pub fn compress_with(kind: CompressionType, profile: DeflateProfile, input: &[u8
     Ok(if out.len() < input.len() { Some(out) } else { None })
 }
 
+/// The Fast profile's deflateTune parameters (good, lazy, nice, chain): zlib's level 6
+/// searches, or `QURING_DEFLATE_TUNE=G,L,N,C` for measurements of other settings (each a
+/// number from 1 to 258 for the lengths, 1 to 4096 for the chain; anything else is ignored).
+fn fast_tune() -> [i32; 4] {
+    static T: std::sync::OnceLock<[i32; 4]> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        let parse = |v: &str| -> Option<[i32; 4]> {
+            let n: Vec<i32> = v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+            let t: [i32; 4] = n.try_into().ok()?;
+            (t[..3].iter().all(|&x| (1..=258).contains(&x)) && (1..=4096).contains(&t[3])).then_some(t)
+        };
+        std::env::var("QURING_DEFLATE_TUNE").ok().and_then(|v| parse(&v)).unwrap_or([8, 16, 128, 128])
+    })
+}
+
 /// Raw deflate through zlib-rs ([`DeflateProfile::Fast`]): level 9 (its lazy matcher and
 /// rolling 3-byte hash) with windowBits -12 and memLevel 9 as QEMU, then deflateTune to
 /// shorter searches. `None` when the stream does not fit in less than the input.
@@ -116,7 +131,8 @@ fn deflate_fast(input: &[u8]) -> Option<Vec<u8>> {
     // SAFETY: st was initialized above; next_in and next_out point into `input` and `out`,
     // valid for the lengths given, and both outlive the stream (ended right below).
     let (rc, n) = unsafe {
-        z::deflateTune(&mut st, 8, 16, 128, 128);
+        let [good, lazy, nice, chain] = fast_tune();
+        z::deflateTune(&mut st, good, lazy, nice, chain);
         let rc = z::deflate(&mut st, z::Z_FINISH);
         let n = st.total_out as usize;
         z::deflateEnd(&mut st);

@@ -232,17 +232,14 @@ impl Header {
                 feature::describe_unknown_incompatible(unknown, &table)
             )));
         }
-        // External data file: the name extension is validated whenever it is present; the
-        // bit needs it, and the raw bit needs the bit (QEMU: "data-file-raw requires a data
-        // file").
+        // External data file: the name extension is validated whenever it is present, and
+        // the raw bit needs the bit (QEMU: "data-file-raw requires a data file"). The bit
+        // without a name is a valid header (`qemu-img amend -o data_file=` writes it; QEMU
+        // then needs the data file given another way): opening the data file refuses it
+        // (`image::data_file::open`), describing the image does not.
         if h.incompatible_features & feature::INCOMPAT_DATA_FILE != 0 {
             // (Without the bit the extension names nothing and is kept as it is, as QEMU does.)
-            if h.data_file()?.is_none() {
-                return Err(Error::corrupt(
-                    "incompatible_features",
-                    "incompatible bit 2 (external data file) is set but the header has no data file name extension (0x44415441)",
-                ));
-            }
+            h.data_file()?;
             if h.incompatible_features & feature::INCOMPAT_L2LESS != 0 {
                 return Err(Error::corrupt(
                     "incompatible_features",

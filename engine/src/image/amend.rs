@@ -1,8 +1,9 @@
 //! `qemu-img amend` for qcow2 (QEMU's `qcow2_amend_options`): the compatibility level
-//! (version 2 <-> 3), lazy refcounts and the refcount width, on a closed image.
+//! (version 2 <-> 3), lazy refcounts, the refcount width and the external data file's name
+//! and `data_file_raw` bit, on a closed image.
 //!
-//! The steps run in QEMU's order: upgrade to version 3, change the refcount width, switch
-//! lazy refcounts, downgrade to version 2. Each step ends with one header write (cluster 0,
+//! The steps run in QEMU's order: upgrade to version 3, change the refcount width, the data
+//! file's name and raw bit, switch lazy refcounts, downgrade to version 2. Each step ends with one header write (cluster 0,
 //! made durable), so a crash leaves the image as it was before or after that step:
 //! * The refcount width: a new refcount table and blocks of the new width are written after
 //!   the end of the file (the refcounts counted from the image's tables, as a rebuild
@@ -45,6 +46,14 @@ pub struct Amend {
     pub lazy_refcounts: Option<bool>,
     /// Refcount width in bits (a power of two up to 64; version 3 only but 16).
     pub refcount_bits: Option<u32>,
+    /// The external data file's name (header extension 0x44415441), for an image that has
+    /// one (incompatible bit 2): the image is re-pointed at this name, which is not opened
+    /// here. `""` removes the name, as QEMU does: the image keeps the incompatible bit and
+    /// opens only when the data file is given another way.
+    pub data_file: Option<String>,
+    /// `data_file_raw` (autoclear bit 1): `false` clears it; `true` keeps it on an image
+    /// that has it and is refused on the others (QEMU sets it only at creation).
+    pub data_file_raw: Option<bool>,
 }
 
 /// Changes the image at `path` as `a` says. The image is first opened and closed through
@@ -110,16 +119,20 @@ pub fn amend(path: &Path, opts: &super::Options, a: &Amend, progress: &mut dyn F
         check_width(&counts, order, h.geometry().cluster_size())?;
         crate::meta::rebuild::write_refcounts(&sync, &file, &mut h, counts, order, |_| {})?;
     }
+    // 3. The data file's raw bit and name (one header write, as QEMU's).
+    if set_data_file(&mut h, a) {
+        write_full_header(&sync, &file, &mut h)?;
+    }
     progress(0.4);
 
-    // 3. Lazy refcounts.
+    // 4. Lazy refcounts.
     let lazy = if to_v2 { false } else { a.lazy_refcounts.unwrap_or(h.lazy_refcounts()) };
     if !to_v2 && lazy != h.lazy_refcounts() {
         h.compatible_features ^= feature::COMPAT_LAZY_REFCOUNTS;
         write_full_header(&sync, &file, &mut h)?;
     }
 
-    // 4. Downgrade.
+    // 5. Downgrade.
     if downgrade {
         expand_zero_clusters(&sync, &file, &mut h, &mut |f| progress(0.4 + 0.5 * f))?;
         h.version = 2;
@@ -139,6 +152,20 @@ pub fn amend(path: &Path, opts: &super::Options, a: &Amend, progress: &mut dyn F
 /// Checks `a` against the image's header `h` as qemu-img does before it changes anything
 /// (its messages); returns the new refcount order.
 pub fn check(h: &Header, a: &Amend) -> Result<u32> {
+    // QEMU's option loop meets these before the refcount width.
+    if a.data_file.is_some() && !h.has_data_file() {
+        return Err(Error::InvalidRequest(
+            "data-file can only be set for images that use an external data file".into(),
+        ));
+    }
+    if a.data_file_raw == Some(true) && !h.data_file_raw() {
+        return Err(Error::InvalidRequest("data-file-raw cannot be set on existing images".into()));
+    }
+    if let Some(name) = a.data_file.as_deref().filter(|n| !n.is_empty()) {
+        // The name must read back (no NUL, not longer than a path).
+        crate::format::data_file::parse_name(name.as_bytes())
+            .map_err(|e| Error::InvalidRequest(format!("Invalid data file name '{name}': {e}")))?;
+    }
     let v2_now = h.version == 2;
     let to_v2 = a.compat_v2.unwrap_or(v2_now);
     let order = match a.refcount_bits {
@@ -165,6 +192,33 @@ pub fn check(h: &Header, a: &Amend) -> Result<u32> {
         refuse_bitmaps(h)?;
     }
     Ok(order)
+}
+
+/// Applies `a`'s data file options to `h` (checked by [`check`]): the raw bit set or
+/// cleared, the name extension replaced in place (after the backing format's when the
+/// image has none) or removed. Returns whether the header changed.
+fn set_data_file(h: &mut Header, a: &Amend) -> bool {
+    use crate::format::extension::{EXT_BACKING_FORMAT, EXT_DATA_FILE};
+    let before = (h.autoclear_features, h.extensions.clone());
+    if let Some(raw) = a.data_file_raw {
+        if raw {
+            h.autoclear_features |= feature::AUTOCLEAR_DATA_FILE_RAW;
+        } else {
+            h.autoclear_features &= !feature::AUTOCLEAR_DATA_FILE_RAW;
+        }
+    }
+    if let Some(name) = &a.data_file {
+        let at = h
+            .extensions
+            .iter()
+            .position(|e| e.kind == EXT_DATA_FILE)
+            .unwrap_or_else(|| h.extensions.iter().take_while(|e| e.kind == EXT_BACKING_FORMAT).count());
+        h.extensions.retain(|e| e.kind != EXT_DATA_FILE);
+        if !name.is_empty() {
+            h.extensions.insert(at.min(h.extensions.len()), crate::format::data_file::to_extension(name));
+        }
+    }
+    (h.autoclear_features, &h.extensions) != (before.0, &before.1)
 }
 
 /// What QEMU's downgrade to version 2 checks when it gets there (its messages): the

@@ -66,7 +66,10 @@ pub(super) fn open(header: &Header, read_only: bool, force_share: bool) -> Resul
         return Ok(None);
     }
     let name = header.data_file()?.ok_or_else(|| {
-        Error::corrupt("incompatible_features", "incompatible bit 2 (external data file) without a data file name")
+        Error::corrupt(
+            "incompatible_features",
+            "incompatible bit 2 (external data file) is set but the header has no data file name extension (0x44415441)",
+        )
     })?;
     let path = PathBuf::from(&name);
     let file = ImageFile::open(&path, !read_only)
@@ -85,6 +88,13 @@ impl Image {
             Some(d) => d.file.fd(),
             None => self.file.fd(),
         }
+    }
+
+    /// Why the data file the header names could not be opened, when the image was opened
+    /// without it ([`super::DataFilePolicy::MetadataOnly`]); None when it is open or there
+    /// is none.
+    pub fn data_file_unavailable(&self) -> Option<&str> {
+        self.data_file_error.as_deref()
     }
 
     /// The external data file, if the image has one.

@@ -86,6 +86,18 @@ pub enum BackingPolicy {
     Ignore,
 }
 
+/// What opening an image does when its external data file cannot be opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DataFilePolicy {
+    /// The open fails (every tool that reads or writes guest data).
+    #[default]
+    Require,
+    /// A read-only open goes on without it, as QEMU opens an image for `qemu-img info`
+    /// (`BDRV_O_NO_IO`): the metadata can be described, but no queue can be made
+    /// ([`Image::data_file_unavailable`]). A writable open still fails.
+    MetadataOnly,
+}
+
 /// What opening a chain does with the GUIDs of quring's identity extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IdentityPolicy {
@@ -139,6 +151,9 @@ pub struct Options {
     /// The largest virtual size a live [`crate::queue::Queue::resize`] may grow to without
     /// reopening (the in-memory L1 table is sized for it). None: 8 times the size at open.
     pub l1_room: Option<u64>,
+    /// What to do when the external data file cannot be opened (backing images always
+    /// require theirs).
+    pub data_file: DataFilePolicy,
 }
 
 impl Default for Options {
@@ -156,6 +171,7 @@ impl Default for Options {
             l1_room: None,
             backing_identity: IdentityPolicy::Check,
             backing_search: Vec::new(),
+            data_file: DataFilePolicy::Require,
         }
     }
 }
@@ -204,6 +220,8 @@ pub struct Image {
     pub(crate) file: ImageFile,
     /// The external data file (incompatible bit 2), where guest data lives ([`data_file`]).
     pub(crate) data_file: Option<DataFile>,
+    /// Why the data file the header names is not open ([`DataFilePolicy::MetadataOnly`]).
+    pub(crate) data_file_error: Option<String>,
     pub(crate) sync: SyncRing,
     pub(crate) header: Mutex<Header>,
     pub(crate) geo: Geometry,

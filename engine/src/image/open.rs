@@ -109,7 +109,11 @@ impl Image {
         let slice_entries = entry_size / geo.l2_entry_size();
 
         // External data file (same file layer and lock mode as the image).
-        let data_file = super::data_file::open(&header, read_only, opts.force_share)?;
+        let (data_file, data_file_error) = match super::data_file::open(&header, read_only, opts.force_share) {
+            Ok(d) => (d, None),
+            Err(e) if read_only && opts.data_file == super::DataFilePolicy::MetadataOnly => (None, Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
 
         // Backing chain.
         let backing = if opts.backing == BackingPolicy::Ignore {
@@ -190,6 +194,7 @@ impl Image {
             geo,
             file,
             data_file,
+            data_file_error,
             sync,
             l1,
             l2_cache,
@@ -300,7 +305,7 @@ pub(super) fn open_backing(
     depth: usize,
 ) -> Result<Backing> {
     let path = resolve_backing_path(image, name);
-    let bopts = Options { read_only: true, l1_room: None, ..opts.clone() };
+    let bopts = Options { read_only: true, l1_room: None, data_file: super::DataFilePolicy::Require, ..opts.clone() };
     let fmt = match fmt {
         Some(f) => f.to_string(),
         None => probe_format(&path)?,

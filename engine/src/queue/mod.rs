@@ -219,6 +219,10 @@ pub struct Queue {
 impl Queue {
     /// Creates a queue with its own io_uring on `image`.
     pub fn new(image: &Arc<Image>, opts: &QueueOptions) -> Result<Queue> {
+        // An image opened without its data file has nowhere to read or write guest data.
+        if let Some(e) = image.data_file_unavailable() {
+            return Err(Error::InvalidRequest(format!("the image was opened without its data file: {e}")));
+        }
         let entries = opts.ring_entries.max(8);
         let build = |defer: bool| {
             let mut b = IoUring::builder();
